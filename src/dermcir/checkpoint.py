@@ -1,0 +1,132 @@
+"""Checkpoints: ``model.safetensors`` + ``config.json`` in one folder; no pickles.
+
+Frozen pretrained parts (the backbone of the CPU profile, the text encoder) are not copied into every checkpoint:
+the config names their source and records a digest of their weights, and loading rebuilds them from that source and
+refuses a mismatch. ``fingerprint`` identifies the exact encoder (weights + config); an index records it and refuses
+queries from any other model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from dermcir.config import ModelConfig, from_dict
+from dermcir.data.text import TEMPLATE_VERSION
+from dermcir.models import ComposedRetrievalModel
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+FORMAT_VERSION = 1
+
+
+def state_digest(module: torch.nn.Module) -> str:
+    """SHA-256 over a module's tensors (names, shapes, bytes), order-independent of storage."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        t = tensor.detach().cpu().contiguous()
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def save_checkpoint(
+    model: ComposedRetrievalModel, out_dir: str | Path, frozen: tuple[str, ...] = ("text_encoder",),
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write the checkpoint folder atomically (a temporary folder renamed into place).
+
+    Args:
+        model: the trained model.
+        out_dir: the checkpoint folder; an existing one is replaced only once the new one is complete.
+        frozen: top-level submodules saved by reference (source + digest) instead of by value.
+        extra: more JSON-serialisable metadata (training config, metrics, ...).
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+             if k.split(".", 1)[0] not in frozen}
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "model": {**model.config.__dict__, "mean": list(model.config.mean), "std": list(model.config.std)},
+        "frozen": {name: state_digest(getattr(model, name)) for name in frozen},
+        **(extra or {}),
+    }
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp"))
+    try:
+        save_file(state, str(tmp / WEIGHTS))
+        (tmp / CONFIG).write_text(json.dumps(meta, indent=2))
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def read_config(ckpt_dir: str | Path) -> dict[str, Any]:
+    path = Path(ckpt_dir) / CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; a checkpoint folder holds {CONFIG} and {WEIGHTS}")
+    return json.loads(path.read_text())
+
+
+def load_checkpoint(ckpt_dir: str | Path, device: str | torch.device = "cpu") -> ComposedRetrievalModel:
+    """Rebuild the model a checkpoint folder describes, in eval mode.
+
+    Raises:
+        FileNotFoundError: missing files. ValueError: incompatible format, template version or frozen weights.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    meta = read_config(ckpt_dir)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{ckpt_dir / CONFIG}: format_version {meta.get('format_version')}, expected {FORMAT_VERSION}")
+    config = from_dict(ModelConfig, meta["model"], where=str(ckpt_dir / CONFIG))
+    if config.template_version != TEMPLATE_VERSION:
+        raise ValueError(
+            f"{ckpt_dir}: trained with text template {config.template_version!r}, this dermcir renders "
+            f"{TEMPLATE_VERSION!r}; retrain or install the matching dermcir version"
+        )
+    frozen = meta.get("frozen", {})
+    # Frozen parts come from their pretrained source; everything else is overwritten by the saved weights below.
+    model = ComposedRetrievalModel(config, pretrained=bool(frozen))
+    for name, digest in frozen.items():
+        got = state_digest(getattr(model, name))
+        if got != digest:
+            raise ValueError(
+                f"{ckpt_dir}: the {name} weights found now (digest {got[:12]}) differ from those it was trained with "
+                f"({digest[:12]}); install the same weights package or point the config at the original weights"
+            )
+    weights = ckpt_dir / WEIGHTS
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: not found")
+    missing, unexpected = model.load_state_dict(load_file(str(weights)), strict=False)
+    missing = [k for k in missing if k.split(".", 1)[0] not in frozen]
+    if missing or unexpected:
+        raise ValueError(f"{weights}: does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model.to(device).eval()
+
+
+def fingerprint(ckpt_dir: str | Path) -> str:
+    """Identity of the encoder: SHA-256 of the weights file, the config and the frozen parts' digests."""
+    ckpt_dir = Path(ckpt_dir)
+    h = hashlib.sha256()
+    h.update((ckpt_dir / WEIGHTS).read_bytes())
+    meta = read_config(ckpt_dir)
+    h.update(json.dumps({"model": meta["model"], "frozen": meta.get("frozen", {})}, sort_keys=True).encode())
+    return h.hexdigest()[:32]

@@ -1,0 +1,40 @@
+"""The ``dermcir`` command: ``prepare | train | cv | compare | index | search | serve | demo``.
+
+Each sub-command is a thin wrapper over library functions; heavy imports happen inside the handlers so that
+``dermcir --help`` starts fast. The library never imports this package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from dermcir.cli import compare as _compare
+from dermcir.cli import core as _core
+from dermcir.cli import search as _search
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dermcir", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in (_core, _compare, _search):
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return int(args.handler(args) or 0)
+    except (ValueError, FileNotFoundError) as exc:  # user errors: one clear line, no traceback
+        print(f"dermcir {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""Typed configs, saved as JSON beside every checkpoint so that loading restores everything needed to encode."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass
+class ModelConfig:
+    """Everything that defines a composed-retrieval model and its preprocessing."""
+
+    backbone: str = "lite0"  # registered vision backbone name (dermcir.models.list_backbones())
+    backbone_weights: str | None = None  # local checkpoint path or hub name; None = the backbone's offline default
+    text_encoder: str = "minilm"  # registered text encoder name (dermcir.models.list_text_encoders())
+    text_weights: str | None = None  # local Hugging Face folder or hub name; None = the encoder's offline default
+    image_size: int = 512  # square input side after border removal
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # input normalisation (restored from the backbone)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    grid: int | None = None  # pool every level's map to grid×grid before fusion (None = native resolution)
+    dim: int = 128  # shared visual embedding width D of each level after projection
+    heads: int = 4  # attention heads of the cross-modal transformer
+    fusion_layers: int = 1  # cross-modal transformer layers per level
+    n_masks: int = 8  # k spatial attention masks per level (Eq. 6)
+    beta: float = 0.6  # weight of the local term in Eq. 9
+    max_text_tokens: int = 96
+    template_version: str = "meta-report-v1"
+    categories: list[str] = field(default_factory=list)  # training categories, in proxy order
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings (defaults follow the seed: Adam, lr 1e-4, weight decay 1e-5, ≤100 epochs, patience 30)."""
+
+    profile: str = "cpu"  # "cpu": frozen backbone on cached features; "gpu": backbone fine-tuned end to end
+    epochs: int = 100
+    patience: int = 30
+    lr: float = 1e-4
+    head_lr: float = 1e-3  # fusion/mask heads start from scratch and may learn faster than a pretrained backbone
+    weight_decay: float = 1e-5
+    batch_size: int = 64
+    val_fraction: float = 0.15
+    temperature: float = 0.1
+    proxy_weight: float = 1.0
+    modality_dropout: float = 0.2  # share of image-only and of text-only queries, so one model serves all modes
+    seed: int = 0
+    amp: bool = True  # bf16 autocast on CUDA
+    augment: bool = True
+
+
+def to_json(obj: Any, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(dataclasses.asdict(obj), indent=2))
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
+    """Build a dataclass from a dict, rejecting unknown keys by name."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = set(data) - names
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)} for {cls.__name__}; known: {sorted(names)}")
+    obj = cls(**data)
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if isinstance(getattr(obj, f.name), list) and f.name in ("mean", "std"):
+            setattr(obj, f.name, tuple(getattr(obj, f.name)))
+    return obj

@@ -1,0 +1,27 @@
+"""Seeded, deterministic splits: the protocol's stratified folds and the validation split for early stopping."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from sklearn.model_selection import StratifiedKFold, train_test_split
+
+
+def stratified_folds(labels: Sequence[str], n_folds: int = 5, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(database_idx, query_idx)`` per fold: ``StratifiedKFold(n_folds, shuffle=True, random_state=seed)``.
+
+    This is the split of the reference results (``shared/REFERENCE.md``), so numbers are comparable across methods.
+    """
+    labels = np.asarray(labels)
+    skf = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    return [(db, q) for db, q in skf.split(np.zeros(len(labels)), labels)]
+
+
+def validation_split(
+    indices: np.ndarray, labels: Sequence[str], fraction: float = 0.15, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split training indices into ``(train, validation)``, stratified by label; the test fold is never touched."""
+    labels = np.asarray(labels)[indices]
+    train, val = train_test_split(indices, test_size=fraction, random_state=seed, stratify=labels)
+    return np.sort(train), np.sort(val)

@@ -1,0 +1,113 @@
+"""Reading untrusted image files safely, and the dermoscopy preprocessing (border removal, resize).
+
+Every reader error becomes :class:`ImageError`, which names the file and says what was wrong, so callers can report
+bad files by name and carry on.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+#: Refuse images that declare more pixels than this (decompression bombs). A 768×512 scan is 0.4 MP.
+MAX_PIXELS = 40_000_000
+#: Smallest side we accept; anything smaller carries no usable dermoscopic detail but is upsampled, not refused.
+MIN_SIDE = 1
+
+
+class ImageError(ValueError):
+    """An image file that cannot be used; the message names the file and the reason."""
+
+
+def load_rgb(source: str | Path | bytes, name: str | None = None) -> np.ndarray:
+    """Decode an image into an ``(H, W, 3)`` uint8 RGB array.
+
+    Handles EXIF orientation, grayscale, CMYK, palette, 16-bit and alpha images (alpha is composited on black, the
+    colour of a scanner border, which preprocessing removes anyway).
+
+    Args:
+        source: a path or the raw bytes of the file.
+        name: how to call the file in error messages (defaults to the path).
+
+    Raises:
+        ImageError: missing, truncated, corrupt, non-image or oversized (decompression bomb) input.
+    """
+    label = name or (str(source) if not isinstance(source, bytes) else "<uploaded image>")
+    try:
+        raw = source if isinstance(source, bytes) else Path(source).read_bytes()
+    except FileNotFoundError:
+        raise ImageError(f"{label}: file not found") from None
+    except OSError as exc:
+        raise ImageError(f"{label}: cannot read file ({exc.strerror or exc})") from None
+    if not raw:
+        raise ImageError(f"{label}: file is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(raw)) as img:
+                w, h = img.size
+                if w * h > MAX_PIXELS:
+                    raise ImageError(f"{label}: declares {w}x{h} pixels, more than the limit of {MAX_PIXELS:,}")
+                img.load()  # decode now so truncation is caught here, not later
+                img = ImageOps.exif_transpose(img)
+                return _to_rgb(img)
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"{label}: image too large (decompression bomb guard): {exc}") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{label}: not a recognised image format") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"{label}: corrupt or truncated image ({exc})") from None
+
+
+def _to_rgb(img: Image.Image) -> np.ndarray:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = arr.max() if arr.size else 1.0
+        arr = np.clip(arr / (hi if hi > 0 else 1.0) * 255.0, 0, 255).astype(np.uint8)
+        return np.repeat(arr[..., None], 3, axis=2)
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(background, img)
+    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def remove_black_border(rgb: np.ndarray, threshold: int = 40, dark_fraction: float = 0.9) -> np.ndarray:
+    """Crop the black scanner frame, edge by edge.
+
+    A row (column) belongs to the border while at least ``dark_fraction`` of its pixels have every channel below
+    ``threshold``. Each edge is trimmed independently, so uneven frames are handled; an image without a frame is
+    returned unchanged. If trimming would keep less than a quarter of a side (a very dark image rather than a frame),
+    the image is returned unchanged.
+    """
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) image, got shape {rgb.shape}")
+    dark = rgb.max(axis=2) < threshold
+    rows = dark.mean(axis=1) >= dark_fraction
+    cols = dark.mean(axis=0) >= dark_fraction
+    top, bottom = _run_length(rows), _run_length(rows[::-1])
+    left, right = _run_length(cols), _run_length(cols[::-1])
+    h, w = dark.shape
+    if h - top - bottom < max(1, h // 4) or w - left - right < max(1, w // 4):
+        return rgb
+    return rgb[top : h - bottom, left : w - right]
+
+
+def _run_length(flags: np.ndarray) -> int:
+    """Number of leading True values."""
+    off = np.flatnonzero(~flags)
+    return int(off[0]) if off.size else int(flags.size)
+
+
+def preprocess(rgb: np.ndarray, size: int = 512, crop_border: bool = True) -> np.ndarray:
+    """Border removal then a resize to ``size``×``size`` (bicubic, antialiased); returns uint8 ``(size, size, 3)``."""
+    if crop_border:
+        rgb = remove_black_border(rgb)
+    img = Image.fromarray(rgb).resize((size, size), Image.Resampling.BICUBIC)
+    return np.asarray(img, dtype=np.uint8)

@@ -1,0 +1,92 @@
+"""The query text: a meta-report rendered from a case's structured checklist fields.
+
+The template only reads the fields in :data:`CHECKLIST_FIELDS`. Diagnosis, management, diagnostic difficulty and the
+seven-point score are never read, so the text cannot leak the answer (``tests/test_text.py`` checks every shared row).
+The template is versioned: a checkpoint records :data:`TEMPLATE_VERSION` and refuses a mismatching one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+TEMPLATE_VERSION = "meta-report-v1"
+
+#: field -> (phrase used in the report, allowed values). Values follow the Derm7pt release's spelling.
+CHECKLIST_FIELDS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "pigment_network": ("pigment network", ("absent", "typical", "atypical")),
+    "streaks": ("streaks", ("absent", "regular", "irregular")),
+    "pigmentation": (
+        "pigmentation",
+        ("absent", "diffuse regular", "diffuse irregular", "localized regular", "localized irregular"),
+    ),
+    "regression_structures": ("regression structures", ("absent", "blue areas", "white areas", "combinations")),
+    "dots_and_globules": ("dots and globules", ("absent", "regular", "irregular")),
+    "blue_whitish_veil": ("blue-whitish veil", ("absent", "present")),
+    "vascular_structures": (
+        "vascular structures",
+        ("absent", "arborizing", "comma", "hairpin", "within regression", "wreath", "dotted", "linear irregular"),
+    ),
+    "elevation": ("elevation", ("flat", "palpable", "nodular")),
+    "location": (
+        "location",
+        (
+            "abdomen", "acral", "back", "buttocks", "chest", "genital areas", "head neck", "lower limbs",
+            "upper limbs",
+        ),
+    ),
+    "sex": ("sex", ("female", "male")),
+}
+
+#: Fields that must never reach the text (they are, or give away, the answer).
+FORBIDDEN_FIELDS = ("diagnosis", "management", "level_of_diagnostic_difficulty", "seven_point_score")
+
+_SEVEN_POINT = tuple(list(CHECKLIST_FIELDS)[:7])
+
+
+def validate_checklist(fields: Mapping[str, str]) -> dict[str, str]:
+    """Normalise user-given checklist fields, rejecting unknown names and values.
+
+    Raises:
+        ValueError: naming the field or value and listing what is allowed.
+    """
+    clean: dict[str, str] = {}
+    for name, value in fields.items():
+        key = name.strip().lower().replace("-", "_").replace(" ", "_")
+        if key not in CHECKLIST_FIELDS:
+            raise ValueError(f"unknown checklist field {name!r}; allowed fields: {', '.join(CHECKLIST_FIELDS)}")
+        allowed = CHECKLIST_FIELDS[key][1]
+        val = str(value).strip().lower().replace("_", " ")
+        if val not in allowed:
+            raise ValueError(f"unknown value {value!r} for checklist field {key!r}; allowed values: {', '.join(allowed)}")
+        clean[key] = val
+    return clean
+
+
+def render_report(fields: Mapping[str, str | None]) -> str:
+    """Render the meta-report for one case.
+
+    Fields that are missing or empty are left out rather than guessed. Values outside the known vocabulary (a newer
+    release) are rendered as they are: the text encoder reads words, not ids.
+
+    Example:
+        >>> render_report({"pigment_network": "atypical", "blue_whitish_veil": "present", "sex": "male"})
+        'Dermoscopy: pigment network atypical; blue-whitish veil present. Patient: male.'
+    """
+    findings, patient = [], []
+    for key, (phrase, _allowed) in CHECKLIST_FIELDS.items():
+        value = fields.get(key)
+        if value is None or (isinstance(value, float)) or not str(value).strip():
+            continue
+        part = f"{phrase} {str(value).strip().lower()}"
+        if key in _SEVEN_POINT:
+            findings.append(part)
+        elif key == "sex":
+            patient.append(str(value).strip().lower())
+        else:
+            patient.append(part)
+    text = []
+    if findings:
+        text.append("Dermoscopy: " + "; ".join(findings) + ".")
+    if patient:
+        text.append("Patient: " + ", ".join(patient) + ".")
+    return " ".join(text)

@@ -1,0 +1,69 @@
+"""The benchmark's output files: ``results.json`` (per-fold rows, mean, std) shared by every method."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dermcir.metrics import retrieval_metrics
+
+METRICS = ("mAP", "Acc@1", "Acc@2", "Acc@4")
+
+
+def fold_row(fold: int, scores: np.ndarray, query_labels: Sequence[str], db_labels: Sequence[str]) -> dict[str, Any]:
+    """One fold's entry of ``results.json``: sizes, the four metrics (percent) and per-category figures."""
+    q = np.asarray(query_labels)
+    row: dict[str, Any] = {"fold": fold, "n_queries": int(len(q)), "n_database": int(len(db_labels))}
+    row.update(retrieval_metrics(scores, q, db_labels))
+    row["per_category"] = {
+        str(cat): retrieval_metrics(scores[q == cat], q[q == cat], db_labels) | {"n_queries": int((q == cat).sum())}
+        for cat in sorted(set(q.tolist()))
+    }
+    return row
+
+
+def summarize(rows: list[dict[str, Any]]) -> tuple[dict[str, float], dict[str, float]]:
+    """Mean and (population) standard deviation over folds of the four metrics."""
+    mean = {m: float(np.mean([r[m] for r in rows])) for m in METRICS}
+    std = {m: float(np.std([r[m] for r in rows])) for m in METRICS}
+    return mean, std
+
+
+def summarize_per_category(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    cats = sorted({c for r in rows for c in r.get("per_category", {})})
+    return {
+        c: {m: float(np.mean([r["per_category"][c][m] for r in rows if c in r["per_category"]])) for m in METRICS}
+        for c in cats
+    }
+
+
+def build_results(method: str, rows: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    """The ``results.json`` document: ``{"method", "folds": [...], "mean", "std", "per_category", **extra}``."""
+    mean, std = summarize(rows)
+    return {"method": method, "folds": rows, "mean": mean, "std": std,
+            "per_category": summarize_per_category(rows), **extra}
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Write JSON through a temporary file and a rename, so a failed write keeps the previous file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def format_row(name: str, mean: dict[str, float], std: dict[str, float]) -> str:
+    """A Markdown table row: ``| name | mAP ± std | Acc@1 ± std | ... |``."""
+    return "| " + name + " | " + " | ".join(f"{mean[m]:.1f} ± {std[m]:.1f}" for m in METRICS) + " |"

