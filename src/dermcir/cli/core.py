@@ -1,0 +1,111 @@
+"""``dermcir prepare | train | cv``: data preparation, training and the k-fold benchmark."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger("dermcir.cli")
+
+BASELINES = ("resnet50-cossim", "snf-dca", "maskrcnn-fusion", "dahnet")
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, type=Path, help="a Derm7pt release folder (with meta/meta.csv, images/)")
+    p.add_argument("--min-cases", type=int, default=50, help="keep categories with at least this many cases")
+    p.add_argument("--cache", type=Path, default=None, help="cache folder (default $DERMCIR_CACHE or ~/.cache/dermcir)")
+    p.add_argument("--profile", choices=("cpu", "gpu"), default="cpu", help="cpu: frozen cached backbone; gpu: fine-tune")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a model/training setting, e.g. --set epochs=50 --set n_masks=4 (JSON values)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prepare", help="preprocess and cache the images (and backbone features for --profile cpu)")
+    _data_args(p)
+    p.set_defaults(handler=cmd_prepare)
+
+    p = sub.add_parser("train", help="train one model on all cases and write a checkpoint folder")
+    _data_args(p)
+    p.add_argument("--out", required=True, type=Path, help="checkpoint folder to write")
+    p.set_defaults(handler=cmd_train)
+
+    p = sub.add_parser("cv", help="run the k-fold retrieval benchmark (results.json, tables.md, retrievals.png)")
+    _data_args(p)
+    p.add_argument("--out", required=True, type=Path, help="run folder to write")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--method", default="composed", choices=("composed", *BASELINES),
+                   help="the composed model (default) or a re-implemented baseline")
+    p.set_defaults(handler=cmd_cv)
+
+
+def _overrides(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"--set {pair!r}: expected KEY=VALUE")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def _load(args: argparse.Namespace):
+    from dermcir.data import category_counts, load_derm7pt
+
+    cases, report = load_derm7pt(args.data, min_cases=args.min_cases)
+    log.info("%d cases from %s: %s", len(cases), args.data, category_counts(cases))
+    for what, why in report.skipped:
+        log.warning("left out %s: %s", what, why)
+    if not cases:
+        raise ValueError(f"{args.data}: no usable cases (rows {report.n_rows}, skipped {len(report.skipped)})")
+    return cases
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from dermcir.data.cache import preprocess_cases
+    from dermcir.models import ComposedRetrievalModel
+    from dermcir.training import get_profile, prepare_inputs
+    from dermcir.training.pipeline import default_device
+
+    cases = _load(args)
+    model_cfg, train_cfg, views = get_profile(args.profile, **_overrides(args.set))
+    cases, images = preprocess_cases(cases, model_cfg.image_size, args.cache, progress=not args.quiet)
+    if args.profile == "cpu":
+        from dermcir.data import category_counts
+
+        model_cfg.categories = list(category_counts(cases))
+        prepare_inputs(ComposedRetrievalModel(model_cfg), cases, images, train_cfg, views, default_device(),
+                       args.cache, not args.quiet)
+    log.info("prepared %d cases", len(cases))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from dermcir.training import train_on_cases
+
+    ckpt = train_on_cases(_load(args), args.out, profile=args.profile, cache_dir=args.cache, progress=not args.quiet,
+                          seed=args.seed, **_overrides(args.set))
+    print(ckpt)
+    return 0
+
+
+def cmd_cv(args: argparse.Namespace) -> int:
+    cases = _load(args)
+    if args.method == "composed":
+        from dermcir.evaluation.cv import run_cv
+
+        doc = run_cv(cases, args.out, profile=args.profile, n_folds=args.folds, seed=args.seed, cache_dir=args.cache,
+                     progress=not args.quiet, **_overrides(args.set))
+    else:
+        from dermcir.baselines import run_baseline_cv
+
+        doc = run_baseline_cv(args.method, cases, args.out, n_folds=args.folds, seed=args.seed, profile=args.profile,
+                              cache_dir=args.cache)
+    print(json.dumps({"out": str(args.out), "mean": doc["mean"], "std": doc["std"]}, indent=2))
+    return 0

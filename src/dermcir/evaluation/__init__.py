@@ -1,0 +1,1 @@
+"""Evaluation: the k-fold benchmark, its result files and reports."""

@@ -1,0 +1,87 @@
+"""Human-readable outputs of a benchmark run: ``tables.md`` and the retrieval figure."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dermcir.evaluation.results import METRICS, format_row
+
+#: The seed paper's reported rows (percent, mean ± std over its 5 folds), for side-by-side tables.
+PAPER_ROWS: dict[str, tuple[dict[str, float], dict[str, float]]] = {
+    "paper: proposed composed model (Swin-T + BERT)": (
+        {"mAP": 81.7, "Acc@1": 79.3, "Acc@2": 82.4, "Acc@4": 87.3},
+        {"mAP": 2.7, "Acc@1": 2.9, "Acc@2": 3.6, "Acc@4": 3.2},
+    ),
+    "paper: ResNet50-CosSim": (
+        {"mAP": 80.4, "Acc@1": 77.6, "Acc@2": 80.9, "Acc@4": 83.2},
+        {"mAP": 2.7, "Acc@1": 3.5, "Acc@2": 2.6, "Acc@4": 1.9},
+    ),
+}
+
+CATEGORY_COLOURS = {"nevus": "#2e7d32", "melanoma": "#c62828", "benign keratosis-like": "#1565c0"}
+_HEADER = "| method | " + " | ".join(METRICS) + " |\n|---|" + "---|" * len(METRICS)
+
+
+def write_tables(doc: dict[str, Any], path: Path, paper_rows: dict = PAPER_ROWS) -> None:
+    """Table 1 (this run beside the paper's rows), Table 2 (ablations), per-category and per-fold figures."""
+    name = f"{doc['method']} ({doc['profile']} profile, this run)"
+    lines = [f"# Results: {doc['method']}, {doc['n_folds']}-fold, {doc['n_cases']} cases, seed {doc['seed']}", ""]
+    lines += ["## Table 1: comparison (percent, mean ± std over folds)", "", _HEADER]
+    lines += [format_row(n, m, s) for n, (m, s) in paper_rows.items()]
+    lines += [format_row(f"**{name}**", doc["mean"], doc["std"]), ""]
+    if doc.get("ablations"):
+        lines += ["## Table 2: ablations (same trained models; query mode and β changed at evaluation)", "", _HEADER]
+        lines += [format_row(n, a["mean"], a["std"]) for n, a in doc["ablations"].items()]
+        lines.append("")
+    lines += ["## Per category (composed, mean over folds)", "", _HEADER.replace("method", "category")]
+    lines += ["| " + c + " | " + " | ".join(f"{v[m]:.1f}" for m in METRICS) + " |" for c, v in doc["per_category"].items()]
+    lines += ["", "## Per fold (composed)", "", "| fold | queries | database | " + " | ".join(METRICS) + " |",
+              "|---|---|---|" + "---|" * len(METRICS)]
+    lines += [f"| {r['fold']} | {r['n_queries']} | {r['n_database']} | " + " | ".join(f"{r[m]:.1f}" for m in METRICS)
+              + " |" for r in doc["folds"]]
+    if "seconds" in doc:
+        lines += ["", f"Wall time: {doc['seconds']:.0f} s on {doc.get('device', '?')}."]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_retrieval_figure(
+    example: dict[str, Any], cases: list, images: np.ndarray, labels: np.ndarray, path: Path, top: int = 5
+) -> None:
+    """The paper's Fig. 4: per category, one query (image + text) and its top retrieved images, framed by category."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    q_idx, db_idx, scores = example["query"], example["database"], example["scores"]
+    cats = [c for c in CATEGORY_COLOURS if c in set(labels[q_idx])] + sorted(
+        set(labels[q_idx]) - set(CATEGORY_COLOURS))
+    fig, axes = plt.subplots(len(cats), top + 2, figsize=(2.2 * (top + 2), 2.6 * len(cats)), squeeze=False)
+    for row, cat in enumerate(cats):
+        i = int(np.flatnonzero(labels[q_idx] == cat)[0])  # the fold's first query of this category
+        case = cases[q_idx[i]]
+        _show(axes[row, 0], images[q_idx[i]], f"query: {cat}", CATEGORY_COLOURS.get(cat, "#555555"))
+        axes[row, 1].axis("off")
+        axes[row, 1].text(0, 1, textwrap.fill(case.text, 34), va="top", fontsize=6.5, transform=axes[row, 1].transAxes)
+        for r, j in enumerate(np.argsort(-scores[i], kind="stable")[:top]):
+            k = db_idx[j]
+            _show(axes[row, r + 2], images[k], f"#{r + 1} {labels[k]}\n{scores[i, j]:.2f}",
+                  CATEGORY_COLOURS.get(labels[k], "#555555"))
+    fig.suptitle(f"Top-{top} retrievals, fold {example['fold']} (frame colour = category)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _show(ax, image: np.ndarray, title: str, colour: str) -> None:
+    ax.imshow(image)
+    ax.set_title(title, fontsize=7)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_edgecolor(colour)
+        spine.set_linewidth(4)

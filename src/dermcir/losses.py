@@ -1,0 +1,57 @@
+"""The training loss: label-level contrastive retrieval with category proxies.
+
+Why this loss: the protocol's positives are *all* database cases of the query's category, not one paired target, so a
+one-positive InfoNCE would push apart same-category cases it should pull together. We use
+
+* a multi-positive InfoNCE over the batch (SupCon-style): for query ``i`` the positives are the batch targets of its
+  category *other than its own image* (in the benchmark the query's own image is never in the database, so matching
+  it would teach a shortcut);
+* a normalised-softmax proxy term: one learned proxy per category, scored with the same Eq. 9 structure, which
+  keeps rare categories (61 benign keratoses) represented in every step even when a batch has few of them.
+
+Both act on the fused score ``⟨φ_q, φ_t⟩ / τ``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dermcir.similarity import query_vector, target_vector
+
+
+class CategoryContrastiveLoss(nn.Module):
+    """``loss(query_emb, target_emb, labels) -> {"contrastive", "proxy", "total"}``."""
+
+    def __init__(self, n_categories: int, n_parts: int, dim: int, beta: float, temperature: float = 0.1,
+                 proxy_weight: float = 1.0) -> None:
+        super().__init__()
+        self.proxies = nn.Parameter(torch.randn(n_categories, n_parts, dim) * 0.02)
+        self.n_parts, self.beta, self.temperature, self.proxy_weight = n_parts, beta, temperature, proxy_weight
+
+    def _proxy_vectors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = list(self.proxies.unbind(dim=1))
+        half = self.n_parts // 2
+        return target_vector(parts[:half], parts[half:]), query_vector(parts[:half], parts[half:], self.beta)
+
+    def forward(self, query: torch.Tensor, target: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Args: query ``(B, E)`` φ_q, target ``(B, E)`` φ_t of the same cases, labels ``(B,)`` category ids."""
+        if query.shape != target.shape or query.shape[0] != labels.shape[0]:
+            raise ValueError(f"query {tuple(query.shape)}, target {tuple(target.shape)}, labels {tuple(labels.shape)}")
+        logits = query.float() @ target.float().T / self.temperature
+        same = labels[:, None] == labels[None, :]
+        own = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+        logits = logits.masked_fill(own, float("-inf"))
+        positives = same & ~own
+        has_pos = positives.any(dim=1)
+        log_all = torch.logsumexp(logits, dim=1)
+        log_pos = torch.logsumexp(logits.masked_fill(~positives, float("-inf")), dim=1)
+        contrastive = (log_all - log_pos)[has_pos].mean() if has_pos.any() else logits.new_zeros(())
+
+        proxy_t, proxy_q = self._proxy_vectors()
+        proxy = 0.5 * (
+            F.cross_entropy(query.float() @ proxy_t.T / self.temperature, labels)
+            + F.cross_entropy(target.float() @ proxy_q.T / self.temperature, labels)
+        )
+        return {"contrastive": contrastive, "proxy": proxy, "total": contrastive + self.proxy_weight * proxy}

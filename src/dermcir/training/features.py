@@ -1,0 +1,148 @@
+"""Inputs for training and evaluation: cached backbone features (CPU profile) or device-resident images (GPU profile).
+
+Both sources answer ``batch(idx, train)`` with the backbone maps of those cases, so the trainer does not care which
+profile it runs. The text encoder is frozen in both profiles, so token embeddings are computed once per distinct text.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from dermcir.checkpoint import state_digest
+from dermcir.data.cache import default_cache_dir, file_digest, settings_key
+from dermcir.data.cases import Case
+from dermcir.models import ComposedRetrievalModel
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def text_tokens(model: ComposedRetrievalModel, texts: Sequence[str], batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen token embeddings ``(N, T, E)`` (padded to the longest text) and padding masks ``(N, T)``."""
+    uniq = sorted(set(texts))
+    outs, pads = [], []
+    for i in range(0, len(uniq), batch_size):
+        tok, pad = model.text_features(uniq[i : i + batch_size])
+        outs.append(tok.float().cpu())
+        pads.append(pad.cpu())
+    width = max(t.shape[1] for t in outs)
+    tokens = torch.zeros(len(uniq), width, outs[0].shape[2])
+    mask = torch.ones(len(uniq), width, dtype=torch.bool)
+    row = 0
+    for t, p in zip(outs, pads, strict=True):
+        tokens[row : row + len(t), : t.shape[1]] = t
+        mask[row : row + len(t), : t.shape[1]] = p
+        row += len(t)
+    where = {t: i for i, t in enumerate(uniq)}
+    order = torch.tensor([where[t] for t in texts])
+    return tokens[order], mask[order]
+
+
+class CachedFeatures:
+    """CPU profile: frozen-backbone maps of every case (and of its flipped views), cached on disk as safetensors."""
+
+    VIEWS = ("identity", "hflip", "vflip", "rot180")
+
+    def __init__(self, maps: list[list[torch.Tensor]]) -> None:
+        self.maps = maps  # views × levels × (N, C, g, g) float16
+
+    @classmethod
+    def build(
+        cls, model: ComposedRetrievalModel, cases: Sequence[Case], images: np.ndarray, n_views: int = 1,
+        cache_dir: Path | None = None, batch_size: int = 16, progress: bool = True,
+    ) -> CachedFeatures:
+        cache = (cache_dir or default_cache_dir()) / "features"
+        cfg = model.config
+        weights = state_digest(model.backbone)
+        views = []
+        for view in cls.VIEWS[:n_views]:
+            keys = [settings_key(file_digest(c.image), cfg.backbone, weights, cfg.image_size, cfg.grid, view)
+                    for c in cases]
+            todo = [i for i, k in enumerate(keys) if not (cache / f"{k}.safetensors").is_file()]
+            if todo:
+                cache.mkdir(parents=True, exist_ok=True)
+                bar = tqdm(total=len(todo), desc=f"backbone features ({view})", disable=not progress, leave=False)
+                with torch.inference_mode():
+                    for s in range(0, len(todo), batch_size):
+                        chunk = todo[s : s + batch_size]
+                        maps = model.image_features(_apply_view(images[chunk], view))
+                        for j, i in enumerate(chunk):
+                            tmp = cache / f"{keys[i]}.tmp"
+                            save_file({f"level{l}": m[j].half().contiguous().cpu() for l, m in enumerate(maps)}, str(tmp))
+                            tmp.replace(cache / f"{keys[i]}.safetensors")
+                        bar.update(len(chunk))
+                bar.close()
+            loaded = [load_file(str(cache / f"{k}.safetensors")) for k in keys]
+            views.append([torch.stack([d[f"level{l}"] for d in loaded]) for l in range(len(loaded[0]))])
+        return cls(views)
+
+    def __len__(self) -> int:
+        return self.maps[0][0].shape[0]
+
+    def batch(self, idx: torch.Tensor, train: bool, device: torch.device) -> list[torch.Tensor]:
+        if train and len(self.maps) > 1:
+            # One random view per case: a cheap stand-in for image augmentation when the backbone is frozen.
+            view = torch.randint(len(self.maps), (len(idx),))
+            out = []
+            for level in range(len(self.maps[0])):
+                stacked = torch.stack([self.maps[v][level][i] for v, i in zip(view.tolist(), idx.tolist(), strict=True)])
+                out.append(stacked.to(device).float())
+            return out
+        return [m[idx].to(device).float() for m in self.maps[0]]
+
+
+def _apply_view(images: np.ndarray, view: str) -> np.ndarray:
+    if view == "hflip":
+        return np.ascontiguousarray(images[:, :, ::-1])
+    if view == "vflip":
+        return np.ascontiguousarray(images[:, ::-1])
+    if view == "rot180":
+        return np.ascontiguousarray(images[:, ::-1, ::-1])
+    return images
+
+
+class DeviceImages:
+    """GPU profile: uint8 images resident on the device; augmentation runs there too, without host round trips."""
+
+    def __init__(self, model: ComposedRetrievalModel, images: np.ndarray, device: torch.device, augment: bool = True):
+        self.model = model
+        self.images = torch.as_tensor(images).to(device)  # (N, H, W, 3) uint8
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def batch(self, idx: torch.Tensor, train: bool, device: torch.device) -> list[torch.Tensor]:
+        x = self.images[idx.to(self.images.device)]
+        if train and self.augment:
+            x = augment_on_device(x)
+        return self.model.image_features(x)
+
+
+def augment_on_device(x: torch.Tensor) -> torch.Tensor:
+    """Random flips, 90° rotations and brightness/contrast jitter of a uint8 ``(B, H, W, 3)`` batch, on its device.
+
+    Dermoscopy has no canonical orientation, so the dihedral group is a free augmentation.
+    """
+    b = x.shape[0]
+    dev = x.device
+    flip_h = torch.rand(b, device=dev) < 0.5
+    flip_v = torch.rand(b, device=dev) < 0.5
+    x = torch.where(flip_h[:, None, None, None], x.flip(2), x)
+    x = torch.where(flip_v[:, None, None, None], x.flip(1), x)
+    if x.shape[1] == x.shape[2]:
+        rot = torch.rand(b, device=dev) < 0.5
+        x = torch.where(rot[:, None, None, None], x.transpose(1, 2), x)
+    xf = x.float()
+    gain = 1.0 + 0.2 * (torch.rand(b, 1, 1, 1, device=dev) - 0.5)
+    bias = 20.0 * (torch.rand(b, 1, 1, 1, device=dev) - 0.5)
+    mean = xf.mean(dim=(1, 2, 3), keepdim=True)
+    xf = (xf - mean) * gain + mean + bias
+    return xf.clamp_(0, 255).to(torch.uint8)

@@ -1,0 +1,106 @@
+"""From cases to a trained checkpoint: model construction, input preparation and ``train_on_cases``."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from collections.abc import Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dermcir.checkpoint import save_checkpoint
+from dermcir.config import ModelConfig, TrainConfig
+from dermcir.data.cache import preprocess_cases
+from dermcir.data.cases import Case, LoadReport, category_counts
+from dermcir.data.folds import validation_split
+from dermcir.models import ComposedRetrievalModel
+from dermcir.training.features import CachedFeatures, DeviceImages, text_tokens
+from dermcir.training.profiles import get_profile
+from dermcir.training.trainer import FitResult, Inputs, fit
+
+log = logging.getLogger(__name__)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def frozen_parts(profile: str) -> tuple[str, ...]:
+    """Submodules a checkpoint stores by reference: the text encoder always, the backbone when it was not trained."""
+    return ("backbone", "text_encoder") if profile == "cpu" else ("text_encoder",)
+
+
+def prepare_inputs(
+    model: ComposedRetrievalModel, cases: Sequence[Case], images: np.ndarray, train_cfg: TrainConfig, views: int,
+    device: torch.device, cache_dir: Path | None = None, progress: bool = True,
+) -> Inputs:
+    """Feature source for the profile, frozen text tokens and category ids of ``cases``."""
+    model.to(device).eval()
+    if train_cfg.profile == "cpu":
+        source = CachedFeatures.build(model, cases, images, n_views=views, cache_dir=cache_dir, progress=progress)
+    else:
+        source = DeviceImages(model, images, device, augment=train_cfg.augment)
+    tokens, pad = text_tokens(model, [c.text for c in cases])
+    ids = {c: i for i, c in enumerate(model.config.categories)}
+    labels = torch.tensor([ids[c.category] for c in cases])
+    return Inputs(source, tokens, pad, labels)
+
+
+@contextmanager
+def run_log(path: Path):
+    """Copy this package's log records into ``path`` for the duration of a run."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, mode="w")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("dermcir")
+    root.addHandler(handler)
+    old_level = root.level
+    root.setLevel(min(old_level or logging.INFO, logging.INFO))
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+        handler.close()
+
+
+def train_on_cases(
+    cases: Sequence[Case], out_dir: str | Path, profile: str = "cpu", cache_dir: Path | None = None,
+    progress: bool = True, device: torch.device | None = None, **overrides,
+) -> Path:
+    """Train one model on all ``cases`` (a stratified validation split held out for early stopping) and save it.
+
+    Returns:
+        ``out_dir``, a checkpoint folder (``model.safetensors``, ``config.json``, ``train.log``) for indexing.
+    """
+    out_dir = Path(out_dir)
+    device = device or default_device()
+    model_cfg, train_cfg, views = get_profile(profile, **overrides)
+    report = LoadReport()
+    cases, images = preprocess_cases(cases, model_cfg.image_size, cache_dir, report, progress)
+    if len(cases) < 4:
+        raise ValueError(f"only {len(cases)} usable cases; training needs at least a few per category")
+    model_cfg.categories = list(category_counts(cases))
+    tmp_log = Path(tempfile.mkdtemp()) / "train.log"
+    with run_log(tmp_log):
+        for what, why in report.skipped:
+            log.warning("left out %s: %s", what, why)
+        model = ComposedRetrievalModel(model_cfg)
+        inputs = prepare_inputs(model, cases, images, train_cfg, views, device, cache_dir, progress)
+        idx = np.arange(len(cases))
+        train_idx, val_idx = validation_split(idx, [c.category for c in cases], train_cfg.val_fraction, train_cfg.seed)
+        result: FitResult = fit(model, inputs, train_idx, val_idx, train_cfg, device, len(model_cfg.categories),
+                                progress)
+        log.info("best epoch %d, validation mAP %.2f, %.0f s", result.best_epoch, result.best_val_map, result.seconds)
+    save_checkpoint(model.cpu(), out_dir, frozen=frozen_parts(profile), extra={
+        "train": train_cfg.__dict__, "best_epoch": result.best_epoch, "val_mAP": result.best_val_map,
+        "history": result.history, "n_cases": len(cases), "skipped": report.skipped,
+    })
+    shutil.move(str(tmp_log), out_dir / "train.log")
+    return out_dir
+
+

@@ -1,0 +1,77 @@
+import json
+
+import pytest
+import torch
+
+from dermcir.checkpoint import fingerprint, load_checkpoint, save_checkpoint
+
+from .test_models import IMAGES, TEXTS, tiny
+
+
+def test_roundtrip_restores_config_and_outputs(tmp_path):
+    model = tiny(n_masks=2).eval()
+    model.config.categories = ["a", "b"]
+    save_checkpoint(model, tmp_path / "ckpt", frozen=())
+    again = load_checkpoint(tmp_path / "ckpt")
+    assert again.config == model.config
+    with torch.no_grad():
+        torch.testing.assert_close(again.encode_query(IMAGES, TEXTS), model.encode_query(IMAGES, TEXTS))
+    assert not list(tmp_path.glob("*.pt*")) and (tmp_path / "ckpt" / "model.safetensors").is_file()
+
+
+def test_frozen_parts_are_referenced_and_verified(tmp_path):
+    model = tiny(text="minilm", pretrained=True).eval()
+    save_checkpoint(model, tmp_path / "ckpt", frozen=("backbone", "text_encoder"))
+    path = tmp_path / "ckpt" / "config.json"
+    meta = json.loads(path.read_text())
+    assert set(meta["frozen"]) == {"backbone", "text_encoder"}
+    assert (tmp_path / "ckpt" / "model.safetensors").stat().st_size < 2_000_000  # heads only, no MiniLM copy
+    with torch.no_grad():
+        torch.testing.assert_close(load_checkpoint(tmp_path / "ckpt").encode_query(IMAGES, TEXTS),
+                                   model.encode_query(IMAGES, TEXTS))
+    meta["frozen"]["text_encoder"] = "0" * 64  # as if trained with other MiniLM weights
+    path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="text_encoder weights found now"):
+        load_checkpoint(tmp_path / "ckpt")
+
+
+def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    model = tiny()
+    save_checkpoint(model, tmp_path / "ckpt", frozen=())
+    good = fingerprint(tmp_path / "ckpt")
+    import dermcir.checkpoint as ck
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ck, "save_file", boom)
+    with torch.no_grad():
+        model.text_proj[0].weight.add_(1.0)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(model, tmp_path / "ckpt", frozen=())
+    assert fingerprint(tmp_path / "ckpt") == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_fingerprint_changes_with_weights(tmp_path):
+    model = tiny()
+    save_checkpoint(model, tmp_path / "a", frozen=())
+    with torch.no_grad():
+        model.levels[0].null_image.add_(1.0)
+    save_checkpoint(model, tmp_path / "b", frozen=())
+    assert fingerprint(tmp_path / "a") != fingerprint(tmp_path / "b")
+
+
+def test_template_version_mismatch_is_refused(tmp_path):
+    save_checkpoint(tiny(), tmp_path / "ckpt", frozen=())
+    path = tmp_path / "ckpt" / "config.json"
+    meta = json.loads(path.read_text())
+    meta["model"]["template_version"] = "meta-report-v0"
+    path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="meta-report-v0"):
+        load_checkpoint(tmp_path / "ckpt")
+
+
+def test_missing_checkpoint_names_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json: not found"):
+        load_checkpoint(tmp_path)

@@ -1,0 +1,129 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dermcir.data import ImageError, LoadReport, category_counts, load_case_csv, load_derm7pt, load_rgb
+from dermcir.data.cache import preprocess_cases
+from dermcir.data.categories import category_of
+from dermcir.data.images import remove_black_border
+
+from .conftest import SHARED_DERM7PT, synthetic_lesion, write_release
+
+
+def _rows(spec):
+    return [{"diagnosis": dx} for dx, n in spec for _ in range(n)]
+
+
+def test_categories_are_mapped_and_thresholded(tmp_path):
+    rows = _rows([("clark nevus", 3), ("blue nevus", 2), ("melanoma (in situ)", 4), ("seborrheic keratosis", 2),
+                  ("melanosis", 1), ("basal cell carcinoma", 2)])
+    root = write_release(tmp_path / "r", rows)
+    cases, report = load_derm7pt(root, min_cases=3)
+    assert category_counts(cases) == {"nevus": 5, "melanoma": 4, "benign keratosis-like": 3}
+    assert report.dropped_categories == {"basal cell carcinoma": 2}
+    cases, _ = load_derm7pt(root, min_cases=4)
+    assert set(category_counts(cases)) == {"nevus", "melanoma"}
+
+
+def test_unknown_diagnosis_is_reported_not_fatal(tmp_path):
+    root = write_release(tmp_path / "r", _rows([("clark nevus", 2), ("something new", 1)]))
+    cases, report = load_derm7pt(root, min_cases=1)
+    assert len(cases) == 2
+    assert any("unknown diagnosis 'something new'" in why for _, why in report.skipped)
+
+
+def test_missing_and_corrupt_images_are_named_and_skipped(tmp_path):
+    rows = _rows([("clark nevus", 4)])
+    rows[1]["_no_image"] = True
+    root = write_release(tmp_path / "r", rows)
+    (root / "images" / "SYN" / "img002.jpg").write_bytes((root / "images" / "SYN" / "img002.jpg").read_bytes()[:300])
+    (root / "images" / "SYN" / "img003.jpg").write_bytes(b"not an image at all")
+    cases, report = load_derm7pt(root, min_cases=1)
+    assert [c.case_id for c in cases] == ["1", "3", "4"]
+    assert any("img001.jpg" in what and "missing" in why for what, why in report.skipped)
+    kept, images = preprocess_cases(cases, 32, report=report, progress=False)
+    assert [c.case_id for c in kept] == ["1"]
+    assert images.shape == (1, 32, 32, 3) and images.dtype == np.uint8
+    reasons = dict(report.skipped)
+    assert "truncated" in reasons[str(root / "images" / "SYN" / "img002.jpg")]
+    assert "not a recognised image" in reasons[str(root / "images" / "SYN" / "img003.jpg")]
+
+
+def test_preprocessing_is_cached(tmp_path, monkeypatch):
+    root = write_release(tmp_path / "r", _rows([("clark nevus", 2)]))
+    cases, _ = load_derm7pt(root, min_cases=1)
+    first = preprocess_cases(cases, 32, progress=False)[1]
+    import dermcir.data.cache as cache
+
+    monkeypatch.setattr(cache, "preprocess", lambda *a, **k: pytest.fail("cache miss on second run"))
+    np.testing.assert_array_equal(preprocess_cases(cases, 32, progress=False)[1], first)
+
+
+def test_border_removal_uneven_and_absent():
+    img = np.asarray(synthetic_lesion(0, (90, 60, 40), size=(120, 80), border=0)).copy()
+    framed = img.copy()
+    framed[:7], framed[-3:], framed[:, :11], framed[:, -1:] = 0, 0, 0, 0
+    out = remove_black_border(framed)
+    assert out.shape == (80 - 10, 120 - 12, 3)
+    assert out.min(axis=(0, 1)).max() > 0
+    np.testing.assert_array_equal(remove_black_border(img), img)  # no frame: unchanged
+    dark = np.zeros((50, 50, 3), np.uint8)
+    np.testing.assert_array_equal(remove_black_border(dark), dark)  # all dark: not cropped away
+
+
+def test_load_rgb_modes(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)
+    cases = {
+        "gray.png": Image.fromarray(rgb[..., 0]),
+        "cmyk.jpg": Image.fromarray(rgb).convert("CMYK"),
+        "alpha.png": Image.fromarray(np.dstack([rgb, np.full((20, 30), 128, np.uint8)]), "RGBA"),
+        "deep.png": Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)),
+    }
+    for name, img in cases.items():
+        img.save(tmp_path / name)
+        out = load_rgb(tmp_path / name)
+        assert out.shape == (20, 30, 3) and out.dtype == np.uint8, name
+    with pytest.raises(ImageError, match="nothere.jpg: file not found"):
+        load_rgb(tmp_path / "nothere.jpg")
+
+
+def test_case_csv_loader(tmp_path):
+    synthetic_lesion(0, (1, 2, 3)).save(tmp_path / "a.jpg")
+    synthetic_lesion(1, (1, 2, 3)).save(tmp_path / "b.jpg")
+    (tmp_path / "cases.csv").write_text(
+        "id,image,diagnosis,streaks\nA,a.jpg,clark nevus,irregular\nB,b.jpg,dermatofibroma,\nC,c.jpg,melanoma,\n"
+        "A,b.jpg,melanoma,\n"
+    )
+    cases, report = load_case_csv(tmp_path / "cases.csv")
+    assert [(c.case_id, c.category) for c in cases] == [("A", "nevus"), ("B", "dermatofibroma")]
+    assert cases[0].fields == {"streaks": "irregular"}
+    assert len(report.skipped) == 2
+    with pytest.raises(ValueError, match="missing column"):
+        (tmp_path / "bad.csv").write_text("name,image\n")
+        load_case_csv(tmp_path / "bad.csv")
+
+
+def test_category_table_errors_list_known():
+    assert category_of("Melanoma (in situ)") == "melanoma"
+    with pytest.raises(ValueError, match="known diagnoses: basal cell carcinoma"):
+        category_of("wart")
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not SHARED_DERM7PT.is_dir(), reason="shared Derm7pt copy not present")
+def test_shared_release_counts_and_preprocessing():
+    cases, report = load_derm7pt(SHARED_DERM7PT)
+    assert len(cases) == 888 and not report.skipped
+    assert category_counts(cases) == {"nevus": 575, "melanoma": 252, "benign keratosis-like": 61}
+    rep = LoadReport()
+    kept, images = preprocess_cases(cases[:6], 128, report=rep, progress=False)
+    assert len(kept) == 6 and images.shape == (6, 128, 128, 3)
+    # borders removed: no frame rows of pure black remain at the image edges
+    assert (images[:, :2].max(axis=(1, 2, 3)) > 40).all()
+
+
+def test_missing_meta_is_a_clear_error(tmp_path: Path):
+    with pytest.raises(FileNotFoundError, match="meta.csv: not found"):
+        load_derm7pt(tmp_path)

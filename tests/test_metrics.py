@@ -1,0 +1,74 @@
+import numpy as np
+import pytest
+from sklearn.metrics import average_precision_score
+
+from dermcir.metrics import accuracy_at_k, average_precision, mean_average_precision, retrieval_metrics
+
+
+def naive_ap(scores, q, d):
+    """Reference: sort (pessimistic ties: irrelevant first), precision at each hit."""
+    out = []
+    for i in range(len(q)):
+        rel = np.array([d[j] == q[i] for j in range(len(d))])
+        order = sorted(range(len(d)), key=lambda j: (-scores[i][j], rel[j]))
+        hits, total = 0, 0.0
+        for rank, j in enumerate(order, 1):
+            if rel[j]:
+                hits += 1
+                total += hits / rank
+        out.append(total / rel.sum() if rel.sum() else np.nan)
+    return np.array(out)
+
+
+def naive_acc(scores, q, d, k):
+    good = 0
+    for i in range(len(q)):
+        rel = np.array([d[j] == q[i] for j in range(len(d))])
+        order = sorted(range(len(d)), key=lambda j: (-scores[i][j], rel[j]))[:k]
+        good += any(rel[j] for j in order)
+    return good / len(q)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_ap_matches_sklearn_without_ties(seed):
+    rng = np.random.default_rng(seed)
+    q, d = rng.integers(0, 3, 12), rng.integers(0, 3, 40)
+    scores = rng.normal(size=(12, 40))
+    ours = average_precision(scores, q, d)
+    for i in range(12):
+        rel = d == q[i]
+        if rel.any():
+            assert ours[i] == pytest.approx(average_precision_score(rel, scores[i]))
+        else:
+            assert np.isnan(ours[i])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_ap_and_acc_match_naive_loop_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    q, d = rng.integers(0, 3, 9), rng.integers(0, 3, 25)
+    scores = rng.integers(0, 3, size=(9, 25)).astype(float)  # many ties
+    np.testing.assert_allclose(average_precision(scores, q, d), naive_ap(scores, q, d), equal_nan=True)
+    for k in (1, 2, 4):
+        assert accuracy_at_k(scores, q, d, k) == pytest.approx(naive_acc(scores, q, d, k))
+
+
+def test_constant_scores_are_not_rewarded():
+    q, d = np.array([0, 1]), np.array([1, 0, 1, 0])
+    assert accuracy_at_k(np.zeros((2, 4)), q, d, 2) == 0.0
+    assert mean_average_precision(np.zeros((2, 4)), q, d) == pytest.approx(np.mean([(1 / 3 + 2 / 4) / 2] * 2))
+
+
+def test_perfect_ranking_and_percent_output():
+    q, d = np.array(["a", "b"]), np.array(["a", "b", "a", "b"])
+    scores = (q[:, None] == d[None, :]).astype(float)
+    assert retrieval_metrics(scores, q, d) == {"mAP": 100.0, "Acc@1": 100.0, "Acc@2": 100.0, "Acc@4": 100.0}
+
+
+def test_shape_errors_name_the_problem():
+    with pytest.raises(ValueError, match="2 query labels and 3 database labels"):
+        average_precision(np.zeros((2, 2)), [0, 1], [0, 1, 2])
+    with pytest.raises(ValueError, match="2D"):
+        average_precision(np.zeros(3), [0], [0, 1, 2])
+    with pytest.raises(ValueError, match="NaN"):
+        average_precision(np.array([[np.nan]]), [0], [0])

@@ -1,0 +1,134 @@
+import numpy as np
+import pytest
+import torch
+
+from dermcir.config import ModelConfig, TrainConfig
+from dermcir.losses import CategoryContrastiveLoss
+from dermcir.models import ComposedRetrievalModel, create_backbone, list_backbones, list_text_encoders
+from dermcir.similarity import fused_similarity
+
+
+def tiny(backbone="lite0", text="bert", pretrained=False, **kw):
+    settings = {"image_size": 64, "grid": 4, "dim": 32, "heads": 2, "n_masks": 3, **kw}
+    return ComposedRetrievalModel(ModelConfig(backbone=backbone, text_encoder=text, **settings), pretrained=pretrained)
+
+
+IMAGES = np.random.default_rng(0).integers(0, 255, (4, 64, 64, 3), dtype=np.uint8)
+TEXTS = ["pigment network atypical", "streaks irregular; blue-whitish veil present", "sex male", "elevation flat"]
+
+
+@pytest.mark.parametrize("backbone", list_backbones())
+def test_backbones_give_three_levels_at_strides_8_16_32(backbone):
+    net = create_backbone(backbone, pretrained=False, img_size=64)
+    maps = net(torch.randn(2, 3, 64, 64))
+    assert [m.shape[-1] for m in maps] == [8, 4, 2]
+    assert [m.shape[1] for m in maps] == net.channels
+    assert all(torch.isfinite(m).all() for m in maps)
+
+
+@pytest.mark.parametrize("backbone", list_backbones())
+@pytest.mark.parametrize("text", list_text_encoders())
+def test_one_training_step_per_registered_encoder(backbone, text):
+    torch.manual_seed(0)
+    model = tiny(backbone, text)
+    model.train()
+    loss_fn = CategoryContrastiveLoss(2, 6, 32, 0.6)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad] + list(loss_fn.parameters()), lr=1e-3)
+    q = model.encode_query(IMAGES, TEXTS)
+    t = model.encode_target(IMAGES)
+    assert q.shape == t.shape == (4, model.embedding_dim)
+    loss = loss_fn(q, t, torch.tensor([0, 0, 1, 1]))["total"]
+    assert torch.isfinite(loss)
+    before = model.levels[0].fusion[0].attn.in_proj_weight.detach().clone()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    assert not torch.equal(before, model.levels[0].fusion[0].attn.in_proj_weight)
+
+
+def test_encoder_inner_product_is_eq9_on_real_model():
+    model = tiny().eval()
+    with torch.no_grad():
+        maps = model.image_features(IMAGES)
+        tok, pad = model.text_features(TEXTS)
+        dq = model.describe_query(maps, tok, pad)
+        dt = model.describe_target(model.image_features(IMAGES[::-1].copy()))
+        direct = fused_similarity(dq.locals, dt.locals, dq.globals, dt.globals, 0.6)
+        via = model.encode_query(IMAGES, TEXTS) @ model.encode_target(IMAGES[::-1].copy()).T
+    torch.testing.assert_close(via, direct, rtol=1e-5, atol=1e-5)
+
+
+def test_query_modes_and_target_independence():
+    model = tiny().eval()
+    with torch.no_grad():
+        composed = model.encode_query(IMAGES, TEXTS)
+        image_only = model.encode_query(IMAGES)
+        text_only = model.encode_query(texts=TEXTS)
+        target = model.encode_target(IMAGES)
+    assert composed.shape == image_only.shape == text_only.shape
+    assert not torch.allclose(composed, image_only)
+    # image-only query parts are the target's own unit descriptors, weighted by β and 1 − β
+    d = model.config.dim
+    torch.testing.assert_close(image_only[:, : 3 * d], 0.6 * target[:, : 3 * d])
+    torch.testing.assert_close(image_only[:, 3 * d :], 0.4 * target[:, 3 * d :])
+    with pytest.raises(ValueError, match="image, a text, or both"):
+        model.describe_query(None, None, None)
+    with pytest.raises(ValueError, match="text 1 is empty"):
+        model.encode_query(IMAGES[:2], ["fine", "  "])
+    with pytest.raises(ValueError, match="2 images but 1 texts"):
+        model.encode_query(IMAGES[:2], ["one"])
+
+
+def test_masks_are_spatial_distributions():
+    model = tiny().eval()
+    with torch.no_grad():
+        d = model.describe_target(model.image_features(IMAGES))
+    for level, m in enumerate(d.masks):
+        assert m.shape == (4, 3, 4, 4), level
+        torch.testing.assert_close(m.sum(dim=(2, 3)), torch.ones(4, 3))
+
+
+def test_loss_excludes_own_image_and_uses_all_positives():
+    loss_fn = CategoryContrastiveLoss(2, 2, 4, 0.5, temperature=1.0, proxy_weight=0.0)
+    v = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    out = loss_fn(v, v, torch.tensor([0, 1, 0, 1]))
+    assert set(out) == {"contrastive", "proxy", "total"}
+    assert out["contrastive"] > 0
+    lonely = CategoryContrastiveLoss(4, 2, 4, 0.5, proxy_weight=0.0)(v, v, torch.tensor([0, 1, 2, 3]))
+    assert lonely["contrastive"] == 0  # no query has a positive: nothing to pull together, and no NaN
+    with pytest.raises(ValueError, match="labels"):
+        loss_fn(v, v[:3], torch.tensor([0, 1, 0]))
+
+
+def test_swin_requires_weights_or_hub():
+    with pytest.raises(ValueError, match="no offline weights"):
+        create_backbone("swin_t", pretrained=True)
+
+
+def test_swin_loads_a_local_checkpoint(tmp_path):
+    from safetensors.torch import save_file
+
+    src = create_backbone("swin_t", pretrained=False, img_size=64)
+    save_file({k: v.contiguous() for k, v in src.body.state_dict().items()}, str(tmp_path / "swin.safetensors"))
+    net = create_backbone("swin_t", weights=str(tmp_path / "swin.safetensors"), img_size=64)
+    x = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(net.eval()(x)[2], src.eval()(x)[2])
+
+
+def test_bert_loads_a_local_folder(tmp_path):
+    from dermcir.models import create_text_encoder
+
+    enc = create_text_encoder("bert", pretrained=False)
+    enc.model.save_pretrained(tmp_path / "bert")
+    enc.tokenizer.save_pretrained(tmp_path / "bert")
+    again = create_text_encoder("bert", weights=str(tmp_path / "bert"))
+    a, _ = enc.eval()(["a lesion"])
+    b, _ = again.eval()(["a lesion"])
+    torch.testing.assert_close(a, b)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        create_text_encoder("bert", weights=str(tmp_path))
+
+
+def test_train_config_defaults_follow_the_seed():
+    cfg = TrainConfig()
+    assert (cfg.lr, cfg.weight_decay, cfg.epochs, cfg.patience) == (1e-4, 1e-5, 100, 30)

@@ -1,0 +1,48 @@
+import pytest
+
+from dermcir.data import load_derm7pt
+from dermcir.data.categories import DIAGNOSIS_TO_CATEGORY
+from dermcir.data.text import CHECKLIST_FIELDS, render_report, validate_checklist
+
+from .conftest import SHARED_DERM7PT
+
+
+def test_template_reads_only_checklist_fields():
+    fields = {k: v[1][-1] for k, v in CHECKLIST_FIELDS.items()}
+    text = render_report({**fields, "diagnosis": "melanoma", "management": "excision", "seven_point_score": "9",
+                          "level_of_diagnostic_difficulty": "high"})
+    assert "melanoma" not in text and "excision" not in text and "9" not in text and "high" not in text
+    assert "blue-whitish veil present" in text and "location upper limbs" in text
+
+
+def test_missing_fields_are_left_out_not_guessed():
+    assert render_report({"streaks": "irregular"}) == "Dermoscopy: streaks irregular."
+    assert render_report({"streaks": "", "sex": None}) == ""
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not SHARED_DERM7PT.is_dir(), reason="shared Derm7pt copy not present")
+def test_no_text_of_the_shared_data_leaks_the_answer():
+    import pandas as pd
+
+    cases, _ = load_derm7pt(SHARED_DERM7PT)
+    meta = pd.read_csv(SHARED_DERM7PT / "meta" / "meta.csv", dtype=str, keep_default_na=False).set_index("case_num")
+    leaking_words = set(DIAGNOSIS_TO_CATEGORY) | {"melanoma", "nevus", "keratosis", "melanosis", "excision",
+                                                  "follow up", "no further examination", "difficulty", "score"}
+    assert len(cases) == 888
+    for case in cases:
+        text = case.text.lower()
+        row = meta.loc[case.case_id]
+        assert row["diagnosis"] not in text, case.case_id
+        assert row["management"] not in text, case.case_id
+        assert f"difficulty {row['level_of_diagnostic_difficulty']}" not in text
+        assert not any(ch.isdigit() for ch in text), (case.case_id, text)  # the score is a number; no numbers at all
+        assert not any(w in text for w in leaking_words), (case.case_id, text)
+
+
+def test_validate_checklist_rejects_unknown_names_and_values():
+    assert validate_checklist({"Blue-Whitish Veil": "Present"}) == {"blue_whitish_veil": "present"}
+    with pytest.raises(ValueError, match="unknown checklist field 'colour'.*allowed fields: pigment_network"):
+        validate_checklist({"colour": "brown"})
+    with pytest.raises(ValueError, match="unknown value 'sometimes' for checklist field 'streaks'.*absent, regular"):
+        validate_checklist({"streaks": "sometimes"})
