@@ -1,9 +1,268 @@
-"""CLI sub-commands (placeholder until implemented)."""
+"""``dermcir index | search | serve | demo``: build and update a case index, query it, serve it, and the one-command demo.
+
+Each handler is a thin wrapper over :mod:`dermcir.index`, :mod:`dermcir.search` and :mod:`dermcir.service`; heavy
+imports happen inside the handlers so ``dermcir --help`` stays fast.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("dermcir.cli")
+# faiss reports at INFO every optimised build it could not load, which is noise on the command line.
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+
+NOTICE = "Research tool, not a diagnostic device."
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add this module's sub-commands."""
+    _register_index(sub)
+    _register_search(sub)
+    _register_serve(sub)
+    _register_demo(sub)
+
+
+def _register_index(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "index",
+        help="build a case index, or add/remove cases in one",
+        description="Encode cases with a checkpoint and write (or update) an index folder atomically.",
+    )
+    p.add_argument("--out", required=True, type=Path, help="the index folder to create or update")
+    p.add_argument("--data", type=Path, help="a Derm7pt release folder, or a CSV with id,image,diagnosis[,checklist]")
+    p.add_argument("--checkpoint", type=Path, help="checkpoint folder (for --add: default the index's own)")
+    p.add_argument("--image-root", type=Path, help="folder the CSV's image paths are relative to (default: its folder)")
+    p.add_argument(
+        "--min-cases",
+        type=int,
+        help="keep categories with at least this many cases (default 50 for a Derm7pt release, 1 for a CSV)",
+    )
+    p.add_argument("--add", action="store_true", help="add the --data cases to the existing index")
+    p.add_argument("--replace", action="store_true", help="with --add: re-encode cases whose id is already indexed")
+    p.add_argument("--remove", nargs="+", metavar="ID", help="remove these case ids from the index")
+    p.add_argument(
+        "--kind",
+        choices=("flat", "hnsw"),
+        default="flat",
+        help="vector search: exact inner product (default) or HNSW for large collections",
+    )
+    p.add_argument("--hnsw-m", type=int, default=32, help="HNSW graph degree")
+    p.add_argument("--ef-search", type=int, default=64, help="HNSW search beam width")
+    p.add_argument("--batch-size", type=int, default=32, help="images per encoder pass")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    p.add_argument("--cache", type=Path, default=None, help="preprocessing cache (default $DERMCIR_CACHE)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=cmd_index)
+
+
+def _register_search(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "search",
+        help="rank the indexed cases for an image and/or text query",
+        description=f"Composed, image-only or text-only case search. {NOTICE}",
+    )
+    p.add_argument("--index", required=True, type=Path, help="the index folder")
+    p.add_argument("--image", type=Path, help="the query's dermoscopic image (leave out for a text-only query)")
+    p.add_argument("--text", help="free clinical text")
+    p.add_argument(
+        "--checklist",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="FIELD=VALUE",
+        help='checklist fields, e.g. --checklist pigment_network=atypical "streaks=irregular"',
+    )
+    p.add_argument("-k", type=int, default=10, help="how many cases to return")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--heatmaps", action="store_true", help="include attention heatmaps (with --json)")
+    p.add_argument("--checkpoint", type=Path, help="checkpoint folder (default: the one the index was built with)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    p.set_defaults(handler=cmd_search)
+
+
+def _register_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="start the HTTP API and the web page over an index")
+    _serve_args(p)
+    p.add_argument("--index", required=True, type=Path, help="the index folder")
+    p.add_argument("--checkpoint", type=Path, help="checkpoint folder (default: the one the index was built with)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    p.set_defaults(handler=cmd_serve)
+
+
+def _register_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="train (CPU profile), index and serve a Derm7pt folder: the first thing to run",
+        description="Trains a model with the CPU profile (or reuses the one in --out), builds the index "
+        "and starts the web page, printing its address.",
+    )
+    p.add_argument("--data", required=True, type=Path, help="a Derm7pt release folder (meta/meta.csv, images/)")
+    p.add_argument("--out", type=Path, default=Path("dermcir-demo"), help="folder for the model and the index")
+    p.add_argument("--min-cases", type=int, default=50, help="keep categories with at least this many cases")
+    p.add_argument("--cache", type=Path, default=None, help="preprocessing cache (default $DERMCIR_CACHE)")
+    _serve_args(p)
+    p.set_defaults(handler=cmd_demo)
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (0 picks a free one)")
+    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted request body")
+
+
+# ---- handlers ---------------------------------------------------------------------------------------------------------
+def _load_cases(data: Path, image_root: Path | None, min_cases: int | None):
+    from dermcir.data import category_counts, load_case_csv, load_derm7pt
+
+    if data.is_file() and data.suffix.lower() == ".csv":
+        cases, report = load_case_csv(data, image_root, min_cases=min_cases or 1)
+    elif data.is_dir():
+        cases, report = load_derm7pt(data, min_cases=50 if min_cases is None else min_cases)
+    else:
+        raise FileNotFoundError(f"{data}: expected a Derm7pt release folder or a .csv file of cases")
+    for what, why in report.skipped:
+        log.warning("left out %s: %s", what, why)
+    log.info("%d cases from %s: %s", len(cases), data, category_counts(cases))
+    return cases
+
+
+def _print_update(what: str, update) -> None:
+    skipped = (
+        f"; skipped {len(update.skipped)}: " + "; ".join(f"{w} ({r})" for w, r in update.skipped[:5])
+        if update.skipped
+        else ""
+    )
+    print(
+        f"{what}: {update.root} version {update.version}: +{update.added} -{update.removed}, "
+        f"{update.total} cases{skipped}"
+    )
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from dermcir.index import VectorParams, add_cases, build_index, remove_cases
+
+    if args.remove:
+        if args.add or args.data:
+            raise ValueError("--remove takes only --out and the ids; run --add separately")
+        _print_update("removed", remove_cases(args.out, args.remove))
+        return 0
+    if args.data is None:
+        raise ValueError("--data is required to build or add (a Derm7pt folder or a CSV of cases)")
+    cases = _load_cases(args.data, args.image_root, args.min_cases)
+    common = {"device": args.device, "batch_size": args.batch_size, "cache_dir": args.cache, "progress": not args.quiet}
+    if args.add:
+        update = add_cases(args.out, cases, checkpoint=args.checkpoint, replace=args.replace, **common)
+        _print_update("added", update)
+        return 0
+    if args.checkpoint is None:
+        raise ValueError("--checkpoint is required to build an index")
+    params = VectorParams(kind=args.kind, hnsw_m=args.hnsw_m, ef_search=args.ef_search)
+    _print_update("indexed", build_index(cases, args.checkpoint, args.out, params=params, **common))
+    return 0
+
+
+def _parse_checklist(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--checklist {pair!r}: expected FIELD=VALUE, e.g. pigment_network=atypical")
+        out[key.strip()] = value
+    return out
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from dermcir.search import CaseSearcher
+
+    checklist = _parse_checklist(args.checklist)
+    if args.image is None and not (args.text or "").strip() and not checklist:
+        raise ValueError("give --image, --text or --checklist (or an image with text for a composed query)")
+    if args.image is not None and not args.image.is_file():
+        raise FileNotFoundError(f"{args.image}: query image not found")
+    searcher = CaseSearcher(args.index, checkpoint=args.checkpoint, device=args.device, auto_reload=False)
+    response = searcher.search(image=args.image, text=args.text, checklist=checklist, k=args.k, heatmaps=args.heatmaps)
+    if args.json:
+        json.dump(response.to_dict(), sys.stdout)
+        sys.stdout.write("\n")
+        return 0
+    print(f"{response.mode} query on {args.index} ({response.index_size} cases), {response.took_ms:.0f} ms. {NOTICE}")
+    if response.text:
+        print(f"text: {response.text}")
+    print(f"{'rank':>4}  {'score':>7}  {'local':>7}  {'global':>7}  {'case':<12} {'category':<24} diagnosis")
+    for r in response.results:
+        d = r.to_dict()
+        print(
+            f"{r.rank:>4}  {r.score:7.3f}  {d['local']:7.3f}  {d['global']:7.3f}  {r.case_id:<12} "
+            f"{r.category:<24} {r.diagnosis}"
+        )
+    return 0
+
+
+def _run_server(searcher, args: argparse.Namespace, banner: str) -> int:
+    from dermcir.service import create_app, serve
+
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("listening on %s: reachable from other machines, with no authentication", args.host)
+    app = create_app(searcher, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024))
+
+    def ready(url: str) -> None:
+        print(f"{banner}: open {url} in a browser (Ctrl+C stops it). {NOTICE}", flush=True)
+
+    try:
+        serve(app, args.host, args.port, on_ready=ready)
+    except OSError as exc:  # the port is taken or the address is not this machine's
+        raise ValueError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from dermcir.search import CaseSearcher
+
+    searcher = CaseSearcher(args.index, checkpoint=args.checkpoint, device=args.device)
+    return _run_server(searcher, args, "dermcir serve")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from dermcir.search import CaseSearcher
+
+    cases = _load_cases(args.data, None, args.min_cases)
+    if not cases:
+        raise ValueError(f"{args.data}: no usable cases")
+    checkpoint = _demo_checkpoint(cases, args.out / "model", args.cache)
+    _demo_index(cases, checkpoint, args.out / "index", args.cache)
+    return _run_server(CaseSearcher(args.out / "index", checkpoint=checkpoint), args, "dermcir demo")
+
+
+def _demo_checkpoint(cases, folder: Path, cache: Path | None) -> Path:
+    """Reuse the demo's trained model, or train one with the CPU profile (a few minutes on 2 cores)."""
+    if (folder / "config.json").is_file():  # checkpoints are written atomically: present means complete
+        log.info("reusing the model in %s (delete it to retrain)", folder)
+        return folder
+    from dermcir.training import train_on_cases
+
+    log.info("training a model on %d cases with the CPU profile into %s", len(cases), folder)
+    return Path(train_on_cases(cases, folder, profile="cpu", cache_dir=cache))
+
+
+def _demo_index(cases, checkpoint: Path, folder: Path, cache: Path | None) -> None:
+    """Reuse the demo's index when it was built by this checkpoint, adding any case it lacks; otherwise build it."""
+    from dermcir.checkpoint import fingerprint
+    from dermcir.index import add_cases, build_index, open_index
+
+    try:
+        index = open_index(folder)
+    except FileNotFoundError:
+        index = None
+    if index is not None and index.fingerprint == fingerprint(checkpoint):
+        known = set(index.case_ids)
+        new = [c for c in cases if c.case_id not in known]
+        if new:
+            add_cases(folder, new, checkpoint=checkpoint, cache_dir=cache)
+        log.info("reusing the index in %s (%d cases)", folder, len(open_index(folder)))
+        return
+    build_index(cases, checkpoint, folder, cache_dir=cache)

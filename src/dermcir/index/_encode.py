@@ -1,0 +1,93 @@
+"""Batch encoding of cases into target vectors and attention heatmaps, on the GPU when there is one."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from dermcir.data.cache import preprocess_cases
+from dermcir.data.cases import Case, LoadReport
+from dermcir.models import ComposedRetrievalModel
+
+log = logging.getLogger(__name__)
+
+#: Side of the stored per-level heatmaps. Masks live on the model's grid (4×4 to 64×64); 16×16 keeps the shape of
+#: the attention visible while costing 1.5 kB per case for three levels in float16.
+HEATMAP_SIZE = 16
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` picks CUDA when present, else the CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def attention_heatmaps(masks: list[torch.Tensor], size: int = HEATMAP_SIZE) -> torch.Tensor:
+    """Per-level maps of where the local descriptor looked: ``L × (B, k, H, W)`` masks → ``(B, L, size, size)``.
+
+    The local descriptor averages the ``k`` attention-pooled regions (Eq. 6), so the mean of the ``k`` softmax masks is
+    exactly the weight each position had in it. Each map is resampled to ``size``×``size`` and scaled to a maximum of 1
+    for display.
+    """
+    levels = []
+    for m in masks:
+        mean = m.float().mean(dim=1, keepdim=True)  # (B, 1, H, W)
+        mean = F.adaptive_avg_pool2d(mean, size)  # averages down or replicates up, keeping each cell's value
+        peak = mean.amax(dim=(2, 3), keepdim=True).clamp_min(1e-12)
+        levels.append((mean / peak)[:, 0])
+    return torch.stack(levels, dim=1)
+
+
+@dataclass
+class EncodedCases:
+    """The cases whose image could be used, with their target vectors and heatmaps (rows aligned)."""
+
+    cases: list[Case]
+    vectors: np.ndarray  # (N, 6·D) float32
+    heatmaps: np.ndarray  # (N, L, HEATMAP_SIZE, HEATMAP_SIZE) float16
+
+
+@torch.inference_mode()
+def encode_cases(
+    model: ComposedRetrievalModel,
+    cases: Sequence[Case],
+    batch_size: int = 32,
+    cache_dir: Path | None = None,
+    report: LoadReport | None = None,
+    progress: bool = True,
+) -> EncodedCases:
+    """Encode cases in batches; unreadable images are reported by file name in ``report`` and left out.
+
+    Images are decoded and preprocessed one batch at a time (through the on-disk preprocessing cache), so memory stays
+    bounded for archives of any size.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    report = report if report is not None else LoadReport()
+    kept: list[Case] = []
+    vectors, heatmaps = [], []
+    bar = tqdm(total=len(cases), desc="index", unit="img", disable=not progress)
+    for start in range(0, len(cases), batch_size):
+        chunk = list(cases[start : start + batch_size])
+        good, images = preprocess_cases(chunk, model.config.image_size, cache_dir, report, progress=False)
+        if good:
+            desc = model.describe_target(model.image_features(images))
+            vectors.append(model.target_embedding(desc).float().cpu().numpy())
+            heatmaps.append(attention_heatmaps(desc.masks).cpu().numpy().astype(np.float16))
+            kept.extend(good)
+        bar.update(len(chunk))
+    bar.close()
+    dim, levels = model.embedding_dim, len(model.levels)
+    return EncodedCases(
+        kept,
+        np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32),
+        np.concatenate(heatmaps) if heatmaps else np.zeros((0, levels, HEATMAP_SIZE, HEATMAP_SIZE), np.float16),
+    )

@@ -1,0 +1,142 @@
+"""Versioned index folders: every write builds a complete new version beside the live one, then swaps a pointer.
+
+Layout of an index root::
+
+    INDEX_DIR/
+      CURRENT             # one line: the name of the live version folder
+      v000002-3fa9c1/     # a complete version (see dermcir.index for its files)
+      v000003-b07d22/
+      .lock               # held by the one writer at a time
+      .tmp-*/             # a version being written (left behind only by a killed writer)
+
+A reader resolves ``CURRENT`` once and reads that folder, which is never modified after it is published; the pointer
+is replaced with ``os.replace`` (atomic on POSIX), so a reader sees either the old or the new version, never a mix.
+A writer that fails or is killed leaves at most a ``.tmp-*`` folder, which the next writer removes. The last
+:data:`KEEP_VERSIONS` versions are kept so that a reader that resolved the pointer just before a swap can still open
+the version it was given.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+POINTER = "CURRENT"
+LOCK = ".lock"
+TMP_PREFIX = ".tmp-"
+KEEP_VERSIONS = 3
+_VERSION_RE = re.compile(r"^v(\d{6})-[0-9a-f]{6}$")
+
+
+def current_version(root: Path) -> Path | None:
+    """The live version folder of an index root, or ``None`` when the root holds no published version."""
+    pointer = root / POINTER
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text().strip()
+    if not _VERSION_RE.match(name):
+        raise ValueError(f"{pointer}: names {name!r}, expected a version folder like 'v000001-0a1b2c'")
+    return root / name
+
+
+def _check_root(root: Path) -> None:
+    """Refuse to manage a folder that holds anything other than index versions (a mistyped ``--out``)."""
+    if not root.exists():
+        return
+    if not root.is_dir():
+        raise ValueError(f"{root}: exists and is not a folder; an index is a folder")
+    foreign = [
+        p.name
+        for p in root.iterdir()
+        if p.name not in (POINTER, LOCK) and not p.name.startswith(TMP_PREFIX) and not _VERSION_RE.match(p.name)
+    ]
+    if foreign:
+        raise ValueError(
+            f"{root}: holds files that are not part of a dermcir index ({', '.join(sorted(foreign)[:5])}); "
+            "choose an empty or new folder"
+        )
+
+
+@contextmanager
+def writer_lock(root: Path) -> Iterator[None]:
+    """Hold the root's exclusive writer lock, so concurrent updates cannot lose each other's cases."""
+    _check_root(root)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / LOCK, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.iterdir():
+        with open(path, "rb") as fh:
+            os.fsync(fh.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _next_name(root: Path) -> str:
+    seqs = [int(m.group(1)) for p in root.iterdir() if (m := _VERSION_RE.match(p.name))]
+    return f"v{max(seqs, default=0) + 1:06d}-{secrets.token_hex(3)}"
+
+
+@contextmanager
+def publish_version(root: Path) -> Iterator[Path]:
+    """Yield an empty temporary folder to fill; on a clean exit it becomes the live version.
+
+    Must be called while holding :func:`writer_lock`. On any exception (including ``KeyboardInterrupt``) the
+    temporary folder is deleted and the live version is left as it was.
+    """
+    for stale in root.glob(f"{TMP_PREFIX}*"):  # left by a killed writer; we hold the lock, so nobody owns it
+        log.info("removing %s left by an interrupted index write", stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = root / f"{TMP_PREFIX}{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        final = root / _next_name(root)
+        os.replace(tmp, final)
+        _swap_pointer(root, final.name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("index %s now at version %s", root, final.name)
+    _collect_garbage(root)
+
+
+def _swap_pointer(root: Path, name: str) -> None:
+    tmp = root / f"{TMP_PREFIX}{POINTER}-{secrets.token_hex(4)}"
+    with open(tmp, "w") as fh:
+        fh.write(name + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, root / POINTER)
+    _fsync_dir(root)
+
+
+def _collect_garbage(root: Path) -> None:
+    live = current_version(root)
+    versions = sorted((p for p in root.iterdir() if _VERSION_RE.match(p.name)), key=lambda p: p.name)
+    for old in versions[:-KEEP_VERSIONS]:
+        if old != live:
+            shutil.rmtree(old, ignore_errors=True)

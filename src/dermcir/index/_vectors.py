@@ -1,0 +1,91 @@
+"""The FAISS side of the index: exact inner product by default, HNSW for large collections.
+
+Scores are inner products because Eq. 9's fused score is ``⟨φ_q, φ_t⟩``. Every target vector is a concatenation of
+six unit vectors, so all targets have the same norm and inner-product ranking equals cosine ranking; that is what lets
+an HNSW graph built on inner products find the true neighbours.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+INDEX_KINDS = ("flat", "hnsw")
+
+
+@dataclass(frozen=True)
+class VectorParams:
+    """How the vector search is built and queried (saved in the manifest)."""
+
+    kind: str = "flat"  # "flat": exact inner product; "hnsw": approximate graph search for large collections
+    hnsw_m: int = 32  # HNSW graph degree: more = better recall, more memory and build time
+    ef_construction: int = 40  # HNSW build-time beam width
+    ef_search: int = 64  # HNSW query-time beam width (recall/latency trade-off; may be changed without rebuilding)
+
+    def __post_init__(self) -> None:
+        if self.kind not in INDEX_KINDS:
+            raise ValueError(f"index kind {self.kind!r} is not known; choose one of {', '.join(INDEX_KINDS)}")
+        for name in ("hnsw_m", "ef_construction", "ef_search"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+
+
+def _as_matrix(vectors: np.ndarray, dim: int | None = None) -> np.ndarray:
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    if x.ndim != 2 or (dim is not None and x.shape[1] != dim):
+        raise ValueError(f"vectors must have shape (n, {dim or 'dim'}), got {x.shape}")
+    return x
+
+
+def build_vector_index(vectors: np.ndarray, params: VectorParams) -> faiss.Index:
+    """A FAISS inner-product index holding ``vectors`` with ids ``0..n-1`` (their rows)."""
+    x = _as_matrix(vectors)
+    if params.kind == "flat":
+        index = faiss.IndexFlatIP(x.shape[1])
+    else:
+        index = faiss.IndexHNSWFlat(x.shape[1], params.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = params.ef_construction
+    if len(x):
+        index.add(x)
+    return index
+
+
+def extend_vector_index(index: faiss.Index, vectors: np.ndarray) -> None:
+    """Append rows to an index (both kinds support appending without a rebuild)."""
+    x = _as_matrix(vectors, index.d)
+    if len(x):
+        index.add(x)
+
+
+def search_vectors(
+    index: faiss.Index, queries: np.ndarray, k: int, params: VectorParams
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` rows by inner product: ``(scores (Q, k), rows (Q, k))``, best first.
+
+    Search parameters are passed per call rather than set on the index, so concurrent searches share no mutable
+    state.
+    """
+    q = _as_matrix(queries, index.d)
+    k = min(k, index.ntotal)
+    if k <= 0:
+        return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
+    search_params = faiss.SearchParametersHNSW(efSearch=max(params.ef_search, k)) if params.kind == "hnsw" else None
+    scores, rows = index.search(q, k, params=search_params)
+    return scores, rows
+
+
+def write_vector_index(index: faiss.Index, path: Path) -> None:
+    faiss.write_index(index, str(path))
+
+
+def read_vector_index(path: Path, dim: int, count: int) -> faiss.Index:
+    """Read a saved index, checking that it matches the manifest."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; the index version is incomplete")
+    index = faiss.read_index(str(path))
+    if index.d != dim or index.ntotal != count:
+        raise ValueError(f"{path}: holds {index.ntotal} vectors of width {index.d}, the manifest says {count} of {dim}")
+    return index

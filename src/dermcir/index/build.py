@@ -1,0 +1,282 @@
+"""Building and updating an index: every change writes a complete new version and swaps it in atomically.
+
+Adding encodes only the new cases and appends their vectors (the HNSW graph is extended, not rebuilt); removing
+drops rows without re-encoding anything (an exact index is rebuilt from the stored vectors in memory-copy time; an
+HNSW graph is rebuilt from them, which takes minutes only for collections of hundreds of thousands of cases).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dermcir import __version__
+from dermcir.checkpoint import fingerprint, load_checkpoint
+from dermcir.data.cache import file_digest
+from dermcir.data.cases import Case, LoadReport
+from dermcir.index._encode import HEATMAP_SIZE, EncodedCases, encode_cases, resolve_device
+from dermcir.index._store import current_version, publish_version, writer_lock
+from dermcir.index._vectors import VectorParams, build_vector_index, extend_vector_index, write_vector_index
+from dermcir.index.case_index import (
+    CASES,
+    FORMAT_VERSION,
+    HEATMAPS,
+    HNSW,
+    MANIFEST,
+    VECTORS,
+    CaseIndex,
+    load_version,
+    write_records,
+)
+from dermcir.models import ComposedRetrievalModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class IndexUpdate:
+    """What a build or an update did."""
+
+    root: Path
+    version: str
+    added: int
+    removed: int
+    total: int
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file or case id, reason)
+
+
+@dataclass
+class _Rows:
+    """The content of one version, rows aligned."""
+
+    records: list[dict[str, Any]]
+    vectors: np.ndarray
+    heatmaps: np.ndarray
+
+    def take(self, keep: np.ndarray) -> _Rows:
+        return _Rows([self.records[i] for i in keep], self.vectors[keep], self.heatmaps[keep])
+
+    def extend(self, other: _Rows) -> _Rows:
+        return _Rows(
+            self.records + other.records,
+            np.concatenate([self.vectors, other.vectors]),
+            np.concatenate([self.heatmaps, other.heatmaps]),
+        )
+
+
+def case_record(case: Case) -> dict[str, Any]:
+    """The metadata stored for one case (one line of ``cases.jsonl``)."""
+    return {
+        "case_id": case.case_id,
+        "image": str(Path(case.image).resolve()),
+        "diagnosis": case.diagnosis,
+        "category": case.category,
+        "fields": dict(case.fields),
+        "text": case.text,
+        "sha1": file_digest(Path(case.image)),
+    }
+
+
+def _manifest(model: ComposedRetrievalModel, checkpoint: Path, params: VectorParams, count: int) -> dict[str, Any]:
+    c = model.config
+    return {
+        "format_version": FORMAT_VERSION,
+        "fingerprint": fingerprint(checkpoint),
+        "checkpoint": str(Path(checkpoint).resolve()),
+        "model": {
+            "backbone": c.backbone,
+            "text_encoder": c.text_encoder,
+            "image_size": c.image_size,
+            "dim": c.dim,
+            "grid": c.grid,
+            "n_masks": c.n_masks,
+            "beta": c.beta,
+            "template_version": c.template_version,
+        },
+        "embedding_dim": model.embedding_dim,
+        "parts": {name: [s.start, s.stop] for name, s in model.part_slices().items()},
+        "heatmap_size": HEATMAP_SIZE,
+        "vector_search": dataclasses.asdict(params),
+        "count": count,
+        "dermcir_version": __version__,
+    }
+
+
+def _write(folder: Path, manifest: dict[str, Any], rows: _Rows, params: VectorParams, graph: Any = None) -> None:
+    """Fill a version folder. ``graph``: an up-to-date HNSW index to save instead of building one."""
+    write_records(folder / CASES, rows.records)
+    np.save(folder / VECTORS, np.ascontiguousarray(rows.vectors, dtype=np.float32), allow_pickle=False)
+    np.save(folder / HEATMAPS, np.ascontiguousarray(rows.heatmaps, dtype=np.float16), allow_pickle=False)
+    if params.kind == "hnsw":
+        write_vector_index(graph if graph is not None else build_vector_index(rows.vectors, params), folder / HNSW)
+    written = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    (folder / MANIFEST).write_text(json.dumps({**manifest, "count": len(rows.records), "written": written}, indent=2))
+
+
+def _encode(
+    cases: Sequence[Case],
+    checkpoint: Path,
+    model: ComposedRetrievalModel | None,
+    device: str,
+    batch_size: int,
+    cache_dir: Path | None,
+    report: LoadReport,
+    progress: bool,
+) -> tuple[ComposedRetrievalModel, EncodedCases]:
+    ids = [c.case_id for c in cases]
+    dupes = sorted({i for i in ids if ids.count(i) > 1}) if len(set(ids)) != len(ids) else []
+    if dupes:
+        raise ValueError(f"case ids must be unique; repeated: {', '.join(dupes[:10])}")
+    if model is None:
+        model = load_checkpoint(checkpoint, resolve_device(device))
+    encoded = encode_cases(model, cases, batch_size, cache_dir, report, progress)
+    return model, encoded
+
+
+def _rows_of(encoded: EncodedCases) -> _Rows:
+    return _Rows([case_record(c) for c in encoded.cases], encoded.vectors, encoded.heatmaps)
+
+
+def build_index(
+    cases: Sequence[Case],
+    checkpoint: str | Path,
+    out: str | Path,
+    params: VectorParams | None = None,
+    model: ComposedRetrievalModel | None = None,
+    device: str = "auto",
+    batch_size: int = 32,
+    cache_dir: Path | None = None,
+    report: LoadReport | None = None,
+    progress: bool = True,
+) -> IndexUpdate:
+    """Encode ``cases`` with the checkpoint's model and publish them as a new index version under ``out``.
+
+    An index already under ``out`` stays live and untouched until the new version is complete.
+
+    Args:
+        cases: the cases to index (ids must be unique).
+        checkpoint: the checkpoint folder; the index records its fingerprint and path.
+        out: the index root folder (created if needed; must be empty or an index).
+        params: vector-search settings (exact inner product by default).
+        model: the checkpoint's model, already loaded (saves loading it again).
+        device: where to encode; ``"auto"`` uses CUDA when present.
+        batch_size: images per encoder pass.
+        cache_dir: the preprocessing cache (default ``$DERMCIR_CACHE``).
+        report: collects the files left out and why.
+        progress: show a progress bar.
+
+    Raises:
+        ValueError: no case had a usable image, repeated ids, or ``out`` holds foreign files.
+    """
+    out, checkpoint, params = Path(out), Path(checkpoint), params or VectorParams()
+    report = report if report is not None else LoadReport()
+    model, encoded = _encode(cases, checkpoint, model, device, batch_size, cache_dir, report, progress)
+    if not encoded.cases:
+        raise ValueError(
+            f"none of the {len(cases)} cases had a usable image ({len(report.skipped)} skipped, e.g. "
+            f"{report.skipped[0] if report.skipped else 'no cases given'}); nothing to index"
+        )
+    rows = _rows_of(encoded)
+    with writer_lock(out), publish_version(out) as folder:
+        _write(folder, _manifest(model, checkpoint, params, len(rows.records)), rows, params)
+    return IndexUpdate(out, current_version(out).name, len(rows.records), 0, len(rows.records), report.skipped)
+
+
+def _current(root: Path) -> CaseIndex:
+    folder = current_version(root)
+    if folder is None:
+        raise FileNotFoundError(f"{root}: no dermcir index here; build one first with `dermcir index`")
+    return load_version(folder)
+
+
+def _existing_rows(index: CaseIndex) -> _Rows:
+    return _Rows(list(index.records), np.asarray(index.vectors), np.asarray(index.heatmaps))
+
+
+def add_cases(
+    root: str | Path,
+    cases: Sequence[Case],
+    checkpoint: str | Path | None = None,
+    model: ComposedRetrievalModel | None = None,
+    replace: bool = False,
+    device: str = "auto",
+    batch_size: int = 32,
+    cache_dir: Path | None = None,
+    report: LoadReport | None = None,
+    progress: bool = True,
+) -> IndexUpdate:
+    """Encode and append cases to an existing index, without re-encoding the cases already in it.
+
+    Args:
+        root: the index root.
+        cases: the cases to add.
+        checkpoint: the model's checkpoint (default: the one recorded in the index); its fingerprint must match.
+        model: that checkpoint's model, already loaded.
+        replace: re-encode cases whose id is already indexed; otherwise they are skipped and reported.
+        device, batch_size, cache_dir, report, progress: as for :func:`build_index`.
+
+    Raises:
+        FingerprintMismatchError: the checkpoint is not the model that encoded the index.
+        FileNotFoundError: no index under ``root``.
+    """
+    root = Path(root)
+    report = report if report is not None else LoadReport()
+    with writer_lock(root):  # held from reading to publishing, so a concurrent update cannot be lost
+        index = _current(root)
+        checkpoint = Path(checkpoint or index.manifest["checkpoint"])
+        index.require_fingerprint(fingerprint(checkpoint), f"checkpoint {checkpoint}")
+        known = {c.case_id for c in cases} & set(index.case_ids)
+        if not replace:
+            for case_id in sorted(known):
+                report.skip(f"case {case_id}", "already indexed (use replace to re-encode it)")
+            cases = [c for c in cases if c.case_id not in known]
+        if cases:
+            model, encoded = _encode(cases, checkpoint, model, device, batch_size, cache_dir, report, progress)
+        if not cases or not encoded.cases:  # nothing usable: keep the live version rather than publish a copy
+            log.info("no case to add to %s", root)
+            return IndexUpdate(root, index.version, 0, 0, len(index), report.skipped)
+        old = _existing_rows(index)
+        replaced = {c.case_id for c in encoded.cases} & set(index.case_ids)
+        keep = np.array([i for i, r in enumerate(old.records) if r["case_id"] not in replaced], dtype=np.int64)
+        rows = old.take(keep).extend(_rows_of(encoded))
+        graph = None
+        if index.params.kind == "hnsw" and not replaced:
+            graph = index._vector_index  # extended in place: this loaded copy is private to the update
+            extend_vector_index(graph, encoded.vectors)
+        with publish_version(root) as folder:
+            _write(folder, _manifest(model, checkpoint, index.params, len(rows.records)), rows, index.params, graph)
+    log.info("added %d case(s) (%d replaced) to %s", len(encoded.cases), len(replaced), root)
+    return IndexUpdate(
+        root, current_version(root).name, len(encoded.cases), len(replaced), len(rows.records), report.skipped
+    )
+
+
+def remove_cases(root: str | Path, case_ids: Iterable[str]) -> IndexUpdate:
+    """Remove cases by id without re-encoding anything.
+
+    Raises:
+        ValueError: an id is not in the index (nothing is removed then).
+    """
+    root = Path(root)
+    case_ids = list(dict.fromkeys(case_ids))
+    with writer_lock(root):
+        index = _current(root)
+        unknown = [i for i in case_ids if i not in set(index.case_ids)]
+        if unknown:
+            raise ValueError(f"case id(s) not in index {root}: {', '.join(unknown[:10])}; nothing was removed")
+        drop = set(case_ids)
+        old = _existing_rows(index)
+        keep = np.array([i for i, r in enumerate(old.records) if r["case_id"] not in drop], dtype=np.int64)
+        rows = old.take(keep)
+        with publish_version(root) as folder:
+            _write(folder, {**index.manifest}, rows, index.params)
+    log.info("removed %d case(s) from %s", len(drop), root)
+    return IndexUpdate(root, current_version(root).name, 0, len(drop), len(rows.records))

@@ -1,0 +1,312 @@
+"""Case search from Python: load a checkpoint and its index once, then answer image / text / composed queries.
+
+Example:
+    >>> from dermcir.search import CaseSearcher
+    >>> searcher = CaseSearcher("runs/index")                       # doctest: +SKIP
+    >>> response = searcher.search(image="query.jpg", checklist={"pigment_network": "atypical"}, k=5)  # doctest: +SKIP
+    >>> [(r.rank, r.case_id, r.diagnosis, round(r.score, 3)) for r in response.results]  # doctest: +SKIP
+
+A query costs one model pass (``encode_query``) and one vector search; the targets were encoded when indexing. Each
+result carries its fused score (Eq. 9), the score's per-level local and global parts (they sum to the score), and, on
+request, the attention heatmaps of the query and of the case.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dermcir.checkpoint import fingerprint, load_checkpoint
+from dermcir.data.images import load_rgb, preprocess
+from dermcir.data.text import render_report, validate_checklist
+from dermcir.index import CaseIndex, Hit, attention_heatmaps, open_index, resolve_device
+from dermcir.index._store import current_version
+
+log = logging.getLogger(__name__)
+
+#: Longest accepted query text. The model reads only its first ``max_text_tokens`` tokens (96 ≈ 400 characters), so
+#: a longer text is almost surely a mistake (a pasted file) and is refused rather than silently cut.
+MAX_TEXT_CHARS = 10_000
+
+ImageInput = str | Path | bytes | np.ndarray
+
+
+def _heatmap_list(maps: np.ndarray) -> list[list[list[float]]]:
+    return np.round(maps.astype(np.float64), 3).tolist()
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """One retrieved case."""
+
+    rank: int
+    case_id: str
+    image: str  # the indexed image file
+    diagnosis: str
+    category: str
+    score: float  # fused score, Eq. 9
+    parts: dict[str, float]  # local_1..3 and global_1..3 (already weighted by β and 1 − β); they sum to ``score``
+    heatmaps: list[list[list[float]]] | None = None  # per level, the case's attention map (values in [0, 1])
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {
+            "rank": self.rank,
+            "case_id": self.case_id,
+            "image": self.image,
+            "diagnosis": self.diagnosis,
+            "category": self.category,
+            "score": self.score,
+            "local": sum(v for n, v in self.parts.items() if n.startswith("local")),
+            "global": sum(v for n, v in self.parts.items() if n.startswith("global")),
+            "parts": dict(self.parts),
+        }
+        if self.heatmaps is not None:
+            out["heatmaps"] = self.heatmaps
+        return out
+
+
+@dataclass(frozen=True)
+class SearchResponse:
+    """The results of one query, with what the query was."""
+
+    mode: str  # "composed", "image" or "text"
+    text: str | None  # the text the model read (checklist rendered through the training template + free text)
+    k: int
+    results: list[SearchResult]
+    index_version: str
+    index_size: int
+    took_ms: float
+    query_heatmaps: list[list[list[float]]] | None = None  # per level, where the query's local descriptor looked
+    query_view: np.ndarray | None = None  # the preprocessed query image the heatmaps lie on (uint8 H×W×3)
+
+    def to_dict(self) -> dict[str, Any]:
+        query: dict[str, Any] = {"mode": self.mode, "text": self.text, "k": self.k}
+        if self.query_heatmaps is not None:
+            query["heatmaps"] = self.query_heatmaps
+        return {
+            "query": query,
+            "index": {"version": self.index_version, "cases": self.index_size},
+            "took_ms": round(self.took_ms, 2),
+            "results": [r.to_dict() for r in self.results],
+        }
+
+
+def compose_text(text: str | None = None, checklist: Mapping[str, str] | None = None) -> str | None:
+    """The query text: checklist fields rendered by the training template, followed by any free text.
+
+    Empty or blank input counts as no text. Raises ``ValueError`` for an unknown checklist field or value (listing the
+    allowed ones) and for a text longer than :data:`MAX_TEXT_CHARS`.
+    """
+    parts = []
+    if checklist:
+        rendered = render_report(validate_checklist(checklist))
+        if rendered:
+            parts.append(rendered)
+    if text is not None:
+        if not isinstance(text, str):
+            raise ValueError(f"text must be a string, got {type(text).__name__}")
+        if len(text) > MAX_TEXT_CHARS:
+            raise ValueError(
+                f"text is {len(text):,} characters long; the limit is {MAX_TEXT_CHARS:,} (the model reads only the "
+                "first ~400 characters); give the clinical description, not a document"
+            )
+        if text.strip():
+            parts.append(" ".join(text.split()))
+    return " ".join(parts) if parts else None
+
+
+def load_query_image(image: ImageInput, size: int, name: str | None = None) -> np.ndarray:
+    """A path, the bytes of an image file, or an ``(H, W, 3)`` uint8 array → the preprocessed ``(size, size, 3)`` view.
+
+    Raises:
+        dermcir.data.ImageError: an unreadable file, named.
+        ValueError: an array of the wrong shape or type.
+    """
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 1:
+            raise ValueError(f"image array must be uint8 of shape (height, width, 3), got {image.dtype} {image.shape}")
+        rgb = image
+    else:
+        rgb = load_rgb(image, name=name)
+    return preprocess(rgb, size)
+
+
+class CaseSearcher:
+    """A checkpoint and its index, loaded once; ``search`` may be called from many threads at once.
+
+    Each request reads the current index snapshot into a local variable and never writes to the searcher, so requests
+    share no mutable state. The one exception is the Hugging Face fast tokenizer, which changes its own padding
+    settings on every call; text encoding is therefore serialised by a lock (it takes a few milliseconds).
+
+    Args:
+        index_dir: the index root folder.
+        checkpoint: the model's checkpoint folder (default: the one the index records).
+        device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``...
+        auto_reload: pick up a newer index version (published by ``dermcir index --add/--remove``) before each search.
+
+    Raises:
+        FileNotFoundError: no index, or the checkpoint is missing.
+        FingerprintMismatchError: the checkpoint is not the model that encoded the index.
+    """
+
+    def __init__(
+        self,
+        index_dir: str | Path,
+        checkpoint: str | Path | None = None,
+        device: str = "auto",
+        auto_reload: bool = True,
+    ) -> None:
+        self.root = Path(index_dir)
+        index = open_index(self.root)
+        self.checkpoint = Path(checkpoint or index.manifest["checkpoint"])
+        self.model = load_checkpoint(self.checkpoint, resolve_device(device))
+        self.fingerprint = fingerprint(self.checkpoint)
+        index.require_fingerprint(self.fingerprint, f"checkpoint {self.checkpoint}")
+        self.auto_reload = auto_reload
+        self._index = index
+        self._refused: Path | None = None  # a newer version encoded by another model, not switched to
+        self._reload_lock = threading.Lock()
+        self._text_lock = threading.Lock()
+        log.info("searching %s (%d cases, version %s) with %s", self.root, len(index), index.version, self.checkpoint)
+
+    @property
+    def index(self) -> CaseIndex:
+        """The index snapshot in use now (immutable)."""
+        return self._index
+
+    @property
+    def image_size(self) -> int:
+        return self.model.config.image_size
+
+    def refresh(self) -> bool:
+        """Switch to the index's newest published version if there is one; returns whether it switched.
+
+        A version encoded by a different model is not switched to (searches keep using the last compatible one, and
+        the refusal is logged), so a service keeps answering correctly until it is restarted with the new model.
+        """
+        latest = current_version(self.root)
+        if latest is None or latest in (self._index.folder, self._refused):
+            return False
+        with self._reload_lock:
+            latest = current_version(self.root)
+            if latest is None or latest in (self._index.folder, self._refused):
+                return False
+            index = open_index(self.root)
+            if index.fingerprint != self.fingerprint:
+                log.error(
+                    "index %s version %s was encoded by another model (fingerprint %s); still serving %s",
+                    self.root,
+                    index.version,
+                    index.fingerprint,
+                    self._index.version,
+                )
+                self._refused = index.folder
+                return False
+            self._index = index
+        log.info("switched to index version %s (%d cases)", index.version, len(index))
+        return True
+
+    def search(
+        self,
+        image: ImageInput | None = None,
+        text: str | None = None,
+        checklist: Mapping[str, str] | None = None,
+        k: int = 10,
+        heatmaps: bool = False,
+        beta: float | None = None,
+        image_name: str | None = None,
+    ) -> SearchResponse:
+        """Rank the indexed cases for a composed, image-only or text-only query.
+
+        Args:
+            image: the query image (path, file bytes or uint8 array); ``None`` for a text-only query.
+            text: free text; blank counts as none.
+            checklist: structured fields (``{"pigment_network": "atypical", ...}``) rendered by the training template.
+            k: how many cases to return (fewer if the index is smaller).
+            heatmaps: include the query's and each case's attention heatmaps.
+            beta: weight of the local term (default: the model's β).
+            image_name: how to call the image in error messages (e.g. an upload's file name).
+
+        Raises:
+            ValueError: no image and no text, bad checklist fields, an unreadable image (``ImageError`` names it),
+                a bad ``k``; ``EmptyIndexError`` when the index holds no cases.
+        """
+        start = time.perf_counter()
+        if self.auto_reload:
+            self.refresh()
+        index = self._index  # one snapshot for the whole request
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        query_text = compose_text(text, checklist)
+        view = load_query_image(image, self.image_size, image_name) if image is not None else None
+        if view is None and query_text is None:
+            raise ValueError("a query needs an image, a text or checklist fields (all were empty)")
+        query, query_maps = self._encode(view, query_text, heatmaps, beta)
+        hits = index.search(query[None], k)[0]
+        results = [self._result(index, rank, hit, query, heatmaps) for rank, hit in enumerate(hits, start=1)]
+        mode = "composed" if view is not None and query_text else ("image" if view is not None else "text")
+        return SearchResponse(
+            mode,
+            query_text,
+            k,
+            results,
+            index.version,
+            len(index),
+            (time.perf_counter() - start) * 1e3,
+            query_maps,
+            view if heatmaps else None,
+        )
+
+    @torch.inference_mode()
+    def _encode(
+        self, view: np.ndarray | None, text: str | None, heatmaps: bool, beta: float | None
+    ) -> tuple[np.ndarray, list | None]:
+        model = self.model
+        maps = model.image_features(np.array(view[None])) if view is not None else None  # writable copy for torch
+        tokens = pad = None
+        if text is not None:
+            with self._text_lock:
+                tokens, pad = model.text_features([text])
+        desc = model.describe_query(maps, tokens, pad)
+        query = model.query_embedding(desc, beta)[0].float().cpu().numpy()
+        query_maps = None
+        if heatmaps and maps is not None:  # a text-only query has no image to show attention on
+            query_maps = _heatmap_list(attention_heatmaps(desc.masks)[0].cpu().numpy())
+        return query, query_maps
+
+    @staticmethod
+    def _result(index: CaseIndex, rank: int, hit: Hit, query: np.ndarray, heatmaps: bool) -> SearchResult:
+        record = index.records[hit.row]
+        target = np.asarray(index.vectors[hit.row], dtype=np.float32)
+        parts = {name: float(query[a:b] @ target[a:b]) for name, (a, b) in index.manifest["parts"].items()}
+        return SearchResult(
+            rank,
+            record["case_id"],
+            record["image"],
+            record["diagnosis"],
+            record["category"],
+            hit.score,
+            parts,
+            _heatmap_list(index.heatmaps[hit.row]) if heatmaps else None,
+        )
+
+    def case(self, case_id: str) -> dict[str, Any]:
+        """The stored record of an indexed case. Raises ``KeyError`` naming an unknown id."""
+        return dict(self._index.record(case_id))
+
+    def case_view(self, case_id: str, size: int) -> np.ndarray:
+        """An indexed case's image as the model saw it (borders removed, square), at ``size`` pixels.
+
+        Only images recorded in the index are ever read. Raises ``KeyError`` for an unknown id and
+        ``dermcir.data.ImageError`` if the file has since become unreadable.
+        """
+        record = self._index.record(case_id)
+        return preprocess(load_rgb(record["image"]), size)

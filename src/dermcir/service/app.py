@@ -1,0 +1,191 @@
+"""The HTTP API and web page over a :class:`~dermcir.search.CaseSearcher` (loaded once, shared by all requests).
+
+Routes only translate HTTP to library calls and library errors to status codes: 400 for a bad query (unreadable
+image, unknown checklist value, empty query...), 404 for an unknown case, 409 for an empty index, 413 for an upload
+over the size limit. Case images are read only from the paths recorded in the index, looked up by case id.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+from functools import lru_cache
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from PIL import Image
+from starlette.datastructures import UploadFile
+
+from dermcir import __version__
+from dermcir.data.images import ImageError, load_rgb, preprocess
+from dermcir.data.text import CHECKLIST_FIELDS
+from dermcir.index import EmptyIndexError
+from dermcir.search import MAX_TEXT_CHARS, CaseSearcher
+from dermcir.service._limits import BodySizeLimit, UploadTooLarge
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024  # a dermoscopic JPEG is ~0.1-5 MB
+MAX_K = 200
+NOTICE = "Research tool, not a diagnostic device: results must not be used to diagnose or treat patients."
+STATIC = Path(str(files("dermcir") / "service" / "static"))
+_RESERVED = ("image", "text", "k", "heatmaps")
+
+
+def _search_schema() -> dict[str, Any]:
+    """OpenAPI description of the multipart search form (parsed by hand so that errors name the bad field)."""
+    props: dict[str, Any] = {
+        "image": {"type": "string", "format": "binary", "description": "query image (JPEG, PNG, ...); optional"},
+        "text": {"type": "string", "maxLength": MAX_TEXT_CHARS, "description": "free clinical text; optional"},
+        "k": {"type": "integer", "minimum": 1, "maximum": MAX_K, "default": 10},
+        "heatmaps": {"type": "boolean", "default": False, "description": "include attention heatmaps"},
+    }
+    for name, (phrase, values) in CHECKLIST_FIELDS.items():
+        props[name] = {"type": "string", "enum": list(values), "description": f"checklist: {phrase}"}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"multipart/form-data": {"schema": {"type": "object", "properties": props}}},
+        }
+    }
+
+
+def _jpeg(rgb: np.ndarray, quality: int = 85) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+@lru_cache(maxsize=1024)
+def _case_jpeg(path: str, sha1: str, size: int) -> bytes:
+    """The model's view of an indexed image as JPEG; ``sha1`` keys the cache so a replaced image is re-rendered."""
+    return _jpeg(preprocess(load_rgb(path), size))
+
+
+def _parse_k(raw: Any) -> int:
+    try:
+        k = int(str(raw).strip())
+    except ValueError:
+        raise ValueError(f"k must be an integer from 1 to {MAX_K}, got {str(raw)[:20]!r}") from None
+    if not 1 <= k <= MAX_K:
+        raise ValueError(f"k must be an integer from 1 to {MAX_K}, got {k}")
+    return k
+
+
+async def _read_query(request: Request) -> dict[str, Any]:
+    """The search form → keyword arguments of :meth:`CaseSearcher.search`."""
+    form = await request.form(max_files=1, max_fields=64)
+    upload = form.get("image")
+    image = image_name = None
+    if isinstance(upload, UploadFile):
+        data = await upload.read()
+        if data or upload.filename:  # a browser sends an empty part when no file was chosen
+            image, image_name = data, upload.filename or "uploaded image"
+    elif isinstance(upload, str) and upload:
+        raise ValueError("field 'image' must be an uploaded file (multipart file part), not text")
+    checklist = {key: str(value) for key, value in form.multi_items() if key not in _RESERVED and str(value).strip()}
+    return {
+        "image": image,
+        "image_name": image_name,
+        "text": form.get("text") or None,
+        "checklist": checklist,
+        "k": _parse_k(form.get("k", 10)),
+        "heatmaps": str(form.get("heatmaps", "")).lower() in ("1", "true", "on"),
+    }
+
+
+def create_app(searcher: CaseSearcher, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES) -> FastAPI:
+    """The FastAPI application: the API under ``/search``, ``/cases``, ``/health`` and the web page at ``/``."""
+    app = FastAPI(
+        title="dermcir case search",
+        version=__version__,
+        description=f"Composed image + text search of biopsy-confirmed dermoscopy cases. {NOTICE}",
+    )
+    app.state.searcher = searcher
+    app.add_middleware(BodySizeLimit, max_bytes=max_upload_bytes)
+    _add_error_handlers(app, max_upload_bytes)
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/health", summary="Service and index status")
+    def health() -> dict[str, Any]:
+        index = searcher.index
+        return {
+            "status": "ok",
+            "cases": len(index),
+            "index_version": index.version,
+            "fingerprint": index.fingerprint,
+            "model": index.manifest["model"],
+            "notice": NOTICE,
+        }
+
+    @app.get("/checklist", summary="Checklist fields and their allowed values, and the query limits")
+    def checklist() -> dict[str, Any]:
+        return {
+            "fields": {k: {"label": phrase, "values": list(v)} for k, (phrase, v) in CHECKLIST_FIELDS.items()},
+            "max_text_chars": MAX_TEXT_CHARS,
+            "max_upload_bytes": max_upload_bytes,
+            "max_k": MAX_K,
+            "notice": NOTICE,
+        }
+
+    @app.post(
+        "/search", summary="Rank the indexed cases for an image and/or text query", openapi_extra=_search_schema()
+    )
+    async def search(request: Request) -> dict[str, Any]:
+        query = await _read_query(request)
+        response = await run_in_threadpool(searcher.search, **query)
+        body = response.to_dict()
+        for result in body["results"]:
+            result["image_url"] = f"/cases/{result['case_id']}/image"
+        if response.query_view is not None:
+            body["query"]["view"] = "data:image/jpeg;base64," + base64.b64encode(_jpeg(response.query_view)).decode()
+        return body
+
+    @app.get("/cases/{case_id}", summary="An indexed case's record")
+    def case(case_id: str) -> dict[str, Any]:
+        return {**_record(searcher, case_id), "image_url": f"/cases/{case_id}/image"}
+
+    @app.get("/cases/{case_id}/image", summary="An indexed case's image as the model saw it (JPEG)")
+    def case_image(case_id: str, size: int = Query(256, ge=16, le=1024)) -> Response:
+        record = _record(searcher, case_id)
+        try:
+            data = _case_jpeg(record["image"], record["sha1"], size)
+        except ImageError as exc:
+            raise HTTPException(404, f"case {case_id!r}: its image can no longer be read ({exc})") from None
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+
+    return app
+
+
+def _record(searcher: CaseSearcher, case_id: str) -> dict[str, Any]:
+    try:
+        return searcher.case(case_id)
+    except KeyError:
+        raise HTTPException(404, f"case {case_id!r} is not in the index") from None
+
+
+def _add_error_handlers(app: FastAPI, max_upload_bytes: int) -> None:
+    @app.exception_handler(EmptyIndexError)
+    async def empty_index(_request: Request, exc: EmptyIndexError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=409)
+
+    @app.exception_handler(ValueError)
+    async def bad_query(_request: Request, exc: ValueError) -> JSONResponse:
+        # Library errors name the field or file and what was expected; they are the client's to fix.
+        return JSONResponse({"detail": str(exc)}, status_code=400)
+
+    @app.exception_handler(UploadTooLarge)
+    async def too_large(_request: Request, _exc: UploadTooLarge) -> JSONResponse:
+        return JSONResponse({"detail": f"request body over the limit of {max_upload_bytes:,} bytes"}, status_code=413)

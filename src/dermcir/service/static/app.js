@@ -1,0 +1,207 @@
+// dermcir web page: builds the query form from /checklist, posts to /search, shows the grid and the comparison.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const state = { file: null, response: null, selected: null };
+
+function setStatus(message, isError = false) {
+  const el = $("status");
+  el.textContent = message;
+  el.classList.toggle("error", isError);
+}
+
+async function loadChecklist() {
+  const res = await fetch("/checklist");
+  const spec = await res.json();
+  const box = $("checklist");
+  for (const [name, field] of Object.entries(spec.fields)) {
+    const label = document.createElement("label");
+    label.textContent = field.label;
+    const select = document.createElement("select");
+    select.name = name;
+    select.id = "field-" + name;
+    select.append(new Option("(not given)", ""));
+    for (const value of field.values) select.append(new Option(value, value));
+    label.append(select);
+    box.append(label);
+  }
+  $("k-input").max = spec.max_k;
+}
+
+function chooseFile(file) {
+  if (!file) return;
+  state.file = file;
+  const preview = $("image-preview");
+  preview.src = URL.createObjectURL(file);
+  preview.hidden = false;
+  $("drop-hint").hidden = true;
+  $("clear-image").hidden = false;
+}
+
+function clearFile() {
+  state.file = null;
+  $("image-input").value = "";
+  $("image-preview").hidden = true;
+  $("drop-hint").hidden = false;
+  $("clear-image").hidden = true;
+}
+
+function setupDropZone() {
+  const zone = $("drop-zone");
+  $("image-input").addEventListener("change", (e) => chooseFile(e.target.files[0]));
+  $("clear-image").addEventListener("click", clearFile);
+  for (const type of ["dragenter", "dragover"]) {
+    zone.addEventListener(type, (e) => { e.preventDefault(); zone.classList.add("dragover"); });
+  }
+  for (const type of ["dragleave", "drop"]) {
+    zone.addEventListener(type, (e) => { e.preventDefault(); zone.classList.remove("dragover"); });
+  }
+  zone.addEventListener("drop", (e) => chooseFile(e.dataTransfer.files[0]));
+}
+
+function buildQuery() {
+  const data = new FormData();
+  if (state.file) data.append("image", state.file, state.file.name);
+  const text = $("text-input").value;
+  if (text.trim()) data.append("text", text);
+  for (const select of $("checklist").querySelectorAll("select")) {
+    if (select.value) data.append(select.name, select.value);
+  }
+  data.append("k", $("k-input").value || "10");
+  data.append("heatmaps", "true");
+  return data;
+}
+
+async function runSearch(event) {
+  event.preventDefault();
+  const button = $("search-button");
+  button.disabled = true;
+  setStatus("Searching…");
+  try {
+    const res = await fetch("/search", { method: "POST", body: buildQuery() });
+    const body = await res.json();
+    if (!res.ok) {
+      setStatus(`Error ${res.status}: ${typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail)}`, true);
+      return;
+    }
+    state.response = body;
+    renderResults(body);
+    setStatus(`${body.results.length} case(s), ${body.query.mode} query, ${body.took_ms} ms`);
+  } catch (err) {
+    setStatus("The service did not answer: " + err, true);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+function fmt(x) { return Number(x).toFixed(3); }
+
+function renderResults(body) {
+  const grid = $("results");
+  grid.replaceChildren();
+  $("compare").hidden = true;
+  $("results-section").hidden = false;
+  $("results-meta").textContent = `(index ${body.index.version}, ${body.index.cases} cases)`;
+  for (const r of body.results) {
+    const card = document.createElement("button");
+    card.type = "button";
+    card.className = "result-card";
+    card.dataset.caseId = r.case_id;
+    const img = document.createElement("img");
+    img.src = r.image_url + "?size=192";
+    img.alt = `case ${r.case_id}`;
+    img.loading = "lazy";
+    const title = document.createElement("div");
+    title.className = "diagnosis cat-" + r.category.replace(/[^a-z]/g, "");
+    title.textContent = `#${r.rank} ${r.diagnosis}`;
+    const meta = document.createElement("div");
+    meta.className = "meta";
+    meta.textContent = `${r.category} · case ${r.case_id}`;
+    const scores = document.createElement("div");
+    scores.className = "meta score";
+    scores.textContent = `score ${fmt(r.score)} (local ${fmt(r.local)}, global ${fmt(r.global)})`;
+    card.append(img, title, meta, scores);
+    card.addEventListener("click", () => showCompare(r, card));
+    grid.append(card);
+  }
+}
+
+// Draws a [0, 1] grid as a translucent warm overlay, scaled smoothly to the image.
+function drawHeatmap(canvas, grid) {
+  const ctx = canvas.getContext("2d");
+  const box = canvas.parentElement.getBoundingClientRect();
+  canvas.width = Math.max(1, Math.round(box.width));
+  canvas.height = Math.max(1, Math.round(box.height));
+  ctx.clearRect(0, 0, canvas.width, canvas.height);
+  if (!grid || !$("heatmap-toggle").checked) return;
+  const h = grid.length, w = grid[0].length;
+  const small = document.createElement("canvas");
+  small.width = w;
+  small.height = h;
+  const sctx = small.getContext("2d");
+  const pixels = sctx.createImageData(w, h);
+  for (let y = 0; y < h; y++) {
+    for (let x = 0; x < w; x++) {
+      const v = Math.max(0, Math.min(1, grid[y][x]));
+      const i = 4 * (y * w + x);
+      pixels.data[i] = 255;
+      pixels.data[i + 1] = Math.round(220 * (1 - v));
+      pixels.data[i + 2] = 0;
+      pixels.data[i + 3] = Math.round(190 * v);
+    }
+  }
+  sctx.putImageData(pixels, 0, 0);
+  ctx.imageSmoothingEnabled = true;
+  ctx.drawImage(small, 0, 0, canvas.width, canvas.height);
+}
+
+function redrawHeatmaps() {
+  if (!state.selected) return;
+  const level = Number($("level-select").value);
+  const q = state.response.query.heatmaps;
+  drawHeatmap($("query-heat"), q ? q[level] : null);
+  drawHeatmap($("case-heat"), state.selected.heatmaps ? state.selected.heatmaps[level] : null);
+}
+
+function showCompare(result, card) {
+  state.selected = result;
+  for (const c of $("results").querySelectorAll(".result-card")) c.classList.toggle("selected", c === card);
+  const view = state.response.query.view;
+  $("compare-query").hidden = !view;
+  $("no-query-image").hidden = Boolean(view);
+  if (view) $("compare-query").src = view;
+  const caseImg = $("compare-case");
+  caseImg.onload = redrawHeatmaps;
+  caseImg.src = result.image_url + "?size=384";
+  $("compare-caption").textContent =
+    `#${result.rank} case ${result.case_id}: ${result.diagnosis} (${result.category}), score ${fmt(result.score)}`;
+  const table = $("parts-table");
+  table.replaceChildren();
+  const head = table.insertRow();
+  for (const t of ["", "level 1", "level 2", "level 3", "sum"]) {
+    const th = document.createElement("th");
+    th.textContent = t;
+    head.append(th);
+  }
+  for (const kind of ["local", "global"]) {
+    const row = table.insertRow();
+    row.insertCell().textContent = kind;
+    for (let l = 1; l <= 3; l++) row.insertCell().textContent = fmt(result.parts[`${kind}_${l}`]);
+    row.insertCell().textContent = fmt(result[kind]);
+  }
+  $("compare").hidden = false;
+  redrawHeatmaps();
+  $("compare").scrollIntoView({ behavior: "smooth", block: "nearest" });
+}
+
+function init() {
+  setupDropZone();
+  $("query-form").addEventListener("submit", runSearch);
+  $("heatmap-toggle").addEventListener("change", redrawHeatmaps);
+  $("level-select").addEventListener("change", redrawHeatmaps);
+  $("close-compare").addEventListener("click", () => { $("compare").hidden = true; });
+  window.addEventListener("resize", redrawHeatmaps);
+  loadChecklist().catch((err) => setStatus("Could not load the checklist fields: " + err, true));
+}
+
+init();
