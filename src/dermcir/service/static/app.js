@@ -126,7 +126,17 @@ function renderResults(body) {
   }
 }
 
-// Draws a [0, 1] grid as a translucent warm overlay, scaled smoothly to the image.
+// Colour ramp for the overlay: blue (low attention) → green → yellow → red (high).
+function ramp(t) {
+  const stops = [[0, 0, 255], [0, 200, 120], [255, 230, 0], [255, 0, 0]];
+  const x = Math.max(0, Math.min(1, t)) * (stops.length - 1);
+  const i = Math.min(stops.length - 2, Math.floor(x));
+  const f = x - i;
+  return stops[i].map((c, j) => Math.round(c + f * (stops[i + 1][j] - c)));
+}
+
+// Draws a heatmap grid over its image, scaled smoothly. Colours span each map's own range (min → max); a map with
+// almost no contrast (attention spread evenly) is drawn in one neutral colour rather than amplifying noise.
 function drawHeatmap(canvas, grid) {
   const ctx = canvas.getContext("2d");
   const box = canvas.parentElement.getBoundingClientRect();
@@ -135,6 +145,9 @@ function drawHeatmap(canvas, grid) {
   ctx.clearRect(0, 0, canvas.width, canvas.height);
   if (!grid || !$("heatmap-toggle").checked) return;
   const h = grid.length, w = grid[0].length;
+  const values = grid.flat();
+  const lo = Math.min(...values), hi = Math.max(...values);
+  const flat = hi - lo < 0.05;
   const small = document.createElement("canvas");
   small.width = w;
   small.height = h;
@@ -142,12 +155,10 @@ function drawHeatmap(canvas, grid) {
   const pixels = sctx.createImageData(w, h);
   for (let y = 0; y < h; y++) {
     for (let x = 0; x < w; x++) {
-      const v = Math.max(0, Math.min(1, grid[y][x]));
+      const t = flat ? 0.5 : (grid[y][x] - lo) / (hi - lo);
+      const [r, g, b] = ramp(t);
       const i = 4 * (y * w + x);
-      pixels.data[i] = 255;
-      pixels.data[i + 1] = Math.round(220 * (1 - v));
-      pixels.data[i + 2] = 0;
-      pixels.data[i + 3] = Math.round(190 * v);
+      pixels.data.set([r, g, b, Math.round(255 * (0.2 + 0.35 * t))], i);
     }
   }
   sctx.putImageData(pixels, 0, 0);

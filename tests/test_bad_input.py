@@ -1,0 +1,148 @@
+"""Every bad input of the issue gets a correct result or a clear error, from Python, HTTP and the CLI, and the
+service keeps serving afterwards."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from dermcir.cli import main
+from dermcir.data import ImageError, preprocess
+from dermcir.index import EmptyIndexError, remove_cases
+from dermcir.search import MAX_TEXT_CHARS, CaseSearcher
+from dermcir.service import create_app
+
+from .searchkit import (  # noqa: F401 (one_torch_thread is a fixture)
+    bad_variants,
+    encode,
+    exif_rotated,
+    good_variants,
+    lesion,
+    make_index,
+    one_torch_thread,
+)
+
+GOOD = good_variants()
+BAD = bad_variants()
+#: what each bad file's error must say (besides its name)
+BAD_REASON = {
+    "truncated_jpeg": "truncated",
+    "corrupt_jpeg": "not a recognised image format",
+    "not_an_image": "not a recognised image format",
+    "decompression_bomb": "decompression bomb",
+}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("bad")
+    _ckpt, root, _cases = make_index(tmp, 6)
+    searcher = CaseSearcher(root)
+    return tmp, root, searcher, TestClient(create_app(searcher))
+
+
+def _post(client: TestClient, image: bytes | None, name: str = "query.jpg", **fields):
+    files = {"image": (name, image, "image/jpeg")} if image is not None else None
+    return client.post("/search", data={k: str(v) for k, v in fields.items()}, files=files)
+
+
+def _still_serving(client: TestClient) -> None:
+    assert client.get("/health").status_code == 200
+    assert _post(client, encode(lesion()), k=2).status_code == 200
+
+
+@pytest.mark.parametrize("name", sorted(GOOD))
+def test_unusual_images_give_results(env, name):
+    *_, searcher, client = env
+    response = searcher.search(image=GOOD[name], text="pigment network typical", k=3, heatmaps=True)
+    assert response.mode == "composed" and len(response.results) == 3
+    assert response.query_view.shape == (64, 64, 3)
+    res = _post(client, GOOD[name], name=f"{name}.jpg", k=3)
+    assert res.status_code == 200 and len(res.json()["results"]) == 3
+
+
+def test_exif_rotation_is_applied(env):
+    *_, searcher, _client = env
+    stored, upright = exif_rotated()
+    view = searcher.search(image=stored, k=1, heatmaps=True).query_view
+    assert (view == preprocess(upright, 64)).all()
+    assert not (view == preprocess(upright.transpose(1, 0, 2), 64)).all()
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_unusable_images_are_refused_by_name(env, name):
+    *_, searcher, client = env
+    with pytest.raises(ImageError, match=f"{name}.jpg: .*{BAD_REASON[name]}"):
+        searcher.search(image=BAD[name], image_name=f"{name}.jpg", k=3)
+    res = _post(client, BAD[name], name=f"{name}.jpg", k=3)
+    assert res.status_code == 400
+    assert res.json()["detail"].startswith(f"{name}.jpg: ") and BAD_REASON[name] in res.json()["detail"]
+    _still_serving(client)
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_cli_names_the_unusable_file(env, name, capsys):
+    tmp, root, *_ = env
+    path = tmp / f"{name}.jpg"
+    path.write_bytes(BAD[name])
+    assert main(["search", "--index", str(root), "--image", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and BAD_REASON[name] in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("name", ["grayscale", "16bit_png", "10x10"])
+def test_cli_accepts_unusual_images(env, name, capsys):
+    tmp, root, *_ = env
+    path = tmp / f"{name}.img"
+    path.write_bytes(GOOD[name])
+    assert main(["search", "--index", str(root), "--image", str(path), "-k", "2", "--json"]) == 0
+
+
+def test_empty_text(env):
+    *_, searcher, client = env
+    assert searcher.search(image=encode(lesion()), text="", k=2).mode == "image"  # blank text = no text
+    assert _post(client, encode(lesion()), text="   ", k=2).json()["query"]["mode"] == "image"
+    with pytest.raises(ValueError, match="a query needs an image, a text or checklist fields"):
+        searcher.search(text="  \n ", k=2)
+    res = _post(client, None, text="", k=2)
+    assert res.status_code == 400 and "a query needs an image" in res.json()["detail"]
+    _still_serving(client)
+
+
+def test_100kb_text(env, capsys):
+    _tmp, root, searcher, client = env
+    huge = "atypical pigment network " * 4096  # 102,400 characters
+    with pytest.raises(ValueError, match=f"102,400 characters long; the limit is {MAX_TEXT_CHARS:,}"):
+        searcher.search(text=huge, k=2)
+    res = _post(client, encode(lesion()), text=huge, k=2)
+    assert res.status_code == 400 and "the limit is 10,000" in res.json()["detail"]
+    assert main(["search", "--index", str(root), "--text", huge]) == 2
+    assert "the limit is 10,000" in capsys.readouterr().err
+    ok = "a" * MAX_TEXT_CHARS  # at the limit: accepted (the tokenizer keeps the first tokens)
+    assert searcher.search(text=ok, k=1).mode == "text"
+    _still_serving(client)
+
+
+def test_unknown_checklist_values(env, capsys):
+    _tmp, root, searcher, client = env
+    with pytest.raises(ValueError, match="unknown value 'wavy' for checklist field 'streaks'; allowed values: absent"):
+        searcher.search(checklist={"streaks": "wavy"}, k=2)
+    res = _post(client, encode(lesion()), streaks="wavy", k=2)
+    assert res.status_code == 400 and "allowed values: absent, regular, irregular" in res.json()["detail"]
+    assert main(["search", "--index", str(root), "--checklist", "elevation=towering"]) == 2
+    assert "allowed values: flat, palpable, nodular" in capsys.readouterr().err
+    _still_serving(client)
+
+
+def test_empty_index(tmp_path, capsys):
+    _ckpt, root, cases = make_index(tmp_path, 2)
+    remove_cases(root, [c.case_id for c in cases])
+    searcher = CaseSearcher(root)
+    with pytest.raises(EmptyIndexError, match="holds no cases"):
+        searcher.search(image=encode(lesion()), k=3)
+    client = TestClient(create_app(searcher))
+    res = _post(client, encode(lesion()), k=3)
+    assert res.status_code == 409 and "holds no cases" in res.json()["detail"]
+    assert client.get("/health").json()["cases"] == 0
+    assert main(["search", "--index", str(root), "--text", "streaks absent"]) == 2
+    assert "holds no cases" in capsys.readouterr().err

@@ -1,0 +1,271 @@
+"""The persistent case index: format, scores, add/remove, atomic writes, fingerprints, HNSW."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dermcir.checkpoint import fingerprint, load_checkpoint
+from dermcir.data import LoadReport, preprocess
+from dermcir.data.images import load_rgb
+from dermcir.index import (
+    HEATMAP_SIZE,
+    FingerprintMismatchError,
+    VectorParams,
+    _store,
+    add_cases,
+    build_index,
+    open_index,
+    remove_cases,
+)
+from dermcir.index.case_index import CASES, HEATMAPS, HNSW, MANIFEST, VECTORS
+
+from .searchkit import make_cases, make_checkpoint, make_index, one_torch_thread  # noqa: F401 (fixture)
+
+
+@pytest.fixture(scope="module")
+def kit(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+    """One tiny checkpoint and its loaded model, shared by the module (loading it is the slow part)."""
+    ckpt = make_checkpoint(tmp_path_factory.mktemp("kit") / "ckpt")
+    return ckpt, load_checkpoint(ckpt)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory, kit) -> tuple[Path, Path, list]:
+    return make_index(tmp_path_factory.mktemp("built"), 12, *kit)
+
+
+@pytest.fixture
+def fresh(tmp_path: Path, kit):
+    """Build a new small index in this test's folder: ``fresh(n)`` → (checkpoint, root, cases)."""
+    return lambda n=6, **kw: make_index(tmp_path, n, *kit, **kw)
+
+
+def _opts(tmp_path: Path, kit) -> dict:
+    return {"model": kit[1], "cache_dir": tmp_path / "cache", "progress": False}
+
+
+def test_version_folder_holds_documented_files_and_no_pickles(built):
+    ckpt, root, cases = built
+    folder = _store.current_version(root)
+    assert (root / "CURRENT").read_text().strip() == folder.name
+    assert {p.name for p in folder.iterdir()} == {MANIFEST, CASES, VECTORS, HEATMAPS}  # exact index: no graph file
+    manifest = json.loads((folder / MANIFEST).read_text())
+    assert manifest["fingerprint"] == fingerprint(ckpt) and manifest["count"] == len(cases)
+    assert manifest["vector_search"]["kind"] == "flat" and manifest["embedding_dim"] == 6 * 32
+    vectors = np.load(folder / VECTORS, allow_pickle=False)
+    heatmaps = np.load(folder / HEATMAPS, allow_pickle=False)
+    assert vectors.dtype == np.float32 and vectors.shape == (12, 192)
+    assert heatmaps.dtype == np.float16 and heatmaps.shape == (12, 3, HEATMAP_SIZE, HEATMAP_SIZE)
+    records = [json.loads(line) for line in (folder / CASES).read_text().splitlines()]
+    assert [r["case_id"] for r in records] == [c.case_id for c in cases]
+    assert records[1]["category"] == "melanoma" and records[1]["fields"]["blue_whitish_veil"] == "present"
+    assert "melanoma" not in records[1]["text"]  # the stored text is the leak-free template
+
+
+def test_stored_vectors_are_encode_target_of_each_row(built, kit):
+    _ckpt, root, cases = built
+    index = open_index(root)
+    model = kit[1]
+    images = np.stack([preprocess(load_rgb(c.image), 64) for c in cases])
+    with torch.no_grad():
+        expected = model.encode_target(images).numpy()
+    np.testing.assert_allclose(np.asarray(index.vectors), expected, atol=1e-5)
+    for row, hits in enumerate(index.search(expected[:4], 1)):  # each target's best match is itself
+        assert hits[0].row == row
+
+
+def test_heatmaps_are_max_scaled_attention(built):
+    heat = open_index(built[1]).heatmaps.astype(np.float32)
+    assert heat.min() >= 0 and np.allclose(heat.max(axis=(2, 3)), 1.0, atol=1e-3)
+
+
+def test_bad_images_are_reported_by_name_and_skipped(tmp_path, kit):
+    ckpt = kit[0]
+    cases = make_cases(tmp_path / "images", 6)
+    cases[2].image.write_bytes(b"not an image at all")
+    cases[4].image.write_bytes(cases[4].image.read_bytes()[:60])  # truncated
+    report = LoadReport()
+    update = build_index(cases, ckpt, tmp_path / "index", report=report, **_opts(tmp_path, kit))
+    assert update.added == 4 and open_index(tmp_path / "index").case_ids == ["c000", "c001", "c003", "c005"]
+    named = [what for what, _ in update.skipped]
+    assert named == [str(cases[2].image), str(cases[4].image)]
+    assert report.skipped == update.skipped
+
+
+def test_no_usable_image_is_an_error_and_leaves_nothing(tmp_path, kit):
+    ckpt = kit[0]
+    cases = make_cases(tmp_path / "images", 2)
+    for c in cases:
+        c.image.write_bytes(b"x")
+    with pytest.raises(ValueError, match="none of the 2 cases had a usable image"):
+        build_index(cases, ckpt, tmp_path / "index", **_opts(tmp_path, kit))
+    with pytest.raises(FileNotFoundError, match="no dermcir index"):
+        open_index(tmp_path / "index")
+
+
+def test_add_and_remove_without_rebuilding(tmp_path, kit, fresh):
+    _ckpt, root, _cases = fresh(6)
+    before = open_index(root)
+    more = make_cases(tmp_path / "more", 3, start=100)
+    update = add_cases(root, more, **_opts(tmp_path, kit))  # checkpoint from the manifest
+    after = open_index(root)
+    assert (update.added, update.total) == (3, 9) and after.version != before.version
+    np.testing.assert_array_equal(np.asarray(after.vectors[:6]), np.asarray(before.vectors))  # old rows untouched
+    assert after.case_ids[-3:] == ["c100", "c101", "c102"]
+
+    again = add_cases(root, more[:1], **_opts(tmp_path, kit))
+    assert again.added == 0 and "already indexed" in again.skipped[0][1] and again.version == after.version
+
+    removed = remove_cases(root, ["c001", "c101"])
+    final = open_index(root)
+    assert removed.removed == 2 and "c001" not in final.case_ids and len(final) == 7
+    row = final.row_of("c102")
+    np.testing.assert_array_equal(np.asarray(final.vectors[row]), np.asarray(after.vectors[after.row_of("c102")]))
+    with pytest.raises(ValueError, match="not in index.*nothing was removed"):
+        remove_cases(root, ["c000", "nope"])
+    assert len(open_index(root)) == 7
+
+
+def test_replace_re_encodes_a_changed_image(tmp_path, kit, fresh):
+    _ckpt, root, cases = fresh(3)
+    old = np.asarray(open_index(root).vectors[0]).copy()
+    other = make_cases(tmp_path / "other", 2, start=50)[1]
+    cases[0].image.write_bytes(other.image.read_bytes())
+    update = add_cases(root, cases[:1], replace=True, **_opts(tmp_path, kit))
+    index = open_index(root)
+    assert (update.added, update.removed, len(index)) == (1, 1, 3)
+    assert not np.allclose(np.asarray(index.vectors[index.row_of("c000")]), old)
+
+
+def test_other_model_is_refused_for_updates(tmp_path, fresh):
+    _ckpt, root, _cases = fresh(3)
+    other = make_checkpoint(tmp_path / "other", seed=1)
+    with pytest.raises(FingerprintMismatchError, match="not the model that encoded index"):
+        add_cases(root, make_cases(tmp_path / "m", 1, start=9), checkpoint=other, progress=False)
+
+
+def test_failed_write_leaves_previous_version_live(tmp_path, monkeypatch, kit, fresh):
+    ckpt, root, cases = fresh(4)
+    live = open_index(root)
+    real_save = np.save
+
+    def disk_full(path, arr, **kw):
+        if str(path).endswith(HEATMAPS):  # vectors already written: fail half-way through the version
+            raise OSError(28, "No space left on device")
+        return real_save(path, arr, **kw)
+
+    monkeypatch.setattr(np, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        add_cases(root, make_cases(tmp_path / "more", 2, start=20), **_opts(tmp_path, kit))
+    with pytest.raises(OSError):
+        build_index(cases, ckpt, root, **_opts(tmp_path, kit))
+    monkeypatch.undo()
+    after = open_index(root)
+    assert after.version == live.version and after.case_ids == live.case_ids
+    assert not list(root.glob(".tmp-*"))  # the failed versions were cleaned up
+
+
+def test_killed_build_leaves_previous_version_live(tmp_path, kit, fresh):
+    ckpt, root, cases = fresh(4)
+    live = open_index(root)
+    # A separate process that is SIGKILLed half-way through writing a new version (after vectors.npy).
+    script = textwrap.dedent(f"""
+        import os, signal, numpy as np
+        from pathlib import Path
+        from dermcir.data import Case
+        from dermcir.index import build_index
+        real = np.save
+        def save(path, arr, **kw):
+            if str(path).endswith("heatmaps.npy"):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(path, arr, **kw)
+        np.save = save
+        cases = [Case(f"k{{i}}", Path(p), "nevus", "nevus") for i, p in enumerate({[str(c.image) for c in cases]!r})]
+        build_index(cases, {str(ckpt)!r}, {str(root)!r}, cache_dir=Path({str(tmp_path / "cache")!r}), progress=False)
+    """)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=120, env=env
+    )
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert list(root.glob(".tmp-*")), "the killed writer should have left its temporary folder"
+    after = open_index(root)
+    assert after.version == live.version and after.case_ids == live.case_ids
+    # The next writer cleans up after the killed one.
+    add_cases(root, make_cases(tmp_path / "more", 1, start=30), **_opts(tmp_path, kit))
+    assert not list(root.glob(".tmp-*")) and len(open_index(root)) == 5
+
+
+def test_readers_never_see_a_half_written_index(tmp_path, kit, fresh):
+    _ckpt, root, _cases = fresh(4)
+    extra = make_cases(tmp_path / "more", 4, start=40)
+    errors, seen = [], set()
+    stop = threading.Event()
+
+    def reader() -> None:
+        while not stop.is_set():
+            try:
+                index = open_index(root)
+                assert len(index.records) == len(index.vectors) == index.manifest["count"]
+                seen.add(len(index))
+                time.sleep(0.002)  # leave the writer some of the GIL
+            except Exception as exc:  # noqa: BLE001 - any failure is the test's finding
+                errors.append(repr(exc))
+
+    threads = [threading.Thread(target=reader) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for i, case in enumerate(extra):  # publish 6 versions (older ones are garbage-collected meanwhile)
+        add_cases(root, [case], **_opts(tmp_path, kit))
+        if i % 2:
+            remove_cases(root, [case.case_id])
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    assert len(seen) > 1 and len(open_index(root)) == 6
+    versions = [p for p in root.iterdir() if p.name.startswith("v")]
+    assert len(versions) == _store.KEEP_VERSIONS
+
+
+def test_refuses_to_write_into_a_foreign_folder(tmp_path, kit):
+    ckpt = kit[0]
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "thesis.docx").write_text("precious")
+    with pytest.raises(ValueError, match="not part of a dermcir index"):
+        build_index(make_cases(tmp_path / "i", 2), ckpt, tmp_path / "home", **_opts(tmp_path, kit))
+    assert os.listdir(tmp_path / "home") == ["thesis.docx"]
+
+
+def test_hnsw_index_matches_exact_and_extends(tmp_path, kit, fresh):
+    ckpt, flat_root, cases = fresh(12)
+    hnsw_root = tmp_path / "hnsw"
+    build_index(cases, ckpt, hnsw_root, params=VectorParams(kind="hnsw", hnsw_m=8), **_opts(tmp_path, kit))
+    assert (_store.current_version(hnsw_root) / HNSW).is_file()
+    flat, hnsw = open_index(flat_root), open_index(hnsw_root)
+    queries = np.asarray(flat.vectors[:5]) * 0.5
+    for a, b in zip(flat.search(queries, 5), hnsw.search(queries, 5), strict=True):
+        assert [h.row for h in a] == [h.row for h in b]  # a small graph is searched exhaustively
+    add_cases(hnsw_root, make_cases(tmp_path / "more", 2, start=60), **_opts(tmp_path, kit))
+    grown = open_index(hnsw_root)
+    assert len(grown) == 14 and grown.search(np.asarray(grown.vectors[-1:]), 1)[0][0].row == 13
+    remove_cases(hnsw_root, ["c060"])
+    assert open_index(hnsw_root).case_ids[-1] == "c061"
+
+
+def test_bad_vector_params_are_named():
+    with pytest.raises(ValueError, match="index kind 'ivf' is not known; choose one of flat, hnsw"):
+        VectorParams(kind="ivf")
+    with pytest.raises(ValueError, match="ef_search must be a positive integer"):
+        VectorParams(ef_search=0)

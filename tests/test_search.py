@@ -1,0 +1,298 @@
+"""The Python search API and the ``dermcir index | search | demo`` commands."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dermcir.checkpoint import load_checkpoint
+from dermcir.cli import main
+from dermcir.data import load_rgb, preprocess, render_report
+from dermcir.index import FingerprintMismatchError, add_cases, build_index, open_index, remove_cases
+from dermcir.search import CaseSearcher, compose_text
+
+from .searchkit import (  # noqa: F401 (one_torch_thread is a fixture)
+    CHECKLIST,
+    encode,
+    lesion,
+    make_cases,
+    make_checkpoint,
+    make_index,
+    one_torch_thread,
+    write_case_csv,
+)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("search")
+    ckpt, root, cases = make_index(tmp, 12)
+    return ckpt, root, cases, CaseSearcher(root)
+
+
+def test_composed_score_is_eq9_and_parts_add_up(setup):
+    ckpt, _root, cases, searcher = setup
+    query_image = cases[4].image
+    response = searcher.search(image=query_image, checklist=CHECKLIST["melanoma"], text="irregular border", k=12)
+    assert response.mode == "composed" and len(response.results) == 12
+    assert response.text == render_report(CHECKLIST["melanoma"]) + " irregular border"
+    scores = [r.score for r in response.results]
+    assert scores == sorted(scores, reverse=True) and [r.rank for r in response.results] == list(range(1, 13))
+
+    model = load_checkpoint(ckpt)
+    beta = model.config.beta
+    view = preprocess(load_rgb(query_image), 64)[None]
+    with torch.no_grad():
+        tokens, pad = model.text_features([response.text])
+        q = model.describe_query(model.image_features(view), tokens, pad)
+        for r in response.results[:3]:
+            t = model.describe_target(model.image_features(preprocess(load_rgb(r.image), 64)[None]))
+            for level in range(3):
+                local = beta * F.cosine_similarity(q.locals[level], t.locals[level]).item()
+                glob = (1 - beta) * F.cosine_similarity(q.globals[level], t.globals[level]).item()
+                assert r.parts[f"local_{level + 1}"] == pytest.approx(local, abs=1e-4)
+                assert r.parts[f"global_{level + 1}"] == pytest.approx(glob, abs=1e-4)
+            assert sum(r.parts.values()) == pytest.approx(r.score, abs=1e-4)
+    record = response.results[0].to_dict()
+    assert set(record) >= {"rank", "case_id", "image", "diagnosis", "category", "score", "local", "global", "parts"}
+
+
+def test_query_modes(setup):
+    *_, cases, searcher = setup
+    assert searcher.search(image=cases[0].image, k=3).mode == "image"
+    text_only = searcher.search(text="blue-whitish veil present", k=3)
+    assert text_only.mode == "text" and text_only.text == "blue-whitish veil present"
+    checklist_only = searcher.search(checklist={"Blue-Whitish Veil": "Present"}, k=3)
+    assert checklist_only.text == "Dermoscopy: blue-whitish veil present."
+    image_only = searcher.search(image=cases[0].image, k=1)
+    assert image_only.results[0].case_id == cases[0].case_id  # the image is its own nearest neighbour
+
+
+def test_image_inputs_are_equivalent(setup):
+    *_, cases, searcher = setup
+    path = cases[5].image
+    by_path = searcher.search(image=path, text="streaks irregular", k=5)
+    by_bytes = searcher.search(image=path.read_bytes(), text="streaks irregular", k=5)
+    by_array = searcher.search(image=load_rgb(path), text="streaks irregular", k=5)
+    for other in (by_bytes, by_array):
+        assert [r.case_id for r in other.results] == [r.case_id for r in by_path.results]
+        assert [r.score for r in other.results] == pytest.approx([r.score for r in by_path.results], abs=1e-5)
+    with pytest.raises(ValueError, match="uint8 of shape"):
+        searcher.search(image=np.zeros((8, 8), np.float32))
+
+
+def test_heatmaps_on_request(setup):
+    _ckpt, root, cases, searcher = setup
+    plain = searcher.search(image=cases[1].image, k=2)
+    assert plain.query_heatmaps is None and plain.results[0].heatmaps is None and "heatmaps" not in plain.to_dict()
+    shown = searcher.search(image=cases[1].image, text="streaks irregular", k=2, heatmaps=True)
+    q = np.array(shown.query_heatmaps)
+    assert q.shape == (3, 16, 16) and 0 <= q.min() and q.max() == pytest.approx(1.0)
+    index = open_index(root)
+    top = shown.results[0]
+    np.testing.assert_allclose(np.array(top.heatmaps), index.heatmaps[index.row_of(top.case_id)], atol=1e-3)
+    assert shown.query_view.shape == (64, 64, 3)
+    assert searcher.search(text="streaks irregular", k=1, heatmaps=True).query_heatmaps is None  # no query image
+
+
+def test_k_larger_than_index_and_bad_k(setup):
+    *_, cases, searcher = setup
+    assert len(searcher.search(image=cases[0].image, k=100).results) == 12
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="k must be a positive integer"):
+            searcher.search(image=cases[0].image, k=bad)
+
+
+def test_compose_text_rules():
+    assert compose_text("  ", {}) is None
+    assert compose_text("a\n  b") == "a b"
+    with pytest.raises(ValueError, match="unknown checklist field 'colour'; allowed fields: pigment_network"):
+        compose_text(checklist={"colour": "brown"})
+
+
+def test_other_model_is_refused(setup, tmp_path):
+    _ckpt, root, *_ = setup
+    other = make_checkpoint(tmp_path / "other", seed=1)
+    with pytest.raises(FingerprintMismatchError, match="is not the model that encoded index"):
+        CaseSearcher(root, checkpoint=other)
+
+
+def test_missing_checkpoint_is_named(tmp_path, setup):
+    _ckpt, root, *_ = setup
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        CaseSearcher(root, checkpoint=tmp_path / "nowhere")
+
+
+def test_concurrent_searches_match_sequential(setup):
+    *_, cases, searcher = setup
+    queries = [{"image": c.image, "text": t, "k": 5} for c in cases[:6] for t in (None, "pigment network atypical")]
+    expected = [[(r.case_id, r.score) for r in searcher.search(**q).results] for q in queries]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda q: [(r.case_id, r.score) for r in searcher.search(**q).results], queries * 3))
+    assert got == expected * 3
+
+
+def test_searches_during_updates_see_whole_versions(tmp_path):
+    _ckpt, root, cases = make_index(tmp_path, 6)
+    searcher = CaseSearcher(root)
+    model = searcher.model
+    new = make_cases(tmp_path / "more", 3, start=50)
+    errors, sizes = [], []
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            try:
+                response = searcher.search(image=cases[0].image, k=50)
+                assert len(response.results) == response.index_size  # k > size: every case of that version
+                assert len({r.case_id for r in response.results}) == response.index_size
+                sizes.append(response.index_size)
+            except Exception as exc:  # noqa: BLE001 - any failure is the finding
+                errors.append(repr(exc))
+
+    threads = [threading.Thread(target=client) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for case in new:
+        add_cases(root, [case], model=model, cache_dir=tmp_path / "cache", progress=False)
+    remove_cases(root, ["c000"])
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    final = searcher.search(image=cases[1].image, k=50)
+    assert final.index_size == 8 and "c000" not in {r.case_id for r in final.results}
+    assert set(sizes) <= {6, 7, 8, 9}
+
+
+def test_a_version_from_another_model_is_not_switched_to(tmp_path, caplog):
+    _ckpt, root, cases = make_index(tmp_path, 4)
+    searcher = CaseSearcher(root)
+    other = make_checkpoint(tmp_path / "other", seed=2)
+    build_index(cases, other, root, cache_dir=tmp_path / "cache", progress=False)
+    with caplog.at_level(logging.ERROR):
+        response = searcher.search(image=cases[0].image, k=2)
+    assert response.index_version == searcher.index.version != open_index(root).version
+    assert "encoded by another model" in caplog.text
+
+
+# ---- the command line -------------------------------------------------------------------------------------------------
+def test_cli_search_json_and_table(setup, capsys):
+    _ckpt, root, cases, _ = setup
+    assert (
+        main(
+            [
+                "search",
+                "--index",
+                str(root),
+                "--image",
+                str(cases[2].image),
+                "--checklist",
+                "pigment_network=atypical",
+                "streaks=irregular",
+                "-k",
+                "3",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["query"]["mode"] == "composed" and len(doc["results"]) == 3
+    assert set(doc["results"][0]) >= {"rank", "case_id", "image", "diagnosis", "category", "score"}
+    assert main(["search", "--index", str(root), "--text", "blue-whitish veil present", "-k", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "text query" in out and "not a diagnostic device" in out and len(out.strip().splitlines()) == 5
+
+
+def test_cli_search_errors_are_one_line(setup, capsys):
+    _ckpt, root, _cases, _ = setup
+    assert main(["search", "--index", str(root)]) == 2
+    assert "give --image, --text or --checklist" in capsys.readouterr().err
+    assert main(["search", "--index", str(root), "--image", "missing.jpg"]) == 2
+    assert "missing.jpg: query image not found" in capsys.readouterr().err
+    assert main(["search", "--index", str(root), "--text", "x", "--checklist", "streaks"]) == 2
+    assert "expected FIELD=VALUE" in capsys.readouterr().err
+    assert main(["search", "--index", str(root.parent / "nothing"), "--text", "x"]) == 2
+    assert "no dermcir index" in capsys.readouterr().err
+
+
+def test_cli_index_from_a_clinic_csv_then_add_and_remove(tmp_path, capsys):
+    ckpt = make_checkpoint(tmp_path / "ckpt")
+    cases = make_cases(tmp_path / "archive", 5)
+    cases[3].image.write_bytes(b"GIF89a but not really")
+    csv = write_case_csv(tmp_path / "archive" / "cases.csv", cases[:4])
+    out = tmp_path / "index"
+    args = ["index", "--out", str(out), "--cache", str(tmp_path / "cache"), "--quiet"]
+    assert main([*args, "--checkpoint", str(ckpt), "--data", str(csv)]) == 0
+    printed = capsys.readouterr().out
+    assert "+3 -0, 3 cases; skipped 1: " + str(cases[3].image) in printed
+    assert open_index(out).record("c001")["fields"] == CHECKLIST["melanoma"]
+
+    more = write_case_csv(tmp_path / "archive" / "more.csv", cases[4:])
+    assert main([*args, "--add", "--data", str(more)]) == 0  # checkpoint taken from the index
+    assert main([*args, "--remove", "c000", "c004"]) == 0
+    assert open_index(out).case_ids == ["c001", "c002"]
+    assert main([*args, "--remove", "c999"]) == 2
+    assert "c999" in capsys.readouterr().err
+
+
+def test_cli_index_from_a_derm7pt_release(tmp_path, toy_release, capsys):
+    ckpt = make_checkpoint(tmp_path / "ckpt")
+    out = tmp_path / "index"
+    assert (
+        main(
+            [
+                "index",
+                "--checkpoint",
+                str(ckpt),
+                "--data",
+                str(toy_release),
+                "--out",
+                str(out),
+                "--min-cases",
+                "1",
+                "--kind",
+                "hnsw",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    index = open_index(out)
+    assert len(index) == 24 and index.params.kind == "hnsw"
+    assert {r["category"] for r in index.records} == {"nevus", "melanoma", "benign keratosis-like"}
+
+
+def test_cli_demo_trains_once_indexes_and_serves(tmp_path, toy_release, monkeypatch, capsys):
+    import dermcir.service
+    import dermcir.training
+
+    trained, served = [], []
+
+    def fake_train(cases, out_dir, profile="cpu", cache_dir=None, **kw):
+        trained.append((len(cases), profile))
+        return make_checkpoint(Path(out_dir))
+
+    def fake_serve(app, host, port, on_ready=None):
+        served.append((host, port, app))
+        on_ready(f"http://{host}:{port}/")
+
+    monkeypatch.setattr(dermcir.training, "train_on_cases", fake_train)
+    monkeypatch.setattr(dermcir.service, "serve", fake_serve)
+    args = ["demo", "--data", str(toy_release), "--out", str(tmp_path / "demo"), "--min-cases", "1", "--port", "8765"]
+    assert main(args) == 0
+    assert trained == [(24, "cpu")] and served[0][:2] == ("127.0.0.1", 8765)
+    assert "open http://127.0.0.1:8765/" in capsys.readouterr().out
+    version = open_index(tmp_path / "demo" / "index").version
+    assert main(args) == 0  # second run: reuses the model and the index
+    assert len(trained) == 1 and open_index(tmp_path / "demo" / "index").version == version
+    assert main(["demo", "--data", str(tmp_path / "nowhere")]) == 2

@@ -1,0 +1,156 @@
+"""The HTTP API: search, cases, images by id only, health, OpenAPI, limits, concurrency, defaults."""
+
+from __future__ import annotations
+
+import io
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from dermcir.cli import build_parser
+from dermcir.data.text import CHECKLIST_FIELDS
+from dermcir.index import add_cases
+from dermcir.search import CaseSearcher
+from dermcir.service import create_app
+
+from .searchkit import encode, lesion, make_cases, make_index, one_torch_thread  # noqa: F401 (fixture)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("service")
+    _ckpt, root, cases = make_index(tmp, 9)
+    searcher = CaseSearcher(root)
+    return tmp, root, cases, searcher, TestClient(create_app(searcher, max_upload_bytes=200_000))
+
+
+def _search(client: TestClient, image: bytes | None = None, name: str = "q.png", **fields):
+    files = {"image": (name, image, "application/octet-stream")} if image is not None else None
+    data = {k: str(v) for k, v in fields.items()}
+    return client.post("/search", data=data, files=files)
+
+
+def test_search_answers_the_cli_json_with_image_urls(env):
+    *_, client = env
+    res = _search(client, encode(lesion()), text="irregular streaks", pigment_network="atypical", k=4)
+    assert res.status_code == 200, res.text
+    body = res.json()
+    assert body["query"]["mode"] == "composed"
+    assert body["query"]["text"] == "Dermoscopy: pigment network atypical. irregular streaks"
+    assert [r["rank"] for r in body["results"]] == [1, 2, 3, 4]
+    first = body["results"][0]
+    assert set(first) >= {"rank", "case_id", "image", "diagnosis", "category", "score", "local", "global", "parts"}
+    assert first["image_url"] == f"/cases/{first['case_id']}/image" and "heatmaps" not in first
+
+
+def test_search_with_heatmaps_returns_query_view(env):
+    *_, client = env
+    body = _search(client, encode(lesion()), k=2, heatmaps="true").json()
+    assert body["query"]["view"].startswith("data:image/jpeg;base64,")
+    assert len(body["query"]["heatmaps"]) == 3 and len(body["results"][0]["heatmaps"][0]) == 16
+
+
+def test_text_only_and_checklist_only(env):
+    *_, client = env
+    assert _search(client, text="blue-whitish veil present", k=2).json()["query"]["mode"] == "text"
+    body = _search(client, blue_whitish_veil="present", sex="male", k=2).json()
+    assert body["query"]["text"] == "Dermoscopy: blue-whitish veil present. Patient: male."
+
+
+def test_empty_file_part_means_no_image(env):
+    *_, client = env  # what a browser sends when no file was chosen
+    res = client.post(
+        "/search", data={"text": "streaks absent"}, files={"image": ("", b"", "application/octet-stream")}
+    )
+    assert res.status_code == 200 and res.json()["query"]["mode"] == "text"
+
+
+def test_bad_k_and_unknown_fields_are_400(env):
+    *_, client = env
+    for k in ("0", "abc", "1000"):
+        res = _search(client, text="x", k=k)
+        assert res.status_code == 400 and "k must be an integer from 1 to 200" in res.json()["detail"]
+    res = _search(client, text="x", colour="brown")
+    assert res.status_code == 400 and "unknown checklist field 'colour'" in res.json()["detail"]
+    res = client.post("/search", data={"image": "not a file"})
+    assert res.status_code == 400 and "must be an uploaded file" in res.json()["detail"]
+
+
+def test_case_details_and_image_by_id(env):
+    _tmp, _root, cases, _s, client = env
+    res = client.get(f"/cases/{cases[1].case_id}")
+    assert res.status_code == 200
+    assert res.json()["diagnosis"] == "melanoma" and res.json()["image_url"] == "/cases/c001/image"
+    img = client.get("/cases/c001/image", params={"size": 48})
+    assert img.status_code == 200 and img.headers["content-type"] == "image/jpeg"
+    assert Image.open(io.BytesIO(img.content)).size == (48, 48)
+    assert client.get("/cases/nope").status_code == 404
+    assert client.get("/cases/c001/image", params={"size": 5000}).status_code == 422
+
+
+def test_image_route_never_reads_a_path_from_the_request(env):
+    *_, client = env
+    for attempt in ("..%2F..%2F..%2Fetc%2Fpasswd", "%2Fetc%2Fpasswd", "c001%2F..%2F..%2Fsecret"):
+        res = client.get(f"/cases/{attempt}/image")
+        assert res.status_code == 404
+        assert res.headers["content-type"] != "image/jpeg"
+    assert client.get("/cases/c001/image", params={"path": "/etc/passwd"}).headers["content-type"] == "image/jpeg"
+
+
+def test_health_checklist_openapi_and_page(env):
+    *_, searcher, client = env
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["cases"] == 9 and health["fingerprint"] == searcher.fingerprint
+    spec = client.get("/checklist").json()
+    assert spec["fields"]["streaks"]["values"] == list(CHECKLIST_FIELDS["streaks"][1])
+    schema = client.get("/openapi.json").json()
+    form = schema["paths"]["/search"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert {"image", "text", "k", *CHECKLIST_FIELDS} <= set(form["properties"])
+    assert {"/cases/{case_id}", "/cases/{case_id}/image", "/health"} <= set(schema["paths"])
+    page = client.get("/")
+    assert page.status_code == 200 and "not a diagnostic device" in page.text
+    assert client.get("/static/app.js").status_code == 200 and client.get("/static/style.css").status_code == 200
+
+
+def test_upload_limit_declared_and_streamed(env):
+    *_, client = env
+    big = b"\xff\xd8" + b"\x00" * 300_000
+    res = _search(client, big, name="big.jpg")
+    assert res.status_code == 413 and "200,000 bytes" in res.json()["detail"]
+
+    def chunks():  # no Content-Length: the limit must hold while streaming
+        yield b'--b\r\nContent-Disposition: form-data; name="image"; filename="x.jpg"\r\n\r\n'
+        for _ in range(40):
+            yield b"\x00" * 10_000
+
+    res = client.post("/search", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b"})
+    assert res.status_code == 413
+    assert client.get("/health").status_code == 200
+
+
+def test_concurrent_requests(env):
+    *_, client = env
+    images = [encode(lesion(seed=s)) for s in range(4)]
+    expected = [_search(client, img, k=3).json()["results"] for img in images]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda img: _search(client, img, k=3).json()["results"], images * 3))
+    assert got == expected * 3
+
+
+def test_index_update_while_serving(env):
+    tmp, root, _cases, searcher, client = env
+    before = client.get("/health").json()
+    add_cases(
+        root, make_cases(tmp / "late", 1, start=70), model=searcher.model, cache_dir=tmp / "cache", progress=False
+    )
+    body = _search(client, text="pigment network typical", k=50).json()
+    assert body["index"]["cases"] == before["cases"] + 1 and body["index"]["version"] != before["index_version"]
+    assert client.get("/cases/c070").status_code == 200
+
+
+def test_serve_listens_on_localhost_by_default():
+    args = build_parser().parse_args(["serve", "--index", "x"])
+    assert (args.host, args.port) == ("127.0.0.1", 8000)
+    assert build_parser().parse_args(["demo", "--data", "x"]).host == "127.0.0.1"

@@ -1,0 +1,127 @@
+"""The web page in a real headless browser: Debian's chromium driven by Playwright, against an in-process server.
+
+Skipped when chromium or Playwright is absent (``scripts/setup_browser.sh`` installs chromium in CI); Playwright's own
+browser download is never used.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from dermcir.search import CaseSearcher
+from dermcir.service import BackgroundServer, create_app
+
+from .searchkit import encode, lesion, make_index, one_torch_thread  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = next((p for p in ("/usr/bin/chromium", shutil.which("chromium") or "") if p and Path(p).is_file()), None)
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (scripts/setup_browser.sh installs it)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory):
+    _ckpt, root, _cases = make_index(tmp_path_factory.mktemp("web"), 9)
+    with BackgroundServer(create_app(CaseSearcher(root))) as url:
+        yield url
+
+
+@pytest.fixture
+def page(browser, site):
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(20_000)
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(site)
+    yield page
+    context.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def _overlay_alpha(page, canvas_id: str) -> int:
+    """Sum of the alpha channel drawn on a heatmap canvas (0 = nothing shown)."""
+    return page.evaluate(
+        """(id) => { const c = document.getElementById(id); const d = c.getContext('2d')
+               .getImageData(0, 0, c.width, c.height).data; let s = 0;
+               for (let i = 3; i < d.length; i += 4) s += d[i]; return s; }""",
+        canvas_id,
+    )
+
+
+def test_upload_search_grid_and_compare(page):
+    assert page.locator("#notice").is_visible()
+    assert "not a diagnostic device" in page.locator("#notice").inner_text()
+    page.wait_for_selector("#field-pigment_network option[value='atypical']", state="attached")
+    page.set_input_files(
+        "#image-input", files=[{"name": "lesion.png", "mimeType": "image/png", "buffer": encode(lesion())}]
+    )
+    assert page.locator("#image-preview").is_visible()
+    page.select_option("#field-pigment_network", "atypical")
+    page.fill("#text-input", "irregular streaks at the border")
+    page.fill("#k-input", "5")
+    page.click("#search-button")
+    cards = page.locator("#results .result-card")
+    cards.nth(4).wait_for()
+    assert cards.count() == 5
+    assert "composed query" in page.locator("#status").inner_text()
+    first = cards.first
+    assert first.locator(".diagnosis").inner_text().startswith("#1 ")
+    assert "score" in first.locator(".score").inner_text()
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)"
+    )
+
+    first.click()
+    assert page.locator("#compare").is_visible()
+    page.wait_for_function("() => document.getElementById('compare-case').naturalWidth > 0")
+    assert page.locator("#compare-query").get_attribute("src").startswith("data:image/jpeg")
+    assert page.locator("#compare-query").is_visible() and not page.locator("#no-query-image").is_visible()
+    assert page.locator("#parts-table tr").count() == 3
+    assert _overlay_alpha(page, "query-heat") > 0 and _overlay_alpha(page, "case-heat") > 0
+    page.uncheck("#heatmap-toggle")
+    assert _overlay_alpha(page, "query-heat") == 0 and _overlay_alpha(page, "case-heat") == 0
+    page.check("#heatmap-toggle")
+    assert _overlay_alpha(page, "case-heat") > 0
+
+
+def test_text_only_query_and_an_error(page):
+    page.fill("#text-input", "blue-whitish veil present")
+    page.click("#search-button")
+    page.locator("#results .result-card").nth(8).wait_for()  # default k = 10 > 9 cases: all of them
+    assert page.locator("#results .result-card").count() == 9
+    assert "text query" in page.locator("#status").inner_text()
+    page.locator("#results .result-card").first.click()
+    assert page.locator("#no-query-image").is_visible() and not page.locator("#compare-query").is_visible()
+    assert _overlay_alpha(page, "query-heat") == 0 and _overlay_alpha(page, "case-heat") > 0
+
+    page.set_input_files(
+        "#image-input", files=[{"name": "notes.jpg", "mimeType": "image/jpeg", "buffer": b"this is not a picture" * 10}]
+    )
+    page.click("#search-button")
+    page.wait_for_selector("#status.error")
+    assert "notes.jpg" in page.locator("#status").inner_text()
+    assert "Error 400" in page.locator("#status").inner_text()
