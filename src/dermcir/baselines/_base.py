@@ -1,0 +1,170 @@
+"""What every baseline shares: the per-run data, the method interface, the profile configs and the registry."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+PROFILES = ("cpu", "gpu")
+
+#: Wording of the two retrieval settings. The seed's protocol gives the query image + text and the database images
+#: only; putting metadata on the database side as well is an easier task (shared/REFERENCE.md) and is labelled so.
+IMAGE_ONLY_DATABASE = "image-only database (the seed's protocol)"
+METADATA_BOTH_SIDES = "metadata on both sides (easier task, NOT the seed's protocol)"
+
+
+@dataclass
+class BaselineData:
+    """Everything a baseline may read about the cases of one run; rows follow the order of ``labels``.
+
+    Attributes:
+        images: ``(N, S, S, 3)`` uint8 images after border removal and resizing.
+        labels: ``(N,)`` category of every case (used only through the training folds' indices).
+        metadata: ``(N, D)`` float32 one-hot encoding of the checklist fields (``_metadata.metadata_onehot``).
+        case_ids: the cases' ids, for logs.
+        cache_dir: folder for feature caches (``None``: keep everything in memory).
+        seed: the run's seed; every random choice derives from it.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    metadata: np.ndarray
+    case_ids: list[str]
+    cache_dir: Path | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        n = len(self.labels)
+        if self.images.ndim != 4 or self.images.shape[-1] != 3 or self.images.dtype != np.uint8:
+            raise ValueError(f"images must be a (N, S, S, 3) uint8 array, got {self.images.shape} {self.images.dtype}")
+        if len(self.images) != n or len(self.metadata) != n or len(self.case_ids) != n:
+            raise ValueError(
+                f"images ({len(self.images)}), labels ({n}), metadata ({len(self.metadata)}) and case_ids "
+                f"({len(self.case_ids)}) must have the same length"
+            )
+
+
+@dataclass(frozen=True)
+class BaselineConfig:
+    """Settings shared by every method; each method extends it with its own fields."""
+
+    image_size: int = 224  # square input side after border removal
+    device: str = "auto"  # "auto": CUDA when available, else CPU; or "cpu", "cuda", "cuda:1", ...
+    batch_size: int = 32  # images per forward pass (feature extraction and training)
+
+
+
+C = TypeVar("C", bound=BaselineConfig)
+
+
+def with_overrides(config: C, **overrides: Any) -> C:
+    """A copy of ``config`` with ``overrides`` applied; unknown names are an error that lists the known ones."""
+    known = {f.name for f in dataclasses.fields(config)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown setting(s) {unknown} for {type(config).__name__}; known: {sorted(known)}")
+    return dataclasses.replace(config, **overrides)
+
+
+def resolve_device(name: str, profile: str) -> torch.device:
+    """The torch device for a config's ``device``; the ``gpu`` profile refuses to fall back to a CPU silently."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if profile == "gpu":
+            raise ValueError("profile 'gpu' needs a CUDA device and none was found; use profile 'cpu' (or device='cpu')")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+class Baseline(ABC):
+    """A retrieval method run on the protocol's folds.
+
+    Subclasses set ``name`` and ``config_class``, implement :meth:`prepare` (work that does not depend on the fold,
+    e.g. frozen features; may use a disk cache) and :meth:`fold_scores` (fit on the database indices, score the
+    queries). ``fold_scores`` returns one ``(n_queries, n_database)`` score matrix per variant, higher = better; the
+    first variant is the method's row on the seed's protocol.
+    """
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[BaselineConfig]]
+    profiles: ClassVar[dict[str, BaselineConfig]]
+
+    def __init__(self, config: BaselineConfig, profile: str) -> None:
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"{self.name}: config must be a {self.config_class.__name__}, got {type(config).__name__}")
+        self.config = config
+        self.profile = profile
+        self.device = resolve_device(config.device, profile)
+
+    @property
+    @abstractmethod
+    def display_name(self) -> str:
+        """The row's name in tables: honest about substitutes (e.g. the backbone actually used)."""
+
+    @property
+    @abstractmethod
+    def variants(self) -> dict[str, str]:
+        """Variant key -> what the query and database sides carry; the first key is the primary row."""
+
+    @property
+    def deviations(self) -> str:
+        """One sentence on where this reimplementation differs from the published method."""
+        return ""
+
+    @abstractmethod
+    def prepare(self, data: BaselineData) -> None:
+        """Fold-independent work on all cases (never reads labels)."""
+
+    @abstractmethod
+    def fold_scores(self, fold: int, db_idx: np.ndarray, q_idx: np.ndarray) -> dict[str, np.ndarray]:
+        """Fit on the database cases ``db_idx`` (labels allowed) and score the queries ``q_idx`` against them."""
+
+
+_REGISTRY: dict[str, type[Baseline]] = {}
+
+B = TypeVar("B", bound=type[Baseline])
+
+
+def register_baseline(cls: B) -> B:
+    """Class decorator: make a baseline buildable by its ``name``."""
+    if cls.name in _REGISTRY:
+        raise ValueError(f"baseline {cls.name!r} is registered twice")
+    missing = [p for p in PROFILES if p not in cls.profiles]
+    if missing:
+        raise ValueError(f"baseline {cls.name!r} lacks profile(s) {missing}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def list_baselines() -> list[str]:
+    """Registered method names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def create_baseline(name: str, profile: str = "cpu", **overrides: Any) -> Baseline:
+    """Build a registered baseline with its ``profile`` settings, optionally overriding single settings.
+
+    Example:
+        >>> create_baseline("resnet50-cossim", "cpu", epochs=5).config.epochs
+        5
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown method {name!r}; registered baselines: {list_baselines()}")
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; expected one of {list(PROFILES)}")
+    cls = _REGISTRY[name]
+    return cls(with_overrides(cls.profiles[profile], **overrides), profile)
+

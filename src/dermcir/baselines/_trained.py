@@ -1,0 +1,95 @@
+"""Common machinery of the baselines that train a CNN on the database folds (ResNet50-CosSim, DAHNET)."""
+
+from __future__ import annotations
+
+import logging
+from abc import abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from dermcir.baselines._base import Baseline, BaselineConfig, BaselineData
+from dermcir.baselines._features import backbone_maps
+from dermcir.baselines._nets import SplitBackbone, build_backbone
+from dermcir.baselines._training import ImageInputs, Inputs, LossFn, MapInputs, Net, TrainSettings, infer, train_net
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainedConfig(BaselineConfig):
+    """Settings of a baseline that trains a CNN on the database folds."""
+
+    backbone: str = "lite0"  # "lite0" (offline ImageNet weights) or "resnet50" (needs backbone_weights)
+    backbone_weights: str | None = None  # local checkpoint; None = lite0's offline ImageNet weights
+    pretrained: bool = True  # False = random weights (tests only)
+    train_backbone: bool = False  # False: stages frozen and cached, tail + head trained (CPU); True: end to end (GPU)
+    n_views: int = 4  # symmetries cached per image for the frozen stages (training augmentation); 1..8
+    epochs: int = 30
+    lr: float = 1e-3  # head (and tail) learning rate
+    backbone_lr: float = 1e-4  # backbone stages, when trained
+    weight_decay: float = 1e-5
+    amp: bool = True  # bf16 autocast on CUDA
+
+
+class TrainedBaseline(Baseline):
+    """A CNN (``SplitBackbone``) with a method-specific head, trained per fold on the database cases."""
+
+    levels: ClassVar[tuple[str, ...]] = ("top",)  # backbone maps the head reads
+    config: TrainedConfig
+
+    @abstractmethod
+    def build_head(self, backbone: SplitBackbone, n_classes: int) -> nn.Module:
+        """The trainable head: ``forward(mid, top) -> {name: tensor}``; owns ``backbone.tail``."""
+
+    @abstractmethod
+    def loss(self) -> LossFn:
+        """The training loss ``(outputs, labels) -> scalar``."""
+
+    @property
+    def backbone_label(self) -> str:
+        """How the table names the CNN actually used."""
+        return {"lite0": "EfficientNet-Lite0", "resnet50": "ResNet50"}.get(self.config.backbone, self.config.backbone)
+
+    def prepare(self, data: BaselineData) -> None:
+        self.data = data
+        self.classes = sorted(set(data.labels.tolist()))
+        self.y = np.array([self.classes.index(c) for c in data.labels], dtype=np.int64)
+        self.maps: dict[str, np.ndarray] | None = None
+        if not self.config.train_backbone:
+            if not 1 <= self.config.n_views <= 8:
+                raise ValueError(f"n_views must be in 1..8, got {self.config.n_views}")
+            self.maps = backbone_maps(
+                self._backbone(), data.images, self.config.n_views, self.levels, self.device,
+                self.config.batch_size, data.cache_dir, self._weights_id(),
+            )
+
+    def _weights_id(self) -> str:
+        return f"{self.config.backbone_weights}|{self.config.pretrained}"
+
+    def _backbone(self) -> SplitBackbone:
+        return build_backbone(self.config.backbone, self.config.backbone_weights, self.config.pretrained)
+
+    def fit_fold(self, fold: int, db_idx: np.ndarray) -> tuple[Net, Inputs]:
+        """A fresh network trained on the fold's database cases, and the inputs to encode any case with."""
+        seed = self.data.seed * 1000 + fold
+        torch.manual_seed(seed)  # the head's initialisation too must not depend on what ran before
+        backbone = self._backbone()
+        head = self.build_head(backbone, len(self.classes))
+        if self.config.train_backbone:
+            net, inputs = Net(head, backbone), ImageInputs(self.data.images, backbone, self.device)
+        else:
+            if self.maps is None:
+                raise ValueError("prepare() must run before fit_fold()")
+            net, inputs = Net(head, None), MapInputs(self.maps, self.device)
+        cfg = self.config
+        settings = TrainSettings(cfg.epochs, cfg.batch_size, cfg.lr, cfg.backbone_lr, cfg.weight_decay, cfg.amp)
+        train_net(net, inputs, self.y, db_idx, self.loss(), settings, self.device, seed=seed)
+        return net, inputs
+
+    def encode(self, net: Net, inputs: Inputs, idx: np.ndarray) -> dict[str, np.ndarray]:
+        """The trained head's outputs for the cases ``idx``."""
+        return infer(net, inputs, idx, self.config.batch_size, self.device)

@@ -1,0 +1,249 @@
+"""The re-implemented baselines on tiny synthetic data: registry, shapes, determinism, perfect retrieval of a perfectly
+separable toy set, the GPU code path (run on the CPU), the end-to-end fold runner, and the helpers they rely on."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dermcir.baselines import (
+    IMAGE_ONLY_DATABASE,
+    METADATA_BOTH_SIDES,
+    Baseline,
+    BaselineData,
+    create_baseline,
+    list_baselines,
+    run_baseline_cv,
+)
+from dermcir.baselines._features import N_SYMMETRIES, dihedral
+from dermcir.baselines._metadata import field_slices, metadata_onehot, predict_metadata
+from dermcir.baselines._nets import build_backbone
+from dermcir.baselines.dahnet import hamming_scores
+from dermcir.baselines.maskrcnn_fusion import lesion_mask
+from dermcir.baselines.snf_dca import fuse_networks
+from dermcir.data.cases import Case
+from dermcir.data.folds import stratified_folds
+from dermcir.metrics import retrieval_metrics
+
+SIZE = 48
+CATEGORIES = ("melanoma", "nevus", "benign keratosis-like")
+PER_CATEGORY = 8
+#: Tiny settings per method: small images, few epochs/views, neighbourhoods that fit 24 cases.
+TINY = {
+    "resnet50-cossim": {"image_size": SIZE, "epochs": 10, "n_views": 2, "batch_size": 8},
+    "dahnet": {"image_size": SIZE, "epochs": 10, "n_views": 2, "batch_size": 8},
+    "snf-dca": {"image_size": SIZE, "k": 5, "community_k": 5, "cross_fit": 3, "image_pca": 8},
+    "maskrcnn-fusion": {"image_size": SIZE},
+}
+
+
+def _toy_image(category: int, rng: np.random.Generator, size: int = SIZE) -> np.ndarray:
+    """Skin-coloured background with a lesion whose shape and colour give away its category."""
+    img = np.clip(np.array([215, 175, 155]) + rng.integers(-8, 9, (size, size, 3)), 0, 255).astype(np.uint8)
+    yy, xx = np.mgrid[:size, :size] - size / 2
+    r = size * (0.25 + 0.05 * rng.random())
+    shapes = (yy**2 + xx**2 < r**2, (abs(yy) < r) & (abs(xx) < r), abs(yy) + abs(xx) < 1.3 * r)
+    colours = ((70, 35, 25), (40, 60, 140), (30, 110, 45))
+    img[shapes[category]] = colours[category]
+    return img
+
+
+def _toy_metadata(category: int, i: int) -> np.ndarray:
+    slices = field_slices()
+    v = np.zeros(max(s.stop for s in slices.values()), np.float32)
+    v[slices["pigment_network"].start + category] = 1.0  # informative field
+    v[slices["sex"].start + i % 2] = 1.0  # uninformative field
+    return v
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread avoids thread start-up and oversubscription costs on a shared 2-core machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def toy() -> BaselineData:
+    rng = np.random.default_rng(0)
+    items = [(c, i) for c in range(len(CATEGORIES)) for i in range(PER_CATEGORY)]
+    return BaselineData(
+        images=np.stack([_toy_image(c, rng) for c, _ in items]),
+        labels=np.array([CATEGORIES[c] for c, _ in items]),
+        metadata=np.stack([_toy_metadata(c, i) for c, i in items]),
+        case_ids=[f"case{k}" for k in range(len(items))],
+        cache_dir=None,
+        seed=0,
+    )
+
+
+_PREPARED: dict[str, Baseline] = {}
+
+
+def _prepared(name: str, data: BaselineData) -> Baseline:
+    """Each method built and prepared once per test session (feature extraction is the slow part)."""
+    if name not in _PREPARED:
+        baseline = create_baseline(name, "cpu", **TINY[name])
+        baseline.prepare(data)
+        _PREPARED[name] = baseline
+    return _PREPARED[name]
+
+
+def test_registry_names_and_errors() -> None:
+    assert list_baselines() == sorted(["dahnet", "maskrcnn-fusion", "resnet50-cossim", "snf-dca"])
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        create_baseline("nope")
+    with pytest.raises(ValueError, match="unknown profile 'tpu'"):
+        create_baseline("dahnet", "tpu")
+    with pytest.raises(ValueError, match=r"unknown setting\(s\) \['epochz'\]"):
+        create_baseline("dahnet", "cpu", epochz=3)
+    with pytest.raises(ValueError, match="resnet50 has no offline weights"):
+        build_backbone("resnet50")
+    with pytest.raises(FileNotFoundError, match="weights file not found"):
+        build_backbone("resnet50", weights="/nonexistent/resnet50.safetensors")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_gpu_profile_refuses_to_fall_back_to_cpu() -> None:
+    with pytest.raises(ValueError, match="profile 'gpu' needs a CUDA device"):
+        create_baseline("resnet50-cossim", "gpu")
+
+
+def test_row_names_are_honest() -> None:
+    assert create_baseline("resnet50-cossim", "cpu").display_name.startswith("Lite0-CosSim (ResNet50-CosSim protocol")
+    assert "instead of Mask R-CNN" in create_baseline("maskrcnn-fusion", "cpu").display_name
+    snf = create_baseline("snf-dca", "cpu")
+    assert IMAGE_ONLY_DATABASE in snf.variants["main"]
+    assert METADATA_BOTH_SIDES in snf.variants["metadata-both-sides"]
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_separable_toy_set_is_retrieved_perfectly_and_deterministically(name: str, toy: BaselineData) -> None:
+    baseline = _prepared(name, toy)
+    db_idx, q_idx = stratified_folds(toy.labels, 3, seed=0)[0]
+    first = baseline.fold_scores(0, db_idx, q_idx)
+    again = baseline.fold_scores(0, db_idx, q_idx)  # trained methods train again from scratch: same seed, same result
+    assert list(first) == list(baseline.variants)
+    for variant, scores in first.items():
+        assert scores.shape == (len(q_idx), len(db_idx)), variant
+        assert np.isfinite(scores).all(), variant
+        np.testing.assert_allclose(scores, again[variant], rtol=1e-5, atol=1e-6, err_msg=variant)
+    metrics = retrieval_metrics(first["main"], toy.labels[q_idx], toy.labels[db_idx])
+    assert metrics == {"mAP": 100.0, "Acc@1": 100.0, "Acc@2": 100.0, "Acc@4": 100.0}
+
+
+def test_scores_depend_on_the_images(toy: BaselineData) -> None:
+    """With the images shuffled across labels the same method is no longer perfect: the perfect scores above mean
+    something."""
+    order = np.random.default_rng(5).permutation(len(toy.labels))
+    shuffled = BaselineData(toy.images[order], toy.labels, toy.metadata, toy.case_ids, None, 0)
+    baseline = create_baseline("maskrcnn-fusion", "cpu", **TINY["maskrcnn-fusion"])
+    baseline.prepare(shuffled)
+    db_idx, q_idx = stratified_folds(toy.labels, 3, seed=0)[0]
+    scores = baseline.fold_scores(0, db_idx, q_idx)["main"]
+    assert retrieval_metrics(scores, toy.labels[q_idx], toy.labels[db_idx])["Acc@1"] < 100.0
+
+
+def test_gpu_code_path_runs_on_cpu(toy: BaselineData) -> None:
+    """The end-to-end (``train_backbone``) path with live augmented images, exercised on the CPU with tiny settings."""
+    for name in ("resnet50-cossim", "dahnet"):
+        baseline = create_baseline(name, "gpu", device="cpu", image_size=SIZE, epochs=1, batch_size=8)
+        baseline.prepare(toy)
+        db_idx, q_idx = stratified_folds(toy.labels, 3, seed=0)[0]
+        scores = baseline.fold_scores(0, db_idx, q_idx)["main"]
+        assert scores.shape == (len(q_idx), len(db_idx)) and np.isfinite(scores).all()
+
+
+def test_hamming_scores_match_a_naive_count() -> None:
+    rng = np.random.default_rng(1)
+    q, d = rng.normal(size=(5, 16)), rng.normal(size=(7, 16))
+    naive = -np.array([[np.sum((a >= 0) != (b >= 0)) for b in d] for a in q])
+    np.testing.assert_array_equal(hamming_scores(q, d), naive)
+
+
+def test_dihedral_views_are_the_eight_symmetries() -> None:
+    img = torch.arange(2 * 4 * 4 * 3).reshape(2, 4, 4, 3)
+    views = [dihedral(img, v) for v in range(N_SYMMETRIES)]
+    assert torch.equal(views[0], img)
+    assert len({v.numpy().tobytes() for v in views}) == N_SYMMETRIES
+    with pytest.raises(ValueError, match="view must be in 0..7"):
+        dihedral(img, 8)
+
+
+def test_metadata_onehot_reads_only_checklist_fields() -> None:
+    fields = {"pigment_network": "atypical", "sex": "male", "streaks": "not-a-value"}
+    plain = Case("1", Path("x.jpg"), "melanoma", "melanoma", dict(fields))
+    leaky = Case("1", Path("x.jpg"), "melanoma", "melanoma",
+                 fields | {"diagnosis": "melanoma", "management": "excision", "seven_point_score": "5"})
+    a, b = metadata_onehot([plain]), metadata_onehot([leaky])
+    np.testing.assert_array_equal(a, b)
+    slices = field_slices()
+    assert a[0, slices["pigment_network"]].tolist() == [0, 0, 1]
+    assert a[0, slices["streaks"]].sum() == 0  # unknown value: left out, not guessed
+
+
+def test_predicted_metadata_is_cross_fitted(toy: BaselineData) -> None:
+    """A database case's predicted checklist must not depend on its own (true) checklist."""
+    features = toy.images.reshape(len(toy.images), -1)[:, ::97].astype(np.float32)
+    fit_idx = np.arange(len(toy.labels))
+    base = predict_metadata(features, toy.metadata, fit_idx, n_splits=3, pca_dim=4)
+    changed = toy.metadata.copy()
+    changed[0] = np.roll(changed[0], 1)
+    moved = predict_metadata(features, changed, fit_idx, n_splits=3, pca_dim=4)
+    np.testing.assert_allclose(moved[0], base[0], atol=1e-6)
+    assert base.shape == toy.metadata.shape
+    for sl in field_slices().values():
+        sums = base[:, sl].sum(axis=1)
+        assert np.allclose(sums, 1.0, atol=1e-5) or np.allclose(sums, 0.0)
+
+
+def test_snf_fusion_runs_with_the_pinned_libraries() -> None:
+    rng = np.random.default_rng(2)
+    fused = fuse_networks([rng.normal(size=(30, 4)), rng.integers(0, 2, (30, 6)).astype(float)], k=5, mu=0.5, t=5)
+    assert fused.shape == (30, 30) and np.isfinite(fused).all()
+    np.testing.assert_allclose(fused, fused.T, atol=1e-8)
+
+
+def test_lesion_mask_finds_a_central_dark_lesion() -> None:
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[:96, :96] - 48.0
+    truth = yy**2 + (xx - 6) ** 2 < 22**2  # a little off centre
+    img = np.clip(np.array([215, 175, 155]) + rng.integers(-8, 9, (96, 96, 3)), 0, 255).astype(np.uint8)
+    img[truth] = (80, 45, 30)
+    img[:10, :10] = (20, 20, 20)  # a dark corner (vignetting) must not win over the lesion
+    mask = lesion_mask(img)
+    assert (mask & truth).sum() / (mask | truth).sum() > 0.9
+
+
+def test_run_baseline_cv_writes_the_results_schema(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    cases = []
+    for c, category in enumerate(CATEGORIES):
+        for i in range(6):
+            path = tmp_path / "images" / f"{category[:3]}{i}.png"
+            path.parent.mkdir(exist_ok=True)
+            Image.fromarray(_toy_image(c, rng, 64)).save(path)
+            cases.append(Case(f"{c}-{i}", path, category, category, {"pigment_network": ("absent", "typical",
+                                                                                         "atypical")[c]}))
+    missing = Case("gone", tmp_path / "images" / "missing.png", "nevus", "nevus", {})
+    out = tmp_path / "run"
+    doc = run_baseline_cv("snf-dca", [*cases, missing], out, n_folds=3, cache_dir=tmp_path / "cache",
+                          **TINY["snf-dca"])
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["method"] == doc["method"] == "snf-dca"
+    assert [f["fold"] for f in on_disk["folds"]] == [0, 1, 2]
+    for row in on_disk["folds"]:
+        assert {"fold", "n_queries", "n_database", "mAP", "Acc@1", "Acc@2", "Acc@4"} <= set(row)
+        assert row["n_queries"] + row["n_database"] == len(cases)
+    assert set(on_disk["mean"]) == set(on_disk["std"]) == {"mAP", "Acc@1", "Acc@2", "Acc@4"}
+    assert set(on_disk["variants"]) == {"metadata-both-sides", "no-community"}
+    assert METADATA_BOTH_SIDES in on_disk["variants"]["metadata-both-sides"]["protocol"]
+    assert any("missing.png" in s[0] for s in on_disk["skipped_images"])
+    assert "fold 2" in (out / "log.txt").read_text()
