@@ -1,0 +1,217 @@
+"""The comparison table: the paper's reported rows beside every row measured here, plus a bar chart.
+
+Input: run folders, each with a ``results.json`` written by :func:`dermcir.evaluation.results.build_results` (the
+composed model's ``dermcir cv`` or a baseline's). Each run gives its main row and any ``variants`` (baselines) or
+``ablations`` (composed model). Rows whose protocol puts metadata on the database side are an easier task and go in
+a separate section, never beside the seed's protocol rows, and are left out of the chart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dermcir.evaluation.results import METRICS
+
+log = logging.getLogger(__name__)
+
+#: Marks a protocol that is not the seed's (see ``dermcir.baselines.METADATA_BOTH_SIDES``).
+EASIER_TASK_MARK = "NOT the seed's protocol"
+
+
+@dataclass(frozen=True)
+class PaperRow:
+    """A row of the paper's tables; ``mean``/``std`` are ``None`` where the numbers are not available to us."""
+
+    table: str
+    name: str
+    mean: dict[str, float] | None = None
+    std: dict[str, float] | None = None
+
+
+def _metrics(*values: float) -> dict[str, float]:
+    return dict(zip(METRICS, values, strict=True))
+
+
+#: Only two rows' numbers are known; the others are listed as not available rather than guessed.
+PAPER_ROWS: tuple[PaperRow, ...] = (
+    PaperRow("Table 1", "Proposed composed model (Swin-T + BERT, global-local)",
+             _metrics(81.7, 79.3, 82.4, 87.3), _metrics(2.7, 2.9, 3.6, 3.2)),
+    PaperRow("Table 1", "ResNet50-CosSim (Tschandl et al. 2019)",
+             _metrics(80.4, 77.6, 80.9, 83.2), _metrics(2.7, 3.5, 2.6, 1.9)),
+    PaperRow("Table 1", "SNF-DCA (Wang et al. 2022)"),
+    PaperRow("Table 1", "MaskRCNN-Fusion (Iqbal et al. 2023)"),
+    PaperRow("Table 1", "DAHNET (Jiang et al. 2024)"),
+    PaperRow("Table 2", "Ablations of the proposed model (query modality, global/local terms)"),
+)
+
+
+@dataclass(frozen=True)
+class MeasuredRow:
+    """One measured row: a run's main result, or one of its variants/ablations."""
+
+    name: str
+    run: str
+    protocol: str
+    mean: dict[str, float]
+    std: dict[str, float]
+    fold_map: tuple[float, ...]
+    setting: str  # profile, device and time, as far as the run recorded them
+    main: bool = True  # the run's own row (not one of its variants or ablations)
+
+    @property
+    def seed_protocol(self) -> bool:
+        return EASIER_TASK_MARK not in self.protocol
+
+
+def load_results(run_dir: str | Path) -> dict[str, Any]:
+    """Read and check ``RUN_DIR/results.json`` (or a path to the JSON file itself).
+
+    Raises:
+        FileNotFoundError: no results file there.
+        ValueError: not JSON, or lacking the ``mean``/``std``/``folds`` entries of the results schema.
+    """
+    path = Path(run_dir)
+    path = path / "results.json" if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no results.json (expected a run folder written by 'dermcir cv')")
+    try:
+        doc = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    _check_doc(doc, str(path))
+    return doc
+
+
+def _check_doc(doc: Any, where: str) -> None:
+    keys = doc.keys() if isinstance(doc, dict) else ()
+    missing = [k for k in ("mean", "std", "folds") if k not in keys]
+    if missing:
+        raise ValueError(f"{where}: not a results document, missing {missing}; expected the schema (folds, mean, std)")
+    for key in ("mean", "std"):
+        missing = [m for m in METRICS if m not in doc[key]]
+        if missing:
+            raise ValueError(f"{where}: {key!r} lacks {missing}")
+
+
+def _setting(doc: dict[str, Any]) -> str:
+    parts = [str(doc[k]) for k in ("profile", "device") if doc.get(k)]
+    if isinstance(doc.get("seconds"), int | float):
+        parts.append(f"{doc['seconds']:.0f} s")
+    return ", ".join(parts) or "n/a"
+
+
+def _row(doc: dict[str, Any], run: str, fallback_name: str, setting: str) -> MeasuredRow:
+    return MeasuredRow(
+        name=str(doc.get("display_name") or doc.get("method") or fallback_name), run=run,
+        protocol=str(doc.get("protocol", "image + text query, image-only database (the seed's protocol)")),
+        mean={m: float(doc["mean"][m]) for m in METRICS}, std={m: float(doc["std"][m]) for m in METRICS},
+        fold_map=tuple(float(f["mAP"]) for f in doc["folds"]), setting=setting,
+    )
+
+
+def measured_rows(doc: dict[str, Any], run: str) -> list[MeasuredRow]:
+    """The run's main row, then one per entry of its ``variants`` and ``ablations``."""
+    setting = _setting(doc)
+    rows = [_row(doc, run, run, setting)]
+    for group in ("variants", "ablations"):
+        for key, sub in (doc.get(group) or {}).items():
+            if not isinstance(sub, dict) or "mean" not in sub or "folds" not in sub:
+                log.warning("%s: %s entry %r is not a results document; left out", run, group, key)
+                continue
+            _check_doc(sub, f"{run} {group}[{key}]")
+            name = sub.get("display_name") or f"{doc.get('display_name') or doc.get('method') or run} [{key}]"
+            rows.append(dataclasses.replace(_row(sub | {"display_name": name}, run, key, setting), main=False))
+    return rows
+
+
+def _cell(mean: dict[str, float] | None, std: dict[str, float] | None, metric: str) -> str:
+    if mean is None or std is None:
+        return "n/a"
+    return f"{mean[metric]:.1f} ± {std[metric]:.1f}"
+
+
+def comparison_markdown(rows: Sequence[MeasuredRow], chart_name: str | None, title: str) -> str:
+    """The comparison as Markdown: the paper's rows, the seed-protocol rows, then the easier-task rows."""
+    head = "| " + " | ".join(METRICS) + " |"
+    rule = "| --- " * len(METRICS) + "|"
+    lines = [f"# {title}", "", "Percent, mean ± std over the folds. Relevant = same category. n/a = not available.", ""]
+    lines += ["## Paper (reported)", "", "| table | method " + head, "| --- | --- " + rule]
+    for p in PAPER_ROWS:
+        lines.append(f"| {p.table} | {p.name} | " + " | ".join(_cell(p.mean, p.std, m) for m in METRICS) + " |")
+    seed = [r for r in rows if r.seed_protocol]
+    easier = [r for r in rows if not r.seed_protocol]
+    sections = [("Measured here: the seed's protocol", seed),
+                ("Measured here: metadata on the database side too (easier task, not comparable)", easier)]
+    for heading, group in sections:
+        if not group:
+            continue
+        lines += ["", f"## {heading}", "",
+                  "| method | query / database " + head + " per-fold mAP | setting | run |",
+                  "| --- | --- " + rule + " --- | --- | --- |"]
+        for r in group:
+            cells = " | ".join(_cell(r.mean, r.std, m) for m in METRICS)
+            folds = " / ".join(f"{v:.1f}" for v in r.fold_map)
+            lines.append(f"| {r.name} | {r.protocol} | {cells} | {folds} | {r.setting} | {r.run} |")
+    if chart_name:
+        lines += ["", f"![The four metrics (± std): the paper rows that have numbers and each run's main row]({chart_name})"]
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(rows: Sequence[MeasuredRow], path: Path, title: str) -> None:
+    """Grouped bars of the four metrics (± std): the paper rows that have numbers (hatched), then ``rows``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    series = [(f"paper: {p.name}", p.mean, p.std) for p in PAPER_ROWS if p.mean is not None and p.std is not None]
+    series += [(r.name, r.mean, r.std) for r in rows]
+    x = np.arange(len(METRICS))
+    width = 0.8 / max(len(series), 1)
+    fig, ax = plt.subplots(figsize=(max(8.0, 1.2 * len(series) + 4), 5.5))
+    colours = plt.get_cmap("tab20").colors
+    for i, (name, mean, std) in enumerate(series):
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, [mean[m] for m in METRICS], width,
+               yerr=[std[m] for m in METRICS], capsize=2, label=name, color=colours[i % len(colours)],
+               hatch="//" if name.startswith("paper:") else None, edgecolor="black", linewidth=0.4)
+    ax.set_xticks(x, METRICS)
+    ax.set_ylabel("percent")
+    ax.set_ylim(0, 100)
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2, fontsize=7, frameon=False)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def write_comparison(
+    run_dirs: Sequence[str | Path], out: str | Path, title: str = "Case retrieval on Derm7pt: paper vs measured"
+) -> tuple[Path, Path]:
+    """Write ``out`` (Markdown) and the bar chart beside it (same name, ``.png``); returns both paths.
+
+    Raises:
+        ValueError: no run folders, or ``out`` not a ``.md`` path.
+        FileNotFoundError: a run folder without ``results.json``.
+    """
+    out = Path(out)
+    if out.suffix.lower() != ".md":
+        raise ValueError(f"--out {out}: expected a Markdown file name ending in .md")
+    if not run_dirs:
+        raise ValueError("no run folders given; pass at least one RUN_DIR with a results.json")
+    rows = [row for run in run_dirs for row in measured_rows(load_results(run), Path(run).name or str(run))]
+    png = out.with_suffix(".png")
+    # Main rows only: a readable chart; variants and ablations are in the table.
+    bar_chart([r for r in rows if r.seed_protocol and r.main], png, title)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(comparison_markdown(rows, png.name, title))
+    log.info("wrote %s and %s (%d measured rows)", out, png, len(rows))
+    return out, png

@@ -1,0 +1,106 @@
+"""The comparison table and chart: paper rows, measured rows (main, variants, ablations), the easier-task section,
+errors on bad inputs, and the ``dermcir compare`` command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dermcir.baselines import IMAGE_ONLY_DATABASE, METADATA_BOTH_SIDES
+from dermcir.evaluation.compare import EASIER_TASK_MARK, PAPER_ROWS, load_results, measured_rows, write_comparison
+from dermcir.evaluation.results import build_results, fold_row, write_json_atomic
+
+
+def _rows(offset: float, n_folds: int = 3) -> list[dict]:
+    """Fold rows from real score matrices, so the schema is exactly what the benchmark writes."""
+    rng = np.random.default_rng(int(offset))
+    q, db = np.array(["a", "b", "a", "b"]), np.array(["a", "a", "b", "b", "b"])
+    return [fold_row(f, rng.normal(size=(4, 5)) + offset * (q[:, None] == db[None, :]), q, db) for f in range(n_folds)]
+
+
+def _write_run(folder: Path, method: str, offset: float, **extra) -> Path:
+    write_json_atomic(folder / "results.json", build_results(method, _rows(offset), **extra))
+    return folder
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> list[Path]:
+    easier = build_results("snf-dca:metadata-both-sides", _rows(5.0), display_name="SNF-DCA [metadata-both-sides]",
+                           protocol=f"image + metadata query, {METADATA_BOTH_SIDES}")
+    baseline = _write_run(tmp_path / "snf-dca", "snf-dca", 2.0, display_name="SNF-DCA (test)",
+                          protocol=f"image + metadata query, {IMAGE_ONLY_DATABASE}", profile="cpu", device="cpu",
+                          seconds=12.3, variants={"metadata-both-sides": easier})
+    composed = _write_run(tmp_path / "composed", "composed", 3.0, profile="gpu",
+                          ablations={"image-only": build_results("image-only", _rows(1.0))})
+    return [composed, baseline]
+
+
+def test_markdown_has_paper_rows_measured_rows_and_separates_the_easier_task(runs: list[Path], tmp_path: Path) -> None:
+    md_path, png_path = write_comparison(runs, tmp_path / "out" / "comparison.md", title="Test comparison")
+    md = md_path.read_text()
+    assert md.startswith("# Test comparison")
+    assert "| Table 1 | Proposed composed model (Swin-T + BERT, global-local) | 81.7 ± 2.7 | 79.3 ± 2.9 | 82.4 ± 3.6 | " \
+           "87.3 ± 3.2 |" in md
+    assert "| 80.4 ± 2.7 | 77.6 ± 3.5 | 80.9 ± 2.6 | 83.2 ± 1.9 |" in md
+    assert "| Table 1 | DAHNET (Jiang et al. 2024) | n/a | n/a | n/a | n/a |" in md
+    doc = load_results(runs[1])
+    per_fold = " / ".join(f"{f['mAP']:.1f}" for f in doc["folds"])
+    main_line = next(line for line in md.splitlines() if line.startswith("| SNF-DCA (test) |"))
+    assert f"{doc['mean']['mAP']:.1f} ± {doc['std']['mAP']:.1f}" in main_line and per_fold in main_line
+    assert "cpu, cpu, 12 s" in main_line
+    assert "| composed [image-only] |" in md  # the composed model's ablations are rows too
+    seed_part, easier_part = md.split("easier task, not comparable")
+    assert "SNF-DCA [metadata-both-sides]" in easier_part and "SNF-DCA [metadata-both-sides]" not in seed_part
+    assert f"]({png_path.name})" in md
+
+
+def test_chart_is_a_png_beside_the_markdown(runs: list[Path], tmp_path: Path) -> None:
+    import matplotlib.image
+
+    md_path, png_path = write_comparison(runs, tmp_path / "comparison.md")
+    assert png_path == md_path.with_suffix(".png")
+    assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    height, width, _ = matplotlib.image.imread(png_path).shape
+    assert width > 600 and height > 300
+
+
+def test_measured_rows_flags_the_easier_protocol(runs: list[Path]) -> None:
+    rows = measured_rows(load_results(runs[1]), "snf-dca")
+    assert [r.seed_protocol for r in rows] == [True, False]
+    assert [r.main for r in rows] == [True, False]
+    assert EASIER_TASK_MARK in METADATA_BOTH_SIDES and EASIER_TASK_MARK not in IMAGE_ONLY_DATABASE
+
+
+def test_only_the_two_known_paper_rows_have_numbers() -> None:
+    known = [p.name for p in PAPER_ROWS if p.mean is not None]
+    assert known == ["Proposed composed model (Swin-T + BERT, global-local)", "ResNet50-CosSim (Tschandl et al. 2019)"]
+
+
+def test_bad_inputs_give_clear_errors(runs: list[Path], tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no results.json"):
+        write_comparison([tmp_path / "nowhere"], tmp_path / "c.md")
+    with pytest.raises(ValueError, match="ending in .md"):
+        write_comparison(runs, tmp_path / "c.txt")
+    with pytest.raises(ValueError, match="no run folders"):
+        write_comparison([], tmp_path / "c.md")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "results.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_results(tmp_path / "broken")
+    (tmp_path / "broken" / "results.json").write_text(json.dumps({"folds": []}))
+    with pytest.raises(ValueError, match=r"missing \['mean', 'std'\]"):
+        load_results(tmp_path / "broken")
+
+
+def test_compare_command(runs: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dermcir.cli import main
+
+    out = tmp_path / "cmp" / "table.md"
+    assert main(["compare", *map(str, runs), "--out", str(out)]) == 0
+    assert out.is_file() and out.with_suffix(".png").is_file()
+    assert str(out) in capsys.readouterr().out
+    assert main(["compare", str(tmp_path / "missing"), "--out", str(out)]) == 2
+    assert "no results.json" in capsys.readouterr().err
