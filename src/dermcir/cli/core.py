@@ -63,7 +63,10 @@ def _load(args: argparse.Namespace):
     for what, why in report.skipped:
         log.warning("left out %s: %s", what, why)
     if not cases:
-        raise ValueError(f"{args.data}: no usable cases (rows {report.n_rows}, skipped {len(report.skipped)})")
+        raise ValueError(
+            f"{args.data}: no usable cases (rows {report.n_rows}, skipped {len(report.skipped)}, categories under "
+            f"--min-cases {args.min_cases}: {report.dropped_categories})"
+        )
     return cases
 
 

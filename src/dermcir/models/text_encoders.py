@@ -40,7 +40,8 @@ def _bert(folder: str, pretrained: bool, max_tokens: int, tiny: bool = False) ->
     hf_logging.disable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if pretrained:
-        model = AutoModel.from_pretrained(folder, add_pooling_layer=False)
+        # fp32 even when the files are fp16 (a packed payload): the encoder runs once per text, precision is cheap.
+        model = AutoModel.from_pretrained(folder, add_pooling_layer=False, dtype=torch.float32)
     else:
         config = AutoConfig.from_pretrained(folder)
         if tiny:  # random-weight tests: the same architecture, smaller

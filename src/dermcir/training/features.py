@@ -46,9 +46,14 @@ def text_tokens(model: ComposedRetrievalModel, texts: Sequence[str], batch_size:
 
 
 class CachedFeatures:
-    """CPU profile: frozen-backbone maps of every case (and of its flipped views), cached on disk as safetensors."""
+    """CPU profile: frozen-backbone maps of every case (and of its flipped views), cached on disk as safetensors.
+
+    The cache holds maps pooled to at most :attr:`CACHE_GRID` per side, independent of the model's own ``grid``, so
+    trying another grid does not redo the backbone passes; the model's grid pooling is applied when loading.
+    """
 
     VIEWS = ("identity", "hflip", "vflip", "rot180")
+    CACHE_GRID = 16
 
     def __init__(self, maps: list[list[torch.Tensor]]) -> None:
         self.maps = maps  # views × levels × (N, C, g, g) float16
@@ -63,7 +68,7 @@ class CachedFeatures:
         weights = state_digest(model.backbone)
         views = []
         for view in cls.VIEWS[:n_views]:
-            keys = [settings_key(file_digest(c.image), cfg.backbone, weights, cfg.image_size, cfg.grid, view)
+            keys = [settings_key(file_digest(c.image), cfg.backbone, weights, cfg.image_size, cls.CACHE_GRID, view)
                     for c in cases]
             todo = [i for i, k in enumerate(keys) if not (cache / f"{k}.safetensors").is_file()]
             if todo:
@@ -72,7 +77,9 @@ class CachedFeatures:
                 with torch.inference_mode():
                     for s in range(0, len(todo), batch_size):
                         chunk = todo[s : s + batch_size]
-                        maps = model.image_features(_apply_view(images[chunk], view))
+                        maps = model.backbone(model.normalize(_apply_view(images[chunk], view)))
+                        maps = [torch.nn.functional.adaptive_avg_pool2d(m, min(cls.CACHE_GRID, m.shape[-1]))
+                                for m in maps]
                         for j, i in enumerate(chunk):
                             tmp = cache / f"{keys[i]}.tmp"
                             save_file({f"level{l}": m[j].half().contiguous().cpu() for l, m in enumerate(maps)}, str(tmp))
@@ -80,7 +87,8 @@ class CachedFeatures:
                         bar.update(len(chunk))
                 bar.close()
             loaded = [load_file(str(cache / f"{k}.safetensors")) for k in keys]
-            views.append([torch.stack([d[f"level{l}"] for d in loaded]) for l in range(len(loaded[0]))])
+            stacked = [torch.stack([d[f"level{l}"] for d in loaded]) for l in range(len(loaded[0]))]
+            views.append([m.half() for m in model.pool_maps([m.float() for m in stacked])])
         return cls(views)
 
     def __len__(self) -> int:

@@ -1,0 +1,104 @@
+"""End-to-end: the benchmark and the train command on a synthetic release (tiny settings, real code paths)."""
+
+import json
+
+import pytest
+
+from dermcir.cli import main
+from dermcir.data import load_derm7pt
+from dermcir.data.folds import stratified_folds, validation_split
+from dermcir.evaluation.cv import run_cv
+
+from .conftest import SHARED_DERM7PT, TINY
+
+FAST = {**TINY, "epochs": 3, "patience": 2, "batch_size": 8, "views": 2}
+
+
+def test_folds_are_seeded_stratified_and_disjoint():
+    labels = ["a"] * 20 + ["b"] * 10
+    folds = stratified_folds(labels, 5, seed=0)
+    assert [q.tolist() for _, q in folds] == [q.tolist() for _, q in stratified_folds(labels, 5, seed=0)]
+    assert [q.tolist() for _, q in folds] != [q.tolist() for _, q in stratified_folds(labels, 5, seed=1)]
+    seen = sorted(i for _, q in folds for i in q)
+    assert seen == list(range(30))
+    for db, q in folds:
+        assert not set(db) & set(q)
+        assert sum(labels[i] == "b" for i in q) == 2
+        train, val = validation_split(db, labels, 0.25, seed=0)
+        assert not set(train) & set(val) and set(train) | set(val) == set(db) and not set(val) & set(q)
+
+
+def test_cv_writes_results_tables_and_figure(toy_release, tmp_path):
+    cases, _ = load_derm7pt(toy_release, min_cases=5)
+    doc = run_cv(cases, tmp_path / "run", profile="cpu", n_folds=3, progress=False, **FAST)
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["mean"] == doc["mean"]
+    assert [r["fold"] for r in saved["folds"]] == [0, 1, 2]
+    for row in saved["folds"]:
+        assert row["n_queries"] == 8 and row["n_database"] == 16
+        assert set(row) >= {"fold", "n_queries", "n_database", "mAP", "Acc@1", "Acc@2", "Acc@4"}
+        assert 0 <= row["mAP"] <= 100
+    assert set(saved["std"]) == {"mAP", "Acc@1", "Acc@2", "Acc@4"}
+    assert set(saved["per_category"]) == {"nevus", "melanoma", "benign keratosis-like"}
+    assert set(saved["ablations"]) == {"composed", "image-only", "text-only", "composed, beta=0 (global only)",
+                                       "composed, beta=1 (local only)"}
+    tables = (tmp_path / "run" / "tables.md").read_text()
+    assert "Table 1" in tables and "Table 2" in tables and "81.7" in tables
+    assert (tmp_path / "run" / "retrievals.png").stat().st_size > 10_000
+    for f in range(3):
+        assert (tmp_path / "run" / f"fold_{f}" / "train.log").read_text().count("epoch") >= 2
+        assert json.loads((tmp_path / "run" / f"fold_{f}" / "metrics.json").read_text())["epochs_run"] >= 1
+
+
+def test_train_command_writes_a_loadable_checkpoint(toy_release, tmp_path):
+    sets = [a for k, v in FAST.items() for a in ("--set", f"{k}={v}")]
+    rc = main(["train", "--data", str(toy_release), "--min-cases", "5", "--out", str(tmp_path / "ckpt"), "--quiet",
+               *sets])
+    assert rc == 0
+    from dermcir.checkpoint import load_checkpoint
+
+    model = load_checkpoint(tmp_path / "ckpt")
+    assert model.config.categories and model.config.image_size == 64
+    assert "best epoch" in (tmp_path / "ckpt" / "train.log").read_text()
+
+
+def test_bad_settings_are_one_line_errors(toy_release, tmp_path, capsys):
+    assert main(["cv", "--data", str(toy_release), "--out", str(tmp_path), "--min-cases", "5", "--set", "colour=3"]) == 2
+    assert "unknown setting(s) ['colour']" in capsys.readouterr().err
+    assert main(["cv", "--data", str(toy_release), "--out", str(tmp_path)]) == 2
+    assert "categories under --min-cases 50: {'nevus': 8" in capsys.readouterr().err
+    assert main(["cv", "--data", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
+    assert "meta.csv: not found" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not SHARED_DERM7PT.is_dir(), reason="shared Derm7pt copy not present")
+def test_one_fold_pass_on_the_shared_data(tmp_path):
+    """The real data through the real pipeline, briefly: 3 folds, 64 px, 2 epochs (a smoke test, not a benchmark)."""
+    cases, _ = load_derm7pt(SHARED_DERM7PT)
+    cases = cases[::6]  # 148 cases keep all three categories
+    doc = run_cv(cases, tmp_path / "run", profile="cpu", n_folds=3, progress=False, **{**FAST, "epochs": 2})
+    assert doc["n_cases"] == len(cases)
+    assert sum(r["n_queries"] for r in doc["folds"]) == len(cases)
+    assert doc["mean"]["Acc@4"] > 0
+
+
+def test_gpu_profile_code_path_runs_on_cpu(toy_release, tmp_path):
+    """The fine-tuning profile (device-resident images, on-device augmentation, trainable backbone), tiny and brief."""
+    cases, _ = load_derm7pt(toy_release, min_cases=5)
+    doc = run_cv(cases, tmp_path / "run", profile="gpu", n_folds=2, progress=False,
+                 **{**TINY, "epochs": 1, "patience": 1, "batch_size": 6})
+    assert doc["profile"] == "gpu" and len(doc["folds"]) == 2
+
+
+def test_device_augmentation_keeps_shape_dtype_and_content():
+    import torch
+
+    from dermcir.training.features import augment_on_device
+
+    x = torch.randint(0, 255, (5, 16, 16, 3), dtype=torch.uint8)
+    y = augment_on_device(x)
+    assert y.shape == x.shape and y.dtype == torch.uint8
+    # flips/transposes/jitter keep each image's sorted intensities close (no mixing between images)
+    for a, b in zip(x.float(), y.float()):
+        assert abs(a.mean() - b.mean()) < 20
