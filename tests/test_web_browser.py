@@ -125,3 +125,18 @@ def test_text_only_query_and_an_error(page):
     page.wait_for_selector("#status.error")
     assert "notes.jpg" in page.locator("#status").inner_text()
     assert "Error 400" in page.locator("#status").inner_text()
+
+
+def test_drop_an_image_onto_the_page(page):
+    data = list(encode(lesion(seed=5)))
+    page.evaluate(
+        """(bytes) => { const file = new File([new Uint8Array(bytes)], 'dropped.png', {type: 'image/png'});
+               const dt = new DataTransfer(); dt.items.add(file);
+               document.getElementById('drop-zone').dispatchEvent(new DragEvent('drop', {dataTransfer: dt})); }""",
+        data,
+    )
+    assert page.locator("#image-preview").is_visible() and page.locator("#clear-image").is_visible()
+    page.fill("#k-input", "3")
+    page.click("#search-button")
+    page.locator("#results .result-card").nth(2).wait_for()
+    assert "image query" in page.locator("#status").inner_text()

@@ -301,12 +301,3 @@ class CaseSearcher:
     def case(self, case_id: str) -> dict[str, Any]:
         """The stored record of an indexed case. Raises ``KeyError`` naming an unknown id."""
         return dict(self._index.record(case_id))
-
-    def case_view(self, case_id: str, size: int) -> np.ndarray:
-        """An indexed case's image as the model saw it (borders removed, square), at ``size`` pixels.
-
-        Only images recorded in the index are ever read. Raises ``KeyError`` for an unknown id and
-        ``dermcir.data.ImageError`` if the file has since become unreadable.
-        """
-        record = self._index.record(case_id)
-        return preprocess(load_rgb(record["image"]), size)

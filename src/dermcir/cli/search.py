@@ -57,6 +57,7 @@ def _register_index(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--cache", type=Path, default=None, help="preprocessing cache (default $DERMCIR_CACHE)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _threads_arg(p)
     p.set_defaults(handler=cmd_index)
 
 
@@ -82,6 +83,7 @@ def _register_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--heatmaps", action="store_true", help="include attention heatmaps (with --json)")
     p.add_argument("--checkpoint", type=Path, help="checkpoint folder (default: the one the index was built with)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    _threads_arg(p)
     p.set_defaults(handler=cmd_search)
 
 
@@ -113,6 +115,25 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (0 picks a free one)")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted request body")
+    _threads_arg(p)
+
+
+def _threads_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads per model pass (default: all cores; 1 is faster on a machine busy with other jobs)",
+    )
+
+
+def _apply_threads(args: argparse.Namespace) -> None:
+    if args.threads is not None:
+        import torch
+
+        if args.threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
 
 
 # ---- handlers ---------------------------------------------------------------------------------------------------------
@@ -146,6 +167,7 @@ def _print_update(what: str, update) -> None:
 def cmd_index(args: argparse.Namespace) -> int:
     from dermcir.index import VectorParams, add_cases, build_index, remove_cases
 
+    _apply_threads(args)
     if args.remove:
         if args.add or args.data:
             raise ValueError("--remove takes only --out and the ids; run --add separately")
@@ -179,6 +201,7 @@ def _parse_checklist(pairs: list[str]) -> dict[str, str]:
 def cmd_search(args: argparse.Namespace) -> int:
     from dermcir.search import CaseSearcher
 
+    _apply_threads(args)
     checklist = _parse_checklist(args.checklist)
     if args.image is None and not (args.text or "").strip() and not checklist:
         raise ValueError("give --image, --text or --checklist (or an image with text for a composed query)")
@@ -223,6 +246,7 @@ def _run_server(searcher, args: argparse.Namespace, banner: str) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from dermcir.search import CaseSearcher
 
+    _apply_threads(args)
     searcher = CaseSearcher(args.index, checkpoint=args.checkpoint, device=args.device)
     return _run_server(searcher, args, "dermcir serve")
 
@@ -230,6 +254,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from dermcir.search import CaseSearcher
 
+    _apply_threads(args)
     cases = _load_cases(args.data, None, args.min_cases)
     if not cases:
         raise ValueError(f"{args.data}: no usable cases")
