@@ -59,7 +59,7 @@ def pack_lite0(out: Path) -> None:
 
 
 def pack_minilm(texts: list[str], out: Path) -> None:
-    from transformers import AutoModel, AutoTokenizer, BertTokenizerFast
+    from transformers import AutoModel, AutoTokenizer
 
     from dermcir.models.text_encoders import minilm_folder
 
@@ -77,13 +77,22 @@ def pack_minilm(texts: list[str], out: Path) -> None:
     model.config.vocab_size = len(keep)
     target = out / "minilm"
     target.mkdir(parents=True, exist_ok=True)
+    # Re-index the WordPiece vocabulary inside the fast tokenizer's own JSON, keeping its normaliser and specials.
+    spec = json.loads((Path(src) / "tokenizer.json").read_text())
+    spec["model"]["vocab"] = {token: i for i, token in enumerate(vocab)}
+    new_id = {old: new for new, old in enumerate(keep)}
+    for added in spec.get("added_tokens", []):
+        added["id"] = new_id[added["id"]]
+    for special in (spec.get("post_processor") or {}).get("special_tokens", {}).values():
+        special["ids"] = [new_id[i] for i in special["ids"]]
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(Path(src) / name, target / name)
+    (target / "tokenizer.json").write_text(json.dumps(spec))
     (target / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    small = BertTokenizerFast(vocab_file=str(target / "vocab.txt"), do_lower_case=True,
-                              model_max_length=tok.model_max_length)
+    small = AutoTokenizer.from_pretrained(target)
     for a, b in zip(tok(texts)["input_ids"], small(texts)["input_ids"], strict=True):  # same pieces, new ids
         if [keep[i] for i in b] != a:
             raise RuntimeError("trimmed vocabulary tokenises a text differently; refusing to pack")
-    small.save_pretrained(target)
     model.half().save_pretrained(target, safe_serialization=True)
     (target / "PACKED.json").write_text(json.dumps({"source": src, "vocab": len(keep)}))
 

@@ -26,6 +26,8 @@ class ModelConfig:
     dim: int = 128  # shared visual embedding width D of each level after projection
     heads: int = 4  # attention heads of the cross-modal transformer
     fusion_layers: int = 1  # cross-modal transformer layers per level
+    text_layers: int = 1  # trainable self-attention layers over the (frozen) text tokens, shared by the levels
+    token_dropout: float = 0.0  # dropout on projected image tokens in training: keeps the image path from memorising
     n_masks: int = 8  # k spatial attention masks per level (Eq. 6)
     beta: float = 0.6  # weight of the local term in Eq. 9
     max_text_tokens: int = 96

@@ -27,9 +27,9 @@ class CrossModalLayer(nn.Module):
 class LevelHead(nn.Module):
     """One pyramid level: projection into the shared space, text injection for queries, and k attention masks."""
 
-    def __init__(self, in_channels: int, dim: int, heads: int, layers: int, n_masks: int) -> None:
+    def __init__(self, in_channels: int, dim: int, heads: int, layers: int, n_masks: int, dropout: float = 0.0) -> None:
         super().__init__()
-        self.project = nn.Sequential(nn.Conv2d(in_channels, dim, 1), nn.GroupNorm(1, dim))
+        self.project = nn.Sequential(nn.Conv2d(in_channels, dim, 1), nn.GroupNorm(1, dim), nn.Dropout(dropout))
         self.fusion = nn.ModuleList(CrossModalLayer(dim, heads) for _ in range(layers))
         self.masks = nn.Sequential(nn.Linear(dim, dim // 2), nn.GELU(), nn.Linear(dim // 2, n_masks))
         # Text-only queries start from this learned "no image" token instead of an image map.

@@ -45,8 +45,15 @@ class ComposedRetrievalModel(nn.Module):
         )
         config.mean, config.std = tuple(self.backbone.mean), tuple(self.backbone.std)
         self.text_proj = nn.Sequential(nn.Linear(self.text_encoder.width, config.dim), nn.LayerNorm(config.dim))
+        # The text encoder may stay frozen; a small trainable context layer lets the text tokens be re-read for this
+        # task (e.g. bind "present"/"absent" to the criterion before them) before the image attends to them.
+        self.text_context = nn.ModuleList(
+            nn.TransformerEncoderLayer(config.dim, config.heads, 2 * config.dim, dropout=0.0, batch_first=True,
+                                       norm_first=True)
+            for _ in range(config.text_layers)
+        )
         self.levels = nn.ModuleList(
-            LevelHead(c, config.dim, config.heads, config.fusion_layers, config.n_masks)
+            LevelHead(c, config.dim, config.heads, config.fusion_layers, config.n_masks, config.token_dropout)
             for c in self.backbone.channels
         )
         if len(self.levels) != N_LEVELS:
@@ -96,7 +103,11 @@ class ComposedRetrievalModel(nn.Module):
         return self._describe(maps, tokens, pad)
 
     def _describe(self, maps, tokens, pad) -> Descriptors:
-        text = self.text_proj(tokens.to(self.text_proj[0].weight.dtype)) if tokens is not None else None
+        text = None
+        if tokens is not None:
+            text = self.text_proj(tokens.to(self.text_proj[0].weight.dtype))
+            for layer in self.text_context:
+                text = layer(text, src_key_padding_mask=pad)
         locals_, globals_, masks = [], [], []
         for level, head in enumerate(self.levels):
             if maps is not None:
