@@ -23,7 +23,7 @@ from dermcir.baselines import (
 from dermcir.baselines._features import N_SYMMETRIES, dihedral
 from dermcir.baselines._metadata import field_slices, metadata_onehot, predict_metadata
 from dermcir.baselines._nets import build_backbone
-from dermcir.baselines.dahnet import hamming_scores
+from dermcir.baselines.dahnet import hamming_scores, tie_broken_hamming_scores
 from dermcir.baselines.maskrcnn_fusion import lesion_mask
 from dermcir.baselines.snf_dca import fuse_networks
 from dermcir.data.cases import Case
@@ -161,11 +161,14 @@ def test_gpu_code_path_runs_on_cpu(toy: BaselineData) -> None:
         assert scores.shape == (len(q_idx), len(db_idx)) and np.isfinite(scores).all()
 
 
-def test_hamming_scores_match_a_naive_count() -> None:
+def test_hamming_scores_match_a_naive_count_and_tie_breaks_keep_the_order() -> None:
     rng = np.random.default_rng(1)
     q, d = rng.normal(size=(5, 16)), rng.normal(size=(7, 16))
     naive = -np.array([[np.sum((a >= 0) != (b >= 0)) for b in d] for a in q])
     np.testing.assert_array_equal(hamming_scores(q, d), naive)
+    broken = tie_broken_hamming_scores(q, d)
+    differ = naive[:, :, None] < naive[:, None, :]
+    assert (broken[:, :, None] < broken[:, None, :])[differ].all()  # every strict Hamming order survives
 
 
 def test_dihedral_views_are_the_eight_symmetries() -> None:

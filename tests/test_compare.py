@@ -50,7 +50,7 @@ def test_markdown_has_paper_rows_measured_rows_and_separates_the_easier_task(run
     per_fold = " / ".join(f"{f['mAP']:.1f}" for f in doc["folds"])
     main_line = next(line for line in md.splitlines() if line.startswith("| SNF-DCA (test) |"))
     assert f"{doc['mean']['mAP']:.1f} ± {doc['std']['mAP']:.1f}" in main_line and per_fold in main_line
-    assert "cpu, cpu, 12 s" in main_line
+    assert "cpu profile on cpu, 12 s" in main_line
     assert "| composed [image-only] |" in md  # the composed model's ablations are rows too
     seed_part, easier_part = md.split("easier task, not comparable")
     assert "SNF-DCA [metadata-both-sides]" in easier_part and "SNF-DCA [metadata-both-sides]" not in seed_part

@@ -100,7 +100,9 @@ def _check_doc(doc: Any, where: str) -> None:
 
 
 def _setting(doc: dict[str, Any]) -> str:
-    parts = [str(doc[k]) for k in ("profile", "device") if doc.get(k)]
+    parts = []
+    if doc.get("profile"):
+        parts.append(f"{doc['profile']} profile" + (f" on {doc['device']}" if doc.get("device") else ""))
     if isinstance(doc.get("seconds"), int | float):
         parts.append(f"{doc['seconds']:.0f} s")
     return ", ".join(parts) or "n/a"
