@@ -153,12 +153,15 @@ def test_scores_depend_on_the_images(toy: BaselineData) -> None:
 
 def test_gpu_code_path_runs_on_cpu(toy: BaselineData) -> None:
     """The end-to-end (``train_backbone``) path with live augmented images, exercised on the CPU with tiny settings."""
+    db_idx, q_idx = stratified_folds(toy.labels, 3, seed=0)[0]
     for name in ("resnet50-cossim", "dahnet"):
         baseline = create_baseline(name, "gpu", device="cpu", image_size=SIZE, epochs=1, batch_size=8)
         baseline.prepare(toy)
-        db_idx, q_idx = stratified_folds(toy.labels, 3, seed=0)[0]
         scores = baseline.fold_scores(0, db_idx, q_idx)["main"]
         assert scores.shape == (len(q_idx), len(db_idx)) and np.isfinite(scores).all()
+    net, _ = baseline.fit_fold(0, db_idx)
+    stem = next(build_backbone("lite0").lower.parameters())
+    assert not torch.equal(next(net.backbone.lower.parameters()), stem)  # the whole network trains on this path
 
 
 def test_hamming_scores_match_a_naive_count_and_tie_breaks_keep_the_order() -> None:
