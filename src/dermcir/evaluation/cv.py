@@ -80,7 +80,7 @@ def run_cv(
             log.info("fold %d: %d queries, %d database (%d train + %d validation)", fold, len(q), len(db),
                      len(train_idx), len(val_idx))
             result = fit(model, inputs, train_idx, val_idx, train_cfg, device, len(model_cfg.categories), progress)
-            target = target_embeddings(describe_all(model, inputs, db, device, amp=train_cfg.amp)["target"])
+            target = target_embeddings(describe_all(model, inputs, db, device, amp=train_cfg.amp, kinds=("target",))["target"])
             variants = _variants(describe_all(model, inputs, q, device, amp=train_cfg.amp), model_cfg.beta)
             for name, query in variants.items():
                 scores = (query @ target.T).cpu().numpy()

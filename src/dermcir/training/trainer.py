@@ -53,19 +53,22 @@ class FitResult:
 @torch.no_grad()
 def describe_all(
     model: ComposedRetrievalModel, inputs: Inputs, idx: np.ndarray, device: torch.device, batch_size: int = 128,
-    amp: bool = False,
+    amp: bool = False, kinds: tuple[str, ...] = ("target", "composed", "text"),
 ) -> dict[str, Descriptors]:
-    """Target, composed-query and text-only-query descriptors of the given cases (masks dropped to save memory)."""
-    out: dict[str, list[Descriptors]] = {"target": [], "composed": [], "text": []}
+    """Target, composed-query and/or text-only-query descriptors of the given cases (masks dropped to save memory)."""
+    out: dict[str, list[Descriptors]] = {k: [] for k in kinds}
     model.eval()
     for s in range(0, len(idx), batch_size):
         b = torch.as_tensor(idx[s : s + batch_size])
         with _autocast(device, amp):
-            maps = inputs.source.batch(b, False, device)
+            maps = inputs.source.batch(b, False, device) if {"target", "composed"} & set(kinds) else None
             tok, pad = inputs.text(b, device)
-            out["target"].append(model.describe_target(maps))
-            out["composed"].append(model.describe_query(maps, tok, pad))
-            out["text"].append(model.describe_query(None, tok, pad))
+            if "target" in kinds:
+                out["target"].append(model.describe_target(maps))
+            if "composed" in kinds:
+                out["composed"].append(model.describe_query(maps, tok, pad))
+            if "text" in kinds:
+                out["text"].append(model.describe_query(None, tok, pad))
     return {k: _concat(v) for k, v in out.items()}
 
 
@@ -179,8 +182,8 @@ def validation_map(
     """mAP (percent) of composed queries from ``query_idx`` against targets ``db_idx`` (never the test fold)."""
     if len(query_idx) == 0:
         return float("nan")
-    db = describe_all(model, inputs, db_idx, device, amp=amp)["target"]
-    q = describe_all(model, inputs, query_idx, device, amp=amp)["composed"]
+    db = describe_all(model, inputs, db_idx, device, amp=amp, kinds=("target",))["target"]
+    q = describe_all(model, inputs, query_idx, device, amp=amp, kinds=("composed",))["composed"]
     scores = (query_embeddings(q, model.config.beta) @ target_embeddings(db).T).cpu().numpy()
     y = inputs.labels.numpy()
     return 100.0 * mean_average_precision(scores, y[query_idx], y[db_idx])
