@@ -120,7 +120,11 @@ def synthetic_vectors(n: int, rng: np.random.Generator, centres: np.ndarray, blo
     return out
 
 
-def bench_ann(size: int, n_queries: int, ef_values: list[int], seed: int = 0) -> dict:
+def bench_ann(size: int, n_queries: int, ef_values: list[int], work: Path, m: int, efc: int, seed: int = 0) -> dict:
+    """Exact and HNSW search on ``size`` synthetic vectors. The graph is saved in ``work`` and reused by later runs
+    with the same size, seed and build settings (building one for 10^6 vectors takes about 10 minutes here)."""
+    import faiss
+
     from dermcir.index._vectors import VectorParams, build_vector_index, search_vectors
 
     blocks, width, k = 6, 128, 10
@@ -130,7 +134,7 @@ def bench_ann(size: int, n_queries: int, ef_values: list[int], seed: int = 0) ->
     queries = synthetic_vectors(n_queries, rng, centres, blocks, width)
     queries[:, : 3 * width] *= 0.6  # β on the local parts, 1 − β on the global parts, as encode_query does
     queries[:, 3 * width :] *= 0.4
-    out: dict = {"size": size, "dim": blocks * width, "queries": n_queries}
+    out: dict = {"size": size, "dim": blocks * width, "queries": n_queries, "hnsw_m": m, "ef_construction": efc}
 
     exact = VectorParams(kind="flat")
     flat = build_vector_index(targets, exact)
@@ -144,14 +148,21 @@ def bench_ann(size: int, n_queries: int, ef_values: list[int], seed: int = 0) ->
     log.info("%d vectors, exact: %s", size, out["flat"])
     del flat
 
-    params = VectorParams(kind="hnsw")
-    start = time.perf_counter()
-    graph = build_vector_index(targets, params)
-    out["hnsw_build_s"] = round(time.perf_counter() - start, 1)
-    log.info("%d vectors, HNSW M=%d built in %.0f s", size, params.hnsw_m, out["hnsw_build_s"])
+    params = VectorParams(kind="hnsw", hnsw_m=m, ef_construction=efc)
+    saved = work / f"ann-{size}-seed{seed}-M{m}-efc{efc}.faiss"
+    if saved.is_file():
+        graph = faiss.read_index(str(saved))
+        log.info("%d vectors, HNSW graph reused from %s", size, saved)
+    else:
+        start = time.perf_counter()
+        graph = build_vector_index(targets, params)
+        out["hnsw_build_s"] = round(time.perf_counter() - start, 1)
+        log.info("%d vectors, HNSW M=%d efConstruction=%d built in %.0f s", size, m, efc, out["hnsw_build_s"])
+        faiss.write_index(graph, str(saved))
+    del targets
     out["hnsw"] = {}
     for ef in ef_values:
-        p = VectorParams(kind="hnsw", ef_search=ef)
+        p = VectorParams(kind="hnsw", hnsw_m=m, ef_construction=efc, ef_search=ef)
         times, found = [], []
         for q in queries:
             start = time.perf_counter()
@@ -171,7 +182,11 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/dermcir-bench"), help="scratch folder")
     parser.add_argument("--queries", type=int, default=100, help="queries per measurement")
     parser.add_argument("--sizes", type=int, nargs="*", default=[100_000, 1_000_000], help="synthetic collection sizes")
-    parser.add_argument("--ef", type=int, nargs="*", default=[16, 32, 64, 128], help="HNSW beam widths to measure")
+    parser.add_argument(
+        "--ef", type=int, nargs="*", default=[32, 64, 128, 256, 512, 1024], help="HNSW beam widths to measure"
+    )
+    parser.add_argument("--hnsw-m", type=int, default=32, help="HNSW graph degree")
+    parser.add_argument("--ef-construction", type=int, default=40, help="HNSW build beam width")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--skip-index", action="store_true", help="reuse WORK/index (query latency only)")
@@ -207,7 +222,9 @@ def main() -> None:
             report["indexing"] = bench_indexing(cases, checkpoint, args.work, args.device)
         report["queries"] = bench_queries(cases, args.work, args.queries, args.device)
     if not args.skip_ann:
-        report["vector_search"] = [bench_ann(size, args.queries, args.ef) for size in args.sizes]
+        report["vector_search"] = [
+            bench_ann(size, args.queries, args.ef, args.work, args.hnsw_m, args.ef_construction) for size in args.sizes
+        ]
     report["machine"]["load_average_at_end"] = os.getloadavg()
     out = args.out or args.work / "bench.json"
     out.write_text(json.dumps(report, indent=2))

@@ -269,3 +269,9 @@ def test_bad_vector_params_are_named():
         VectorParams(kind="ivf")
     with pytest.raises(ValueError, match="ef_search must be a positive integer"):
         VectorParams(ef_search=0)
+
+
+def test_repeated_case_ids_are_refused(tmp_path, kit):
+    cases = make_cases(tmp_path / "images", 3)
+    with pytest.raises(ValueError, match="case ids must be unique; repeated: c001"):
+        build_index([*cases, cases[1]], kit[0], tmp_path / "index", **_opts(tmp_path, kit))

@@ -11,6 +11,7 @@ import dataclasses
 import datetime as dt
 import json
 import logging
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,8 +132,7 @@ def _encode(
     report: LoadReport,
     progress: bool,
 ) -> tuple[ComposedRetrievalModel, EncodedCases]:
-    ids = [c.case_id for c in cases]
-    dupes = sorted({i for i in ids if ids.count(i) > 1}) if len(set(ids)) != len(ids) else []
+    dupes = sorted(i for i, n in Counter(c.case_id for c in cases).items() if n > 1)
     if dupes:
         raise ValueError(f"case ids must be unique; repeated: {', '.join(dupes[:10])}")
     if model is None:
