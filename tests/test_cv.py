@@ -11,7 +11,7 @@ from dermcir.evaluation.cv import run_cv
 
 from .conftest import SHARED_DERM7PT, TINY
 
-FAST = {**TINY, "epochs": 3, "patience": 2, "batch_size": 8, "views": 2}
+FAST = {**TINY, "epochs": 3, "patience": 2, "batch_size": 8, "views": 2, "refit_epochs": 1}
 
 
 def test_folds_are_seeded_stratified_and_disjoint():
@@ -46,7 +46,9 @@ def test_cv_writes_results_tables_and_figure(toy_release, tmp_path):
     assert "Table 1" in tables and "Table 2" in tables and "81.7" in tables
     assert (tmp_path / "run" / "retrievals.png").stat().st_size > 10_000
     for f in range(3):
-        assert (tmp_path / "run" / f"fold_{f}" / "train.log").read_text().count("epoch") >= 2
+        log = (tmp_path / "run" / f"fold_{f}" / "train.log").read_text()
+        assert log.count("val mAP") >= 1
+        assert "refit 1 epochs on all 16 database cases" in log  # validation cases join the fitted database
         assert json.loads((tmp_path / "run" / f"fold_{f}" / "metrics.json").read_text())["epochs_run"] >= 1
 
 
@@ -87,7 +89,7 @@ def test_gpu_profile_code_path_runs_on_cpu(toy_release, tmp_path):
     """The fine-tuning profile (device-resident images, on-device augmentation, trainable backbone), tiny and brief."""
     cases, _ = load_derm7pt(toy_release, min_cases=5)
     doc = run_cv(cases, tmp_path / "run", profile="gpu", n_folds=2, progress=False,
-                 **{**TINY, "epochs": 1, "patience": 1, "batch_size": 6})
+                 **{**TINY, "epochs": 1, "patience": 1, "batch_size": 6, "refit_epochs": 1})
     assert doc["profile"] == "gpu" and len(doc["folds"]) == 2
 
 

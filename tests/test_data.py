@@ -55,7 +55,7 @@ def test_preprocessing_is_cached(tmp_path, monkeypatch):
     root = write_release(tmp_path / "r", _rows([("clark nevus", 2)]))
     cases, _ = load_derm7pt(root, min_cases=1)
     first = preprocess_cases(cases, 32, progress=False)[1]
-    import dermcir.data.cache as cache
+    from dermcir.data import cache
 
     monkeypatch.setattr(cache, "preprocess", lambda *a, **k: pytest.fail("cache miss on second run"))
     np.testing.assert_array_equal(preprocess_cases(cases, 32, progress=False)[1], first)
@@ -79,7 +79,7 @@ def test_load_rgb_modes(tmp_path):
         "gray.png": Image.fromarray(rgb[..., 0]),
         "cmyk.jpg": Image.fromarray(rgb).convert("CMYK"),
         "alpha.png": Image.fromarray(np.dstack([rgb, np.full((20, 30), 128, np.uint8)]), "RGBA"),
-        "deep.png": Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)),
+        "deep.png": Image.fromarray(rgb[..., 0].astype(np.uint16) * 257),
     }
     for name, img in cases.items():
         img.save(tmp_path / name)

@@ -2,7 +2,12 @@ import pytest
 import torch
 
 from dermcir.similarity import (
-    fused_similarity, global_descriptor, local_descriptor, local_similarity, query_vector, region_descriptors,
+    fused_similarity,
+    global_descriptor,
+    local_descriptor,
+    local_similarity,
+    query_vector,
+    region_descriptors,
     target_vector,
 )
 

@@ -47,6 +47,9 @@ class TrainConfig:
     weight_decay: float = 1e-5
     batch_size: int = 64
     val_fraction: float = 0.15
+    # After early stopping picks the epoch, train this many more epochs on the whole database (train + validation
+    # split): the protocol's database *is* the training folds, so every database case should be fitted.
+    refit_epochs: int = 10
     temperature: float = 0.1
     proxy_weight: float = 1.0
     modality_dropout: float = 0.2  # share of image-only and of text-only queries, so one model serves all modes

@@ -79,7 +79,8 @@ def run_cv(
             train_idx, val_idx = validation_split(db, labels, train_cfg.val_fraction, seed)
             log.info("fold %d: %d queries, %d database (%d train + %d validation)", fold, len(q), len(db),
                      len(train_idx), len(val_idx))
-            result = fit(model, inputs, train_idx, val_idx, train_cfg, device, len(model_cfg.categories), progress)
+            result = fit(model, inputs, train_idx, val_idx, train_cfg, device, len(model_cfg.categories), progress,
+                         refit_idx=db)
             target = target_embeddings(describe_all(model, inputs, db, device, amp=train_cfg.amp, kinds=("target",))["target"])
             variants = _variants(describe_all(model, inputs, q, device, amp=train_cfg.amp), model_cfg.beta)
             for name, query in variants.items():

@@ -19,7 +19,7 @@ METRICS = ("mAP", "Acc@1", "Acc@2", "Acc@4")
 def fold_row(fold: int, scores: np.ndarray, query_labels: Sequence[str], db_labels: Sequence[str]) -> dict[str, Any]:
     """One fold's entry of ``results.json``: sizes, the four metrics (percent) and per-category figures."""
     q = np.asarray(query_labels)
-    row: dict[str, Any] = {"fold": fold, "n_queries": int(len(q)), "n_database": int(len(db_labels))}
+    row: dict[str, Any] = {"fold": fold, "n_queries": len(q), "n_database": len(db_labels)}
     row.update(retrieval_metrics(scores, q, db_labels))
     row["per_category"] = {
         str(cat): retrieval_metrics(scores[q == cat], q[q == cat], db_labels) | {"n_queries": int((q == cat).sum())}

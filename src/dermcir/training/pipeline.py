@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from dermcir.checkpoint import save_checkpoint
-from dermcir.config import ModelConfig, TrainConfig
+from dermcir.config import TrainConfig
 from dermcir.data.cache import preprocess_cases
 from dermcir.data.cases import Case, LoadReport, category_counts
 from dermcir.data.folds import validation_split
@@ -94,7 +94,7 @@ def train_on_cases(
         idx = np.arange(len(cases))
         train_idx, val_idx = validation_split(idx, [c.category for c in cases], train_cfg.val_fraction, train_cfg.seed)
         result: FitResult = fit(model, inputs, train_idx, val_idx, train_cfg, device, len(model_cfg.categories),
-                                progress)
+                                progress, refit_idx=idx)
         log.info("best epoch %d, validation mAP %.2f, %.0f s", result.best_epoch, result.best_val_map, result.seconds)
     save_checkpoint(model.cpu(), out_dir, frozen=frozen_parts(profile), extra={
         "train": train_cfg.__dict__, "best_epoch": result.best_epoch, "val_mAP": result.best_val_map,

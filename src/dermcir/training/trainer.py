@@ -97,9 +97,12 @@ def _autocast(device: torch.device, enabled: bool):
 
 def fit(
     model: ComposedRetrievalModel, inputs: Inputs, train_idx: np.ndarray, val_idx: np.ndarray, cfg: TrainConfig,
-    device: torch.device, n_categories: int, progress: bool = True,
+    device: torch.device, n_categories: int, progress: bool = True, refit_idx: np.ndarray | None = None,
 ) -> FitResult:
     """Train in place and leave the best-validation weights loaded.
+
+    With ``refit_idx`` (the whole database) and ``cfg.refit_epochs > 0``, the selected weights then train that many
+    more epochs on ``refit_idx``, so the validation cases' database embeddings are fitted too.
 
     Every step trains all three query modes of the seed's Fig. 1 on the same batch: composed (image + text),
     text-only and image-only (whose query descriptor is the target's own), so one checkpoint serves every mode.
@@ -130,12 +133,12 @@ def fit(
     history: list[dict] = []
     start = time.perf_counter()
     bar = tqdm(range(cfg.epochs), desc="train", disable=not progress, leave=False)
-    for epoch in bar:
+    def run_epoch(indices: np.ndarray) -> torch.Tensor:
         model.train()
         model.text_encoder.eval()
         if not train_backbone:
             model.backbone.eval()
-        perm = torch.as_tensor(train_idx)[torch.randperm(len(train_idx), generator=gen)]
+        perm = torch.as_tensor(indices)[torch.randperm(len(indices), generator=gen)]
         total = torch.zeros((), device=device)  # accumulated on device: no host sync per step
         for s in range(0, len(perm), cfg.batch_size):
             b = perm[s : s + cfg.batch_size]
@@ -158,6 +161,10 @@ def fit(
             optim.step()
             sched.step()
             total += loss.detach()
+        return total
+
+    for epoch in bar:
+        total = run_epoch(train_idx)
         val_map = validation_map(model, inputs, train_idx, val_idx, device, cfg.amp)
         row = {"epoch": epoch + 1, "loss": float(total) / steps_per_epoch, "val_mAP": val_map}
         history.append(row)
@@ -171,6 +178,10 @@ def fit(
     bar.close()
     if best[2] is not None:
         model.load_state_dict(best[2], strict=False)
+    if refit_idx is not None and cfg.refit_epochs > 0:
+        for _ in range(cfg.refit_epochs):
+            run_epoch(refit_idx)
+        log.info("refit %d epochs on all %d database cases", cfg.refit_epochs, len(refit_idx))
     model.eval()
     return FitResult(best[1], best[0], len(history), time.perf_counter() - start, history)
 
