@@ -186,7 +186,7 @@ def main() -> None:
         "--ef", type=int, nargs="*", default=[32, 64, 128, 256, 512, 1024], help="HNSW beam widths to measure"
     )
     parser.add_argument("--hnsw-m", type=int, default=32, help="HNSW graph degree")
-    parser.add_argument("--ef-construction", type=int, default=40, help="HNSW build beam width")
+    parser.add_argument("--ef-construction", type=int, default=100, help="HNSW build beam width")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--skip-index", action="store_true", help="reuse WORK/index (query latency only)")
@@ -196,6 +196,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the dermcir commands do (see dermcir/cli/search.py)
     import torch
 
     if args.threads:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -52,7 +53,8 @@ def _register_index(sub: argparse._SubParsersAction) -> None:
         help="vector search: exact inner product (default) or HNSW for large collections",
     )
     p.add_argument("--hnsw-m", type=int, default=32, help="HNSW graph degree")
-    p.add_argument("--ef-search", type=int, default=64, help="HNSW search beam width")
+    p.add_argument("--ef-construction", type=int, default=100, help="HNSW build beam width")
+    p.add_argument("--ef-search", type=int, default=128, help="HNSW search beam width")
     p.add_argument("--batch-size", type=int, default=32, help="images per encoder pass")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--cache", type=Path, default=None, help="preprocessing cache (default $DERMCIR_CACHE)")
@@ -128,6 +130,10 @@ def _threads_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _apply_threads(args: argparse.Namespace) -> None:
+    # Idle OpenMP threads sleep instead of spinning. With spinning, one busy core (any other job on the machine) made
+    # every query wait for a descheduled peer thread: 2.6 s instead of 0.17 s per composed query on 2 cores
+    # (docs/search.md). Takes effect only before torch is first imported, which the handlers do after this call.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if args.threads is not None:
         import torch
 
@@ -165,9 +171,9 @@ def _print_update(what: str, update) -> None:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
+    _apply_threads(args)  # before the imports below load torch
     from dermcir.index import VectorParams, add_cases, build_index, remove_cases
 
-    _apply_threads(args)
     if args.remove:
         if args.add or args.data:
             raise ValueError("--remove takes only --out and the ids; run --add separately")
@@ -183,7 +189,9 @@ def cmd_index(args: argparse.Namespace) -> int:
         return 0
     if args.checkpoint is None:
         raise ValueError("--checkpoint is required to build an index")
-    params = VectorParams(kind=args.kind, hnsw_m=args.hnsw_m, ef_search=args.ef_search)
+    params = VectorParams(
+        kind=args.kind, hnsw_m=args.hnsw_m, ef_construction=args.ef_construction, ef_search=args.ef_search
+    )
     _print_update("indexed", build_index(cases, args.checkpoint, args.out, params=params, **common))
     return 0
 
@@ -199,9 +207,9 @@ def _parse_checklist(pairs: list[str]) -> dict[str, str]:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    _apply_threads(args)  # before the imports below load torch
     from dermcir.search import CaseSearcher
 
-    _apply_threads(args)
     checklist = _parse_checklist(args.checklist)
     if args.image is None and not (args.text or "").strip() and not checklist:
         raise ValueError("give --image, --text or --checklist (or an image with text for a composed query)")
@@ -244,17 +252,17 @@ def _run_server(searcher, args: argparse.Namespace, banner: str) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    _apply_threads(args)  # before the imports below load torch
     from dermcir.search import CaseSearcher
 
-    _apply_threads(args)
     searcher = CaseSearcher(args.index, checkpoint=args.checkpoint, device=args.device)
     return _run_server(searcher, args, "dermcir serve")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    _apply_threads(args)  # before the imports below load torch
     from dermcir.search import CaseSearcher
 
-    _apply_threads(args)
     cases = _load_cases(args.data, None, args.min_cases)
     if not cases:
         raise ValueError(f"{args.data}: no usable cases")

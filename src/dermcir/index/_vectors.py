@@ -22,8 +22,10 @@ class VectorParams:
 
     kind: str = "flat"  # "flat": exact inner product; "hnsw": approximate graph search for large collections
     hnsw_m: int = 32  # HNSW graph degree: more = better recall, more memory and build time
-    ef_construction: int = 40  # HNSW build-time beam width
-    ef_search: int = 64  # HNSW query-time beam width (recall/latency trade-off; may be changed without rebuilding)
+    # Build-time beam width. faiss's default (40) gave recall@10 0.81-0.91 on 10^6 synthetic clustered vectors; 100
+    # gives 0.997 at ef_search 128 for a 1.8x longer build (docs/search.md, "Measured figures").
+    ef_construction: int = 100
+    ef_search: int = 128  # query-time beam width (recall/latency trade-off; may be changed without rebuilding)
 
     def __post_init__(self) -> None:
         if self.kind not in INDEX_KINDS:
