@@ -209,6 +209,7 @@ def main() -> None:
             "platform": platform.platform(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "load_average_at_start": os.getloadavg(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         },
     }
     if not args.skip_e2e:
