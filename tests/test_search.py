@@ -239,12 +239,16 @@ def test_cli_index_from_a_clinic_csv_then_add_and_remove(tmp_path, capsys):
     assert "+3 -0, 3 cases; skipped 1: " + str(cases[3].image) in printed
     assert open_index(out).record("c001")["fields"] == CHECKLIST["melanoma"]
 
-    more = write_case_csv(tmp_path / "archive" / "more.csv", cases[4:])
-    assert main([*args, "--add", "--data", str(more)]) == 0  # checkpoint taken from the index
+    (tmp_path / "new").mkdir()
+    more = write_case_csv(tmp_path / "new" / "more.csv", cases[4:])
+    assert main([*args, "--add", "--data", str(more.parent)]) == 0  # a folder with one CSV; checkpoint from the index
     assert main([*args, "--remove", "c000", "c004"]) == 0
     assert open_index(out).case_ids == ["c001", "c002"]
     assert main([*args, "--remove", "c999"]) == 2
     assert "c999" in capsys.readouterr().err
+    write_case_csv(tmp_path / "archive" / "copy.csv", cases[:1])
+    assert main([*args, "--add", "--data", str(tmp_path / "archive")]) == 2  # two CSVs there: which one?
+    assert "holds 2 CSV files" in capsys.readouterr().err
 
 
 def test_cli_index_from_a_derm7pt_release(tmp_path, toy_release, capsys):

@@ -35,7 +35,11 @@ def _register_index(sub: argparse._SubParsersAction) -> None:
         description="Encode cases with a checkpoint and write (or update) an index folder atomically.",
     )
     p.add_argument("--out", required=True, type=Path, help="the index folder to create or update")
-    p.add_argument("--data", type=Path, help="a Derm7pt release folder, or a CSV with id,image,diagnosis[,checklist]")
+    p.add_argument(
+        "--data",
+        type=Path,
+        help="a Derm7pt release folder, or a CSV with id,image,diagnosis[,checklist] (or a folder holding one CSV)",
+    )
     p.add_argument("--checkpoint", type=Path, help="checkpoint folder (for --add: default the index's own)")
     p.add_argument("--image-root", type=Path, help="folder the CSV's image paths are relative to (default: its folder)")
     p.add_argument(
@@ -144,17 +148,29 @@ def _apply_threads(args: argparse.Namespace) -> None:
 
 # ---- handlers ---------------------------------------------------------------------------------------------------------
 def _load_cases(data: Path, image_root: Path | None, min_cases: int | None):
+    """A Derm7pt release folder, a CSV of cases, or a folder of images holding exactly one CSV of cases."""
     from dermcir.data import category_counts, load_case_csv, load_derm7pt
 
-    if data.is_file() and data.suffix.lower() == ".csv":
-        cases, report = load_case_csv(data, image_root, min_cases=min_cases or 1)
+    csv = data if data.is_file() and data.suffix.lower() == ".csv" else None
+    if csv is None and data.is_dir() and not (data / "meta" / "meta.csv").is_file():
+        found = sorted(data.glob("*.csv"))
+        if len(found) != 1:
+            raise FileNotFoundError(
+                f"{data}: not a Derm7pt release (no meta/meta.csv) and holds {len(found)} CSV files; "
+                "pass the cases CSV itself with --data"
+            )
+        csv = found[0]
+    if csv is not None:
+        cases, report = load_case_csv(csv, image_root, min_cases=min_cases or 1)
     elif data.is_dir():
         cases, report = load_derm7pt(data, min_cases=50 if min_cases is None else min_cases)
     else:
-        raise FileNotFoundError(f"{data}: expected a Derm7pt release folder or a .csv file of cases")
+        raise FileNotFoundError(
+            f"{data}: expected a Derm7pt release folder, a .csv file of cases, or a folder with one"
+        )
     for what, why in report.skipped:
         log.warning("left out %s: %s", what, why)
-    log.info("%d cases from %s: %s", len(cases), data, category_counts(cases))
+    log.info("%d cases from %s: %s", len(cases), csv or data, category_counts(cases))
     return cases
 
 

@@ -81,24 +81,24 @@ def _parse_k(raw: Any) -> int:
 
 async def _read_query(request: Request) -> dict[str, Any]:
     """The search form → keyword arguments of :meth:`CaseSearcher.search`."""
-    form = await request.form(max_files=1, max_fields=64)
-    upload = form.get("image")
-    image = image_name = None
-    if isinstance(upload, UploadFile):
-        data = await upload.read()
-        if data or upload.filename:  # a browser sends an empty part when no file was chosen
-            image, image_name = data, upload.filename or "uploaded image"
-    elif isinstance(upload, str) and upload:
-        raise ValueError("field 'image' must be an uploaded file (multipart file part), not text")
-    checklist = {key: str(value) for key, value in form.multi_items() if key not in _RESERVED and str(value).strip()}
-    return {
-        "image": image,
-        "image_name": image_name,
-        "text": form.get("text") or None,
-        "checklist": checklist,
-        "k": _parse_k(form.get("k", 10)),
-        "heatmaps": str(form.get("heatmaps", "")).lower() in ("1", "true", "on"),
-    }
+    async with request.form(max_files=1, max_fields=64) as form:  # closing it deletes spooled upload files
+        upload = form.get("image")
+        image = image_name = None
+        if isinstance(upload, UploadFile):
+            data = await upload.read()
+            if data or upload.filename:  # a browser sends an empty part when no file was chosen
+                image, image_name = data, upload.filename or "uploaded image"
+        elif isinstance(upload, str) and upload:
+            raise ValueError("field 'image' must be an uploaded file (multipart file part), not text")
+        checklist = {k: str(v) for k, v in form.multi_items() if k not in _RESERVED and str(v).strip()}
+        return {
+            "image": image,
+            "image_name": image_name,
+            "text": form.get("text") or None,
+            "checklist": checklist,
+            "k": _parse_k(form.get("k", 10)),
+            "heatmaps": str(form.get("heatmaps", "")).lower() in ("1", "true", "on"),
+        }
 
 
 def create_app(searcher: CaseSearcher, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES) -> FastAPI:
