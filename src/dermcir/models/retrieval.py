@@ -44,6 +44,8 @@ class ComposedRetrievalModel(nn.Module):
             config.text_encoder, config.text_weights, pretrained, max_tokens=config.max_text_tokens
         )
         config.mean, config.std = tuple(self.backbone.mean), tuple(self.backbone.std)
+        # NHWC convolutions: measured 2.2x faster on this CPU for Lite0 at 512 px (and the usual layout for AMP on GPU)
+        self.backbone.to(memory_format=torch.channels_last)
         self.text_proj = nn.Sequential(nn.Linear(self.text_encoder.width, config.dim), nn.LayerNorm(config.dim))
         # The text encoder may stay frozen; a small trainable context layer lets the text tokens be re-read for this
         # task (e.g. bind "present"/"absent" to the criterion before them) before the image attends to them.
@@ -76,7 +78,7 @@ class ComposedRetrievalModel(nn.Module):
 
     def image_features(self, images: torch.Tensor | np.ndarray) -> list[torch.Tensor]:
         """Backbone maps of preprocessed uint8 images, pooled to the configured grid."""
-        return self.pool_maps(self.backbone(self.normalize(images)))
+        return self.pool_maps(self.backbone(self.normalize(images).contiguous(memory_format=torch.channels_last)))
 
     def pool_maps(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
         g = self.config.grid

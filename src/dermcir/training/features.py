@@ -61,7 +61,7 @@ class CachedFeatures:
     @classmethod
     def build(
         cls, model: ComposedRetrievalModel, cases: Sequence[Case], images: np.ndarray, n_views: int = 1,
-        cache_dir: Path | None = None, batch_size: int = 16, progress: bool = True,
+        cache_dir: Path | None = None, batch_size: int = 2, progress: bool = True,
     ) -> CachedFeatures:
         cache = (cache_dir or default_cache_dir()) / "features"
         cfg = model.config
@@ -77,7 +77,9 @@ class CachedFeatures:
                 with torch.inference_mode():
                     for s in range(0, len(todo), batch_size):
                         chunk = todo[s : s + batch_size]
-                        maps = model.backbone(model.normalize(_apply_view(images[chunk], view)))
+                        # small batches: at 512 px they stay in cache and ran 2x faster per image than 16 here
+                        x = model.normalize(_apply_view(images[chunk], view))
+                        maps = model.backbone(x.contiguous(memory_format=torch.channels_last))
                         maps = [torch.nn.functional.adaptive_avg_pool2d(m, min(cls.CACHE_GRID, m.shape[-1]))
                                 for m in maps]
                         for j, i in enumerate(chunk):
