@@ -29,6 +29,15 @@ from dermcir.training.trainer import describe_all, fit, query_embeddings, target
 
 log = logging.getLogger(__name__)
 METHOD = "dermcir-composed"
+_DB = "image-only database (the seed's protocol)"
+#: What each ablation's query is (the database side never changes).
+PROTOCOLS = {
+    "composed": f"image + text query, {_DB}",
+    "image-only": f"image-only query (same trained models), {_DB}",
+    "text-only": f"text-only query (same trained models), {_DB}",
+    "composed, beta=0 (global only)": f"image + text query scored with the global term only, {_DB}",
+    "composed, beta=1 (local only)": f"image + text query scored with the local term only, {_DB}",
+}
 
 
 def _variants(desc_q: dict, beta: float) -> dict[str, torch.Tensor]:
@@ -102,7 +111,8 @@ def run_cv(
         METHOD, rows, profile=profile, n_cases=len(cases), n_folds=n_folds, seed=seed, device=str(device),
         categories=category_counts(cases), seconds=time.perf_counter() - start, prepare_seconds=prep_seconds,
         skipped=report.skipped,
-        ablations={name: build_results(name, r) for name, r in ablations.items()},
+        protocol=PROTOCOLS["composed"],
+        ablations={name: build_results(name, r, protocol=PROTOCOLS[name]) for name, r in ablations.items()},
     )
     write_json_atomic(out_dir / "results.json", doc)
     write_tables(doc, out_dir / "tables.md", PAPER_ROWS)
