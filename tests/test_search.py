@@ -49,12 +49,12 @@ def test_composed_score_is_eq9_and_parts_add_up(setup):
 
     model = load_checkpoint(ckpt)
     beta = model.config.beta
-    view = preprocess(load_rgb(query_image), 64)[None]
+    view = np.array(preprocess(load_rgb(query_image), 64)[None])  # writable, as torch wants
     with torch.no_grad():
         tokens, pad = model.text_features([response.text])
         q = model.describe_query(model.image_features(view), tokens, pad)
         for r in response.results[:3]:
-            t = model.describe_target(model.image_features(preprocess(load_rgb(r.image), 64)[None]))
+            t = model.describe_target(model.image_features(np.array(preprocess(load_rgb(r.image), 64)[None])))
             for level in range(3):
                 local = beta * F.cosine_similarity(q.locals[level], t.locals[level]).item()
                 glob = (1 - beta) * F.cosine_similarity(q.globals[level], t.globals[level]).item()
