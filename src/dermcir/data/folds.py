@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -23,5 +24,9 @@ def validation_split(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Split training indices into ``(train, validation)``, stratified by label; the test fold is never touched."""
     labels = np.asarray(labels)[indices]
-    train, val = train_test_split(indices, test_size=fraction, random_state=seed, stratify=labels)
+    # Stratification needs at least one validation case per category, even for tiny collections.
+    n_val = max(math.ceil(fraction * len(indices)), len(set(labels.tolist())))  # ceil: as scikit-learn rounds
+    if n_val >= len(indices):
+        raise ValueError(f"{len(indices)} training cases are too few for a stratified validation split")
+    train, val = train_test_split(indices, test_size=n_val, random_state=seed, stratify=labels)
     return np.sort(train), np.sort(val)
