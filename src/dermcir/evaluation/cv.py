@@ -95,10 +95,11 @@ def run_cv(
             for name, query in variants.items():
                 scores = (query @ target.T).cpu().numpy()
                 row = fold_row(fold, scores, labels[q], labels[db])
-                if name == "composed":
+                if name == "composed":  # the main result, not an ablation of itself
                     rows.append(row)
                     examples.append({"fold": fold, "query": q, "database": db, "scores": scores})
-                ablations.setdefault(name, []).append(row)
+                else:
+                    ablations.setdefault(name, []).append(row)
             log.info("fold %d: %s", fold, {k: round(v, 2) for k, v in rows[-1].items() if k.startswith(("mAP", "Acc"))})
         to_json(model_cfg, fold_dir / "model_config.json")
         to_json(train_cfg, fold_dir / "train_config.json")
