@@ -46,7 +46,7 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ck, "save_file", boom)
     with torch.no_grad():
-        model.text_proj[0].weight.add_(1.0)
+        model.heads[0].text_proj[0].weight.add_(1.0)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(model, tmp_path / "ckpt", frozen=())
     assert fingerprint(tmp_path / "ckpt") == good
@@ -57,7 +57,7 @@ def test_fingerprint_changes_with_weights(tmp_path):
     model = tiny()
     save_checkpoint(model, tmp_path / "a", frozen=())
     with torch.no_grad():
-        model.levels[0].null_image.add_(1.0)
+        model.heads[0].levels[0].null_image.add_(1.0)
     save_checkpoint(model, tmp_path / "b", frozen=())
     assert fingerprint(tmp_path / "a") != fingerprint(tmp_path / "b")
 

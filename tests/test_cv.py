@@ -2,6 +2,9 @@
 
 import json
 
+import numpy as np
+import torch
+
 import pytest
 
 from dermcir.cli import main
@@ -62,6 +65,26 @@ def test_train_command_writes_a_loadable_checkpoint(toy_release, tmp_path):
     model = load_checkpoint(tmp_path / "ckpt")
     assert model.config.categories and model.config.image_size == 64
     assert "best epoch" in (tmp_path / "ckpt" / "train.log").read_text()
+    assert model.config.members == 2 and len(model.heads) == 2  # the cpu profile's ensemble is in the checkpoint
+
+
+def test_fit_trains_every_ensemble_member(toy_release):
+    from dermcir.data.cache import preprocess_cases
+    from dermcir.models import ComposedRetrievalModel
+    from dermcir.training import get_profile, prepare_inputs
+    from dermcir.training.trainer import fit
+
+    cases, _ = load_derm7pt(toy_release, min_cases=5)
+    cases, images = preprocess_cases(cases, 64, progress=False)
+    model_cfg, train_cfg, views = get_profile("cpu", **{**FAST, "members": 2, "refit_epochs": 0})
+    model_cfg.categories = sorted({c.category for c in cases})
+    model = ComposedRetrievalModel(model_cfg, pretrained=False)
+    inputs = prepare_inputs(model, cases, images, train_cfg, views, torch.device("cpu"), progress=False)
+    before = [h.levels[1].masks[0].weight.detach().clone() for h in model.heads]
+    idx = np.arange(len(cases))
+    fit(model, inputs, idx[::2], idx[1::2], train_cfg, torch.device("cpu"), len(model_cfg.categories), progress=False)
+    for m, (head, w) in enumerate(zip(model.heads, before, strict=True)):
+        assert not torch.equal(head.levels[1].masks[0].weight, w), f"member {m} did not train"
 
 
 def test_bad_settings_are_one_line_errors(toy_release, tmp_path, capsys):

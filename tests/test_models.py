@@ -39,11 +39,11 @@ def test_one_training_step_per_registered_encoder(backbone, text):
     assert q.shape == t.shape == (4, model.embedding_dim)
     loss = loss_fn(q, t, torch.tensor([0, 0, 1, 1]))["total"]
     assert torch.isfinite(loss)
-    before = model.levels[0].fusion[0].attn.in_proj_weight.detach().clone()
+    before = model.heads[0].levels[0].fusion[0].attn.in_proj_weight.detach().clone()
     opt.zero_grad()
     loss.backward()
     opt.step()
-    assert not torch.equal(before, model.levels[0].fusion[0].attn.in_proj_weight)
+    assert not torch.equal(before, model.heads[0].levels[0].fusion[0].attn.in_proj_weight)
 
 
 def test_encoder_inner_product_is_eq9_on_real_model():
@@ -56,6 +56,31 @@ def test_encoder_inner_product_is_eq9_on_real_model():
         direct = fused_similarity(dq.locals, dt.locals, dq.globals, dt.globals, 0.6)
         via = model.encode_query(IMAGES, TEXTS) @ model.encode_target(IMAGES[::-1].copy()).T
     torch.testing.assert_close(via, direct, rtol=1e-5, atol=1e-5)
+
+
+def test_ensemble_members_average_unit_descriptors_and_keep_eq9():
+    torch.manual_seed(0)
+    model = tiny(members=2).eval()
+    assert len(model.heads) == 2
+    with torch.no_grad():
+        maps = model.image_features(IMAGES)
+        tok, pad = model.text_features(TEXTS)
+        members = [h.describe(maps, h.text_states(tok, pad), pad) for h in model.heads]
+        both = model.describe_query(maps, tok, pad)
+        # independently initialised: the members disagree, and the model's descriptor is their unit-vector mean
+        assert not torch.allclose(members[0].locals[0], members[1].locals[0])
+        for i in range(3):
+            expected = (torch.nn.functional.normalize(members[0].locals[i], dim=-1)
+                        + torch.nn.functional.normalize(members[1].locals[i], dim=-1)) / 2
+            torch.testing.assert_close(both.locals[i], expected)
+            assert both.masks[i].shape == (4, 6, 4, 4)  # k masks of each member
+        dt = model.describe_target(model.image_features(IMAGES[::-1].copy()))
+        direct = fused_similarity(both.locals, dt.locals, both.globals, dt.globals, 0.6)
+        via = model.encode_query(IMAGES, TEXTS) @ model.encode_target(IMAGES[::-1].copy()).T
+    torch.testing.assert_close(via, direct, rtol=1e-5, atol=1e-5)
+    assert model.encode_target(IMAGES).shape == (4, model.embedding_dim) == (4, 6 * 32)
+    with pytest.raises(ValueError, match="members must be at least 1"):
+        tiny(members=0)
 
 
 def test_query_modes_and_target_independence():

@@ -30,6 +30,9 @@ class ModelConfig:
     token_dropout: float = 0.0  # dropout on projected image tokens in training: keeps the image path from memorising
     n_masks: int = 8  # k spatial attention masks per level (Eq. 6)
     beta: float = 0.6  # weight of the local term in Eq. 9
+    # Independently initialised and trained head sets over the same frozen encoders; their unit descriptors are
+    # averaged (an ensemble inside one checkpoint: same embedding size, same Eq. 9, less seed-to-seed variance).
+    members: int = 1
     max_text_tokens: int = 96
     template_version: str = "meta-report-v1"
     categories: list[str] = field(default_factory=list)  # training categories, in proxy order

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from dermcir.data.cache import preprocess_cases
 from dermcir.data.cases import Case, LoadReport
 from dermcir.models import ComposedRetrievalModel
+from dermcir.models.retrieval import N_LEVELS
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def encode_cases(
             kept.extend(good)
         bar.update(len(chunk))
     bar.close()
-    dim, levels = model.embedding_dim, len(model.levels)
+    dim, levels = model.embedding_dim, N_LEVELS
     return EncodedCases(
         kept,
         np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32),

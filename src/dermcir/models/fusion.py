@@ -1,9 +1,24 @@
-"""The per-level heads: the cross-modal transformer (Eq. 5) and the spatial attention masks (Eq. 6)."""
+"""The trainable heads: per level the cross-modal transformer (Eq. 5) and the spatial attention masks (Eq. 6), and
+the :class:`HeadSet` that holds one set of them together with the text-side layers."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
 from torch import nn
+
+from dermcir.similarity import global_descriptor, local_descriptor
+
+
+@dataclass
+class Descriptors:
+    """Per-level local and global descriptors of a batch, with the attention masks that pooled the local ones."""
+
+    locals: list[torch.Tensor]  # L × (B, D)
+    globals: list[torch.Tensor]  # L × (B, D)
+    masks: list[torch.Tensor]  # L × (B, k, H, W) softmax-normalised spatial attention
 
 
 class CrossModalLayer(nn.Module):
@@ -44,3 +59,49 @@ class LevelHead(nn.Module):
         for layer in self.fusion:
             visual = layer(visual, text, text_pad)
         return visual
+
+
+class HeadSet(nn.Module):
+    """Everything trainable that turns backbone maps and frozen text tokens into descriptors: the text projection and
+    context layers, and one :class:`LevelHead` per pyramid level. A model holds one or more independently initialised
+    head sets (an ensemble over the same frozen encoders; see ``ModelConfig.members``)."""
+
+    def __init__(self, text_width: int, channels: Sequence[int], dim: int, heads: int, fusion_layers: int,
+                 text_layers: int, n_masks: int, token_dropout: float) -> None:
+        super().__init__()
+        self.text_proj = nn.Sequential(nn.Linear(text_width, dim), nn.LayerNorm(dim))
+        # The text encoder may stay frozen; a small trainable context layer lets the text tokens be re-read for this
+        # task (e.g. bind "present"/"absent" to the criterion before them) before the image attends to them.
+        self.text_context = nn.ModuleList(
+            nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, batch_first=True, norm_first=True)
+            for _ in range(text_layers)
+        )
+        self.levels = nn.ModuleList(
+            LevelHead(c, dim, heads, fusion_layers, n_masks, token_dropout) for c in channels
+        )
+
+    def text_states(self, tokens: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        """Frozen token embeddings ``(B, T, E)`` → the text tokens the image attends to, ``(B, T, D)``."""
+        text = self.text_proj(tokens.to(self.text_proj[0].weight.dtype))
+        for layer in self.text_context:
+            text = layer(text, src_key_padding_mask=pad)
+        return text
+
+    def describe(self, maps: list[torch.Tensor] | None, text: torch.Tensor | None, pad: torch.Tensor | None) -> Descriptors:
+        """Descriptors of targets (``text`` None), composed queries (both) or text-only queries (``maps`` None).
+
+        ``text`` is the output of :meth:`text_states`, so a caller that needs several query modes computes it once.
+        """
+        locals_, globals_, masks = [], [], []
+        for level, head in enumerate(self.levels):
+            if maps is not None:
+                x, (h, w) = head.tokens(maps[level])
+            else:  # text-only: a constant "no image" map
+                x, (h, w) = head.null_image.expand(text.shape[0], 1, -1), (1, 1)
+            if text is not None:
+                x = head.inject(x, text, pad)
+            logits = head.masks(x)  # (B, P, k)
+            locals_.append(local_descriptor(x, logits))
+            globals_.append(global_descriptor(x))
+            masks.append(logits.softmax(dim=1).transpose(1, 2).reshape(x.shape[0], -1, h, w))
+        return Descriptors(locals_, globals_, masks)

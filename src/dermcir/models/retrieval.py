@@ -8,7 +8,6 @@ text injection) and ``text`` (text injected into a learned "no image" token).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -16,21 +15,28 @@ import torch.nn.functional as F
 from torch import nn
 
 from dermcir.config import ModelConfig
-from dermcir.models.fusion import LevelHead
+from dermcir.models.fusion import Descriptors, HeadSet
 from dermcir.models.registry import create_backbone, create_text_encoder
-from dermcir.similarity import global_descriptor, local_descriptor, query_vector, target_vector
+from dermcir.similarity import query_vector, target_vector
 
 QUERY_MODES = ("composed", "image", "text")
 N_LEVELS = 3
 
 
-@dataclass
-class Descriptors:
-    """Per-level local and global descriptors of a batch, with the attention masks that pooled the local ones."""
+def average_members(descs: Sequence[Descriptors]) -> Descriptors:
+    """Combine the head sets of an ensemble: per part, the mean of the members' unit descriptors.
 
-    locals: list[torch.Tensor]  # L × (B, D)
-    globals: list[torch.Tensor]  # L × (B, D)
-    masks: list[torch.Tensor]  # L × (B, k, H, W) softmax-normalised spatial attention
+    Eq. 7–9 then apply unchanged (they normalise again), so the embedding keeps its size and its decomposition; the
+    masks are concatenated along ``k``, so their mean is the members' average attention.
+    """
+    if len(descs) == 1:
+        return descs[0]
+    n = len(descs)
+    return Descriptors(
+        [sum(F.normalize(d.locals[i], dim=-1) for d in descs) / n for i in range(len(descs[0].locals))],
+        [sum(F.normalize(d.globals[i], dim=-1) for d in descs) / n for i in range(len(descs[0].globals))],
+        [torch.cat([d.masks[i] for d in descs], dim=1) for i in range(len(descs[0].masks))] if descs[0].masks else [],
+    )
 
 
 class ComposedRetrievalModel(nn.Module):
@@ -46,20 +52,15 @@ class ComposedRetrievalModel(nn.Module):
         config.mean, config.std = tuple(self.backbone.mean), tuple(self.backbone.std)
         # NHWC convolutions: measured 2.2x faster on this CPU for Lite0 at 512 px (and the usual layout for AMP on GPU)
         self.backbone.to(memory_format=torch.channels_last)
-        self.text_proj = nn.Sequential(nn.Linear(self.text_encoder.width, config.dim), nn.LayerNorm(config.dim))
-        # The text encoder may stay frozen; a small trainable context layer lets the text tokens be re-read for this
-        # task (e.g. bind "present"/"absent" to the criterion before them) before the image attends to them.
-        self.text_context = nn.ModuleList(
-            nn.TransformerEncoderLayer(config.dim, config.heads, 2 * config.dim, dropout=0.0, batch_first=True,
-                                       norm_first=True)
-            for _ in range(config.text_layers)
+        if len(self.backbone.channels) != N_LEVELS:
+            raise ValueError(f"backbone {config.backbone!r} gives {len(self.backbone.channels)} levels, expected {N_LEVELS}")
+        if config.members < 1:
+            raise ValueError(f"members must be at least 1, got {config.members}")
+        self.heads = nn.ModuleList(
+            HeadSet(self.text_encoder.width, self.backbone.channels, config.dim, config.heads, config.fusion_layers,
+                    config.text_layers, config.n_masks, config.token_dropout)
+            for _ in range(config.members)
         )
-        self.levels = nn.ModuleList(
-            LevelHead(c, config.dim, config.heads, config.fusion_layers, config.n_masks, config.token_dropout)
-            for c in self.backbone.channels
-        )
-        if len(self.levels) != N_LEVELS:
-            raise ValueError(f"backbone {config.backbone!r} gives {len(self.levels)} levels, expected {N_LEVELS}")
         self.register_buffer("_mean", torch.tensor(config.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("_std", torch.tensor(config.std).view(1, 3, 1, 1), persistent=False)
 
@@ -105,24 +106,10 @@ class ComposedRetrievalModel(nn.Module):
         return self._describe(maps, tokens, pad)
 
     def _describe(self, maps, tokens, pad) -> Descriptors:
-        text = None
-        if tokens is not None:
-            text = self.text_proj(tokens.to(self.text_proj[0].weight.dtype))
-            for layer in self.text_context:
-                text = layer(text, src_key_padding_mask=pad)
-        locals_, globals_, masks = [], [], []
-        for level, head in enumerate(self.levels):
-            if maps is not None:
-                x, (h, w) = head.tokens(maps[level])
-            else:  # text-only: a constant "no image" map
-                x, (h, w) = head.null_image.expand(text.shape[0], 1, -1), (1, 1)
-            if text is not None:
-                x = head.inject(x, text, pad)
-            logits = head.masks(x)  # (B, P, k)
-            locals_.append(local_descriptor(x, logits))
-            globals_.append(global_descriptor(x))
-            masks.append(logits.softmax(dim=1).transpose(1, 2).reshape(x.shape[0], -1, h, w))
-        return Descriptors(locals_, globals_, masks)
+        return average_members([
+            head.describe(maps, head.text_states(tokens, pad) if tokens is not None else None, pad)
+            for head in self.heads
+        ])
 
     def query_embedding(self, d: Descriptors, beta: float | None = None) -> torch.Tensor:
         return query_vector(d.locals, d.globals, self.config.beta if beta is None else beta)

@@ -2,7 +2,9 @@
 
 * ``cpu``: frozen ImageNet backbone whose multi-level maps are cached once (pooled to a 4×4 grid per level) with two
   views (identity, horizontal flip) for augmentation; only the text layers, cross-modal transformers and mask heads
-  train. Sized for the whole 5-fold benchmark in under 20 minutes on 2 idle CPU cores.
+  train, as two independently initialised head sets whose descriptors are averaged (small heads on frozen features
+  vary a lot from seed to seed; see docs/method.md). Sized for the whole 5-fold benchmark in under 20 minutes on 2
+  idle CPU cores.
 * ``gpu``: the backbone fine-tuned end to end at 512 px with the seed's optimiser settings, native-resolution maps,
   device-resident images and augmentation, bf16 autocast.
 """
@@ -16,7 +18,7 @@ from dermcir.config import ModelConfig, TrainConfig
 PROFILES: dict[str, tuple[ModelConfig, TrainConfig, int]] = {
     # name: (model config, train config, cached views)
     "cpu": (
-        ModelConfig(grid=4, dim=64, token_dropout=0.3),
+        ModelConfig(grid=4, dim=64, token_dropout=0.3, members=2),
         TrainConfig(profile="cpu", head_lr=3e-3, batch_size=128),
         2,
     ),

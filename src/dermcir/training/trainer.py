@@ -10,11 +10,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch import nn
 
 from dermcir.config import TrainConfig
 from dermcir.losses import CategoryContrastiveLoss
 from dermcir.metrics import mean_average_precision
 from dermcir.models import ComposedRetrievalModel, Descriptors
+from dermcir.models.fusion import HeadSet
 from dermcir.similarity import query_vector, target_vector
 
 log = logging.getLogger(__name__)
@@ -116,11 +118,14 @@ def fit(
         p.requires_grad_(False)
     for p in model.backbone.parameters():
         p.requires_grad_(train_backbone)
-    loss_fn = CategoryContrastiveLoss(
-        n_categories, 6, model.config.dim, model.config.beta, cfg.temperature, cfg.proxy_weight
+    # One loss (with its own category proxies) per head set: the members of an ensemble train independently on the
+    # same batches and meet only in the averaged descriptors that validation and search use.
+    loss_fns = nn.ModuleList(
+        CategoryContrastiveLoss(n_categories, 6, model.config.dim, model.config.beta, cfg.temperature, cfg.proxy_weight)
+        for _ in model.heads
     ).to(device)
     heads = [p for n, p in model.named_parameters() if not n.startswith(("backbone.", "text_encoder."))]
-    groups = [{"params": heads + list(loss_fn.parameters()), "lr": cfg.head_lr}]
+    groups = [{"params": heads + list(loss_fns.parameters()), "lr": cfg.head_lr}]
     if train_backbone:
         groups.append({"params": list(model.backbone.parameters()), "lr": cfg.lr})
     optim = torch.optim.Adam(groups, weight_decay=cfg.weight_decay)
@@ -148,14 +153,8 @@ def fit(
             with _autocast(device, cfg.amp):
                 maps = inputs.source.batch(b, True, device)
                 tok, pad = inputs.text(b, device)
-                target_desc = model.describe_target(maps)
-                target = target_vector(target_desc.locals, target_desc.globals)
-                beta = model.config.beta
-                composed = model.query_embedding(model.describe_query(maps, tok, pad), beta)
-                text_only = model.query_embedding(model.describe_query(None, tok, pad), beta)
-                image_only = query_vector(target_desc.locals, target_desc.globals, beta)
-                loss = loss_fn(composed, target, y)["total"]
-                loss = loss + 0.5 * (loss_fn(text_only, target, y)["total"] + loss_fn(image_only, target, y)["total"])
+                loss = sum(_member_loss(head, loss_fn, maps, tok, pad, y, model.config.beta)
+                           for head, loss_fn in zip(model.heads, loss_fns, strict=True))
             optim.zero_grad(set_to_none=True)
             loss.backward()
             optim.step()
@@ -184,6 +183,21 @@ def fit(
         log.info("refit %d epochs on all %d database cases", cfg.refit_epochs, len(refit_idx))
     model.eval()
     return FitResult(best[1], best[0], len(history), time.perf_counter() - start, history)
+
+
+def _member_loss(head: HeadSet, loss_fn: CategoryContrastiveLoss, maps: list[torch.Tensor], tok: torch.Tensor,
+                 pad: torch.Tensor, y: torch.Tensor, beta: float) -> torch.Tensor:
+    """One head set's loss on a batch, for all three query modes; the text states are computed once for both modes
+    that read the text."""
+    target_desc = head.describe(maps, None, None)
+    target = target_vector(target_desc.locals, target_desc.globals)
+    text = head.text_states(tok, pad)
+    composed_desc, text_desc = head.describe(maps, text, pad), head.describe(None, text, pad)
+    composed = query_vector(composed_desc.locals, composed_desc.globals, beta)
+    text_only = query_vector(text_desc.locals, text_desc.globals, beta)
+    image_only = query_vector(target_desc.locals, target_desc.globals, beta)
+    loss = loss_fn(composed, target, y)["total"]
+    return loss + 0.5 * (loss_fn(text_only, target, y)["total"] + loss_fn(image_only, target, y)["total"])
 
 
 def validation_map(
