@@ -83,6 +83,21 @@ def test_ensemble_members_average_unit_descriptors_and_keep_eq9():
         tiny(members=0)
 
 
+def test_one_pass_training_modes_equal_separate_descriptions():
+    torch.manual_seed(0)
+    model = tiny(fusion_layers=2).eval()
+    head = model.heads[0]
+    with torch.no_grad():
+        maps = model.image_features(IMAGES)
+        tok, pad = model.text_features(TEXTS)
+        text = head.text_states(tok, pad)
+        joint = head.describe_training_modes(maps, text, pad)
+        separate = (head.describe(maps, None, None), head.describe(maps, text, pad), head.describe(None, text, pad))
+    for mode, (a, b) in enumerate(zip(joint, separate, strict=True)):
+        for x, y in zip(a.locals + a.globals, b.locals + b.globals, strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5, msg=f"mode {mode}")
+
+
 def test_query_modes_and_target_independence():
     model = tiny().eval()
     with torch.no_grad():

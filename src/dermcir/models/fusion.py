@@ -105,3 +105,24 @@ class HeadSet(nn.Module):
             globals_.append(global_descriptor(x))
             masks.append(logits.softmax(dim=1).transpose(1, 2).reshape(x.shape[0], -1, h, w))
         return Descriptors(locals_, globals_, masks)
+
+    def describe_training_modes(
+        self, maps: list[torch.Tensor], text: torch.Tensor, pad: torch.Tensor
+    ) -> tuple[Descriptors, Descriptors, Descriptors]:
+        """Target, composed-query and text-only-query descriptors of one batch in a single pass (masks left out).
+
+        Equal to three :meth:`describe` calls, but cheaper: the image is projected once for the target and the
+        composed query, and the "no image" token rides along with the image tokens through the cross-modal layers.
+        That is exact because those layers have no attention among visual tokens: each visual token attends to the
+        text on its own, and the norms and feed-forward act per token.
+        """
+        out: tuple[list, list, list, list, list, list] = ([], [], [], [], [], [])
+        for level, head in enumerate(self.levels):
+            x, _ = head.tokens(maps[level])
+            n = x.shape[1]
+            fused = head.inject(torch.cat([x, head.null_image.expand(x.shape[0], 1, -1)], dim=1), text, pad)
+            for mode, tokens in enumerate((x, fused[:, :n], fused[:, n:])):
+                out[2 * mode].append(local_descriptor(tokens, head.masks(tokens)))
+                out[2 * mode + 1].append(global_descriptor(tokens))
+        target, composed, text_only = (Descriptors(out[2 * m], out[2 * m + 1], []) for m in range(3))
+        return target, composed, text_only

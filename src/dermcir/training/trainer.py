@@ -187,12 +187,9 @@ def fit(
 
 def _member_loss(head: HeadSet, loss_fn: CategoryContrastiveLoss, maps: list[torch.Tensor], tok: torch.Tensor,
                  pad: torch.Tensor, y: torch.Tensor, beta: float) -> torch.Tensor:
-    """One head set's loss on a batch, for all three query modes; the text states are computed once for both modes
-    that read the text."""
-    target_desc = head.describe(maps, None, None)
+    """One head set's loss on a batch, for all three query modes (described in one pass)."""
+    target_desc, composed_desc, text_desc = head.describe_training_modes(maps, head.text_states(tok, pad), pad)
     target = target_vector(target_desc.locals, target_desc.globals)
-    text = head.text_states(tok, pad)
-    composed_desc, text_desc = head.describe(maps, text, pad), head.describe(None, text, pad)
     composed = query_vector(composed_desc.locals, composed_desc.globals, beta)
     text_only = query_vector(text_desc.locals, text_desc.globals, beta)
     image_only = query_vector(target_desc.locals, target_desc.globals, beta)
