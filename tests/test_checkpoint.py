@@ -19,6 +19,20 @@ def test_roundtrip_restores_config_and_outputs(tmp_path):
     assert not list(tmp_path.glob("*.pt*")) and (tmp_path / "ckpt" / "model.safetensors").is_file()
 
 
+def test_checkpoint_from_before_head_sets_still_loads(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = tiny(n_masks=2).eval()
+    model.config.categories = ["a", "b"]
+    save_checkpoint(model, tmp_path / "ckpt", frozen=())
+    path = tmp_path / "ckpt" / "model.safetensors"
+    legacy = {k.removeprefix("heads.0."): v for k, v in load_file(str(path)).items()}  # the old key layout
+    assert any(k.startswith("levels.") for k in legacy)
+    save_file(legacy, str(path))
+    with torch.no_grad():
+        torch.testing.assert_close(load_checkpoint(tmp_path / "ckpt").encode_target(IMAGES), model.encode_target(IMAGES))
+
+
 def test_frozen_parts_are_referenced_and_verified(tmp_path):
     model = tiny(text="minilm", pretrained=True).eval()
     save_checkpoint(model, tmp_path / "ckpt", frozen=("backbone", "text_encoder"))

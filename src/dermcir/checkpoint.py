@@ -115,11 +115,20 @@ def load_checkpoint(ckpt_dir: str | Path, device: str | torch.device = "cpu") ->
     weights = ckpt_dir / WEIGHTS
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: not found")
-    missing, unexpected = model.load_state_dict(load_file(str(weights)), strict=False)
+    missing, unexpected = model.load_state_dict(_upgrade_legacy_keys(load_file(str(weights))), strict=False)
     missing = [k for k in missing if k.split(".", 1)[0] not in frozen]
     if missing or unexpected:
         raise ValueError(f"{weights}: does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
     return model.to(device).eval()
+
+
+#: Top-level modules that a checkpoint written before head sets existed (``ModelConfig.members``) stores directly.
+_LEGACY_HEAD_MODULES = ("text_proj.", "text_context.", "levels.")
+
+
+def _upgrade_legacy_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Weights saved before head sets existed: their heads are the single head set ``heads.0``."""
+    return {f"heads.0.{k}" if k.startswith(_LEGACY_HEAD_MODULES) else k: v for k, v in state.items()}
 
 
 def fingerprint(ckpt_dir: str | Path) -> str:
