@@ -60,6 +60,11 @@ class LevelHead(nn.Module):
             visual = layer(visual, text, text_pad)
         return visual
 
+    def pool(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Tokens ``(B, P, D)`` → local descriptor (Eq. 6–7), global descriptor (Eq. 8) and mask logits ``(B, P, k)``."""
+        logits = self.masks(x)
+        return local_descriptor(x, logits), global_descriptor(x), logits
+
 
 class HeadSet(nn.Module):
     """Everything trainable that turns backbone maps and frozen text tokens into descriptors: the text projection and
@@ -100,9 +105,9 @@ class HeadSet(nn.Module):
                 x, (h, w) = head.null_image.expand(text.shape[0], 1, -1), (1, 1)
             if text is not None:
                 x = head.inject(x, text, pad)
-            logits = head.masks(x)  # (B, P, k)
-            locals_.append(local_descriptor(x, logits))
-            globals_.append(global_descriptor(x))
+            local, glob, logits = head.pool(x)
+            locals_.append(local)
+            globals_.append(glob)
             masks.append(logits.softmax(dim=1).transpose(1, 2).reshape(x.shape[0], -1, h, w))
         return Descriptors(locals_, globals_, masks)
 
@@ -122,7 +127,8 @@ class HeadSet(nn.Module):
             n = x.shape[1]
             fused = head.inject(torch.cat([x, head.null_image.expand(x.shape[0], 1, -1)], dim=1), text, pad)
             for mode, tokens in enumerate((x, fused[:, :n], fused[:, n:])):
-                out[2 * mode].append(local_descriptor(tokens, head.masks(tokens)))
-                out[2 * mode + 1].append(global_descriptor(tokens))
+                local, glob, _ = head.pool(tokens)
+                out[2 * mode].append(local)
+                out[2 * mode + 1].append(glob)
         target, composed, text_only = (Descriptors(out[2 * m], out[2 * m + 1], []) for m in range(3))
         return target, composed, text_only
