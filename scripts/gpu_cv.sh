@@ -1,15 +1,36 @@
 #!/usr/bin/env bash
 # Runs the GPU-profile 5-fold benchmark on the device machine from a packed payload (scripts/pack_gpu_payload.py).
-# Usage on the device: bash scripts/gpu_cv.sh [OUT_DIR] [extra `dermcir cv` options]
-# (the GPU image has torch, timm, transformers, scikit-learn). A local smoke test of this exact path on a tiny packed
-# subset: bash scripts/gpu_cv.sh /tmp/smoke --data /tmp/tiny_release --min-cases 4 --folds 2 --set epochs=1 ...
-set -euo pipefail
+#
+# Usage: bash scripts/gpu_cv.sh RUN_DIR [extra `dermcir cv` options, e.g. --time-budget 460]
+#   RUN_DIR gets the usual cv outputs; with $BUNDLE set, the run folder is also packed into $BUNDLE/cv_gpu.tgz and its
+#   results.json, tables.md and log are copied there (the device tool returns at most 8 files from $OUT).
+# The GPU image has torch, timm, transformers, scikit-learn, pandas, matplotlib but not our PyPI weight packages and
+# no network, so the package runs from src/ (no pip install) with the weights from gpu_payload/.
+# Local smoke test of this exact path on a tiny packed subset (runs on the CPU):
+#   bash scripts/gpu_cv.sh /tmp/smoke --data /tmp/tiny_release --min-cases 4 --folds 2 --set epochs=1 ...
+set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT="${1:-${OUT:-runs}/cv_gpu}"
-pip install -q --no-deps -e . >/dev/null 2>&1 || true
-export PYTHONPATH="$PWD/src:${PYTHONPATH:-}" DERMCIR_CACHE="$PWD/.dermcir-cache" HF_HUB_OFFLINE=1
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-python -m dermcir cv --data gpu_payload/release --profile gpu --out "$OUT" --quiet \
-  --set backbone_weights='"gpu_payload/lite0_fp16.safetensors"' \
-  --set text_encoder='"bert"' --set text_weights='"gpu_payload/minilm"' "${@:2}"
-cat "$OUT/tables.md"
+RUN_DIR="${1:?usage: gpu_cv.sh RUN_DIR [dermcir cv options]}"
+mkdir -p "$RUN_DIR"
+LOG="$RUN_DIR.log"
+export PYTHONPATH="$PWD/src:${PYTHONPATH:-}" DERMCIR_CACHE="${DERMCIR_CACHE:-$PWD/.dermcir-cache}" HF_HUB_OFFLINE=1
+export PYTHONUNBUFFERED=1
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+  python -c "import torch, timm, transformers; print('torch', torch.__version__, 'timm', timm.__version__, 'transformers', transformers.__version__)"
+  start=$(date +%s)
+  python -m dermcir cv --data gpu_payload/release --profile gpu --out "$RUN_DIR" --quiet \
+    --set backbone_weights='"gpu_payload/lite0_fp16.safetensors"' \
+    --set text_encoder='"bert"' --set text_weights='"gpu_payload/minilm"' "${@:2}"
+  rc=$?
+  echo "dermcir cv exit $rc after $(( $(date +%s) - start )) s"
+  [ -f "$RUN_DIR/tables.md" ] && cat "$RUN_DIR/tables.md"
+  exit $rc
+} 2>&1 | tee "$LOG"
+rc=${PIPESTATUS[0]}
+if [ -n "${BUNDLE:-}" ]; then
+  mkdir -p "$BUNDLE"
+  tar czf "$BUNDLE/cv_gpu.tgz" -C "$(dirname "$RUN_DIR")" "$(basename "$RUN_DIR")" "$(basename "$LOG")"
+  cp "$LOG" "$BUNDLE/" && cp "$RUN_DIR"/results.json "$RUN_DIR"/tables.md "$BUNDLE/" 2>/dev/null
+fi
+exit "$rc"

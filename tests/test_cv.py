@@ -1,6 +1,7 @@
 """End-to-end: the benchmark and the train command on a synthetic release (tiny settings, real code paths)."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -87,6 +88,45 @@ def test_fit_trains_every_ensemble_member(toy_release):
         assert not torch.equal(head.levels[1].masks[0].weight, w), f"member {m} did not train"
 
 
+def _toy_inputs(toy_release, **overrides):
+    from dermcir.data.cache import preprocess_cases
+    from dermcir.models import ComposedRetrievalModel
+    from dermcir.training import get_profile, prepare_inputs
+
+    cases, _ = load_derm7pt(toy_release, min_cases=5)
+    cases, images = preprocess_cases(cases, 64, progress=False)
+    model_cfg, train_cfg, views = get_profile("cpu", **{**FAST, **overrides})
+    model_cfg.categories = sorted({c.category for c in cases})
+    model = ComposedRetrievalModel(model_cfg, pretrained=False)
+    inputs = prepare_inputs(model, cases, images, train_cfg, views, torch.device("cpu"), progress=False)
+    return model, inputs, train_cfg, len(cases)
+
+
+def test_fit_stops_at_its_deadline_and_says_why(toy_release):
+    import time
+
+    from dermcir.training.trainer import fit
+
+    model, inputs, cfg, n = _toy_inputs(toy_release, epochs=50, patience=50, refit_epochs=0)
+    idx = np.arange(n)
+    result = fit(model, inputs, idx[::2], idx[1::2], cfg, torch.device("cpu"), 3, progress=False,
+                 deadline=time.perf_counter())
+    assert result.stopped_by == "time budget" and result.epochs_run == 1
+    assert {"train_s", "val_s"} <= set(result.history[0])
+    result = fit(model, inputs, idx[::2], idx[1::2], replace(cfg, epochs=3), torch.device("cpu"), 3, progress=False)
+    assert result.stopped_by == "epochs" and result.epochs_run == 3
+
+
+def test_batch_inputs_trim_padding_and_match_the_index(toy_release):
+    _, inputs, _, n = _toy_inputs(toy_release)
+    idx = torch.tensor([3, 0, 5])
+    maps, tok, pad, y = inputs.take(idx, idx.clone(), False, torch.device("cpu"))
+    assert tok.shape[1] == pad.shape[1] == int(inputs.lengths[idx].max())  # the batch's longest text, no more
+    torch.testing.assert_close(tok, inputs.tokens[idx, : tok.shape[1]])
+    assert torch.equal(y, inputs.labels[idx]) and all(m.shape[0] == 3 for m in maps)
+    assert inputs.on(torch.device("cpu")) is inputs  # already there: no copy
+
+
 def test_bad_settings_are_one_line_errors(toy_release, tmp_path, capsys):
     assert main(["cv", "--data", str(toy_release), "--out", str(tmp_path), "--min-cases", "5", "--set", "colour=3"]) == 2
     assert "unknown setting(s) ['colour']" in capsys.readouterr().err
@@ -94,6 +134,9 @@ def test_bad_settings_are_one_line_errors(toy_release, tmp_path, capsys):
     assert "categories under --min-cases 50: {'nevus': 8" in capsys.readouterr().err
     assert main(["cv", "--data", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
     assert "meta.csv: not found" in capsys.readouterr().err
+    assert main(["cv", "--data", str(toy_release), "--out", str(tmp_path), "--min-cases", "5", "--method", "dahnet",
+                 "--time-budget", "60"]) == 2
+    assert "--time-budget applies to --method composed only" in capsys.readouterr().err
 
 
 @pytest.mark.integration
@@ -111,9 +154,11 @@ def test_one_fold_pass_on_the_shared_data(tmp_path):
 def test_gpu_profile_code_path_runs_on_cpu(toy_release, tmp_path):
     """The fine-tuning profile (device-resident images, on-device augmentation, trainable backbone), tiny and brief."""
     cases, _ = load_derm7pt(toy_release, min_cases=5)
-    doc = run_cv(cases, tmp_path / "run", profile="gpu", n_folds=2, progress=False,
+    doc = run_cv(cases, tmp_path / "run", profile="gpu", n_folds=2, progress=False, time_budget=600,
                  **{**TINY, "epochs": 1, "patience": 1, "batch_size": 6, "refit_epochs": 1})
     assert doc["profile"] == "gpu" and len(doc["folds"]) == 2
+    assert [t["stopped_by"] for t in doc["training"]] == ["epochs", "epochs"] and doc["time_budget"] == 600
+    assert "## Training per fold" in (tmp_path / "run" / "tables.md").read_text()
 
 
 def test_device_augmentation_keeps_shape_dtype_and_content():

@@ -140,6 +140,25 @@ def test_loss_excludes_own_image_and_uses_all_positives():
         loss_fn(v, v[:3], torch.tensor([0, 1, 0]))
 
 
+def test_loss_averages_only_rows_with_a_positive_and_keeps_gradients_finite():
+    """A batch holding a single case of a category (a rare one, often) must not bias or break the loss."""
+    torch.manual_seed(0)
+    loss_fn = CategoryContrastiveLoss(3, 2, 4, 0.5, temperature=0.5, proxy_weight=0.0)
+    q = torch.randn(5, 8, requires_grad=True)
+    t = torch.randn(5, 8, requires_grad=True)
+    y = torch.tensor([0, 0, 1, 1, 2])  # row 4 is alone in its category
+    out = loss_fn(q, t, y)
+    logits = (q @ t.T / 0.5).detach()
+    naive = []
+    for i in range(4):  # rows with a positive: -log(sum over positives / sum over all, own image left out)
+        others = [j for j in range(5) if j != i]
+        pos = [j for j in others if y[j] == y[i]]
+        naive.append(torch.logsumexp(logits[i, others], 0) - torch.logsumexp(logits[i, pos], 0))
+    torch.testing.assert_close(out["contrastive"].detach(), torch.stack(naive).mean())
+    out["total"].backward()
+    assert torch.isfinite(q.grad).all() and torch.isfinite(t.grad).all()
+
+
 def test_swin_requires_weights_or_hub():
     with pytest.raises(ValueError, match="no offline weights"):
         create_backbone("swin_t", pretrained=True)

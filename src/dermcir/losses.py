@@ -47,7 +47,9 @@ class CategoryContrastiveLoss(nn.Module):
         has_pos = positives.any(dim=1)
         log_all = torch.logsumexp(logits, dim=1)
         log_pos = torch.logsumexp(logits.masked_fill(~positives, float("-inf")), dim=1)
-        contrastive = (log_all - log_pos)[has_pos].mean() if has_pos.any() else logits.new_zeros(())
+        # Rows without a positive in the batch are left out by weight, not by indexing: no host sync on the GPU.
+        per_row = torch.where(has_pos, log_all - log_pos, torch.zeros_like(log_all))
+        contrastive = per_row.sum() / has_pos.sum().clamp(min=1)
 
         proxy_t, proxy_q = self._proxy_vectors()
         proxy = 0.5 * (

@@ -39,6 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--method", default="composed", choices=("composed", *BASELINES),
                    help="the composed model (default) or a re-implemented baseline")
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="composed model: share this wall-clock budget among the folds; a fold whose next epoch would "
+                        "overrun its share stops there like early stopping (recorded as 'time budget')")
     p.set_defaults(handler=cmd_cv)
 
 
@@ -104,8 +107,10 @@ def cmd_cv(args: argparse.Namespace) -> int:
         from dermcir.evaluation.cv import run_cv
 
         doc = run_cv(cases, args.out, profile=args.profile, n_folds=args.folds, seed=args.seed, cache_dir=args.cache,
-                     progress=not args.quiet, **_overrides(args.set))
+                     progress=not args.quiet, time_budget=args.time_budget, **_overrides(args.set))
     else:
+        if args.time_budget is not None:
+            raise ValueError("--time-budget applies to --method composed only")
         from dermcir.baselines import run_baseline_cv
 
         doc = run_baseline_cv(args.method, cases, args.out, n_folds=args.folds, seed=args.seed, profile=args.profile,

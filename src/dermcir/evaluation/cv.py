@@ -23,7 +23,7 @@ from dermcir.data.folds import stratified_folds, validation_split
 from dermcir.evaluation.report import PAPER_ROWS, write_retrieval_figure, write_tables
 from dermcir.evaluation.results import build_results, fold_row, write_json_atomic
 from dermcir.models import ComposedRetrievalModel
-from dermcir.training.pipeline import default_device, prepare_inputs, run_log
+from dermcir.training.pipeline import default_device, device_name, prepare_inputs, run_log
 from dermcir.training.profiles import get_profile
 from dermcir.training.trainer import describe_all, fit, query_embeddings, target_embeddings
 
@@ -53,9 +53,13 @@ def _variants(desc_q: dict, beta: float) -> dict[str, torch.Tensor]:
 
 def run_cv(
     cases: Sequence[Case], out_dir: str | Path, profile: str = "cpu", n_folds: int = 5, seed: int = 0,
-    cache_dir: Path | None = None, progress: bool = True, device: torch.device | None = None, **overrides: Any,
+    cache_dir: Path | None = None, progress: bool = True, device: torch.device | None = None,
+    time_budget: float | None = None, **overrides: Any,
 ) -> dict[str, Any]:
     """Run the k-fold benchmark for the composed model and write its outputs into ``out_dir``.
+
+    ``time_budget`` (seconds, for the whole run): each fold gets an equal share of what is left when it starts, and
+    its training stops early when the next epoch would overrun it (see ``fit``'s ``deadline``).
 
     Returns:
         The ``results.json`` document.
@@ -78,10 +82,18 @@ def run_cv(
         prep_seconds = time.perf_counter() - start
         log.info("prepared %d cases in %.0f s (%s profile, device %s)", len(cases), prep_seconds, profile, device)
 
+    if time_budget is not None and time_budget <= prep_seconds:
+        raise ValueError(f"time budget {time_budget:.0f} s is used up by preparation ({prep_seconds:.0f} s)")
     rows: list[dict] = []
     ablations: dict[str, list[dict]] = {}
     examples: list[dict] = []
+    training: list[dict] = []
     for fold, (db, q) in enumerate(stratified_folds(labels, n_folds, seed)):
+        deadline = None
+        if time_budget is not None:
+            now = time.perf_counter()
+            # an equal share of what is left; 3 % of it is kept for the fold's final evaluation
+            deadline = now + 0.97 * (start + time_budget - now) / (n_folds - fold)
         fold_dir = out_dir / f"fold_{fold}"
         with run_log(fold_dir / "train.log"):
             model.load_state_dict(initial)
@@ -89,7 +101,10 @@ def run_cv(
             log.info("fold %d: %d queries, %d database (%d train + %d validation)", fold, len(q), len(db),
                      len(train_idx), len(val_idx))
             result = fit(model, inputs, train_idx, val_idx, train_cfg, device, len(model_cfg.categories), progress,
-                         refit_idx=db)
+                         refit_idx=db, deadline=deadline)
+            training.append({"fold": fold, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+                             "stopped_by": result.stopped_by, "val_mAP": result.best_val_map,
+                             "train_seconds": result.seconds})
             target = target_embeddings(describe_all(model, inputs, db, device, amp=train_cfg.amp, kinds=("target",))["target"])
             variants = _variants(describe_all(model, inputs, q, device, amp=train_cfg.amp), model_cfg.beta)
             for name, query in variants.items():
@@ -105,13 +120,14 @@ def run_cv(
         to_json(train_cfg, fold_dir / "train_config.json")
         write_json_atomic(fold_dir / "metrics.json", {
             "fold": rows[-1], "best_epoch": result.best_epoch, "val_mAP": result.best_val_map,
-            "epochs_run": result.epochs_run, "train_seconds": result.seconds, "history": result.history,
+            "epochs_run": result.epochs_run, "stopped_by": result.stopped_by, "train_seconds": result.seconds,
+            "history": result.history,
         })
 
     doc = build_results(
-        METHOD, rows, profile=profile, n_cases=len(cases), n_folds=n_folds, seed=seed, device=str(device),
+        METHOD, rows, profile=profile, n_cases=len(cases), n_folds=n_folds, seed=seed, device=device_name(device),
         categories=category_counts(cases), seconds=time.perf_counter() - start, prepare_seconds=prep_seconds,
-        skipped=report.skipped,
+        time_budget=time_budget, training=training, skipped=report.skipped,
         protocol=PROTOCOLS["composed"],
         ablations={name: build_results(name, r, protocol=PROTOCOLS[name]) for name, r in ablations.items()},
     )

@@ -55,6 +55,8 @@ class CachedFeatures:
     VIEWS = ("identity", "hflip", "vflip", "rot180")
     CACHE_GRID = 16
 
+    device = torch.device("cpu")  # the maps stay in host memory; batches are copied to the training device
+
     def __init__(self, maps: list[list[torch.Tensor]]) -> None:
         self.maps = maps  # views × levels × (N, C, g, g) float16
 
@@ -125,6 +127,10 @@ class DeviceImages:
         self.model = model
         self.images = torch.as_tensor(images).to(device)  # (N, H, W, 3) uint8
         self.augment = augment
+
+    @property
+    def device(self) -> torch.device:
+        return self.images.device
 
     def __len__(self) -> int:
         return self.images.shape[0]

@@ -29,6 +29,14 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def device_name(device: torch.device) -> str:
+    """``"cpu"`` or e.g. ``"cuda (NVIDIA H100 80GB HBM3)"``: results name the card they were measured on."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
+
+
 def frozen_parts(profile: str) -> tuple[str, ...]:
     """Submodules a checkpoint stores by reference: the text encoder always, the backbone when it was not trained."""
     return ("backbone", "text_encoder") if profile == "cpu" else ("text_encoder",)
@@ -47,7 +55,7 @@ def prepare_inputs(
     tokens, pad = text_tokens(model, [c.text for c in cases])
     ids = {c: i for i, c in enumerate(model.config.categories)}
     labels = torch.tensor([ids[c.category] for c in cases])
-    return Inputs(source, tokens, pad, labels)
+    return Inputs(source, tokens, pad, labels).on(device)
 
 
 @contextmanager

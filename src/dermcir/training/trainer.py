@@ -30,17 +30,43 @@ def seed_everything(seed: int) -> None:
 
 @dataclass
 class Inputs:
-    """What the loop reads: a feature source (cached maps or device images), frozen text tokens, category ids."""
+    """What the loop reads: a feature source (cached maps or device images), frozen text tokens, category ids.
 
-    source: object  # CachedFeatures | DeviceImages: .batch(idx, train, device) -> list of maps
+    ``tokens``, ``pad`` and ``labels`` live on the training device (see :meth:`on`), so a step gathers its batch with
+    an index already on that device and never waits for the GPU; ``lengths`` stays on the host, where the batch's
+    text width is read without a sync.
+    """
+
+    source: object  # CachedFeatures | DeviceImages: .device and .batch(idx on .device, train, device) -> maps
     tokens: torch.Tensor  # (N, T, E) frozen text-encoder outputs
     pad: torch.Tensor  # (N, T) True = padding
     labels: torch.Tensor  # (N,) category ids
+    lengths: torch.Tensor = field(init=False)  # (N,) real tokens per text, on the host
 
-    def text(self, idx: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        pad = self.pad[idx]
-        width = int((~pad).sum(dim=1).max())  # trim shared padding: shorter attention
-        return self.tokens[idx, :width].to(device), pad[:, :width].to(device)
+    def __post_init__(self) -> None:
+        self.lengths = (~self.pad).sum(dim=1).cpu()
+
+    @property
+    def device(self) -> torch.device:
+        return self.tokens.device
+
+    def on(self, device: torch.device) -> Inputs:
+        """The same inputs with the text tokens, masks and labels on ``device`` (the source stays where it is)."""
+        device = torch.device(device)
+        if self.device == device:
+            return self
+        return Inputs(self.source, self.tokens.to(device), self.pad.to(device), self.labels.to(device))
+
+    def take(self, idx: torch.Tensor, idx_here: torch.Tensor, train: bool, device: torch.device, maps: bool = True):
+        """``(maps or None, tokens, pad, labels)`` of one batch.
+
+        ``idx`` is the batch's case index on the host, ``idx_here`` the same index on :attr:`device`.
+        """
+        width = int(self.lengths[idx].max())  # trim shared padding (host-side: no sync)
+        src_idx = idx_here if getattr(self.source, "device", torch.device("cpu")) == idx_here.device else idx
+        feats = self.source.batch(src_idx, train, device) if maps else None
+        tok = self.tokens[idx_here, :width].to(device)
+        return feats, tok, self.pad[idx_here, :width].to(device), self.labels[idx_here].to(device)
 
 
 @dataclass
@@ -50,6 +76,7 @@ class FitResult:
     epochs_run: int
     seconds: float
     history: list[dict] = field(default_factory=list)
+    stopped_by: str = "epochs"  # "epochs" (ran them all), "patience" (early stopping) or "time budget"
 
 
 @torch.no_grad()
@@ -60,11 +87,12 @@ def describe_all(
     """Target, composed-query and/or text-only-query descriptors of the given cases (masks dropped to save memory)."""
     out: dict[str, list[Descriptors]] = {k: [] for k in kinds}
     model.eval()
+    idx = torch.as_tensor(np.asarray(idx))
+    idx_here = idx.to(inputs.device)  # one transfer; the batch slices below need none
     for s in range(0, len(idx), batch_size):
-        b = torch.as_tensor(idx[s : s + batch_size])
         with _autocast(device, amp):
-            maps = inputs.source.batch(b, False, device) if {"target", "composed"} & set(kinds) else None
-            tok, pad = inputs.text(b, device)
+            maps, tok, pad, _ = inputs.take(idx[s : s + batch_size], idx_here[s : s + batch_size], False, device,
+                                            maps=bool({"target", "composed"} & set(kinds)))
             if "target" in kinds:
                 out["target"].append(model.describe_target(maps))
             if "composed" in kinds:
@@ -100,11 +128,16 @@ def _autocast(device: torch.device, enabled: bool):
 def fit(
     model: ComposedRetrievalModel, inputs: Inputs, train_idx: np.ndarray, val_idx: np.ndarray, cfg: TrainConfig,
     device: torch.device, n_categories: int, progress: bool = True, refit_idx: np.ndarray | None = None,
+    deadline: float | None = None,
 ) -> FitResult:
     """Train in place and leave the best-validation weights loaded.
 
     With ``refit_idx`` (the whole database) and ``cfg.refit_epochs > 0``, the selected weights then train that many
     more epochs on ``refit_idx``, so the validation cases' database embeddings are fitted too.
+
+    ``deadline`` (a ``time.perf_counter()`` value) stops the epoch loop early, like early stopping, when another
+    epoch and the refit would not end before it; ``stopped_by`` then says "time budget". It lets a run fit a fixed
+    device lease without guessing the epoch count in advance.
 
     Every step trains all three query modes of the seed's Fig. 1 on the same batch: composed (image + text),
     text-only and image-only (whose query descriptor is the target's own), so one checkpoint serves every mode.
@@ -113,6 +146,8 @@ def fit(
 
     seed_everything(cfg.seed)
     model.to(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # a handful of fixed batch shapes: pick the fastest kernels once
     train_backbone = cfg.profile == "gpu"
     for p in model.text_encoder.parameters():
         p.requires_grad_(False)
@@ -133,7 +168,6 @@ def fit(
     # Constant learning rate (the seed's Adam schedule) after a one-epoch linear warm-up of the new heads.
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda step: min(1.0, (step + 1) / steps_per_epoch))
     gen = torch.Generator().manual_seed(cfg.seed)
-    labels = inputs.labels
     best = (-1.0, -1, None)
     history: list[dict] = []
     start = time.perf_counter()
@@ -144,15 +178,14 @@ def fit(
         if not train_backbone:
             model.backbone.eval()
         perm = torch.as_tensor(indices)[torch.randperm(len(indices), generator=gen)]
+        perm_here = perm.to(inputs.device)  # one transfer per epoch; the batch slices below need none
         total = torch.zeros((), device=device)  # accumulated on device: no host sync per step
         for s in range(0, len(perm), cfg.batch_size):
             b = perm[s : s + cfg.batch_size]
             if len(b) < 2:
                 continue
-            y = labels[b].to(device)
             with _autocast(device, cfg.amp):
-                maps = inputs.source.batch(b, True, device)
-                tok, pad = inputs.text(b, device)
+                maps, tok, pad, y = inputs.take(b, perm_here[s : s + cfg.batch_size], True, device)
                 loss = sum(_member_loss(head, loss_fn, maps, tok, pad, y, model.config.beta)
                            for head, loss_fn in zip(model.heads, loss_fns, strict=True))
             optim.zero_grad(set_to_none=True)
@@ -162,17 +195,29 @@ def fit(
             total += loss.detach()
         return total
 
+    stopped_by = "epochs"
+    refit_share = cfg.refit_epochs * len(refit_idx) / max(1, len(train_idx)) if refit_idx is not None else 0.0
     for epoch in bar:
+        t0 = time.perf_counter()
         total = run_epoch(train_idx)
+        loss = float(total) / steps_per_epoch  # the epoch's one host sync
+        t1 = time.perf_counter()
         val_map = validation_map(model, inputs, train_idx, val_idx, device, cfg.amp)
-        row = {"epoch": epoch + 1, "loss": float(total) / steps_per_epoch, "val_mAP": val_map}
+        t2 = time.perf_counter()
+        row = {"epoch": epoch + 1, "loss": loss, "val_mAP": val_map, "train_s": t1 - t0, "val_s": t2 - t1}
         history.append(row)
-        log.info("epoch %d loss %.4f val mAP %.2f", row["epoch"], row["loss"], val_map)
-        bar.set_postfix(loss=f"{row['loss']:.3f}", val_mAP=f"{val_map:.1f}")
+        log.info("epoch %d loss %.4f val mAP %.2f (train %.2f s, validation %.2f s)", row["epoch"], loss, val_map,
+                 t1 - t0, t2 - t1)
+        bar.set_postfix(loss=f"{loss:.3f}", val_mAP=f"{val_map:.1f}")
         if val_map > best[0]:
             best = (val_map, epoch + 1, _trainable_state(model))
         elif epoch + 1 - best[1] >= cfg.patience:
+            stopped_by = "patience"
             log.info("early stop at epoch %d (best %d, val mAP %.2f)", epoch + 1, best[1], best[0])
+            break
+        if deadline is not None and epoch + 1 < cfg.epochs and t2 + (t2 - t0) + refit_share * (t1 - t0) > deadline:
+            stopped_by = "time budget"
+            log.info("time budget: stop at epoch %d (best %d, val mAP %.2f)", epoch + 1, best[1], best[0])
             break
     bar.close()
     if best[2] is not None:
@@ -182,7 +227,7 @@ def fit(
             run_epoch(refit_idx)
         log.info("refit %d epochs on all %d database cases", cfg.refit_epochs, len(refit_idx))
     model.eval()
-    return FitResult(best[1], best[0], len(history), time.perf_counter() - start, history)
+    return FitResult(best[1], best[0], len(history), time.perf_counter() - start, history, stopped_by)
 
 
 def _member_loss(head: HeadSet, loss_fn: CategoryContrastiveLoss, maps: list[torch.Tensor], tok: torch.Tensor,
@@ -207,7 +252,7 @@ def validation_map(
     db = describe_all(model, inputs, db_idx, device, amp=amp, kinds=("target",))["target"]
     q = describe_all(model, inputs, query_idx, device, amp=amp, kinds=("composed",))["composed"]
     scores = (query_embeddings(q, model.config.beta) @ target_embeddings(db).T).cpu().numpy()
-    y = inputs.labels.numpy()
+    y = inputs.labels.cpu().numpy()
     return 100.0 * mean_average_precision(scores, y[query_idx], y[db_idx])
 
 
