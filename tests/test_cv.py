@@ -4,9 +4,8 @@ import json
 from dataclasses import replace
 
 import numpy as np
-import torch
-
 import pytest
+import torch
 
 from dermcir.cli import main
 from dermcir.data import load_derm7pt
@@ -118,7 +117,7 @@ def test_fit_stops_at_its_deadline_and_says_why(toy_release):
 
 
 def test_batch_inputs_trim_padding_and_match_the_index(toy_release):
-    _, inputs, _, n = _toy_inputs(toy_release)
+    _, inputs, _, _ = _toy_inputs(toy_release)
     idx = torch.tensor([3, 0, 5])
     maps, tok, pad, y = inputs.take(idx, idx.clone(), False, torch.device("cpu"))
     assert tok.shape[1] == pad.shape[1] == int(inputs.lengths[idx].max())  # the batch's longest text, no more
