@@ -19,7 +19,8 @@ export PYTHONUNBUFFERED=1
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
   python -c "import torch, timm, transformers; print('torch', torch.__version__, 'timm', timm.__version__, 'transformers', transformers.__version__)"
   start=$(date +%s)
-  python -m dermcir cv --data gpu_payload/release --profile gpu --out "$RUN_DIR" --quiet \
+  # CV_TIMEOUT (seconds) stops a hung run so that the bundle below is still written; 0 = none
+  timeout "${CV_TIMEOUT:-0}" python -m dermcir cv --data gpu_payload/release --profile gpu --out "$RUN_DIR" --quiet \
     --set backbone_weights='"gpu_payload/lite0_fp16.safetensors"' \
     --set text_encoder='"bert"' --set text_weights='"gpu_payload/minilm"' "${@:2}"
   rc=$?
