@@ -146,8 +146,6 @@ def fit(
 
     seed_everything(cfg.seed)
     model.to(device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # a handful of fixed batch shapes: pick the fastest kernels once
     train_backbone = cfg.profile == "gpu"
     for p in model.text_encoder.parameters():
         p.requires_grad_(False)
@@ -215,7 +213,11 @@ def fit(
             stopped_by = "patience"
             log.info("early stop at epoch %d (best %d, val mAP %.2f)", epoch + 1, best[1], best[0])
             break
-        if deadline is not None and epoch + 1 < cfg.epochs and t2 + (t2 - t0) + refit_share * (t1 - t0) > deadline:
+        # The first epoch carries one-off costs (kernel selection, allocator warm-up): later ones estimate better.
+        steady = history[1:] or history
+        epoch_s = float(np.median([h["train_s"] + h["val_s"] for h in steady]))
+        train_s = float(np.median([h["train_s"] for h in steady]))
+        if deadline is not None and epoch + 1 < cfg.epochs and t2 + epoch_s + refit_share * train_s > deadline:
             stopped_by = "time budget"
             log.info("time budget: stop at epoch %d (best %d, val mAP %.2f)", epoch + 1, best[1], best[0])
             break
