@@ -87,14 +87,14 @@ def test_fit_trains_every_ensemble_member(toy_release):
         assert not torch.equal(head.levels[1].masks[0].weight, w), f"member {m} did not train"
 
 
-def _toy_inputs(toy_release, **overrides):
+def _toy_inputs(toy_release, profile="cpu", **overrides):
     from dermcir.data.cache import preprocess_cases
     from dermcir.models import ComposedRetrievalModel
     from dermcir.training import get_profile, prepare_inputs
 
     cases, _ = load_derm7pt(toy_release, min_cases=5)
     cases, images = preprocess_cases(cases, 64, progress=False)
-    model_cfg, train_cfg, views = get_profile("cpu", **{**FAST, **overrides})
+    model_cfg, train_cfg, views = get_profile(profile, **{**FAST, **overrides})
     model_cfg.categories = sorted({c.category for c in cases})
     model = ComposedRetrievalModel(model_cfg, pretrained=False)
     inputs = prepare_inputs(model, cases, images, train_cfg, views, torch.device("cpu"), progress=False)
@@ -110,7 +110,7 @@ def test_fit_stops_at_its_deadline_and_says_why(toy_release):
     idx = np.arange(n)
     result = fit(model, inputs, idx[::2], idx[1::2], cfg, torch.device("cpu"), 3, progress=False,
                  deadline=time.perf_counter())
-    assert result.stopped_by == "time budget" and result.epochs_run == 1
+    assert result.stopped_by == "time budget" and result.epochs_run == 2  # two epochs at least, to time one
     assert {"train_s", "val_s"} <= set(result.history[0])
     result = fit(model, inputs, idx[::2], idx[1::2], replace(cfg, epochs=3), torch.device("cpu"), 3, progress=False)
     assert result.stopped_by == "epochs" and result.epochs_run == 3
@@ -124,6 +124,47 @@ def test_batch_inputs_trim_padding_and_match_the_index(toy_release):
     torch.testing.assert_close(tok, inputs.tokens[idx, : tok.shape[1]])
     assert torch.equal(y, inputs.labels[idx]) and all(m.shape[0] == 3 for m in maps)
     assert inputs.on(torch.device("cpu")) is inputs  # already there: no copy
+
+
+def test_full_batches_cover_every_case_without_repeats_inside_a_batch():
+    from dermcir.training.trainer import full_batch_order
+
+    perm = torch.randperm(603)
+    order = full_batch_order(perm, 48)
+    assert len(order) == 624 and set(order.tolist()) == set(range(603))
+    for s in range(0, 624, 48):
+        batch = order[s : s + 48].tolist()
+        assert len(set(batch)) == 48
+    assert torch.equal(full_batch_order(perm[:96], 48), perm[:96])  # already whole batches: unchanged
+
+
+def test_padded_evaluation_batches_give_the_same_descriptors(toy_release):
+    from dermcir.training.trainer import describe_all
+
+    model, inputs, _, n = _toy_inputs(toy_release)
+    idx = np.arange(n)[::2][:7]
+    plain = describe_all(model, inputs, idx, torch.device("cpu"), batch_size=4)
+    padded = describe_all(model, inputs, idx, torch.device("cpu"), batch_size=4, full_batches=True)
+    for kind in plain:
+        for a, b in zip(plain[kind].locals + plain[kind].globals, padded[kind].locals + padded[kind].globals,
+                        strict=True):
+            assert a.shape[0] == 7
+            torch.testing.assert_close(a, b)
+
+
+def test_warm_up_leaves_weights_buffers_and_random_state_alone(toy_release):
+    from dermcir.training.trainer import warm_up
+
+    # the gpu profile's inputs: the backbone runs in training mode, so batch-norm statistics would move
+    model, inputs, cfg, _ = _toy_inputs(toy_release, "gpu", batch_size=6)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert any("running_mean" in k for k in before)
+    rng = torch.get_rng_state()
+    assert warm_up(model, inputs, cfg, torch.device("cpu"), 3) > 0
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_bad_settings_are_one_line_errors(toy_release, tmp_path, capsys):

@@ -59,6 +59,10 @@ class TrainConfig:
     seed: int = 0
     amp: bool = True  # bf16 autocast on CUDA
     augment: bool = True
+    # Every batch the same size: the last training batch of an epoch is topped up with cases from the epoch's first
+    # batch, and evaluation pads its last batch. On the GPU each new batch shape costs seconds of one-off kernel
+    # preparation (measured on an H100: a fold's first epoch took 40-107 s instead of 1.5 s; docs/method.md).
+    full_batches: bool = False
 
 
 def to_json(obj: Any, path: str | Path) -> None:

@@ -25,7 +25,7 @@ from dermcir.evaluation.results import build_results, fold_row, write_json_atomi
 from dermcir.models import ComposedRetrievalModel
 from dermcir.training.pipeline import default_device, device_name, prepare_inputs, run_log
 from dermcir.training.profiles import get_profile
-from dermcir.training.trainer import describe_all, fit, query_embeddings, target_embeddings
+from dermcir.training.trainer import describe_all, fit, query_embeddings, target_embeddings, warm_up
 
 log = logging.getLogger(__name__)
 METHOD = "dermcir-composed"
@@ -79,6 +79,9 @@ def run_cv(
         model = ComposedRetrievalModel(model_cfg)
         initial = {k: v.clone() for k, v in model.state_dict().items()}
         inputs = prepare_inputs(model, cases, images, train_cfg, views, device, cache_dir, progress)
+        if device.type == "cuda":
+            log.info("warm-up (one-off kernel preparation) took %.0f s",
+                     warm_up(model, inputs, train_cfg, device, len(model_cfg.categories)))
         prep_seconds = time.perf_counter() - start
         log.info("prepared %d cases in %.0f s (%s profile, device %s)", len(cases), prep_seconds, profile, device)
 
@@ -105,8 +108,11 @@ def run_cv(
             training.append({"fold": fold, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
                              "stopped_by": result.stopped_by, "val_mAP": result.best_val_map,
                              "train_seconds": result.seconds})
-            target = target_embeddings(describe_all(model, inputs, db, device, amp=train_cfg.amp, kinds=("target",))["target"])
-            variants = _variants(describe_all(model, inputs, q, device, amp=train_cfg.amp), model_cfg.beta)
+            fixed = train_cfg.full_batches
+            target = target_embeddings(describe_all(model, inputs, db, device, amp=train_cfg.amp, kinds=("target",),
+                                                    full_batches=fixed)["target"])
+            variants = _variants(describe_all(model, inputs, q, device, amp=train_cfg.amp, full_batches=fixed),
+                                 model_cfg.beta)
             for name, query in variants.items():
                 scores = (query @ target.T).cpu().numpy()
                 row = fold_row(fold, scores, labels[q], labels[db])

@@ -82,12 +82,19 @@ class FitResult:
 @torch.no_grad()
 def describe_all(
     model: ComposedRetrievalModel, inputs: Inputs, idx: np.ndarray, device: torch.device, batch_size: int = 128,
-    amp: bool = False, kinds: tuple[str, ...] = ("target", "composed", "text"),
+    amp: bool = False, kinds: tuple[str, ...] = ("target", "composed", "text"), full_batches: bool = False,
 ) -> dict[str, Descriptors]:
-    """Target, composed-query and/or text-only-query descriptors of the given cases (masks dropped to save memory)."""
+    """Target, composed-query and/or text-only-query descriptors of the given cases (masks dropped to save memory).
+
+    ``full_batches`` pads the last batch (with repeats of the first cases, whose extra rows are dropped) so that
+    every batch has the same shape.
+    """
     out: dict[str, list[Descriptors]] = {k: [] for k in kinds}
     model.eval()
     idx = torch.as_tensor(np.asarray(idx))
+    n = len(idx)
+    if full_batches and n % batch_size:
+        idx = torch.cat([idx, idx[torch.arange(batch_size - n % batch_size) % n]])
     idx_here = idx.to(inputs.device)  # one transfer; the batch slices below need none
     for s in range(0, len(idx), batch_size):
         with _autocast(device, amp):
@@ -99,16 +106,27 @@ def describe_all(
                 out["composed"].append(model.describe_query(maps, tok, pad))
             if "text" in kinds:
                 out["text"].append(model.describe_query(None, tok, pad))
-    return {k: _concat(v) for k, v in out.items()}
+    return {k: _concat(v, n) for k, v in out.items()}
 
 
-def _concat(ds: list[Descriptors]) -> Descriptors:
-    n = len(ds[0].locals)
+def _concat(ds: list[Descriptors], rows: int) -> Descriptors:
+    levels = len(ds[0].locals)
     return Descriptors(
-        [torch.cat([d.locals[i].float() for d in ds]) for i in range(n)],
-        [torch.cat([d.globals[i].float() for d in ds]) for i in range(n)],
+        [torch.cat([d.locals[i].float() for d in ds])[:rows] for i in range(levels)],
+        [torch.cat([d.globals[i].float() for d in ds])[:rows] for i in range(levels)],
         [],
     )
+
+
+def full_batch_order(perm: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """``perm`` topped up to a multiple of ``batch_size`` with its own first cases.
+
+    With at least two batches the top-up comes from the first batch, so no case appears twice in one batch.
+    """
+    short = -len(perm) % batch_size
+    if short == 0 or len(perm) < batch_size:
+        return perm
+    return torch.cat([perm, perm[:short]])
 
 
 def query_embeddings(desc: Descriptors, beta: float) -> torch.Tensor:
@@ -136,8 +154,8 @@ def fit(
     more epochs on ``refit_idx``, so the validation cases' database embeddings are fitted too.
 
     ``deadline`` (a ``time.perf_counter()`` value) stops the epoch loop early, like early stopping, when another
-    epoch and the refit would not end before it; ``stopped_by`` then says "time budget". It lets a run fit a fixed
-    device lease without guessing the epoch count in advance.
+    epoch and the refit would not end before it (after two epochs at least); ``stopped_by`` then says "time budget".
+    It lets a run fit a fixed device lease without guessing the epoch count in advance.
 
     Every step trains all three query modes of the seed's Fig. 1 on the same batch: composed (image + text),
     text-only and image-only (whose query descriptor is the target's own), so one checkpoint serves every mode.
@@ -176,6 +194,8 @@ def fit(
         if not train_backbone:
             model.backbone.eval()
         perm = torch.as_tensor(indices)[torch.randperm(len(indices), generator=gen)]
+        if cfg.full_batches:
+            perm = full_batch_order(perm, cfg.batch_size)
         perm_here = perm.to(inputs.device)  # one transfer per epoch; the batch slices below need none
         total = torch.zeros((), device=device)  # accumulated on device: no host sync per step
         for s in range(0, len(perm), cfg.batch_size):
@@ -200,7 +220,7 @@ def fit(
         total = run_epoch(train_idx)
         loss = float(total) / steps_per_epoch  # the epoch's one host sync
         t1 = time.perf_counter()
-        val_map = validation_map(model, inputs, train_idx, val_idx, device, cfg.amp)
+        val_map = validation_map(model, inputs, train_idx, val_idx, device, cfg.amp, cfg.full_batches)
         t2 = time.perf_counter()
         row = {"epoch": epoch + 1, "loss": loss, "val_mAP": val_map, "train_s": t1 - t0, "val_s": t2 - t1}
         history.append(row)
@@ -217,7 +237,8 @@ def fit(
         steady = history[1:] or history
         epoch_s = float(np.median([h["train_s"] + h["val_s"] for h in steady]))
         train_s = float(np.median([h["train_s"] for h in steady]))
-        if deadline is not None and epoch + 1 < cfg.epochs and t2 + epoch_s + refit_share * train_s > deadline:
+        if (deadline is not None and 2 <= epoch + 1 < cfg.epochs
+                and t2 + epoch_s + refit_share * train_s > deadline):
             stopped_by = "time budget"
             log.info("time budget: stop at epoch %d (best %d, val mAP %.2f)", epoch + 1, best[1], best[0])
             break
@@ -230,6 +251,40 @@ def fit(
         log.info("refit %d epochs on all %d database cases", cfg.refit_epochs, len(refit_idx))
     model.eval()
     return FitResult(best[1], best[0], len(history), time.perf_counter() - start, history, stopped_by)
+
+
+def warm_up(model: ComposedRetrievalModel, inputs: Inputs, cfg: TrainConfig, device: torch.device,
+            n_categories: int) -> float:
+    """One training step's forward and backward and one evaluation batch, with nothing kept; returns the seconds.
+
+    On the GPU the first use of each batch shape pays one-off kernel preparation (tens of seconds for the fine-tuned
+    backbone at 512 px). Paying it before the first fold keeps every fold's timing, and its share of a time budget,
+    the same. Weights, buffers (batch-norm statistics) and the random state are left as they were.
+    """
+    start = time.perf_counter()
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if device.type == "cuda" else None
+    model.to(device).train()
+    model.text_encoder.eval()
+    if cfg.profile != "gpu":
+        model.backbone.eval()
+    n = min(cfg.batch_size, len(inputs.labels))
+    idx = torch.arange(n)
+    loss_fn = CategoryContrastiveLoss(n_categories, 6, model.config.dim, model.config.beta).to(device)
+    with _autocast(device, cfg.amp):
+        maps, tok, pad, y = inputs.take(idx, idx.to(inputs.device), True, device)
+        loss = _member_loss(model.heads[0], loss_fn, maps, tok, pad, y, model.config.beta)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    describe_all(model, inputs, np.arange(len(inputs.labels))[:128], device, amp=cfg.amp, full_batches=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    model.load_state_dict(state)
+    torch.set_rng_state(rng)
+    if cuda_rng is not None:
+        torch.cuda.set_rng_state_all(cuda_rng)
+    return time.perf_counter() - start
 
 
 def _member_loss(head: HeadSet, loss_fn: CategoryContrastiveLoss, maps: list[torch.Tensor], tok: torch.Tensor,
@@ -246,13 +301,14 @@ def _member_loss(head: HeadSet, loss_fn: CategoryContrastiveLoss, maps: list[tor
 
 def validation_map(
     model: ComposedRetrievalModel, inputs: Inputs, db_idx: np.ndarray, query_idx: np.ndarray, device: torch.device,
-    amp: bool = False,
+    amp: bool = False, full_batches: bool = False,
 ) -> float:
     """mAP (percent) of composed queries from ``query_idx`` against targets ``db_idx`` (never the test fold)."""
     if len(query_idx) == 0:
         return float("nan")
-    db = describe_all(model, inputs, db_idx, device, amp=amp, kinds=("target",))["target"]
-    q = describe_all(model, inputs, query_idx, device, amp=amp, kinds=("composed",))["composed"]
+    db = describe_all(model, inputs, db_idx, device, amp=amp, kinds=("target",), full_batches=full_batches)["target"]
+    q = describe_all(model, inputs, query_idx, device, amp=amp, kinds=("composed",),
+                     full_batches=full_batches)["composed"]
     scores = (query_embeddings(q, model.config.beta) @ target_embeddings(db).T).cpu().numpy()
     y = inputs.labels.cpu().numpy()
     return 100.0 * mean_average_precision(scores, y[query_idx], y[db_idx])
@@ -262,4 +318,5 @@ def _trainable_state(model: ComposedRetrievalModel) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("text_encoder.")}
 
 
-__all__ = ["FitResult", "Inputs", "describe_all", "fit", "query_embeddings", "seed_everything", "target_embeddings"]
+__all__ = ["FitResult", "Inputs", "describe_all", "fit", "full_batch_order", "query_embeddings", "seed_everything",
+           "target_embeddings", "warm_up"]
