@@ -1,0 +1,58 @@
+"""A cheap CPU probe of the `gpu` recipe (backbone fine-tuned end to end): one fold, low resolution, a few epochs.
+
+It cannot stand in for the benchmark, but it compares settings of the recipe (e.g. the heads' learning rate) on the
+validation split before a GPU lease is spent on them. Prints the validation mAP after every epoch.
+
+Usage: python scripts/gpu_recipe_probe.py --data ../shared/derm7pt/release_v0 --set head_lr=1e-3
+       [--image-size 128] [--epochs 12] [--fold 0] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+
+from dermcir.data import category_counts, load_derm7pt
+from dermcir.data.cache import preprocess_cases
+from dermcir.data.folds import stratified_folds, validation_split
+from dermcir.models import ComposedRetrievalModel
+from dermcir.training import get_profile, prepare_inputs
+from dermcir.training.trainer import fit
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--image-size", type=int, default=128)
+    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--fold", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 lets two probes share 2 cores)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="gpu-profile override (JSON value)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    overrides = {k: json.loads(v) for k, _, v in (s.partition("=") for s in args.set)}
+    model_cfg, train_cfg, views = get_profile("gpu", image_size=args.image_size, epochs=args.epochs, refit_epochs=0,
+                                              **overrides)
+    cases, report = load_derm7pt(args.data)
+    cases, images = preprocess_cases(cases, args.image_size, report=report, progress=False)
+    labels = np.array([c.category for c in cases])
+    model_cfg.categories = list(category_counts(cases))
+    model = ComposedRetrievalModel(model_cfg)
+    device = torch.device("cpu")
+    inputs = prepare_inputs(model, cases, images, train_cfg, views, device, progress=False)
+    db, _ = stratified_folds(labels, 5, train_cfg.seed)[args.fold]  # the test fold is never touched
+    train_idx, val_idx = validation_split(db, labels, train_cfg.val_fraction, train_cfg.seed)
+    start = time.perf_counter()
+    result = fit(model, inputs, train_idx, val_idx, train_cfg, device, len(model_cfg.categories), progress=False)
+    print(json.dumps({"settings": overrides, "image_size": args.image_size, "fold": args.fold,
+                      "best_epoch": result.best_epoch, "best_val_mAP": round(result.best_val_map, 2),
+                      "val_mAP": [round(h["val_mAP"], 1) for h in result.history],
+                      "seconds": round(time.perf_counter() - start)}))
+
+
+if __name__ == "__main__":
+    main()
