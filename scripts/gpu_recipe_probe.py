@@ -21,7 +21,7 @@ from dermcir.data.cache import preprocess_cases
 from dermcir.data.folds import stratified_folds, validation_split
 from dermcir.models import ComposedRetrievalModel
 from dermcir.training import get_profile, prepare_inputs
-from dermcir.training.trainer import fit
+from dermcir.training.trainer import fit, seed_everything
 
 
 def main() -> None:
@@ -41,6 +41,7 @@ def main() -> None:
     cases, images = preprocess_cases(cases, args.image_size, report=report, progress=False)
     labels = np.array([c.category for c in cases])
     model_cfg.categories = list(category_counts(cases))
+    seed_everything(train_cfg.seed)
     model = ComposedRetrievalModel(model_cfg)
     device = torch.device("cpu")
     inputs = prepare_inputs(model, cases, images, train_cfg, views, device, progress=False)

@@ -25,7 +25,14 @@ from dermcir.evaluation.results import build_results, fold_row, write_json_atomi
 from dermcir.models import ComposedRetrievalModel
 from dermcir.training.pipeline import default_device, device_name, prepare_inputs, run_log
 from dermcir.training.profiles import get_profile
-from dermcir.training.trainer import describe_all, fit, query_embeddings, target_embeddings, warm_up
+from dermcir.training.trainer import (
+    describe_all,
+    fit,
+    query_embeddings,
+    seed_everything,
+    target_embeddings,
+    warm_up,
+)
 
 log = logging.getLogger(__name__)
 METHOD = "dermcir-composed"
@@ -76,6 +83,7 @@ def run_cv(
             log.warning("left out %s: %s", what, why)
         labels = np.array([c.category for c in cases])
         model_cfg.categories = list(category_counts(cases))
+        seed_everything(seed)  # the heads' initial weights too: the same seed gives the same run
         model = ComposedRetrievalModel(model_cfg)
         initial = {k: v.clone() for k, v in model.state_dict().items()}
         inputs = prepare_inputs(model, cases, images, train_cfg, views, device, cache_dir, progress)

@@ -20,7 +20,7 @@ from dermcir.data.folds import validation_split
 from dermcir.models import ComposedRetrievalModel
 from dermcir.training.features import CachedFeatures, DeviceImages, text_tokens
 from dermcir.training.profiles import get_profile
-from dermcir.training.trainer import FitResult, Inputs, fit
+from dermcir.training.trainer import FitResult, Inputs, fit, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,7 @@ def train_on_cases(
     with run_log(tmp_log):
         for what, why in report.skipped:
             log.warning("left out %s: %s", what, why)
+        seed_everything(train_cfg.seed)  # the heads' initial weights too: the same seed gives the same checkpoint
         model = ComposedRetrievalModel(model_cfg)
         inputs = prepare_inputs(model, cases, images, train_cfg, views, device, cache_dir, progress)
         idx = np.arange(len(cases))

@@ -63,7 +63,7 @@ class Inputs:
         ``idx`` is the batch's case index on the host, ``idx_here`` the same index on :attr:`device`.
         """
         width = int(self.lengths[idx].max())  # trim shared padding (host-side: no sync)
-        src_idx = idx_here if getattr(self.source, "device", torch.device("cpu")) == idx_here.device else idx
+        src_idx = idx_here if self.source.device == idx_here.device else idx
         feats = self.source.batch(src_idx, train, device) if maps else None
         tok = self.tokens[idx_here, :width].to(device)
         return feats, tok, self.pad[idx_here, :width].to(device), self.labels[idx_here].to(device)
@@ -189,10 +189,7 @@ def fit(
     start = time.perf_counter()
     bar = tqdm(range(cfg.epochs), desc="train", disable=not progress, leave=False)
     def run_epoch(indices: np.ndarray) -> torch.Tensor:
-        model.train()
-        model.text_encoder.eval()
-        if not train_backbone:
-            model.backbone.eval()
+        _training_mode(model, train_backbone)
         perm = torch.as_tensor(indices)[torch.randperm(len(indices), generator=gen)]
         if cfg.full_batches:
             perm = full_batch_order(perm, cfg.batch_size)
@@ -265,10 +262,7 @@ def warm_up(model: ComposedRetrievalModel, inputs: Inputs, cfg: TrainConfig, dev
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if device.type == "cuda" else None
-    model.to(device).train()
-    model.text_encoder.eval()
-    if cfg.profile != "gpu":
-        model.backbone.eval()
+    _training_mode(model.to(device), cfg.profile == "gpu")
     n = min(cfg.batch_size, len(inputs.labels))
     idx = torch.arange(n)
     loss_fn = CategoryContrastiveLoss(n_categories, 6, model.config.dim, model.config.beta).to(device)
@@ -285,6 +279,14 @@ def warm_up(model: ComposedRetrievalModel, inputs: Inputs, cfg: TrainConfig, dev
     if cuda_rng is not None:
         torch.cuda.set_rng_state_all(cuda_rng)
     return time.perf_counter() - start
+
+
+def _training_mode(model: ComposedRetrievalModel, train_backbone: bool) -> None:
+    """Heads in training mode; the frozen text encoder (and a frozen backbone's batch norms) in evaluation mode."""
+    model.train()
+    model.text_encoder.eval()
+    if not train_backbone:
+        model.backbone.eval()
 
 
 def _member_loss(head: HeadSet, loss_fn: CategoryContrastiveLoss, maps: list[torch.Tensor], tok: torch.Tensor,
