@@ -25,7 +25,7 @@ PROFILES: dict[str, tuple[ModelConfig, TrainConfig, int]] = {
     "gpu": (
         ModelConfig(grid=None, dim=256, heads=8, token_dropout=0.3),
         # the backbone at the seed's lr 1e-4; the heads start from scratch and get 1e-3 (a 12-epoch probe of this
-        # recipe at 128 px on fold 0 reached validation mAP 83.5 with 1e-3 against 77.3 with 1e-4; docs/method.md)
+        # recipe at 128 px on fold 0 reached validation mAP 83.4 with 1e-3 against 78.1 with 1e-4; docs/method.md)
         TrainConfig(profile="gpu", head_lr=1e-3, batch_size=48, full_batches=True),
         1,
     ),
