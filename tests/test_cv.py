@@ -80,20 +80,12 @@ def test_train_command_writes_a_loadable_checkpoint(toy_release, tmp_path):
 
 
 def test_fit_trains_every_ensemble_member(toy_release):
-    from dermcir.data.cache import preprocess_cases
-    from dermcir.models import ComposedRetrievalModel
-    from dermcir.training import get_profile, prepare_inputs
     from dermcir.training.trainer import fit
 
-    cases, _ = load_derm7pt(toy_release, min_cases=5)
-    cases, images = preprocess_cases(cases, 64, progress=False)
-    model_cfg, train_cfg, views = get_profile("cpu", **{**FAST, "members": 2, "refit_epochs": 0})
-    model_cfg.categories = sorted({c.category for c in cases})
-    model = ComposedRetrievalModel(model_cfg, pretrained=False)
-    inputs = prepare_inputs(model, cases, images, train_cfg, views, torch.device("cpu"), progress=False)
+    model, inputs, train_cfg, n = _toy_inputs(toy_release, members=2, refit_epochs=0)
     before = [h.levels[1].masks[0].weight.detach().clone() for h in model.heads]
-    idx = np.arange(len(cases))
-    fit(model, inputs, idx[::2], idx[1::2], train_cfg, torch.device("cpu"), len(model_cfg.categories), progress=False)
+    idx = np.arange(n)
+    fit(model, inputs, idx[::2], idx[1::2], train_cfg, torch.device("cpu"), len(model.config.categories), progress=False)
     for m, (head, w) in enumerate(zip(model.heads, before, strict=True)):
         assert not torch.equal(head.levels[1].masks[0].weight, w), f"member {m} did not train"
 
