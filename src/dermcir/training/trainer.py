@@ -17,6 +17,7 @@ from dermcir.losses import CategoryContrastiveLoss
 from dermcir.metrics import mean_average_precision
 from dermcir.models import ComposedRetrievalModel, Descriptors
 from dermcir.models.fusion import HeadSet
+from dermcir.models.retrieval import N_LEVELS
 from dermcir.similarity import query_vector, target_vector
 
 log = logging.getLogger(__name__)
@@ -171,10 +172,7 @@ def fit(
         p.requires_grad_(train_backbone)
     # One loss (with its own category proxies) per head set: the members of an ensemble train independently on the
     # same batches and meet only in the averaged descriptors that validation and search use.
-    loss_fns = nn.ModuleList(
-        CategoryContrastiveLoss(n_categories, 6, model.config.dim, model.config.beta, cfg.temperature, cfg.proxy_weight)
-        for _ in model.heads
-    ).to(device)
+    loss_fns = nn.ModuleList(_new_loss(model, cfg, n_categories) for _ in model.heads).to(device)
     heads = [p for n, p in model.named_parameters() if not n.startswith(("backbone.", "text_encoder."))]
     groups = [{"params": heads + list(loss_fns.parameters()), "lr": cfg.head_lr}]
     if train_backbone:
@@ -259,13 +257,13 @@ def warm_up(model: ComposedRetrievalModel, inputs: Inputs, cfg: TrainConfig, dev
     the same. Weights, buffers (batch-norm statistics) and the random state are left as they were.
     """
     start = time.perf_counter()
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state = _trainable_state(model)  # the frozen text encoder is never touched
     rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if device.type == "cuda" else None
     _training_mode(model.to(device), cfg.profile == "gpu")
     n = min(cfg.batch_size, len(inputs.labels))
     idx = torch.arange(n)
-    loss_fn = CategoryContrastiveLoss(n_categories, 6, model.config.dim, model.config.beta).to(device)
+    loss_fn = _new_loss(model, cfg, n_categories).to(device)
     with _autocast(device, cfg.amp):
         maps, tok, pad, y = inputs.take(idx, idx.to(inputs.device), True, device)
         loss = _member_loss(model.heads[0], loss_fn, maps, tok, pad, y, model.config.beta)
@@ -274,11 +272,17 @@ def warm_up(model: ComposedRetrievalModel, inputs: Inputs, cfg: TrainConfig, dev
     describe_all(model, inputs, np.arange(len(inputs.labels))[:128], device, amp=cfg.amp, full_batches=True)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    model.load_state_dict(state)
+    model.load_state_dict(state, strict=False)
     torch.set_rng_state(rng)
     if cuda_rng is not None:
         torch.cuda.set_rng_state_all(cuda_rng)
     return time.perf_counter() - start
+
+
+def _new_loss(model: ComposedRetrievalModel, cfg: TrainConfig, n_categories: int) -> CategoryContrastiveLoss:
+    """A head set's loss, with its own category proxies: one local and one global part per level."""
+    return CategoryContrastiveLoss(n_categories, 2 * N_LEVELS, model.config.dim, model.config.beta, cfg.temperature,
+                                   cfg.proxy_weight)
 
 
 def _training_mode(model: ComposedRetrievalModel, train_backbone: bool) -> None:
