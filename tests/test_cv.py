@@ -139,20 +139,27 @@ def test_full_batches_cover_every_case_without_repeats_inside_a_batch():
         batch = order[s : s + 48].tolist()
         assert len(set(batch)) == 48
     assert torch.equal(full_batch_order(perm[:96], 48), perm[:96])  # already whole batches: unchanged
+    assert torch.equal(full_batch_order(perm[:30], 48), perm[:30])  # under one batch: no repeats added
 
 
 def test_padded_evaluation_batches_give_the_same_descriptors(toy_release):
     from dermcir.training.trainer import describe_all
 
     model, inputs, _, n = _toy_inputs(toy_release)
-    idx = np.arange(n)[::2][:7]
-    plain = describe_all(model, inputs, idx, torch.device("cpu"), batch_size=4)
-    padded = describe_all(model, inputs, idx, torch.device("cpu"), batch_size=4, full_batches=True)
-    for kind in plain:
-        for a, b in zip(plain[kind].locals + plain[kind].globals, padded[kind].locals + padded[kind].globals,
-                        strict=True):
-            assert a.shape[0] == 7
-            torch.testing.assert_close(a, b)
+    seen: list[int] = []  # the batch size of every target pass
+    describe_target = model.describe_target
+    model.describe_target = lambda maps: seen.append(maps[0].shape[0]) or describe_target(maps)
+    for rows in (7, 3):  # a partial last batch; fewer cases than one batch
+        idx = np.arange(n)[::2][:rows]
+        plain = describe_all(model, inputs, idx, torch.device("cpu"), batch_size=4)
+        seen.clear()
+        padded = describe_all(model, inputs, idx, torch.device("cpu"), batch_size=4, full_batches=True)
+        assert seen and set(seen) == {4}
+        for kind in plain:
+            for a, b in zip(plain[kind].locals + plain[kind].globals, padded[kind].locals + padded[kind].globals,
+                            strict=True):
+                assert a.shape[0] == rows
+                torch.testing.assert_close(a, b)
 
 
 def test_warm_up_leaves_weights_buffers_and_random_state_alone(toy_release):

@@ -94,8 +94,8 @@ def describe_all(
     model.eval()
     idx = torch.as_tensor(np.asarray(idx))
     n = len(idx)
-    if full_batches and n % batch_size:
-        idx = torch.cat([idx, idx[torch.arange(batch_size - n % batch_size) % n]])
+    if full_batches:
+        idx = _top_up(idx, batch_size)
     idx_here = idx.to(inputs.device)  # one transfer; the batch slices below need none
     for s in range(0, len(idx), batch_size):
         with _autocast(device, amp):
@@ -124,10 +124,13 @@ def full_batch_order(perm: torch.Tensor, batch_size: int) -> torch.Tensor:
 
     With at least two batches the top-up comes from the first batch, so no case appears twice in one batch.
     """
-    short = -len(perm) % batch_size
-    if short == 0 or len(perm) < batch_size:
-        return perm
-    return torch.cat([perm, perm[:short]])
+    return perm if len(perm) < batch_size else _top_up(perm, batch_size)
+
+
+def _top_up(idx: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """``idx`` followed by its own first entries (cycled) up to a multiple of ``batch_size``."""
+    short = -len(idx) % batch_size
+    return torch.cat([idx, idx[torch.arange(short) % len(idx)]]) if short else idx
 
 
 def query_embeddings(desc: Descriptors, beta: float) -> torch.Tensor:
