@@ -19,7 +19,7 @@ export PYTHONUNBUFFERED=1
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
   python -c "import torch, timm, transformers; print('torch', torch.__version__, 'timm', timm.__version__, 'transformers', transformers.__version__)"
   # the CUDA-only tests (a few seconds): their outcome is logged, the benchmark runs either way
-  if [ "${GPU_TESTS:-1}" = 1 ]; then python -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -5; fi
+  if [ "${GPU_TESTS:-1}" = 1 ]; then DERMCIR_TEST_TEXT_FOLDER=gpu_payload/minilm python -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -5; fi
   start=$(date +%s)
   # CV_TIMEOUT (seconds) stops a hung run so that the bundle below is still written; 0 = none
   timeout "${CV_TIMEOUT:-0}" python -m dermcir cv --data gpu_payload/release --profile gpu --out "$RUN_DIR" --quiet \

@@ -1,7 +1,7 @@
 """A cheap CPU probe of the `gpu` recipe (backbone fine-tuned end to end): one fold, low resolution, a few epochs.
 
 It cannot stand in for the benchmark, but it compares settings of the recipe (e.g. the heads' learning rate) on the
-validation split before a GPU lease is spent on them. Prints the validation mAP after every epoch.
+validation split before a GPU lease is spent on them. Prints the validation mAP, Acc@1 and Acc@4 after every epoch.
 
 Usage: python scripts/gpu_recipe_probe.py --data ../shared/derm7pt/release_v0 --set head_lr=1e-3
        [--image-size 128] [--epochs 12] [--fold 0] [--threads 1]
@@ -51,7 +51,7 @@ def main() -> None:
     result = fit(model, inputs, train_idx, val_idx, train_cfg, device, len(model_cfg.categories), progress=False)
     print(json.dumps({"settings": overrides, "image_size": args.image_size, "fold": args.fold,
                       "best_epoch": result.best_epoch, "best_val_mAP": round(result.best_val_map, 2),
-                      "val_mAP": [round(h["val_mAP"], 1) for h in result.history],
+                      **{f"val_{k}": [round(h[f"val_{k}"], 1) for h in result.history] for k in ("mAP", "Acc@1", "Acc@4")},
                       "seconds": round(time.perf_counter() - start)}))
 
 

@@ -119,6 +119,28 @@ def test_fit_stops_at_its_deadline_and_says_why(toy_release):
     assert result.stopped_by == "epochs" and result.epochs_run == 3
 
 
+def test_fit_records_validation_acc_at_k_of_the_model_it_keeps(toy_release):
+    """Each epoch's validation row carries mAP and Acc@1/2/4, computed like the benchmark's metrics."""
+    from dermcir.metrics import retrieval_metrics
+    from dermcir.training.trainer import describe_all, fit, query_embeddings, target_embeddings
+
+    model, inputs, cfg, n = _toy_inputs(toy_release, epochs=2, patience=50, refit_epochs=0)
+    idx = np.arange(n)
+    db, queries = idx[::2], idx[1::2]
+    result = fit(model, inputs, db, queries, cfg, torch.device("cpu"), 3, progress=False)
+    assert all({"val_mAP", "val_Acc@1", "val_Acc@2", "val_Acc@4"} <= set(row) for row in result.history)
+    # fit keeps the best epoch's weights: its row must equal the metrics recomputed from the returned model
+    t = describe_all(model, inputs, db, torch.device("cpu"), kinds=("target",))["target"]
+    q = describe_all(model, inputs, queries, torch.device("cpu"), kinds=("composed",))["composed"]
+    y = inputs.labels.numpy()
+    expected = retrieval_metrics((query_embeddings(q, model.config.beta) @ target_embeddings(t).T).numpy(),
+                                 y[queries], y[db])
+    row = result.history[result.best_epoch - 1]
+    assert result.best_val_map == row["val_mAP"]
+    for key, value in expected.items():
+        assert row[f"val_{key}"] == pytest.approx(value, abs=1e-6), key
+
+
 def test_batch_inputs_trim_padding_and_match_the_index(toy_release):
     _, inputs, _, _ = _toy_inputs(toy_release)
     idx = torch.tensor([3, 0, 5])

@@ -1,6 +1,7 @@
 """Checks that need CUDA (skipped elsewhere; CI has no GPU). Run them on a device machine with
 `python -m pytest -q tests/test_gpu.py` before a long GPU benchmark."""
 
+import os
 import warnings
 from dataclasses import replace
 
@@ -19,10 +20,18 @@ from .conftest import TINY
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+def _text_settings() -> dict:
+    """The device machine lacks the MiniLM package: scripts/gpu_cv.sh points the tests at the payload's copy (its
+    tokenizer and config; the weights stay random here)."""
+    folder = os.environ.get("DERMCIR_TEST_TEXT_FOLDER")
+    return {"text_encoder": "bert", "text_weights": folder} if folder else {}
+
+
 def _gpu_setup(toy_release):
     cases, _ = load_derm7pt(toy_release, min_cases=5)
     cases, images = preprocess_cases(cases, 64, progress=False)
-    model_cfg, train_cfg, views = get_profile("gpu", **{**TINY, "grid": None, "refit_epochs": 0, "patience": 10})
+    model_cfg, train_cfg, views = get_profile("gpu", **{**TINY, "grid": None, "refit_epochs": 0, "patience": 10,
+                                                        **_text_settings()})
     model_cfg.categories = sorted({c.category for c in cases})
     model = ComposedRetrievalModel(model_cfg, pretrained=False)
     device = torch.device("cuda")

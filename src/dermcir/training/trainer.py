@@ -14,7 +14,7 @@ from torch import nn
 
 from dermcir.config import TrainConfig
 from dermcir.losses import CategoryContrastiveLoss
-from dermcir.metrics import mean_average_precision
+from dermcir.metrics import retrieval_metrics
 from dermcir.models import ComposedRetrievalModel, Descriptors
 from dermcir.models.fusion import HeadSet
 from dermcir.models.retrieval import N_LEVELS
@@ -218,11 +218,16 @@ def fit(
         total = run_epoch(train_idx)
         loss = float(total) / steps_per_epoch  # the epoch's one host sync
         t1 = time.perf_counter()
-        val_map = validation_map(model, inputs, train_idx, val_idx, device, cfg.amp, cfg.full_batches)
+        val = validation_metrics(model, inputs, train_idx, val_idx, device, cfg.amp, cfg.full_batches)
+        val_map = val["mAP"]
         t2 = time.perf_counter()
-        row = {"epoch": epoch + 1, "loss": loss, "val_mAP": val_map, "train_s": t1 - t0, "val_s": t2 - t1}
+        # Acc@K is recorded beside mAP (selection uses mAP): whether the top results stay mixed when a query is
+        # uncertain shows in Acc@4 - Acc@1, which mAP does not see.
+        row = {"epoch": epoch + 1, "loss": loss, **{f"val_{k}": v for k, v in val.items()},
+               "train_s": t1 - t0, "val_s": t2 - t1}
         history.append(row)
-        log.info("epoch %d loss %.4f val mAP %.2f (train %.2f s, validation %.2f s)", row["epoch"], loss, val_map,
+        log.info("epoch %d loss %.4f val mAP %.2f Acc@1 %.1f Acc@4 %.1f (train %.2f s, validation %.2f s)",
+                 row["epoch"], loss, val_map, val.get("Acc@1", float("nan")), val.get("Acc@4", float("nan")),
                  t1 - t0, t2 - t1)
         bar.set_postfix(loss=f"{loss:.3f}", val_mAP=f"{val_map:.1f}")
         if val_map > best[0]:
@@ -308,19 +313,20 @@ def _member_loss(head: HeadSet, loss_fn: CategoryContrastiveLoss, maps: list[tor
     return loss + 0.5 * (loss_fn(text_only, target, y)["total"] + loss_fn(image_only, target, y)["total"])
 
 
-def validation_map(
+def validation_metrics(
     model: ComposedRetrievalModel, inputs: Inputs, db_idx: np.ndarray, query_idx: np.ndarray, device: torch.device,
     amp: bool = False, full_batches: bool = False,
-) -> float:
-    """mAP (percent) of composed queries from ``query_idx`` against targets ``db_idx`` (never the test fold)."""
+) -> dict[str, float]:
+    """mAP and Acc@1/2/4 (percent) of composed queries from ``query_idx`` against targets ``db_idx`` (never the
+    test fold); ``{"mAP": nan}`` when there are no queries."""
     if len(query_idx) == 0:
-        return float("nan")
+        return {"mAP": float("nan")}
     db = describe_all(model, inputs, db_idx, device, amp=amp, kinds=("target",), full_batches=full_batches)["target"]
     q = describe_all(model, inputs, query_idx, device, amp=amp, kinds=("composed",),
                      full_batches=full_batches)["composed"]
     scores = (query_embeddings(q, model.config.beta) @ target_embeddings(db).T).cpu().numpy()
     y = inputs.labels.cpu().numpy()
-    return 100.0 * mean_average_precision(scores, y[query_idx], y[db_idx])
+    return retrieval_metrics(scores, y[query_idx], y[db_idx])
 
 
 def _trainable_state(model: ComposedRetrievalModel) -> dict[str, torch.Tensor]:
