@@ -1,5 +1,6 @@
-"""Checks that need CUDA (skipped elsewhere; CI has no GPU). Run them on a device machine with
-`python -m pytest -q tests/test_gpu.py` before a long GPU benchmark."""
+"""Checks that need CUDA (skipped elsewhere; CI has no GPU). Run them on a device machine before a long GPU benchmark
+with `python -m pytest -q tests/test_gpu.py`; where the MiniLM PyPI package is missing (the device machine), prefix
+`DERMCIR_TEST_TEXT_FOLDER=gpu_payload/minilm`, as scripts/gpu_cv.sh does."""
 
 import os
 import warnings
