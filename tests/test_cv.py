@@ -141,6 +141,30 @@ def test_fit_records_validation_acc_at_k_of_the_model_it_keeps(toy_release):
         assert row[f"val_{key}"] == pytest.approx(value, abs=1e-6), key
 
 
+@pytest.mark.parametrize("select_by, kept", [("mAP", 2), ("all", 1)])
+def test_fit_keeps_the_epoch_its_selection_figure_prefers(toy_release, monkeypatch, select_by, kept):
+    """Scripted validation figures: epoch 2 has the best mAP, epoch 1 the best mean of all four."""
+    from dermcir.training import trainer
+
+    script = iter([{"mAP": 60.0, "Acc@1": 80.0, "Acc@2": 90.0, "Acc@4": 95.0},
+                   {"mAP": 70.0, "Acc@1": 70.0, "Acc@2": 70.0, "Acc@4": 70.0},
+                   {"mAP": 65.0, "Acc@1": 75.0, "Acc@2": 80.0, "Acc@4": 85.0}])
+    monkeypatch.setattr(trainer, "validation_metrics", lambda *args, **kwargs: dict(next(script)))
+    model, inputs, cfg, n = _toy_inputs(toy_release, epochs=3, patience=50, refit_epochs=0, select_by=select_by)
+    idx = np.arange(n)
+    result = trainer.fit(model, inputs, idx[::2], idx[1::2], cfg, torch.device("cpu"), 3, progress=False)
+    assert result.best_epoch == kept
+    assert result.best_val_map == result.history[kept - 1]["val_mAP"]  # the kept epoch's mAP, whatever selected it
+
+
+def test_fit_rejects_an_unknown_selection_before_training(toy_release):
+    from dermcir.training.trainer import fit
+
+    model, inputs, cfg, n = _toy_inputs(toy_release, select_by="Acc@4")
+    with pytest.raises(ValueError, match="select_by must be one of"):
+        fit(model, inputs, np.arange(0, n, 2), np.arange(1, n, 2), cfg, torch.device("cpu"), 3, progress=False)
+
+
 def test_batch_inputs_trim_padding_and_match_the_index(toy_release):
     _, inputs, _, _ = _toy_inputs(toy_release)
     idx = torch.tensor([3, 0, 5])

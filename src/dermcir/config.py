@@ -53,6 +53,9 @@ class TrainConfig:
     # After early stopping picks the epoch, train this many more epochs on the whole database (train + validation
     # split): the protocol's database *is* the training folds, so every database case should be fitted.
     refit_epochs: int = 10
+    # Which validation figure picks the kept epoch and drives patience: "mAP", or "all" (the mean of mAP and
+    # Acc@1/2/4: mAP alone keeps training while the top results stop hedging; docs/method.md).
+    select_by: str = "mAP"
     temperature: float = 0.1
     proxy_weight: float = 1.0
     modality_dropout: float = 0.2  # share of image-only and of text-only queries, so one model serves all modes

@@ -185,7 +185,8 @@ def fit(
     # Constant learning rate (the seed's Adam schedule) after a one-epoch linear warm-up of the new heads.
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda step: min(1.0, (step + 1) / steps_per_epoch))
     gen = torch.Generator().manual_seed(cfg.seed)
-    best = (-1.0, -1, None)
+    selection_score({}, cfg.select_by)  # an unknown setting fails here, before any training
+    best = (-1.0, -1, None, float("nan"))  # (selection score, epoch, weights, validation mAP)
     history: list[dict] = []
     start = time.perf_counter()
     bar = tqdm(range(cfg.epochs), desc="train", disable=not progress, leave=False)
@@ -230,11 +231,12 @@ def fit(
                  row["epoch"], loss, val_map, val.get("Acc@1", float("nan")), val.get("Acc@4", float("nan")),
                  t1 - t0, t2 - t1)
         bar.set_postfix(loss=f"{loss:.3f}", val_mAP=f"{val_map:.1f}")
-        if val_map > best[0]:
-            best = (val_map, epoch + 1, _trainable_state(model))
+        score = selection_score(val, cfg.select_by)
+        if score > best[0]:
+            best = (score, epoch + 1, _trainable_state(model), val_map)
         elif epoch + 1 - best[1] >= cfg.patience:
             stopped_by = "patience"
-            log.info("early stop at epoch %d (best %d, val mAP %.2f)", epoch + 1, best[1], best[0])
+            log.info("early stop at epoch %d (best %d, val mAP %.2f)", epoch + 1, best[1], best[3])
             break
         # The first epoch carries one-off costs (kernel selection, allocator warm-up): later ones estimate better.
         steady = history[1:] or history
@@ -243,7 +245,7 @@ def fit(
         if (deadline is not None and 2 <= epoch + 1 < cfg.epochs
                 and t2 + epoch_s + refit_share * train_s > deadline):
             stopped_by = "time budget"
-            log.info("time budget: stop at epoch %d (best %d, val mAP %.2f)", epoch + 1, best[1], best[0])
+            log.info("time budget: stop at epoch %d (best %d, val mAP %.2f)", epoch + 1, best[1], best[3])
             break
     bar.close()
     if best[2] is not None:
@@ -253,7 +255,7 @@ def fit(
             run_epoch(refit_idx)
         log.info("refit %d epochs on all %d database cases", cfg.refit_epochs, len(refit_idx))
     model.eval()
-    return FitResult(best[1], best[0], len(history), time.perf_counter() - start, history, stopped_by)
+    return FitResult(best[1], best[3], len(history), time.perf_counter() - start, history, stopped_by)
 
 
 def warm_up(model: ComposedRetrievalModel, inputs: Inputs, cfg: TrainConfig, device: torch.device,
@@ -311,6 +313,17 @@ def _member_loss(head: HeadSet, loss_fn: CategoryContrastiveLoss, maps: list[tor
     image_only = query_vector(target_desc.locals, target_desc.globals, beta)
     loss = loss_fn(composed, target, y)["total"]
     return loss + 0.5 * (loss_fn(text_only, target, y)["total"] + loss_fn(image_only, target, y)["total"])
+
+
+#: What early stopping may maximise (``TrainConfig.select_by``): validation mAP, or the mean of all four figures.
+SELECTION = {"mAP": ("mAP",), "all": ("mAP", "Acc@1", "Acc@2", "Acc@4")}
+
+
+def selection_score(val: dict[str, float], select_by: str) -> float:
+    """The validation figure that picks the kept epoch; NaN where a figure is missing (no validation queries)."""
+    if select_by not in SELECTION:
+        raise ValueError(f"select_by must be one of {sorted(SELECTION)}, got {select_by!r}")
+    return float(np.mean([val.get(k, float("nan")) for k in SELECTION[select_by]]))
 
 
 def validation_metrics(
