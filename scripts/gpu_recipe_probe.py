@@ -25,7 +25,7 @@ from dermcir.data.folds import stratified_folds, validation_split
 from dermcir.metrics import retrieval_metrics
 from dermcir.models import ComposedRetrievalModel
 from dermcir.training import get_profile, prepare_inputs
-from dermcir.training.trainer import describe_all, fit, query_embeddings, seed_everything, target_embeddings
+from dermcir.training.trainer import composed_scores, fit, seed_everything
 
 
 @torch.no_grad()
@@ -72,9 +72,7 @@ def main() -> None:
            **{f"val_{k}": [round(h[f"val_{k}"], 1) for h in result.history] for k in ("mAP", "Acc@1", "Acc@2", "Acc@4")},
            "seconds": round(time.perf_counter() - start)}
     if appearance is not None:
-        t = describe_all(model, inputs, train_idx, device, kinds=("target",))["target"]
-        q = describe_all(model, inputs, val_idx, device, kinds=("composed",))["composed"]
-        fused = (query_embeddings(q, model_cfg.beta) @ target_embeddings(t).T).numpy()
+        fused = composed_scores(model, inputs, train_idx, val_idx, device)
         look = (appearance[val_idx] @ appearance[train_idx].T).numpy()
         y = inputs.labels.numpy()
         out["appearance"] = {str(lam): {k: round(v, 1) for k, v in

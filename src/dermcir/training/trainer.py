@@ -334,17 +334,25 @@ def validation_metrics(
     test fold); ``{"mAP": nan}`` when there are no queries."""
     if len(query_idx) == 0:
         return {"mAP": float("nan")}
+    scores = composed_scores(model, inputs, db_idx, query_idx, device, amp, full_batches)
+    y = inputs.labels.cpu().numpy()
+    return retrieval_metrics(scores, y[query_idx], y[db_idx])
+
+
+def composed_scores(
+    model: ComposedRetrievalModel, inputs: Inputs, db_idx: np.ndarray, query_idx: np.ndarray, device: torch.device,
+    amp: bool = False, full_batches: bool = False,
+) -> np.ndarray:
+    """Fused scores (Eq. 9), ``(len(query_idx), len(db_idx))``, of composed queries against image targets."""
     db = describe_all(model, inputs, db_idx, device, amp=amp, kinds=("target",), full_batches=full_batches)["target"]
     q = describe_all(model, inputs, query_idx, device, amp=amp, kinds=("composed",),
                      full_batches=full_batches)["composed"]
-    scores = (query_embeddings(q, model.config.beta) @ target_embeddings(db).T).cpu().numpy()
-    y = inputs.labels.cpu().numpy()
-    return retrieval_metrics(scores, y[query_idx], y[db_idx])
+    return (query_embeddings(q, model.config.beta) @ target_embeddings(db).T).float().cpu().numpy()
 
 
 def _trainable_state(model: ComposedRetrievalModel) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("text_encoder.")}
 
 
-__all__ = ["FitResult", "Inputs", "describe_all", "fit", "full_batch_order", "query_embeddings", "seed_everything",
-           "target_embeddings", "warm_up"]
+__all__ = ["FitResult", "Inputs", "composed_scores", "describe_all", "fit", "full_batch_order", "query_embeddings",
+           "seed_everything", "target_embeddings", "warm_up"]
