@@ -222,8 +222,8 @@ def fit(
         val = validation_metrics(model, inputs, train_idx, val_idx, device, cfg.amp, cfg.full_batches)
         val_map = val["mAP"]
         t2 = time.perf_counter()
-        # Acc@K is recorded beside mAP (selection uses mAP): whether the top results stay mixed when a query is
-        # uncertain shows in Acc@4 - Acc@1, which mAP does not see.
+        # Acc@K is recorded beside mAP (cfg.select_by says which picks the epoch): whether the top results stay mixed
+        # when a query is uncertain shows in Acc@4 - Acc@1, which mAP does not see.
         row = {"epoch": epoch + 1, "loss": loss, **{f"val_{k}": v for k, v in val.items()},
                "train_s": t1 - t0, "val_s": t2 - t1}
         history.append(row)
