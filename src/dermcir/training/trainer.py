@@ -185,7 +185,7 @@ def fit(
     # Constant learning rate (the seed's Adam schedule) after a one-epoch linear warm-up of the new heads.
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda step: min(1.0, (step + 1) / steps_per_epoch))
     gen = torch.Generator().manual_seed(cfg.seed)
-    selection_score({}, cfg.select_by)  # an unknown setting fails here, before any training
+    select = selection_keys(cfg.select_by)  # an unknown setting fails here, before any training
     best = (-1.0, -1, None, float("nan"))  # (selection score, epoch, weights, validation mAP)
     history: list[dict] = []
     start = time.perf_counter()
@@ -231,7 +231,7 @@ def fit(
                  row["epoch"], loss, val_map, val.get("Acc@1", float("nan")), val.get("Acc@4", float("nan")),
                  t1 - t0, t2 - t1)
         bar.set_postfix(loss=f"{loss:.3f}", val_mAP=f"{val_map:.1f}")
-        score = selection_score(val, cfg.select_by)
+        score = float(np.mean([val.get(k, float("nan")) for k in select]))  # NaN without validation queries
         if score > best[0]:
             best = (score, epoch + 1, _trainable_state(model), val_map)
         elif epoch + 1 - best[1] >= cfg.patience:
@@ -319,11 +319,11 @@ def _member_loss(head: HeadSet, loss_fn: CategoryContrastiveLoss, maps: list[tor
 SELECTION = {"mAP": ("mAP",), "all": ("mAP", "Acc@1", "Acc@2", "Acc@4")}
 
 
-def selection_score(val: dict[str, float], select_by: str) -> float:
-    """The validation figure that picks the kept epoch; NaN where a figure is missing (no validation queries)."""
+def selection_keys(select_by: str) -> tuple[str, ...]:
+    """The validation figures whose mean picks the kept epoch and drives patience."""
     if select_by not in SELECTION:
         raise ValueError(f"select_by must be one of {sorted(SELECTION)}, got {select_by!r}")
-    return float(np.mean([val.get(k, float("nan")) for k in SELECTION[select_by]]))
+    return SELECTION[select_by]
 
 
 def validation_metrics(
