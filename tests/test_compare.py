@@ -74,6 +74,13 @@ def test_measured_rows_flags_the_easier_protocol(runs: list[Path]) -> None:
     assert EASIER_TASK_MARK in METADATA_BOTH_SIDES and EASIER_TASK_MARK not in IMAGE_ONLY_DATABASE
 
 
+def test_a_partial_run_says_which_folds_it_averages(tmp_path: Path) -> None:
+    partial = build_results("composed", _rows(3.0, n_folds=2), profile="cpu", n_folds=5, folds_run=[1, 2])
+    full = build_results("composed", _rows(3.0, n_folds=5), profile="cpu", n_folds=5, folds_run=[0, 1, 2, 3, 4])
+    assert measured_rows(partial, "one")[0].setting == "cpu profile, only folds 1, 2 of 5"
+    assert measured_rows(full, "all")[0].setting == "cpu profile"
+
+
 def test_only_the_two_known_paper_rows_have_numbers() -> None:
     known = [p.name for p in PAPER_ROWS if p.mean is not None]
     assert known == ["Proposed composed model (Swin-T + BERT, global-local)", "ResNet50-CosSim (Tschandl et al. 2019)"]

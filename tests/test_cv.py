@@ -66,6 +66,23 @@ def test_the_same_seed_gives_the_same_run_and_another_seed_does_not(toy_release,
     assert [r["mAP"] for r in first["folds"]] != [r["mAP"] for r in other["folds"]]
 
 
+def test_one_fold_alone_trains_and_scores_as_in_the_full_run(toy_release, tmp_path):
+    """``--only-fold``: a fold run by itself gives the full run's figures for it, and the outputs say it is partial."""
+    cases, _ = load_derm7pt(toy_release, min_cases=5)
+    settings = {**FAST, "epochs": 2, "refit_epochs": 1}
+    full = run_cv(cases, tmp_path / "full", n_folds=3, seed=1, progress=False, **settings)
+    assert main(["cv", "--data", str(toy_release), "--min-cases", "5", "--out", str(tmp_path / "one"), "--folds", "3",
+                 "--seed", "1", "--only-fold", "2", "--quiet", *[a for k, v in settings.items()
+                                                                 for a in ("--set", f"{k}={v}")]]) == 0
+    one = json.loads((tmp_path / "one" / "results.json").read_text())
+    assert full["folds_run"] == [0, 1, 2] and one["folds_run"] == [2]
+    assert one["folds"] == [full["folds"][2]] and one["mean"] == {m: full["folds"][2][m] for m in one["mean"]}
+    assert one["training"][0]["best_epoch"] == full["training"][2]["best_epoch"]
+    assert not (tmp_path / "one" / "fold_0").exists()
+    assert "Only folds 2 of 3 ran" in (tmp_path / "one" / "tables.md").read_text()
+    assert "Only folds" not in (tmp_path / "full" / "tables.md").read_text()
+
+
 def test_train_command_writes_a_loadable_checkpoint(toy_release, tmp_path):
     sets = [a for k, v in FAST.items() for a in ("--set", f"{k}={v}")]
     rc = main(["train", "--data", str(toy_release), "--min-cases", "5", "--out", str(tmp_path / "ckpt"), "--quiet",
@@ -233,6 +250,12 @@ def test_bad_settings_are_one_line_errors(toy_release, tmp_path, capsys):
     assert main(["cv", "--data", str(toy_release), "--out", str(tmp_path), "--min-cases", "5", "--method", "dahnet",
                  "--time-budget", "60"]) == 2
     assert "--time-budget applies to --method composed only" in capsys.readouterr().err
+    assert main(["cv", "--data", str(toy_release), "--out", str(tmp_path), "--min-cases", "5", "--folds", "3",
+                 "--only-fold", "3"]) == 2
+    assert "only_folds: [3] not fold numbers of a 3-fold split (expected 0..2)" in capsys.readouterr().err
+    assert main(["cv", "--data", str(toy_release), "--out", str(tmp_path), "--min-cases", "5", "--only-fold", "1",
+                 "--only-fold", "1"]) == 2
+    assert "only_folds: [1, 1] names a fold twice" in capsys.readouterr().err
 
 
 @pytest.mark.integration

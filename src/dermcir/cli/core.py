@@ -42,6 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="composed model: share this wall-clock budget among the folds; a fold whose next epoch would "
                         "overrun its share stops there like early stopping (recorded as 'time budget')")
+    p.add_argument("--only-fold", type=int, action="append", default=None, metavar="N", dest="only_folds",
+                   help="composed model: run just fold N of the split (repeatable); the means are over those folds "
+                        "and results.json lists them as folds_run")
     p.set_defaults(handler=cmd_cv)
 
 
@@ -107,10 +110,12 @@ def cmd_cv(args: argparse.Namespace) -> int:
         from dermcir.evaluation.cv import run_cv
 
         doc = run_cv(cases, args.out, profile=args.profile, n_folds=args.folds, seed=args.seed, cache_dir=args.cache,
-                     progress=not args.quiet, time_budget=args.time_budget, **_overrides(args.set))
+                     progress=not args.quiet, time_budget=args.time_budget, only_folds=args.only_folds,
+                     **_overrides(args.set))
     else:
-        if args.time_budget is not None:
-            raise ValueError("--time-budget applies to --method composed only")
+        for option, value in (("--time-budget", args.time_budget), ("--only-fold", args.only_folds)):
+            if value is not None:
+                raise ValueError(f"{option} applies to --method composed only")
         from dermcir.baselines import run_baseline_cv
 
         doc = run_baseline_cv(args.method, cases, args.out, n_folds=args.folds, seed=args.seed, profile=args.profile,

@@ -58,12 +58,28 @@ def _variants(desc_q: dict, beta: float) -> dict[str, torch.Tensor]:
     }
 
 
+def _check_folds(only_folds: Sequence[int] | None, n_folds: int) -> list[int]:
+    """The folds to run, sorted; all of them when ``only_folds`` is None or empty."""
+    if not only_folds:
+        return list(range(n_folds))
+    bad = [f for f in only_folds if not isinstance(f, int | np.integer) or not 0 <= f < n_folds]
+    if bad:
+        raise ValueError(f"only_folds: {bad} not fold numbers of a {n_folds}-fold split (expected 0..{n_folds - 1})")
+    if len(set(only_folds)) != len(only_folds):
+        raise ValueError(f"only_folds: {list(only_folds)} names a fold twice")
+    return sorted(int(f) for f in only_folds)
+
+
 def run_cv(
     cases: Sequence[Case], out_dir: str | Path, profile: str = "cpu", n_folds: int = 5, seed: int = 0,
     cache_dir: Path | None = None, progress: bool = True, device: torch.device | None = None,
-    time_budget: float | None = None, **overrides: Any,
+    time_budget: float | None = None, only_folds: Sequence[int] | None = None, **overrides: Any,
 ) -> dict[str, Any]:
     """Run the k-fold benchmark for the composed model and write its outputs into ``out_dir``.
+
+    ``only_folds``: run just these folds of the ``n_folds`` split (the split itself is unchanged, and ``fit`` reseeds
+    per fold, so a fold trains exactly as it does in the full run). The means are then over those folds only, and
+    ``results.json`` says which ran (``folds_run``).
 
     ``time_budget`` (seconds, for the whole run): each fold gets an equal share of what is left when it starts, and
     its training stops early when the next epoch would overrun it (see ``fit``'s ``deadline``).
@@ -72,6 +88,7 @@ def run_cv(
         The ``results.json`` document.
     """
     start = time.perf_counter()
+    selected = _check_folds(only_folds, n_folds)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = device or default_device()
@@ -100,11 +117,13 @@ def run_cv(
     examples: list[dict] = []
     training: list[dict] = []
     for fold, (db, q) in enumerate(stratified_folds(labels, n_folds, seed)):
+        if fold not in selected:
+            continue
         deadline = None
         if time_budget is not None:
             now = time.perf_counter()
             # an equal share of what is left; 3 % of it is kept for the fold's final evaluation
-            deadline = now + 0.97 * (start + time_budget - now) / (n_folds - fold)
+            deadline = now + 0.97 * (start + time_budget - now) / sum(f >= fold for f in selected)
         fold_dir = out_dir / f"fold_{fold}"
         with run_log(fold_dir / "train.log"):
             model.load_state_dict(initial)
@@ -141,7 +160,7 @@ def run_cv(
     doc = build_results(
         METHOD, rows, profile=profile, n_cases=len(cases), n_folds=n_folds, seed=seed, device=device_name(device),
         categories=category_counts(cases), seconds=time.perf_counter() - start, prepare_seconds=prep_seconds,
-        time_budget=time_budget, training=training, skipped=report.skipped,
+        time_budget=time_budget, training=training, skipped=report.skipped, folds_run=selected,
         protocol=PROTOCOLS["composed"],
         ablations={name: build_results(name, r, protocol=PROTOCOLS[name]) for name, r in ablations.items()},
     )
