@@ -35,8 +35,9 @@ def write_tables(doc: dict[str, Any], path: Path, paper_rows: dict = PAPER_ROWS)
     name = f"{doc['method']} ({doc['profile']} profile, this run)"
     lines = [f"# Results: {doc['method']}, {doc['n_folds']}-fold, {doc['n_cases']} cases, seed {doc['seed']}", ""]
     if _partial(doc):
-        lines += [f"Only folds {', '.join(map(str, doc['folds_run']))} of {doc['n_folds']} ran: every mean below is "
-                  "over those folds, not over the whole benchmark.", ""]
+        folds = ", ".join(map(str, doc["folds_run"]))
+        partial = f"Only folds {folds} of {doc['n_folds']} ran: every mean below is over those folds, not over the whole benchmark."
+        lines += [partial, ""]
     lines += ["## Table 1: comparison (percent, mean ± std over folds)", "", _HEADER]
     lines += [format_row(n, m, s) for n, (m, s) in paper_rows.items()]
     lines += [format_row(f"**{name}**", doc["mean"], doc["std"]), ""]
