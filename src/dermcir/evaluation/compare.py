@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dermcir.evaluation.results import METRICS
+from dermcir.evaluation.results import METRICS, partial_folds
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +103,8 @@ def _setting(doc: dict[str, Any]) -> str:
     parts = []
     if doc.get("profile"):
         parts.append(f"{doc['profile']} profile" + (f" on {doc['device']}" if doc.get("device") else ""))
-    if doc.get("folds_run") and len(doc["folds_run"]) != doc.get("n_folds"):
-        parts.append(f"only folds {', '.join(map(str, doc['folds_run']))} of {doc.get('n_folds', '?')}")
+    if partial := partial_folds(doc):
+        parts.append(f"only folds {', '.join(map(str, partial))} of {doc['n_folds']}")
     if isinstance(doc.get("seconds"), int | float):
         parts.append(f"{doc['seconds']:.0f} s")
     return ", ".join(parts) or "n/a"

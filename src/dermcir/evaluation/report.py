@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from dermcir.evaluation.results import METRICS, format_row
+from dermcir.evaluation.results import METRICS, format_row, partial_folds
 
 #: The seed paper's reported rows (percent, mean ± std over its 5 folds), for side-by-side tables.
 PAPER_ROWS: dict[str, tuple[dict[str, float], dict[str, float]]] = {
@@ -26,18 +26,14 @@ CATEGORY_COLOURS = {"nevus": "#2e7d32", "melanoma": "#c62828", "benign keratosis
 _HEADER = "| method | " + " | ".join(METRICS) + " |\n|---|" + "---|" * len(METRICS)
 
 
-def _partial(doc: dict[str, Any]) -> bool:
-    return "folds_run" in doc and len(doc["folds_run"]) != doc["n_folds"]
-
-
 def write_tables(doc: dict[str, Any], path: Path, paper_rows: dict = PAPER_ROWS) -> None:
     """Table 1 (this run beside the paper's rows), Table 2 (ablations), per-category and per-fold figures."""
     name = f"{doc['method']} ({doc['profile']} profile, this run)"
     lines = [f"# Results: {doc['method']}, {doc['n_folds']}-fold, {doc['n_cases']} cases, seed {doc['seed']}", ""]
-    if _partial(doc):
-        folds = ", ".join(map(str, doc["folds_run"]))
-        partial = f"Only folds {folds} of {doc['n_folds']} ran: every mean below is over those folds, not over the whole benchmark."
-        lines += [partial, ""]
+    if partial := partial_folds(doc):
+        folds = ", ".join(map(str, partial))
+        note = f"Only folds {folds} of {doc['n_folds']} ran: every mean below is over those folds, not over the whole benchmark."
+        lines += [note, ""]
     lines += ["## Table 1: comparison (percent, mean ± std over folds)", "", _HEADER]
     lines += [format_row(n, m, s) for n, (m, s) in paper_rows.items()]
     lines += [format_row(f"**{name}**", doc["mean"], doc["std"]), ""]

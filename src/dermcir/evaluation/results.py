@@ -50,6 +50,12 @@ def build_results(method: str, rows: list[dict[str, Any]], **extra: Any) -> dict
             "per_category": summarize_per_category(rows), **extra}
 
 
+def partial_folds(doc: dict[str, Any]) -> list[int] | None:
+    """The folds a ``dermcir cv --only-fold`` run covered, or None when it ran the whole split."""
+    ran = doc.get("folds_run")
+    return list(ran) if ran and len(ran) != doc.get("n_folds") else None
+
+
 def write_json_atomic(path: str | Path, data: Any) -> None:
     """Write JSON through a temporary file and a rename, so a failed write keeps the previous file."""
     path = Path(path)
