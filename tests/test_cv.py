@@ -83,6 +83,25 @@ def test_one_fold_alone_trains_and_scores_as_in_the_full_run(toy_release, tmp_pa
     assert "Only folds" not in (tmp_path / "full" / "tables.md").read_text()
 
 
+def test_a_time_budget_is_shared_among_the_selected_folds_only(toy_release, tmp_path, monkeypatch):
+    """Fold 1 of 3 run alone gets (nearly) the whole budget, not the half a full run would leave it."""
+    import time
+
+    from dermcir.evaluation import cv
+
+    shares, real_fit = [], cv.fit
+
+    def recording_fit(*args, deadline=None, **kwargs):
+        shares.append(deadline - time.perf_counter())
+        return real_fit(*args, deadline=deadline, **kwargs)
+
+    monkeypatch.setattr(cv, "fit", recording_fit)
+    cases, _ = load_derm7pt(toy_release, min_cases=5)
+    run_cv(cases, tmp_path / "run", n_folds=3, only_folds=[1], time_budget=600, progress=False,
+           **{**FAST, "epochs": 1, "refit_epochs": 0})
+    assert len(shares) == 1 and 0.9 * 600 < shares[0] <= 0.97 * 600
+
+
 def test_train_command_writes_a_loadable_checkpoint(toy_release, tmp_path):
     sets = [a for k, v in FAST.items() for a in ("--set", f"{k}={v}")]
     rc = main(["train", "--data", str(toy_release), "--min-cases", "5", "--out", str(tmp_path / "ckpt"), "--quiet",
