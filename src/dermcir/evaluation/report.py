@@ -32,7 +32,8 @@ def write_tables(doc: dict[str, Any], path: Path, paper_rows: dict = PAPER_ROWS)
     lines = [f"# Results: {doc['method']}, {doc['n_folds']}-fold, {doc['n_cases']} cases, seed {doc['seed']}", ""]
     if partial := partial_folds(doc):
         folds = ", ".join(map(str, partial))
-        note = f"Only folds {folds} of {doc['n_folds']} ran: every mean below is over those folds, not over the whole benchmark."
+        note = (f"Only folds {folds} of {doc['n_folds']} ran: every mean below is over those folds, "
+                "not over the whole benchmark.")
         lines += [note, ""]
     lines += ["## Table 1: comparison (percent, mean ± std over folds)", "", _HEADER]
     lines += [format_row(n, m, s) for n, (m, s) in paper_rows.items()]
