@@ -51,10 +51,11 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
-def make_checkpoint(folder: Path, seed: int = 0) -> Path:
-    """A tiny random-weight model saved as a checkpoint (seconds on a CPU); a different seed is a different model."""
+def make_checkpoint(folder: Path, seed: int = 0, **settings) -> Path:
+    """A tiny random-weight model saved as a checkpoint (seconds on a CPU); a different seed is a different model.
+    ``settings``: more ModelConfig fields (e.g. a companion)."""
     torch.manual_seed(seed)
-    model = ComposedRetrievalModel(ModelConfig(**TINY_MODEL), pretrained=False)
+    model = ComposedRetrievalModel(ModelConfig(**{**TINY_MODEL, **settings}), pretrained=False)
     return save_checkpoint(model, folder, frozen=())
 
 

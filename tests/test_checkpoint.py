@@ -49,6 +49,33 @@ def test_frozen_parts_are_referenced_and_verified(tmp_path):
         load_checkpoint(tmp_path / "ckpt")
 
 
+def test_companion_roundtrip_stores_its_frozen_backbone_by_reference(tmp_path):
+    from safetensors.torch import load_file
+
+    from dermcir.training import frozen_parts
+
+    torch.manual_seed(0)
+    model = tiny(text="minilm", pretrained=True, companion={"dim": 16, "heads": 2}).eval()
+    model.config.categories = ["a", "b"]
+    frozen = frozen_parts("gpu", model)
+    assert frozen == ("text_encoder", "companion.backbone")
+    save_checkpoint(model, tmp_path / "ckpt", frozen=frozen)
+    keys = load_file(str(tmp_path / "ckpt" / "model.safetensors")).keys()
+    assert any(k.startswith("backbone.") for k in keys) and any(k.startswith("companion.heads.") for k in keys)
+    assert not any(k.startswith(("companion.backbone.", "companion.text_encoder.", "text_encoder.")) for k in keys)
+    again = load_checkpoint(tmp_path / "ckpt")
+    assert again.config == model.config and again.companion.text_encoder is again.text_encoder
+    with torch.no_grad():
+        torch.testing.assert_close(again.encode_query(IMAGES, TEXTS), model.encode_query(IMAGES, TEXTS))
+        torch.testing.assert_close(again.encode_target(IMAGES), model.encode_target(IMAGES))
+    path = tmp_path / "ckpt" / "config.json"
+    meta = json.loads(path.read_text())
+    meta["frozen"]["companion.backbone"] = "0" * 64  # as if its ImageNet weights had been others
+    path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="companion.backbone weights found now"):
+        load_checkpoint(tmp_path / "ckpt")
+
+
 def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     model = tiny()
     save_checkpoint(model, tmp_path / "ckpt", frozen=())

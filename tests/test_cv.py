@@ -115,6 +115,21 @@ def test_train_command_writes_a_loadable_checkpoint(toy_release, tmp_path):
     assert model.config.members == 2 and len(model.heads) == 2  # the cpu profile's ensemble is in the checkpoint
 
 
+def test_gpu_profile_checkpoint_holds_its_trained_companion(toy_release, tmp_path):
+    settings = {**TINY, "epochs": 1, "batch_size": 6, "refit_epochs": 1, "companion_epochs": 2}
+    sets = [a for k, v in settings.items() for a in ("--set", f"{k}={v}")]
+    rc = main(["train", "--data", str(toy_release), "--min-cases", "5", "--profile", "gpu", "--out",
+               str(tmp_path / "ckpt"), "--quiet", *sets])
+    assert rc == 0
+    from dermcir.checkpoint import load_checkpoint
+
+    model = load_checkpoint(tmp_path / "ckpt")
+    assert model.companion is not None and model.companion.config.dim == 64 and len(model.companion.heads) == 2
+    meta = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert "companion.backbone" in meta["frozen"] and [h["epoch"] for h in meta["companion"]["history"]] == [1, 2]
+    assert "companion: best epoch" in (tmp_path / "ckpt" / "train.log").read_text()
+
+
 def test_fit_trains_every_ensemble_member(toy_release):
     from dermcir.training.trainer import fit
 
@@ -138,6 +153,38 @@ def _toy_inputs(toy_release, profile="cpu", **overrides):
     model = ComposedRetrievalModel(model_cfg, pretrained=False)
     inputs = prepare_inputs(model, cases, images, train_cfg, views, torch.device("cpu"), progress=False)
     return model, inputs, train_cfg, len(cases)
+
+
+def test_main_fit_and_companion_fit_each_change_only_their_own_weights(toy_release):
+    from dermcir.data.cache import preprocess_cases
+    from dermcir.training.pipeline import fit_companion, prepare_companion
+    from dermcir.training.trainer import fit
+
+    cpu = torch.device("cpu")
+    model, inputs, cfg, n = _toy_inputs(toy_release, "gpu", batch_size=6, epochs=1, refit_epochs=1,
+                                        companion={"dim": 16, "heads": 2}, companion_epochs=2)
+    idx = np.arange(n)
+
+    def split(state):
+        return ({k: v.clone() for k, v in state.items() if k.startswith("companion.")},
+                {k: v.clone() for k, v in state.items() if not k.startswith("companion.")})
+
+    companion_before, main_before = split(model.state_dict())
+    fit(model, inputs, idx[::2], idx[1::2], cfg, cpu, 3, progress=False, refit_idx=idx)
+    companion_after, main_after = split(model.state_dict())
+    assert all(torch.equal(companion_before[k], companion_after[k]) for k in companion_before)
+    assert not all(torch.equal(main_before[k], main_after[k]) for k in main_before)  # the main model did train
+
+    cases, _ = load_derm7pt(toy_release, min_cases=5)
+    cases, images = preprocess_cases(cases, 64, progress=False)
+    companion = prepare_companion(model, cases, images, cfg, cpu, progress=False)
+    assert companion[1].profile == "cpu" and companion[1].epochs == 2
+    result = fit_companion(model, companion, idx[::2], idx[1::2], cpu, progress=False, refit_idx=idx)
+    assert result.epochs_run == 2
+    companion_final, main_final = split(model.state_dict())
+    assert all(torch.equal(main_after[k], main_final[k]) for k in main_after)
+    changed = {k for k in companion_after if not torch.equal(companion_after[k], companion_final[k])}
+    assert changed and all(k.startswith("companion.heads.") for k in changed)  # never its frozen backbone
 
 
 def test_fit_stops_at_its_deadline_and_says_why(toy_release):
@@ -293,9 +340,14 @@ def test_gpu_profile_code_path_runs_on_cpu(toy_release, tmp_path):
     """The fine-tuning profile (device-resident images, on-device augmentation, trainable backbone), tiny and brief."""
     cases, _ = load_derm7pt(toy_release, min_cases=5)
     doc = run_cv(cases, tmp_path / "run", profile="gpu", n_folds=2, progress=False, time_budget=600,
-                 **{**TINY, "epochs": 1, "patience": 1, "batch_size": 6, "refit_epochs": 1})
+                 **{**TINY, "epochs": 1, "patience": 1, "batch_size": 6, "refit_epochs": 1, "companion_epochs": 2})
     assert doc["profile"] == "gpu" and len(doc["folds"]) == 2
     assert [t["stopped_by"] for t in doc["training"]] == ["epochs", "epochs"] and doc["time_budget"] == 600
+    # the profile's frozen-backbone companion trains in every fold and is scored alone beside the joint score
+    assert [t["companion_best_epoch"] in (1, 2) for t in doc["training"]] == [True, True]
+    assert {"composed, main model alone", "composed, companion alone"} <= set(doc["ablations"])
+    history = json.loads((tmp_path / "run" / "fold_0" / "metrics.json").read_text())["companion"]["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
     assert "## Training per fold" in (tmp_path / "run" / "tables.md").read_text()
 
 

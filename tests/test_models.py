@@ -83,6 +83,46 @@ def test_ensemble_members_average_unit_descriptors_and_keep_eq9():
         tiny(members=0)
 
 
+def test_companion_adds_its_weighted_score_and_keeps_one_inner_product():
+    torch.manual_seed(0)
+    model = tiny(companion={"dim": 16, "heads": 2, "members": 2}, companion_weight=0.3).eval()
+    c = model.companion
+    assert c.text_encoder is model.text_encoder  # shared, not a second copy
+    assert c.backbone is not model.backbone and not any(p.requires_grad for p in c.backbone.parameters())
+    assert (c.config.dim, c.config.grid, len(c.heads), c.config.image_size) == (16, 4, 2, 64)
+    other = IMAGES[::-1].copy()
+    with torch.no_grad():
+        tok, pad = model.text_features(TEXTS)
+        scores = []
+        for m in (model, c):  # each model's own Eq. 9, computed from its descriptors
+            dq = m.describe_query(m.image_features(IMAGES), tok, pad)
+            dt = m.describe_target(m.image_features(other))
+            scores.append(fused_similarity(dq.locals, dt.locals, dq.globals, dt.globals, 0.6))
+        q, t = model.encode_query(IMAGES, TEXTS), model.encode_target(other)
+        assert q.shape == t.shape == (4, model.embedding_dim) == (4, 6 * 32 + 6 * 16)
+        torch.testing.assert_close(q @ t.T, 0.7 * scores[0] + 0.3 * scores[1], rtol=1e-5, atol=1e-5)
+        # the parts tile the vector, so per-part scores add up to the score
+        parts = model.part_slices()
+        assert len(parts) == 12 and "companion_global_3" in parts
+        total = sum(q[:, s] @ t[:, s].T for s in parts.values())
+        torch.testing.assert_close(total, q @ t.T, rtol=1e-5, atol=1e-5)
+        # every query mode reaches the companion too
+        for kwargs in ({"images": IMAGES}, {"texts": TEXTS}):
+            vec, masks = model.encode_query_with_masks(**kwargs)
+            assert vec.shape == q.shape and vec[:, 6 * 32 :].abs().sum() > 0
+            assert len(masks) == (3 if "images" in kwargs else 0)
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"companion": {"beta": 1.0}}, r"setting\(s\) \['beta'\] cannot differ"),
+    ({"companion": {"dim": 8}, "companion_weight": 1.0}, "companion_weight must lie strictly between 0 and 1"),
+    ({"companion": ["dim"]}, "companion must be a dict"),
+])
+def test_bad_companion_settings_are_named(settings, message):
+    with pytest.raises(ValueError, match=message):
+        tiny(**settings)
+
+
 def test_one_pass_training_modes_equal_separate_descriptions():
     torch.manual_seed(0)
     model = tiny(fusion_layers=2).eval()

@@ -65,6 +65,30 @@ def test_composed_score_is_eq9_and_parts_add_up(setup):
     assert set(record) >= {"rank", "case_id", "image", "diagnosis", "category", "score", "local", "global", "parts"}
 
 
+def test_search_with_a_companion_scores_both_models_and_its_parts_add_up(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "ckpt", companion={"dim": 16, "heads": 2, "members": 2}, companion_weight=0.4)
+    _, root, cases = make_index(tmp_path, 8, ckpt=ckpt)
+    searcher = CaseSearcher(root)
+    response = searcher.search(image=cases[2].image, checklist=CHECKLIST["nevus"], k=8, heatmaps=True)
+    model = load_checkpoint(ckpt)
+    view = np.array(preprocess(load_rgb(cases[2].image), 64)[None])
+    with torch.no_grad():
+        tokens, pad = model.text_features([response.text])
+        scores = []
+        for m in (model, model.companion):  # each model's own Eq. 9 on this query and the top case
+            q = m.describe_query(m.image_features(view), tokens, pad)
+            top = np.array(preprocess(load_rgb(response.results[0].image), 64)[None])
+            t = m.describe_target(m.image_features(top))
+            scores.append(sum(0.6 * F.cosine_similarity(q.locals[i], t.locals[i]).item()
+                              + 0.4 * F.cosine_similarity(q.globals[i], t.globals[i]).item() for i in range(3)))
+    top = response.results[0]
+    assert top.score == pytest.approx(0.6 * scores[0] + 0.4 * scores[1], abs=1e-4)
+    assert len(top.parts) == 12 and sum(top.parts.values()) == pytest.approx(top.score, abs=1e-4)
+    record = top.to_dict()
+    assert record["local"] + record["global"] == pytest.approx(top.score, abs=1e-4)
+    assert len(response.query_heatmaps) == 3 and len(top.heatmaps) == 3  # the main model's attention
+
+
 def test_query_modes(setup):
     *_, cases, searcher = setup
     assert searcher.search(image=cases[0].image, k=3).mode == "image"

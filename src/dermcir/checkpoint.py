@@ -48,17 +48,17 @@ def save_checkpoint(
     Args:
         model: the trained model.
         out_dir: the checkpoint folder; an existing one is replaced only once the new one is complete.
-        frozen: top-level submodules saved by reference (source + digest) instead of by value.
+        frozen: submodules (dotted names) saved by reference (source + digest) instead of by value.
         extra: more JSON-serialisable metadata (training config, metrics, ...).
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
-             if k.split(".", 1)[0] not in frozen}
+             if not _is_frozen(k, (*frozen, *_SHARED))}
     meta = {
         "format_version": FORMAT_VERSION,
         "model": {**model.config.__dict__, "mean": list(model.config.mean), "std": list(model.config.std)},
-        "frozen": {name: state_digest(getattr(model, name)) for name in frozen},
+        "frozen": {name: state_digest(model.get_submodule(name)) for name in frozen},
         **(extra or {}),
     }
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp"))
@@ -77,6 +77,16 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+#: Submodules that are another submodule under a second name (a companion uses its main model's text encoder), so
+#: they are saved, referenced and verified once, under their first name.
+_SHARED = ("companion.text_encoder",)
+
+
+def _is_frozen(key: str, frozen) -> bool:
+    """Whether a state-dict key belongs to one of the ``frozen`` submodules (dotted names, e.g. ``companion.backbone``)."""
+    return any(key == name or key.startswith(name + ".") for name in frozen)
 
 
 def read_config(ckpt_dir: str | Path) -> dict[str, Any]:
@@ -106,7 +116,7 @@ def load_checkpoint(ckpt_dir: str | Path, device: str | torch.device = "cpu") ->
     # Frozen parts come from their pretrained source; everything else is overwritten by the saved weights below.
     model = ComposedRetrievalModel(config, pretrained=bool(frozen))
     for name, digest in frozen.items():
-        got = state_digest(getattr(model, name))
+        got = state_digest(model.get_submodule(name))
         if got != digest:
             raise ValueError(
                 f"{ckpt_dir}: the {name} weights found now (digest {got[:12]}) differ from those it was trained with "
@@ -116,7 +126,7 @@ def load_checkpoint(ckpt_dir: str | Path, device: str | torch.device = "cpu") ->
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: not found")
     missing, unexpected = model.load_state_dict(_upgrade_legacy_keys(load_file(str(weights))), strict=False)
-    missing = [k for k in missing if k.split(".", 1)[0] not in frozen]
+    missing = [k for k in missing if not _is_frozen(k, (*frozen, *_SHARED))]
     if missing or unexpected:
         raise ValueError(f"{weights}: does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
     return model.to(device).eval()

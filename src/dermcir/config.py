@@ -33,6 +33,13 @@ class ModelConfig:
     # Independently initialised and trained head sets over the same frozen encoders; their unit descriptors are
     # averaged (an ensemble inside one checkpoint: same embedding size, same Eq. 9, less seed-to-seed variance).
     members: int = 1
+    # A companion: a second model of the same kind whose backbone stays frozen at its ImageNet weights (its own heads,
+    # set by these ModelConfig overrides, e.g. {"grid": 4, "dim": 64, "members": 2}). Its fused score is added to the
+    # main one with weight companion_weight: s = (1 - w) s_main + w s_companion, still one inner product. A fine-tuned
+    # backbone sorts whole categories; the frozen one keeps near neighbours of other categories in the top results
+    # (docs/method.md). None: no companion.
+    companion: dict[str, Any] | None = None
+    companion_weight: float = 0.5
     max_text_tokens: int = 96
     template_version: str = "meta-report-v1"
     categories: list[str] = field(default_factory=list)  # training categories, in proxy order
@@ -66,6 +73,9 @@ class TrainConfig:
     # batch, and evaluation pads its last batch. On the GPU each new batch shape costs seconds of one-off kernel
     # preparation (measured on an H100: a fold's first epoch took 40-107 s instead of 1.5 s; docs/method.md).
     full_batches: bool = False
+    # Epochs of a companion (ModelConfig.companion), which otherwise trains as the cpu profile does (up to 100 epochs,
+    # patience 30, the refit); a cap for smoke tests and quick probes.
+    companion_epochs: int | None = None
 
 
 def to_json(obj: Any, path: str | Path) -> None:

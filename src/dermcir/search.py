@@ -53,7 +53,9 @@ class SearchResult:
     diagnosis: str
     category: str
     score: float  # fused score, Eq. 9
-    parts: dict[str, float]  # local_1..3 and global_1..3 (already weighted by β and 1 − β); they sum to ``score``
+    # local_1..3 and global_1..3 (already weighted by β and 1 − β; with a companion, its parts companion_local_1 …
+    # follow, weighted by w); they sum to ``score``
+    parts: dict[str, float]
     heatmaps: list[list[list[float]]] | None = None  # per level, the case's attention map (values in [0, 1])
 
     def to_dict(self) -> dict[str, Any]:
@@ -64,8 +66,9 @@ class SearchResult:
             "diagnosis": self.diagnosis,
             "category": self.category,
             "score": self.score,
-            "local": sum(v for n, v in self.parts.items() if n.startswith("local")),
-            "global": sum(v for n, v in self.parts.items() if n.startswith("global")),
+            # a companion's parts (companion_local_1, …) count towards the same two sums
+            "local": sum(v for n, v in self.parts.items() if "local_" in n),
+            "global": sum(v for n, v in self.parts.items() if "global_" in n),
             "parts": dict(self.parts),
         }
         if self.heatmaps is not None:
@@ -270,16 +273,16 @@ class CaseSearcher:
         self, view: np.ndarray | None, text: str | None, heatmaps: bool, beta: float | None
     ) -> tuple[np.ndarray, list | None]:
         model = self.model
-        maps = model.image_features(np.array(view[None])) if view is not None else None  # writable copy for torch
         tokens = pad = None
         if text is not None:
             with self._text_lock:
                 tokens, pad = model.text_features([text])
-        desc = model.describe_query(maps, tokens, pad)
-        query = model.query_embedding(desc, beta)[0].float().cpu().numpy()
+        images = np.array(view[None]) if view is not None else None  # writable copy for torch
+        vector, masks = model.encode_query_tokens(images, tokens, pad, beta)
+        query = vector[0].float().cpu().numpy()
         query_maps = None
-        if heatmaps and maps is not None:  # a text-only query has no image to show attention on
-            query_maps = _heatmap_list(attention_heatmaps(desc.masks)[0].cpu().numpy())
+        if heatmaps and masks:  # a text-only query has no image to show attention on
+            query_maps = _heatmap_list(attention_heatmaps(masks)[0].cpu().numpy())
         return query, query_maps
 
     @staticmethod

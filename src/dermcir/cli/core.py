@@ -80,17 +80,19 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from dermcir.data.cache import preprocess_cases
     from dermcir.models import ComposedRetrievalModel
     from dermcir.training import get_profile, prepare_inputs
-    from dermcir.training.pipeline import default_device
+    from dermcir.training.pipeline import default_device, prepare_companion
 
     cases = _load(args)
     model_cfg, train_cfg, views = get_profile(args.profile, **_overrides(args.set))
     cases, images = preprocess_cases(cases, model_cfg.image_size, args.cache, progress=not args.quiet)
-    if args.profile == "cpu":
+    if args.profile == "cpu" or model_cfg.companion is not None:  # cached frozen-backbone maps
         from dermcir.data import category_counts
 
         model_cfg.categories = list(category_counts(cases))
-        prepare_inputs(ComposedRetrievalModel(model_cfg), cases, images, train_cfg, views, default_device(),
-                       args.cache, not args.quiet)
+        model = ComposedRetrievalModel(model_cfg)
+        if args.profile == "cpu":
+            prepare_inputs(model, cases, images, train_cfg, views, default_device(), args.cache, not args.quiet)
+        prepare_companion(model, cases, images, train_cfg, default_device(), args.cache, not args.quiet)
     log.info("prepared %d cases", len(cases))
     return 0
 

@@ -23,7 +23,14 @@ from dermcir.data.folds import stratified_folds, validation_split
 from dermcir.evaluation.report import PAPER_ROWS, write_retrieval_figure, write_tables
 from dermcir.evaluation.results import build_results, fold_row, write_json_atomic
 from dermcir.models import ComposedRetrievalModel
-from dermcir.training.pipeline import default_device, device_name, prepare_inputs, run_log
+from dermcir.training.pipeline import (
+    default_device,
+    device_name,
+    fit_companion,
+    prepare_companion,
+    prepare_inputs,
+    run_log,
+)
 from dermcir.training.profiles import get_profile
 from dermcir.training.trainer import (
     describe_all,
@@ -44,6 +51,8 @@ PROTOCOLS = {
     "text-only": f"text-only query (same trained models), {_DB}",
     "composed, beta=0 (global only)": f"image + text query scored with the global term only, {_DB}",
     "composed, beta=1 (local only)": f"image + text query scored with the local term only, {_DB}",
+    "composed, main model alone": f"image + text query scored by the main (fine-tuned) model without its companion, {_DB}",
+    "composed, companion alone": f"image + text query scored by the frozen-backbone companion alone, {_DB}",
 }
 
 
@@ -56,6 +65,29 @@ def _variants(desc_q: dict, beta: float) -> dict[str, torch.Tensor]:
         "composed, beta=0 (global only)": query_embeddings(desc_q["composed"], 0.0),
         "composed, beta=1 (local only)": query_embeddings(desc_q["composed"], 1.0),
     }
+
+
+def _fold_embeddings(
+    model: ComposedRetrievalModel, inputs, companion, db: np.ndarray, q: np.ndarray, device: torch.device, train_cfg,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Target embeddings of the database and every ablation's query embeddings, as the index and search compute them:
+    with a companion, its vectors joined to the main model's (``ComposedRetrievalModel.join_companion``)."""
+    fixed, beta = train_cfg.full_batches, model.config.beta
+    target = target_embeddings(describe_all(model, inputs, db, device, amp=train_cfg.amp, kinds=("target",),
+                                            full_batches=fixed)["target"])
+    variants = _variants(describe_all(model, inputs, q, device, amp=train_cfg.amp, full_batches=fixed), beta)
+    if companion is None:
+        return target, variants
+    c_inputs, c_cfg = companion
+    c_target = target_embeddings(describe_all(model.companion, c_inputs, db, device, amp=c_cfg.amp,
+                                              kinds=("target",))["target"])
+    c_variants = _variants(describe_all(model.companion, c_inputs, q, device, amp=c_cfg.amp), beta)
+    joined = {name: model.join_companion(v, c_variants[name]) for name, v in variants.items()}
+    # each part alone: the main part's query against the main part of the targets, the same for the companion
+    zeros_c, zeros_m = torch.zeros_like(c_variants["composed"]), torch.zeros_like(variants["composed"])
+    joined["composed, main model alone"] = torch.cat([variants["composed"], zeros_c], 1)
+    joined["composed, companion alone"] = torch.cat([zeros_m, c_variants["composed"]], 1)
+    return torch.cat([target, c_target], 1), joined
 
 
 def _check_folds(only_folds: Sequence[int] | None, n_folds: int) -> list[int]:
@@ -104,6 +136,7 @@ def run_cv(
         model = ComposedRetrievalModel(model_cfg)
         initial = {k: v.clone() for k, v in model.state_dict().items()}
         inputs = prepare_inputs(model, cases, images, train_cfg, views, device, cache_dir, progress)
+        companion = prepare_companion(model, cases, images, train_cfg, device, cache_dir, progress)
         if device.type == "cuda":
             log.info("warm-up (one-off kernel preparation) took %.0f s",
                      warm_up(model, inputs, train_cfg, device, len(model_cfg.categories)))
@@ -119,27 +152,30 @@ def run_cv(
     for fold, (db, q) in enumerate(stratified_folds(labels, n_folds, seed)):
         if fold not in selected:
             continue
-        deadline = None
-        if time_budget is not None:
-            now = time.perf_counter()
-            # an equal share of what is left; 3 % of it is kept for the fold's final evaluation
-            deadline = now + 0.97 * (start + time_budget - now) / sum(f >= fold for f in selected)
         fold_dir = out_dir / f"fold_{fold}"
         with run_log(fold_dir / "train.log"):
             model.load_state_dict(initial)
             train_idx, val_idx = validation_split(db, labels, train_cfg.val_fraction, seed)
             log.info("fold %d: %d queries, %d database (%d train + %d validation)", fold, len(q), len(db),
                      len(train_idx), len(val_idx))
+            # the companion first (it is quick and has no deadline), so that the main model's share of the time
+            # budget is what is really left
+            c_result = fit_companion(model, companion, train_idx, val_idx, device, progress, refit_idx=db)
+            deadline = None
+            if time_budget is not None:
+                now = time.perf_counter()
+                # an equal share of what is left; 3 % of it is kept for the fold's final evaluation
+                deadline = now + 0.97 * (start + time_budget - now) / sum(f >= fold for f in selected)
             result = fit(model, inputs, train_idx, val_idx, train_cfg, device, len(model_cfg.categories), progress,
                          refit_idx=db, deadline=deadline)
             training.append({"fold": fold, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
                              "stopped_by": result.stopped_by, "val_mAP": result.best_val_map,
                              "train_seconds": result.seconds})
-            fixed = train_cfg.full_batches
-            target = target_embeddings(describe_all(model, inputs, db, device, amp=train_cfg.amp, kinds=("target",),
-                                                    full_batches=fixed)["target"])
-            variants = _variants(describe_all(model, inputs, q, device, amp=train_cfg.amp, full_batches=fixed),
-                                 model_cfg.beta)
+            if c_result is not None:
+                training[-1].update({"companion_best_epoch": c_result.best_epoch,
+                                     "companion_val_mAP": c_result.best_val_map,
+                                     "companion_train_seconds": c_result.seconds})
+            target, variants = _fold_embeddings(model, inputs, companion, db, q, device, train_cfg)
             for name, query in variants.items():
                 scores = (query @ target.T).cpu().numpy()
                 row = fold_row(fold, scores, labels[q], labels[db])
@@ -155,6 +191,8 @@ def run_cv(
             "fold": rows[-1], "best_epoch": result.best_epoch, "val_mAP": result.best_val_map,
             "epochs_run": result.epochs_run, "stopped_by": result.stopped_by, "train_seconds": result.seconds,
             "history": result.history,
+            **({"companion": {"best_epoch": c_result.best_epoch, "val_mAP": c_result.best_val_map,
+                              "history": c_result.history}} if c_result is not None else {}),
         })
 
     doc = build_results(

@@ -80,9 +80,9 @@ def encode_cases(
         chunk = list(cases[start : start + batch_size])
         good, images = preprocess_cases(chunk, model.config.image_size, cache_dir, report, progress=False)
         if good:
-            desc = model.describe_target(model.image_features(images))
-            vectors.append(model.target_embedding(desc).float().cpu().numpy())
-            heatmaps.append(attention_heatmaps(desc.masks).cpu().numpy().astype(np.float16))
+            vector, masks = model.encode_target_with_masks(images)
+            vectors.append(vector.float().cpu().numpy())
+            heatmaps.append(attention_heatmaps(masks).cpu().numpy().astype(np.float16))
             kept.extend(good)
         bar.update(len(chunk))
     bar.close()

@@ -8,6 +8,7 @@ text injection) and ``text`` (text injected into a learned "no image" token).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -21,6 +22,26 @@ from dermcir.similarity import query_vector, target_vector
 
 QUERY_MODES = ("composed", "image", "text")
 N_LEVELS = 3
+#: What a companion may set differently from its main model: the heads only. The backbone kind, the input size and
+#: normalisation, the text encoder and β are shared, so one preprocessed image and one text serve both.
+COMPANION_FIELDS = frozenset({"grid", "dim", "heads", "fusion_layers", "text_layers", "token_dropout", "n_masks",
+                              "members"})
+
+
+def companion_config(config: ModelConfig) -> ModelConfig | None:
+    """The companion's own config (``config.companion`` applied to ``config``), or None without a companion."""
+    if config.companion is None:
+        return None
+    if not isinstance(config.companion, dict):
+        # a ValueError like every other bad setting (the CLI reports those in one line)
+        raise ValueError(f"companion must be a dict of model settings or None, got {config.companion!r}")  # noqa: TRY004
+    unknown = set(config.companion) - COMPANION_FIELDS
+    if unknown:
+        raise ValueError(f"companion: setting(s) {sorted(unknown)} cannot differ from the main model; a companion "
+                         f"may set {sorted(COMPANION_FIELDS)}")
+    if not 0.0 < config.companion_weight < 1.0:
+        raise ValueError(f"companion_weight must lie strictly between 0 and 1, got {config.companion_weight}")
+    return replace(config, **config.companion, companion=None, categories=list(config.categories))
 
 
 def average_members(descs: Sequence[Descriptors]) -> Descriptors:
@@ -42,13 +63,15 @@ def average_members(descs: Sequence[Descriptors]) -> Descriptors:
 class ComposedRetrievalModel(nn.Module):
     """Backbone + text encoder + per-level heads. See the module docstring."""
 
-    def __init__(self, config: ModelConfig, pretrained: bool = True) -> None:
+    def __init__(self, config: ModelConfig, pretrained: bool = True, text_encoder: nn.Module | None = None) -> None:
+        """``text_encoder``: an already built (frozen) text encoder to share, as a companion shares its main model's."""
         super().__init__()
         self.config = config
         self.backbone = create_backbone(config.backbone, config.backbone_weights, pretrained, img_size=config.image_size)
-        self.text_encoder = create_text_encoder(
-            config.text_encoder, config.text_weights, pretrained, max_tokens=config.max_text_tokens
-        )
+        if text_encoder is None:
+            text_encoder = create_text_encoder(config.text_encoder, config.text_weights, pretrained,
+                                               max_tokens=config.max_text_tokens)
+        self.text_encoder = text_encoder
         config.mean, config.std = tuple(self.backbone.mean), tuple(self.backbone.std)
         # NHWC convolutions: measured 2.2x faster on this CPU for Lite0 at 512 px (and the usual layout for AMP on GPU)
         self.backbone.to(memory_format=torch.channels_last)
@@ -63,10 +86,17 @@ class ComposedRetrievalModel(nn.Module):
         )
         self.register_buffer("_mean", torch.tensor(config.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("_std", torch.tensor(config.std).view(1, 3, 1, 1), persistent=False)
+        companion = companion_config(config)
+        # Trained on its own (the training code fits ``model.companion`` like any model); its backbone never trains.
+        self.companion = (ComposedRetrievalModel(companion, pretrained, text_encoder=self.text_encoder)
+                          if companion is not None else None)
+        if self.companion is not None:
+            self.companion.backbone.requires_grad_(False)
 
     @property
     def embedding_dim(self) -> int:
-        return 2 * N_LEVELS * self.config.dim
+        own = 2 * N_LEVELS * self.config.dim
+        return own + (self.companion.embedding_dim if self.companion is not None else 0)
 
     # ---- inputs -------------------------------------------------------------------------------------------------
     def normalize(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -120,25 +150,67 @@ class ComposedRetrievalModel(nn.Module):
 
     # ---- the two public encoders --------------------------------------------------------------------------------
     def encode_target(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """``φ_t`` of preprocessed uint8 images ``(B, H, W, 3)`` → ``(B, 6·D)``."""
-        return self.target_embedding(self.describe_target(self.image_features(images)))
+        """``φ_t`` of preprocessed uint8 images ``(B, H, W, 3)`` → ``(B, embedding_dim)``."""
+        return self.encode_target_with_masks(images)[0]
+
+    def encode_target_with_masks(self, images: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``φ_t`` and the main model's attention masks per level (for heatmaps)."""
+        d = self.describe_target(self.image_features(images))
+        vector = self.target_embedding(d)
+        if self.companion is not None:  # its own vector beside ours: the weights go on the query side
+            vector = torch.cat([vector, self.companion.encode_target(images)], dim=1)
+        return vector, d.masks
 
     def encode_query(
         self, images: torch.Tensor | np.ndarray | None = None, texts: Sequence[str] | None = None,
         beta: float | None = None,
     ) -> torch.Tensor:
-        """``φ_q`` of a composed (image + text), image-only or text-only query → ``(B, 6·D)``.
+        """``φ_q`` of a composed (image + text), image-only or text-only query → ``(B, embedding_dim)``.
 
-        ``⟨encode_query(i, t), encode_target(j)⟩`` equals Eq. 9's fused score.
+        ``⟨encode_query(i, t), encode_target(j)⟩`` equals Eq. 9's fused score; with a companion, the weighted sum
+        ``(1 − w) s_main + w s_companion`` of two such scores.
         """
-        maps = self.image_features(images) if images is not None else None
+        return self.encode_query_with_masks(images, texts, beta)[0]
+
+    def encode_query_with_masks(
+        self, images: torch.Tensor | np.ndarray | None = None, texts: Sequence[str] | None = None,
+        beta: float | None = None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``φ_q`` and the main model's attention masks per level (empty for a text-only query)."""
         tokens, pad = self.text_features(texts) if texts is not None else (None, None)
+        return self.encode_query_tokens(images, tokens, pad, beta)
+
+    def encode_query_tokens(
+        self, images: torch.Tensor | np.ndarray | None, tokens: torch.Tensor | None, pad: torch.Tensor | None,
+        beta: float | None = None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """As ``encode_query_with_masks``, from text tokens already computed by ``text_features``."""
+        maps = self.image_features(images) if images is not None else None
         if maps is not None and tokens is not None and maps[0].shape[0] != tokens.shape[0]:
             raise ValueError(f"{maps[0].shape[0]} images but {tokens.shape[0]} texts; give one text per image")
-        return self.query_embedding(self.describe_query(maps, tokens, pad), beta)
+        d = self.describe_query(maps, tokens, pad)
+        vector = self.query_embedding(d, beta)
+        if self.companion is not None:
+            c = self.companion
+            c_maps = c.image_features(images) if images is not None else None
+            vector = self.join_companion(vector, c.query_embedding(c.describe_query(c_maps, tokens, pad), beta))
+        return vector, (d.masks if maps is not None else [])
+
+    def join_companion(self, main: torch.Tensor, companion: torch.Tensor) -> torch.Tensor:
+        """One query vector from the main model's and the companion's: weighted ``1 − w`` and ``w``, concatenated."""
+        w = self.config.companion_weight
+        return torch.cat([(1.0 - w) * main, w * companion], dim=1)
 
     def part_slices(self) -> dict[str, slice]:
-        """Where each per-level local and global part lies in an embedding (for score explanations)."""
+        """Where each per-level local and global part lies in an embedding (for score explanations).
+
+        A companion's parts follow, named ``companion_local_1`` … ``companion_global_3``.
+        """
         d = self.config.dim
         names = [f"local_{i + 1}" for i in range(N_LEVELS)] + [f"global_{i + 1}" for i in range(N_LEVELS)]
-        return {name: slice(i * d, (i + 1) * d) for i, name in enumerate(names)}
+        parts = {name: slice(i * d, (i + 1) * d) for i, name in enumerate(names)}
+        if self.companion is not None:
+            offset = len(names) * d
+            parts.update({f"companion_{name}": slice(offset + s.start, offset + s.stop)
+                          for name, s in self.companion.part_slices().items()})
+        return parts

@@ -19,7 +19,7 @@ from dermcir.data.cases import Case, LoadReport, category_counts
 from dermcir.data.folds import validation_split
 from dermcir.models import ComposedRetrievalModel
 from dermcir.training.features import CachedFeatures, DeviceImages, text_tokens
-from dermcir.training.profiles import get_profile
+from dermcir.training.profiles import companion_training, get_profile
 from dermcir.training.trainer import FitResult, Inputs, fit, seed_everything
 
 log = logging.getLogger(__name__)
@@ -37,9 +37,13 @@ def device_name(device: torch.device) -> str:
     return str(device)
 
 
-def frozen_parts(profile: str) -> tuple[str, ...]:
-    """Submodules a checkpoint stores by reference: the text encoder always, the backbone when it was not trained."""
-    return ("backbone", "text_encoder") if profile == "cpu" else ("text_encoder",)
+def frozen_parts(profile: str, model: ComposedRetrievalModel | None = None) -> tuple[str, ...]:
+    """Submodules a checkpoint stores by reference: the text encoder always, the backbone when it was not trained,
+    and a companion's backbone (never trained; its text encoder is the main model's)."""
+    parts = ("backbone", "text_encoder") if profile == "cpu" else ("text_encoder",)
+    if model is not None and model.companion is not None:
+        parts += ("companion.backbone",)
+    return parts
 
 
 def prepare_inputs(
@@ -56,6 +60,33 @@ def prepare_inputs(
     ids = {c: i for i, c in enumerate(model.config.categories)}
     labels = torch.tensor([ids[c.category] for c in cases])
     return Inputs(source, tokens, pad, labels).on(device)
+
+
+def prepare_companion(
+    model: ComposedRetrievalModel, cases: Sequence[Case], images: np.ndarray, main: TrainConfig,
+    device: torch.device, cache_dir: Path | None = None, progress: bool = True,
+) -> tuple[Inputs, TrainConfig] | None:
+    """Inputs (cached frozen-backbone maps) and training settings of ``model.companion`` (whose main model trains
+    with ``main``); None without a companion."""
+    if model.companion is None:
+        return None
+    train_cfg, views = companion_training(main)
+    return prepare_inputs(model.companion, cases, images, train_cfg, views, device, cache_dir, progress), train_cfg
+
+
+def fit_companion(
+    model: ComposedRetrievalModel, companion: tuple[Inputs, TrainConfig] | None, train_idx: np.ndarray,
+    val_idx: np.ndarray, device: torch.device, progress: bool = True, refit_idx: np.ndarray | None = None,
+) -> FitResult | None:
+    """Train ``model.companion`` on its own (early stopping on the same validation split); None without one."""
+    if companion is None:
+        return None
+    inputs, train_cfg = companion
+    result = fit(model.companion, inputs, train_idx, val_idx, train_cfg, device, len(model.config.categories),
+                 progress, refit_idx=refit_idx)
+    log.info("companion: best epoch %d of %d, validation mAP %.2f, %.0f s", result.best_epoch, result.epochs_run,
+             result.best_val_map, result.seconds)
+    return result
 
 
 @contextmanager
@@ -105,9 +136,13 @@ def train_on_cases(
         result: FitResult = fit(model, inputs, train_idx, val_idx, train_cfg, device, len(model_cfg.categories),
                                 progress, refit_idx=idx)
         log.info("best epoch %d, validation mAP %.2f, %.0f s", result.best_epoch, result.best_val_map, result.seconds)
-    save_checkpoint(model.cpu(), out_dir, frozen=frozen_parts(profile), extra={
+        companion = prepare_companion(model, cases, images, train_cfg, device, cache_dir, progress)
+        companion_result = fit_companion(model, companion, train_idx, val_idx, device, progress, refit_idx=idx)
+    save_checkpoint(model.cpu(), out_dir, frozen=frozen_parts(profile, model), extra={
         "train": train_cfg.__dict__, "best_epoch": result.best_epoch, "val_mAP": result.best_val_map,
         "history": result.history, "n_cases": len(cases), "skipped": report.skipped,
+        **({"companion": {"best_epoch": companion_result.best_epoch, "val_mAP": companion_result.best_val_map,
+                          "history": companion_result.history}} if companion_result is not None else {}),
     })
     shutil.move(str(tmp_log), out_dir / "train.log")
     return out_dir

@@ -176,7 +176,8 @@ def fit(
     # One loss (with its own category proxies) per head set: the members of an ensemble train independently on the
     # same batches and meet only in the averaged descriptors that validation and search use.
     loss_fns = nn.ModuleList(_new_loss(model, cfg, n_categories) for _ in model.heads).to(device)
-    heads = [p for n, p in model.named_parameters() if not n.startswith(("backbone.", "text_encoder."))]
+    # a companion is fitted on its own (``fit(model.companion, ...)``), never as part of its main model
+    heads = [p for n, p in model.named_parameters() if not n.startswith(("backbone.", "text_encoder.", "companion."))]
     groups = [{"params": heads + list(loss_fns.parameters()), "lr": cfg.head_lr}]
     if train_backbone:
         groups.append({"params": list(model.backbone.parameters()), "lr": cfg.lr})
@@ -301,6 +302,8 @@ def _training_mode(model: ComposedRetrievalModel, train_backbone: bool) -> None:
     model.text_encoder.eval()
     if not train_backbone:
         model.backbone.eval()
+    if model.companion is not None:  # fitted separately; its dropout stays off while the main model trains
+        model.companion.eval()
 
 
 def _member_loss(head: HeadSet, loss_fn: CategoryContrastiveLoss, maps: list[torch.Tensor], tok: torch.Tensor,
@@ -351,7 +354,9 @@ def composed_scores(
 
 
 def _trainable_state(model: ComposedRetrievalModel) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("text_encoder.")}
+    """The weights ``fit`` may change (a companion's are not among them: they are fitted on their own)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()
+            if not k.startswith(("text_encoder.", "companion."))}
 
 
 __all__ = ["FitResult", "Inputs", "composed_scores", "describe_all", "fit", "full_batch_order", "query_embeddings",

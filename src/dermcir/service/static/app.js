@@ -194,11 +194,18 @@ function showCompare(result, card) {
     th.textContent = t;
     head.append(th);
   }
-  for (const kind of ["local", "global"]) {
+  // a checkpoint with a frozen-backbone companion adds its own rows (companion_local_1, ...)
+  for (const kind of ["local", "global", "companion_local", "companion_global"]) {
+    if (!(`${kind}_1` in result.parts)) continue;
     const row = table.insertRow();
-    row.insertCell().textContent = kind;
-    for (let l = 1; l <= 3; l++) row.insertCell().textContent = fmt(result.parts[`${kind}_${l}`]);
-    row.insertCell().textContent = fmt(result[kind]);
+    row.insertCell().textContent = kind.replace("_", " ");
+    let sum = 0;
+    for (let l = 1; l <= 3; l++) {
+      const v = result.parts[`${kind}_${l}`];
+      sum += v;
+      row.insertCell().textContent = fmt(v);
+    }
+    row.insertCell().textContent = fmt(sum);
   }
   $("compare").hidden = false;
   redrawHeatmaps();
