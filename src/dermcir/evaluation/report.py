@@ -50,10 +50,18 @@ def write_tables(doc: dict[str, Any], path: Path, paper_rows: dict = PAPER_ROWS)
     lines += [f"| {r['fold']} | {r['n_queries']} | {r['n_database']} | " + " | ".join(f"{r[m]:.1f}" for m in METRICS)
               + " |" for r in doc["folds"]]
     if doc.get("training"):
-        lines += ["", "## Training per fold", "", "| fold | best epoch | epochs run | stopped by | validation mAP | seconds |",
-                  "|---|---|---|---|---|---|"]
-        lines += [f"| {t['fold']} | {t['best_epoch']} | {t['epochs_run']} | {t['stopped_by']} | {t['val_mAP']:.1f} | "
-                  f"{t['train_seconds']:.0f} |" for t in doc["training"]]
+        companion = all("companion_best_epoch" in t for t in doc["training"])
+        extra = " companion: best epoch | validation mAP | seconds |" if companion else ""
+        lines += ["", "## Training per fold", "",
+                  "| fold | best epoch | epochs run | stopped by | validation mAP | seconds |" + extra,
+                  "|---|---|---|---|---|---|" + ("---|---|---|" if companion else "")]
+        for t in doc["training"]:
+            row = (f"| {t['fold']} | {t['best_epoch']} | {t['epochs_run']} | {t['stopped_by']} | {t['val_mAP']:.1f} | "
+                   f"{t['train_seconds']:.0f} |")
+            if companion:
+                row += (f" {t['companion_best_epoch']} | {t['companion_val_mAP']:.1f} | "
+                        f"{t['companion_train_seconds']:.0f} |")
+            lines.append(row)
     if "seconds" in doc:
         budget = f" (time budget {doc['time_budget']:.0f} s)" if doc.get("time_budget") else ""
         lines += ["", f"Wall time: {doc['seconds']:.0f} s on {doc.get('device', '?')}{budget}."]
