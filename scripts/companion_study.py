@@ -101,7 +101,12 @@ def main() -> None:
                       for m in METRICS}
         print(f"mean over {len(rs)} folds, w={w:<4}: " + " / ".join(f"{v[0]:.1f} ± {v[1]:.1f}"
                                                                      for v in summary[w].values()))
-    (args.out / "summary.json").write_text(json.dumps({"settings": overrides, "cpu_settings": cpu_overrides, "summary": summary}, indent=2))
+    folds = [int(p.stem.split("_")[1]) for p in sorted(args.out.glob("fold_[0-9]*.npz"))]
+    epochs = {f: np.load(args.out / f"fold_{f}.npz")["epochs"].tolist() for f in folds}  # kept epochs (gpu, cpu)
+    per_fold = {w: [{m: round(float(r[m]), 2) for m in METRICS} for r in rs] for w, rs in rows.items()}
+    (args.out / "summary.json").write_text(json.dumps({
+        "settings": overrides, "cpu_settings": cpu_overrides, "folds": folds, "kept_epochs": epochs,
+        "summary": summary, "per_fold": per_fold}, indent=2))
 
 
 if __name__ == "__main__":

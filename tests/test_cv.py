@@ -363,3 +363,17 @@ def test_device_augmentation_keeps_shape_dtype_and_content():
     # flips/transposes/jitter keep each image's sorted intensities close (no mixing between images)
     for a, b in zip(x.float(), y.float()):
         assert abs(a.mean() - b.mean()) < 20
+
+
+@pytest.mark.parametrize(("profile", "sets", "features"), [
+    ("cpu", [], 2),  # two cached views of the frozen backbone per case
+    ("gpu", [], 2),  # the companion's frozen maps; the fine-tuned backbone has nothing to cache
+    ("gpu", ["--set", "companion=null"], 0),
+])
+def test_prepare_caches_the_frozen_maps_a_profile_will_read(toy_release, tmp_path, profile, sets, features):
+    cache = tmp_path / "cache"
+    rc = main(["prepare", "--data", str(toy_release), "--min-cases", "5", "--profile", profile, "--cache", str(cache),
+               "--quiet", "--set", "image_size=64", *sets])
+    assert rc == 0
+    assert len(list((cache / "images").glob("*"))) == 24
+    assert len(list((cache / "features").glob("*.safetensors"))) == features * 24
