@@ -6,7 +6,9 @@
   vary a lot from seed to seed; see docs/method.md). Sized for the whole 5-fold benchmark in under 20 minutes on 2
   idle CPU cores.
 * ``gpu``: the backbone fine-tuned end to end at 512 px with the seed's optimiser settings, native-resolution maps,
-  device-resident images and augmentation, bf16 autocast.
+  device-resident images and augmentation, bf16 autocast; plus a companion (``ModelConfig.companion``): the cpu
+  profile's heads over a frozen copy of the backbone, trained as the cpu profile trains, its score joined with
+  weight 0.5.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ PROFILES: dict[str, tuple[ModelConfig, TrainConfig, int]] = {
     ),
     "gpu": (
         # the companion (frozen ImageNet backbone, the cpu profile's heads, trained as the cpu profile trains) keeps
-        # the top results hedging; at 128 px on two test folds it raised Acc@4 by 6.7 and mAP by 1.2 (docs/method.md)
+        # the top results hedging; at 128 px on five test folds it raised Acc@4 by 5.3 and mAP by 1.2 (docs/method.md)
         ModelConfig(grid=None, dim=256, heads=8, token_dropout=0.3, companion=dict(_CPU_HEADS), companion_weight=0.5),
         # the backbone at the seed's lr 1e-4; the heads start from scratch and get 1e-3 (a 12-epoch probe of this
         # recipe at 128 px on fold 0 reached validation mAP 83.4 with 1e-3 against 78.1 with 1e-4; docs/method.md)
