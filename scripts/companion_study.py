@@ -10,6 +10,7 @@ before looking; the other weights show the trade-off.
 Usage: OMP_NUM_THREADS=1 python scripts/companion_study.py --data ../shared/derm7pt/release_v0 --fold 0 --fold 1
        --out runs/companion [--set image_size=128] [--set epochs=20] [--weights 0 0.25 0.5 0.75 1]
 Re-scoring saved embeddings without training: add ``--score-only`` (reads every ``fold_F.npz`` in --out).
+Another initialisation of the cpu model against the same gpu models: ``--cpu-init-seed 1 --reuse-gpu runs/companion``.
 """
 
 from __future__ import annotations
@@ -33,13 +34,16 @@ from dermcir.training.trainer import describe_all, fit, query_embeddings, seed_e
 METRICS = ("mAP", "Acc@1", "Acc@2", "Acc@4")
 
 
-def embed_fold(profile: str, overrides: dict, cases, labels, fold: int, n_folds: int, seed: int, cache_dir):
-    """Train ``profile`` on one fold as ``run_cv`` does; return (composed query embeddings, target embeddings)."""
+def embed_fold(profile: str, overrides: dict, cases, labels, fold: int, n_folds: int, seed: int, cache_dir,
+               init_seed: int | None = None):
+    """Train ``profile`` on one fold as ``run_cv`` does; return (composed query embeddings, target embeddings).
+
+    ``init_seed``: other initial head weights (the split, the batches and the augmentation stay those of ``seed``)."""
     model_cfg, train_cfg, views = get_profile(profile, seed=seed, **overrides)
     cases, images = preprocess_cases(cases, model_cfg.image_size, cache_dir, progress=False)
     assert [c.category for c in cases] == list(labels), "preprocessing left a case out"
     model_cfg.categories = list(category_counts(cases))
-    seed_everything(seed)  # as run_cv: the heads' initial weights follow the seed
+    seed_everything(seed if init_seed is None else init_seed)  # as run_cv: the heads' initial weights follow the seed
     model = ComposedRetrievalModel(model_cfg)
     device = torch.device("cpu")
     inputs = prepare_inputs(model, cases, images, train_cfg, views, device, cache_dir, progress=False)
@@ -74,6 +78,10 @@ def main() -> None:
                     help="cpu-profile override (JSON value); default none, the profile as published")
     ap.add_argument("--weights", type=float, nargs="+", default=[0, 0.25, 0.5, 0.75, 1])
     ap.add_argument("--score-only", action="store_true")
+    ap.add_argument("--cpu-init-seed", type=int, default=None,
+                    help="other initial weights for the cpu model (split and batches stay those of --seed)")
+    ap.add_argument("--reuse-gpu", type=Path, default=None,
+                    help="take the gpu model's embeddings from this earlier --out instead of training it again")
     ap.add_argument("--cache", type=Path, default=None)
     args = ap.parse_args()
     overrides = {k: json.loads(v) for k, _, v in (s.partition("=") for s in args.set)}
@@ -85,8 +93,14 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.score_only:
         for fold in args.fold:
-            q_g, t_g, db, q, ep_g = embed_fold("gpu", overrides, cases, labels, fold, args.folds, args.seed, args.cache)
-            q_c, t_c, _, _, ep_c = embed_fold("cpu", cpu_overrides, cases, labels, fold, args.folds, args.seed, args.cache)
+            if args.reuse_gpu is not None:
+                z = np.load(args.reuse_gpu / f"fold_{fold}.npz")
+                q_g, t_g, db, q, ep_g = z["q_gpu"], z["t_gpu"], z["db"], z["q"], int(z["epochs"][0])
+            else:
+                q_g, t_g, db, q, ep_g = embed_fold("gpu", overrides, cases, labels, fold, args.folds, args.seed,
+                                                   args.cache)
+            q_c, t_c, _, _, ep_c = embed_fold("cpu", cpu_overrides, cases, labels, fold, args.folds, args.seed,
+                                              args.cache, init_seed=args.cpu_init_seed)
             tmp = args.out / f"fold_{fold}.tmp.npz"
             np.savez(tmp, q_gpu=q_g, t_gpu=t_g, q_cpu=q_c, t_cpu=t_c, db=db, q=q, epochs=[ep_g, ep_c])
             tmp.replace(args.out / f"fold_{fold}.npz")
