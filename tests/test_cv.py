@@ -179,6 +179,11 @@ def test_main_fit_and_companion_fit_each_change_only_their_own_weights(toy_relea
     cases, images = preprocess_cases(cases, 64, progress=False)
     companion = prepare_companion(model, cases, images, cfg, cpu, progress=False)
     assert companion[1].profile == "cpu" and companion[1].epochs == 2
+    # with the main model's inputs the texts are not encoded again: the shared encoder gives the same tokens
+    reused = prepare_companion(model, cases, images, cfg, cpu, progress=False, main_inputs=inputs)[0]
+    assert reused.tokens is inputs.tokens and reused.source is not inputs.source
+    torch.testing.assert_close(reused.tokens, companion[0].tokens)
+    assert torch.equal(reused.pad, companion[0].pad) and torch.equal(reused.labels, companion[0].labels)
     result = fit_companion(model, companion, idx[::2], idx[1::2], cpu, progress=False, refit_idx=idx)
     assert result.epochs_run == 2
     companion_final, main_final = split(model.state_dict())

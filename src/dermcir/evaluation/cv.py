@@ -136,7 +136,7 @@ def run_cv(
         model = ComposedRetrievalModel(model_cfg)
         initial = {k: v.clone() for k, v in model.state_dict().items()}
         inputs = prepare_inputs(model, cases, images, train_cfg, views, device, cache_dir, progress)
-        companion = prepare_companion(model, cases, images, train_cfg, device, cache_dir, progress)
+        companion = prepare_companion(model, cases, images, train_cfg, device, cache_dir, progress, inputs)
         if device.type == "cuda":
             log.info("warm-up (one-off kernel preparation) took %.0f s",
                      warm_up(model, inputs, train_cfg, device, len(model_cfg.categories)))

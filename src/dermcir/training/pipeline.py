@@ -48,14 +48,19 @@ def frozen_parts(profile: str, model: ComposedRetrievalModel | None = None) -> t
 
 def prepare_inputs(
     model: ComposedRetrievalModel, cases: Sequence[Case], images: np.ndarray, train_cfg: TrainConfig, views: int,
-    device: torch.device, cache_dir: Path | None = None, progress: bool = True,
+    device: torch.device, cache_dir: Path | None = None, progress: bool = True, text_of: Inputs | None = None,
 ) -> Inputs:
-    """Feature source for the profile, frozen text tokens and category ids of ``cases``."""
+    """Feature source for the profile, frozen text tokens and category ids of ``cases``.
+
+    ``text_of``: inputs of the same cases whose text tokens and category ids to reuse (a companion shares its main
+    model's text encoder, so encoding the texts again would give the same tokens)."""
     model.to(device).eval()
     if train_cfg.profile == "cpu":
         source = CachedFeatures.build(model, cases, images, n_views=views, cache_dir=cache_dir, progress=progress)
     else:
         source = DeviceImages(model, images, device, augment=train_cfg.augment)
+    if text_of is not None:
+        return Inputs(source, text_of.tokens, text_of.pad, text_of.labels).on(device)
     tokens, pad = text_tokens(model, [c.text for c in cases])
     ids = {c: i for i, c in enumerate(model.config.categories)}
     labels = torch.tensor([ids[c.category] for c in cases])
@@ -64,14 +69,17 @@ def prepare_inputs(
 
 def prepare_companion(
     model: ComposedRetrievalModel, cases: Sequence[Case], images: np.ndarray, main: TrainConfig,
-    device: torch.device, cache_dir: Path | None = None, progress: bool = True,
+    device: torch.device, cache_dir: Path | None = None, progress: bool = True, main_inputs: Inputs | None = None,
 ) -> tuple[Inputs, TrainConfig] | None:
     """Inputs (cached frozen-backbone maps) and training settings of ``model.companion`` (whose main model trains
-    with ``main``); None without a companion."""
+    with ``main``); None without a companion. ``main_inputs``: the main model's inputs, whose text tokens the
+    companion reuses."""
     if model.companion is None:
         return None
     train_cfg, views = companion_training(main)
-    return prepare_inputs(model.companion, cases, images, train_cfg, views, device, cache_dir, progress), train_cfg
+    inputs = prepare_inputs(model.companion, cases, images, train_cfg, views, device, cache_dir, progress,
+                            text_of=main_inputs)
+    return inputs, train_cfg
 
 
 def fit_companion(
@@ -136,7 +144,7 @@ def train_on_cases(
         result: FitResult = fit(model, inputs, train_idx, val_idx, train_cfg, device, len(model_cfg.categories),
                                 progress, refit_idx=idx)
         log.info("best epoch %d, validation mAP %.2f, %.0f s", result.best_epoch, result.best_val_map, result.seconds)
-        companion = prepare_companion(model, cases, images, train_cfg, device, cache_dir, progress)
+        companion = prepare_companion(model, cases, images, train_cfg, device, cache_dir, progress, inputs)
         companion_result = fit_companion(model, companion, train_idx, val_idx, device, progress, refit_idx=idx)
     save_checkpoint(model.cpu(), out_dir, frozen=frozen_parts(profile, model), extra={
         "train": train_cfg.__dict__, "best_epoch": result.best_epoch, "val_mAP": result.best_val_map,
