@@ -6,6 +6,8 @@
 #   results.json, tables.md and log are copied there (the device tool returns at most 8 files from $OUT).
 # The GPU image has torch, timm, transformers, scikit-learn, pandas, matplotlib but not our PyPI weight packages and
 # no network, so the package runs from src/ (no pip install) with the weights from gpu_payload/.
+# The companion's folds train in CPU worker processes while the GPU trains the fine-tuned models
+# (COMPANION_WORKERS, default 5; 0 = fold by fold on the GPU, before each fine-tuned model).
 # Local smoke test of this exact path on a tiny packed subset (runs on the CPU):
 #   bash scripts/gpu_cv.sh /tmp/smoke --data /tmp/tiny_release --min-cases 4 --folds 2 --set epochs=1 ...
 set -uo pipefail
@@ -24,7 +26,8 @@ export PYTHONUNBUFFERED=1
   # CV_TIMEOUT (seconds) stops a hung run so that the bundle below is still written; 0 = none
   timeout "${CV_TIMEOUT:-0}" python -m dermcir cv --data gpu_payload/release --profile gpu --out "$RUN_DIR" --quiet \
     --set backbone_weights='"gpu_payload/lite0_fp16.safetensors"' \
-    --set text_encoder='"bert"' --set text_weights='"gpu_payload/minilm"' "${@:2}"
+    --set text_encoder='"bert"' --set text_weights='"gpu_payload/minilm"' \
+    --companion-workers "${COMPANION_WORKERS:-5}" "${@:2}"
   rc=$?
   echo "dermcir cv exit $rc after $(( $(date +%s) - start )) s"
   [ -f "$RUN_DIR/tables.md" ] && cat "$RUN_DIR/tables.md"

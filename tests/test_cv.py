@@ -357,6 +357,109 @@ def test_gpu_profile_code_path_runs_on_cpu(toy_release, tmp_path):
     assert "## Training per fold" in (tmp_path / "run" / "tables.md").read_text()
 
 
+def test_companions_fitted_in_cpu_workers_score_as_in_process(toy_release, tmp_path):
+    """``companion_workers``: each fold's companion trains in a worker process while the main models train, and the
+    run's figures and histories are those of fitting it in this process."""
+    cases, _ = load_derm7pt(toy_release, min_cases=5)
+    settings = {**TINY, "epochs": 1, "patience": 1, "batch_size": 6, "refit_epochs": 1, "companion_epochs": 3}
+    here = run_cv(cases, tmp_path / "here", profile="gpu", n_folds=2, progress=False, **settings)
+    pooled = run_cv(cases, tmp_path / "pool", profile="gpu", n_folds=2, progress=False, companion_workers=2,
+                    **settings)
+    for a, b in zip(here["folds"] + [here["mean"]], pooled["folds"] + [pooled["mean"]], strict=True):
+        assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], abs=1e-6) for k in a if "Acc" in k or k == "mAP")
+    for name, ablation in here["ablations"].items():
+        assert ablation["mean"] == pytest.approx(pooled["ablations"][name]["mean"], abs=1e-6)
+    assert [t["companion_best_epoch"] for t in here["training"]] == [t["companion_best_epoch"] for t in pooled["training"]]
+    for fold in (0, 1):
+        h0, h1 = (json.loads((tmp_path / r / f"fold_{fold}" / "metrics.json").read_text())["companion"]["history"]
+                  for r in ("here", "pool"))
+        assert [h["epoch"] for h in h1] == [1, 2, 3]
+        assert [h["val_mAP"] for h in h0] == pytest.approx([h["val_mAP"] for h in h1], abs=1e-6)
+        assert [h["loss"] for h in h0] == pytest.approx([h["loss"] for h in h1], rel=1e-4)
+        # the worker's own log, and the fold's log records the companion it collected
+        assert "companion (CPU worker" in (tmp_path / "pool" / f"fold_{fold}" / "companion.log").read_text()
+        assert f"(fold {fold})" in (tmp_path / "pool" / f"fold_{fold}" / "train.log").read_text()
+    with pytest.raises(ValueError, match="companion_workers"):
+        run_cv(cases, tmp_path / "bad", profile="gpu", n_folds=2, progress=False, companion_workers=-1, **settings)
+
+
+def test_a_failed_companion_worker_is_fitted_again_in_process(toy_release, tmp_path, caplog):
+    from dermcir.data.cache import preprocess_cases
+    from dermcir.models import ComposedRetrievalModel
+    from dermcir.training.companion_pool import CompanionPool
+    from dermcir.training.pipeline import fit_companion, prepare_companion, prepare_inputs
+    from dermcir.training.profiles import get_profile
+
+    cases, _ = load_derm7pt(toy_release, min_cases=5)
+    model_cfg, cfg, views = get_profile("gpu", **TINY, companion_epochs=2)
+    cases, images = preprocess_cases(cases, model_cfg.image_size, None, progress=False)
+    model_cfg.categories = sorted({c.category for c in cases})
+    model = ComposedRetrievalModel(model_cfg)
+    cpu = torch.device("cpu")
+    inputs = prepare_inputs(model, cases, images, cfg, views, cpu, progress=False)
+    companion = prepare_companion(model, cases, images, cfg, cpu, progress=False, main_inputs=inputs)
+    initial = {k: v.clone() for k, v in model.companion.state_dict().items()}
+    idx = np.arange(len(cases))
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the worker's log folder should be")
+    # the worker's thread count as here: the same arithmetic, so the same weights to the last bit
+    pool = CompanionPool(model, companion, workers=1, n_categories=3, threads=torch.get_num_threads())
+    try:
+        pool.submit(0, idx[::2], idx[1::2], idx, blocker / "companion.log")  # the worker cannot write its log
+        pool.submit(1, idx[1::2], idx[::2], idx, tmp_path / "fold_1" / "companion.log")
+        with caplog.at_level("WARNING", logger="dermcir"):
+            result = pool.collect(0, cpu)
+            fitted = {k: v.clone() for k, v in model.companion.state_dict().items()}
+            pool.collect(1, cpu)  # a worker's weights, loaded into the companion
+            from_worker = {k: v.clone() for k, v in model.companion.state_dict().items()}
+    finally:
+        pool.close()
+    assert "fitting it in this process" in caplog.text and "fold 0" in caplog.text and "fold 1" not in caplog.text
+    assert any(not torch.equal(initial[k], fitted[k]) for k in initial)
+    for train, val, expected in ((idx[::2], idx[1::2], fitted), (idx[1::2], idx[::2], from_worker)):
+        model.companion.load_state_dict(initial)
+        fit_companion(model, companion, train, val, cpu, progress=False, refit_idx=idx)
+        for k, v in model.companion.state_dict().items():
+            assert torch.equal(expected[k], v), k
+    assert result.epochs_run == 2 and [h["epoch"] for h in result.history] == [1, 2]
+
+
+def test_companion_workers_that_cannot_start_are_reported_and_the_run_fits_in_process(toy_release, tmp_path, caplog):
+    from dermcir.training import companion_pool
+
+    real = companion_pool.CompanionPool
+
+    class Unstartable(real):  # a thread count torch refuses: every worker's start-up fails
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs, threads=-1)
+
+    cases, _ = load_derm7pt(toy_release, min_cases=5)
+    settings = {**TINY, "epochs": 1, "patience": 1, "batch_size": 6, "refit_epochs": 1, "companion_epochs": 2}
+    import dermcir.evaluation.cv as cv_module
+
+    cv_module.CompanionPool = Unstartable
+    try:
+        with caplog.at_level("WARNING", logger="dermcir"):
+            doc = run_cv(cases, tmp_path / "run", profile="gpu", n_folds=2, progress=False, companion_workers=2,
+                         **settings)
+    finally:
+        cv_module.CompanionPool = real
+    assert "the CPU workers could not start" in caplog.text and "fitted in this process instead" in caplog.text
+    assert [t["companion_best_epoch"] in (1, 2) for t in doc["training"]] == [True, True]
+    assert not (tmp_path / "run" / "fold_0" / "companion.log").exists()
+
+
+def test_host_cores_honours_a_cgroup_quota(tmp_path):
+    from dermcir.training.companion_pool import host_cores
+
+    affinity = host_cores(tmp_path / "absent")
+    assert affinity >= 1
+    (tmp_path / "cpu.max").write_text("150000 100000\n")  # 1.5 cores' worth
+    assert host_cores(tmp_path / "cpu.max") == 1
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert host_cores(tmp_path / "cpu.max") == affinity
+
+
 def test_device_augmentation_keeps_shape_dtype_and_content():
     import torch
 

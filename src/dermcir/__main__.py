@@ -4,4 +4,5 @@ import sys
 
 from dermcir.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # not when a worker process (multiprocessing's spawn) imports this module
+    sys.exit(main())

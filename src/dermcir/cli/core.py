@@ -45,6 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--only-fold", type=int, action="append", default=None, metavar="N", dest="only_folds",
                    help="composed model: run just fold N of the split (repeatable); the means are over those folds "
                         "and results.json lists them as folds_run")
+    p.add_argument("--companion-workers", type=int, default=0, metavar="N",
+                   help="composed model with a companion (gpu profile): fit the folds' companions in N CPU worker "
+                        "processes while the main models train (for GPU runs); 0 = in this process, fold by fold")
     p.set_defaults(handler=cmd_cv)
 
 
@@ -113,9 +116,10 @@ def cmd_cv(args: argparse.Namespace) -> int:
 
         doc = run_cv(cases, args.out, profile=args.profile, n_folds=args.folds, seed=args.seed, cache_dir=args.cache,
                      progress=not args.quiet, time_budget=args.time_budget, only_folds=args.only_folds,
-                     **_overrides(args.set))
+                     companion_workers=args.companion_workers, **_overrides(args.set))
     else:
-        for option, value in (("--time-budget", args.time_budget), ("--only-fold", args.only_folds)):
+        for option, value in (("--time-budget", args.time_budget), ("--only-fold", args.only_folds),
+                              ("--companion-workers", args.companion_workers or None)):
             if value is not None:
                 raise ValueError(f"{option} applies to --method composed only")
         from dermcir.baselines import run_baseline_cv

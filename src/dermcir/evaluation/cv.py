@@ -23,6 +23,7 @@ from dermcir.data.folds import stratified_folds, validation_split
 from dermcir.evaluation.report import PAPER_ROWS, write_retrieval_figure, write_tables
 from dermcir.evaluation.results import build_results, fold_row, write_json_atomic
 from dermcir.models import ComposedRetrievalModel
+from dermcir.training.companion_pool import CompanionPool
 from dermcir.training.pipeline import (
     default_device,
     device_name,
@@ -67,27 +68,49 @@ def _variants(desc_q: dict, beta: float) -> dict[str, torch.Tensor]:
     }
 
 
-def _fold_embeddings(
-    model: ComposedRetrievalModel, inputs, companion, db: np.ndarray, q: np.ndarray, device: torch.device, train_cfg,
+def _main_embeddings(
+    model: ComposedRetrievalModel, inputs, db: np.ndarray, q: np.ndarray, device: torch.device, train_cfg,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Target embeddings of the database and every ablation's query embeddings, as the index and search compute them:
-    with a companion, its vectors joined to the main model's (``ComposedRetrievalModel.join_companion``)."""
+    """The main model's target embeddings of the database and every ablation's query embeddings."""
     fixed, beta = train_cfg.full_batches, model.config.beta
     target = target_embeddings(describe_all(model, inputs, db, device, amp=train_cfg.amp, kinds=("target",),
                                             full_batches=fixed)["target"])
-    variants = _variants(describe_all(model, inputs, q, device, amp=train_cfg.amp, full_batches=fixed), beta)
+    return target, _variants(describe_all(model, inputs, q, device, amp=train_cfg.amp, full_batches=fixed), beta)
+
+
+def _with_companion(
+    model: ComposedRetrievalModel, companion, main: tuple[torch.Tensor, dict[str, torch.Tensor]], db: np.ndarray,
+    q: np.ndarray, device: torch.device,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``main`` (from ``_main_embeddings``) as the index and search compute it: with a companion, its vectors joined
+    to the main model's (``ComposedRetrievalModel.join_companion``), plus each model alone as an ablation."""
+    target, variants = main
     if companion is None:
         return target, variants
     c_inputs, c_cfg = companion
     c_target = target_embeddings(describe_all(model.companion, c_inputs, db, device, amp=c_cfg.amp,
                                               kinds=("target",))["target"])
-    c_variants = _variants(describe_all(model.companion, c_inputs, q, device, amp=c_cfg.amp), beta)
+    c_variants = _variants(describe_all(model.companion, c_inputs, q, device, amp=c_cfg.amp), model.config.beta)
     joined = {name: model.join_companion(v, c_variants[name]) for name, v in variants.items()}
     # each part alone: the main part's query against the main part of the targets, the same for the companion
     zeros_c, zeros_m = torch.zeros_like(c_variants["composed"]), torch.zeros_like(variants["composed"])
     joined["composed, main model alone"] = torch.cat([variants["composed"], zeros_c], 1)
     joined["composed, companion alone"] = torch.cat([zeros_m, c_variants["composed"]], 1)
     return torch.cat([target, c_target], 1), joined
+
+
+def _start_companion_pool(model, companion, workers: int, folds: dict, splits: dict, out_dir: Path):
+    """With ``workers`` > 0 and a companion: a ``CompanionPool`` already fitting every fold's companion (logging into
+    the fold's ``companion.log``); otherwise None."""
+    if workers == 0:
+        return None
+    if companion is None:
+        log.warning("companion_workers=%d ignored: the model has no companion", workers)
+        return None
+    pool = CompanionPool(model, companion, min(workers, len(folds)), len(model.config.categories))
+    for fold, (db, _) in folds.items():  # they train on the host while the main models train on the device
+        pool.submit(fold, *splits[fold], db, out_dir / f"fold_{fold}" / "companion.log")
+    return pool
 
 
 def _check_folds(only_folds: Sequence[int] | None, n_folds: int) -> list[int]:
@@ -105,7 +128,8 @@ def _check_folds(only_folds: Sequence[int] | None, n_folds: int) -> list[int]:
 def run_cv(
     cases: Sequence[Case], out_dir: str | Path, profile: str = "cpu", n_folds: int = 5, seed: int = 0,
     cache_dir: Path | None = None, progress: bool = True, device: torch.device | None = None,
-    time_budget: float | None = None, only_folds: Sequence[int] | None = None, **overrides: Any,
+    time_budget: float | None = None, only_folds: Sequence[int] | None = None, companion_workers: int = 0,
+    **overrides: Any,
 ) -> dict[str, Any]:
     """Run the k-fold benchmark for the composed model and write its outputs into ``out_dir``.
 
@@ -116,11 +140,18 @@ def run_cv(
     ``time_budget`` (seconds, for the whole run): each fold gets an equal share of what is left when it starts, and
     its training stops early when the next epoch would overrun it (see ``fit``'s ``deadline``).
 
+    ``companion_workers``: with a companion, fit it for every fold in this many CPU worker processes while the main
+    models train (``CompanionPool``; for a GPU run, where the companion's small steps would otherwise spend the
+    GPU's time on kernel launches); each fold is scored once both are done. 0: fit each fold's companion in this
+    process, before its main model.
+
     Returns:
         The ``results.json`` document.
     """
     start = time.perf_counter()
     selected = _check_folds(only_folds, n_folds)
+    if not isinstance(companion_workers, int | np.integer) or companion_workers < 0:
+        raise ValueError(f"companion_workers must be a whole number ≥ 0, got {companion_workers!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = device or default_device()
@@ -137,54 +168,49 @@ def run_cv(
         initial = {k: v.clone() for k, v in model.state_dict().items()}
         inputs = prepare_inputs(model, cases, images, train_cfg, views, device, cache_dir, progress)
         companion = prepare_companion(model, cases, images, train_cfg, device, cache_dir, progress, inputs)
+        folds = {f: split for f, split in enumerate(stratified_folds(labels, n_folds, seed)) if f in selected}
+        splits = {f: validation_split(db, labels, train_cfg.val_fraction, seed) for f, (db, _) in folds.items()}
+        pool = _start_companion_pool(model, companion, companion_workers, folds, splits, out_dir)
         if device.type == "cuda":
             log.info("warm-up (one-off kernel preparation) took %.0f s",
                      warm_up(model, inputs, train_cfg, device, len(model_cfg.categories)))
+        if pool is not None and not pool.started():
+            log.warning("companions: fitted in this process instead, fold by fold")
+            pool.close()
+            pool = None
         prep_seconds = time.perf_counter() - start
         log.info("prepared %d cases in %.0f s (%s profile, device %s)", len(cases), prep_seconds, profile, device)
 
     if time_budget is not None and time_budget <= prep_seconds:
+        if pool is not None:
+            pool.close()
         raise ValueError(f"time budget {time_budget:.0f} s is used up by preparation ({prep_seconds:.0f} s)")
     rows: list[dict] = []
     ablations: dict[str, list[dict]] = {}
     examples: list[dict] = []
     training: list[dict] = []
-    for fold, (db, q) in enumerate(stratified_folds(labels, n_folds, seed)):
-        if fold not in selected:
-            continue
+
+    def finish_fold(fold: int, main_embeddings, result, c_result) -> None:
+        """Score the fold's queries (main model and companion joined) and write its figures."""
+        db, q = folds[fold]
         fold_dir = out_dir / f"fold_{fold}"
-        with run_log(fold_dir / "train.log"):
-            model.load_state_dict(initial)
-            train_idx, val_idx = validation_split(db, labels, train_cfg.val_fraction, seed)
-            log.info("fold %d: %d queries, %d database (%d train + %d validation)", fold, len(q), len(db),
-                     len(train_idx), len(val_idx))
-            # the companion first (it is quick and has no deadline), so that the main model's share of the time
-            # budget is what is really left
-            c_result = fit_companion(model, companion, train_idx, val_idx, device, progress, refit_idx=db)
-            deadline = None
-            if time_budget is not None:
-                now = time.perf_counter()
-                # an equal share of what is left; 3 % of it is kept for the fold's final evaluation
-                deadline = now + 0.97 * (start + time_budget - now) / sum(f >= fold for f in selected)
-            result = fit(model, inputs, train_idx, val_idx, train_cfg, device, len(model_cfg.categories), progress,
-                         refit_idx=db, deadline=deadline)
-            training.append({"fold": fold, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
-                             "stopped_by": result.stopped_by, "val_mAP": result.best_val_map,
-                             "train_seconds": result.seconds})
-            if c_result is not None:
-                training[-1].update({"companion_best_epoch": c_result.best_epoch,
-                                     "companion_val_mAP": c_result.best_val_map,
-                                     "companion_train_seconds": c_result.seconds})
-            target, variants = _fold_embeddings(model, inputs, companion, db, q, device, train_cfg)
-            for name, query in variants.items():
-                scores = (query @ target.T).cpu().numpy()
-                row = fold_row(fold, scores, labels[q], labels[db])
-                if name == "composed":  # the main result, not an ablation of itself
-                    rows.append(row)
-                    examples.append({"fold": fold, "query": q, "database": db, "scores": scores})
-                else:
-                    ablations.setdefault(name, []).append(row)
-            log.info("fold %d: %s", fold, {k: round(v, 2) for k, v in rows[-1].items() if k.startswith(("mAP", "Acc"))})
+        training.append({"fold": fold, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+                         "stopped_by": result.stopped_by, "val_mAP": result.best_val_map,
+                         "train_seconds": result.seconds})
+        if c_result is not None:
+            training[-1].update({"companion_best_epoch": c_result.best_epoch,
+                                 "companion_val_mAP": c_result.best_val_map,
+                                 "companion_train_seconds": c_result.seconds})
+        target, variants = _with_companion(model, companion, main_embeddings, db, q, device)
+        for name, query in variants.items():
+            scores = (query @ target.T).cpu().numpy()
+            row = fold_row(fold, scores, labels[q], labels[db])
+            if name == "composed":  # the main result, not an ablation of itself
+                rows.append(row)
+                examples.append({"fold": fold, "query": q, "database": db, "scores": scores})
+            else:
+                ablations.setdefault(name, []).append(row)
+        log.info("fold %d: %s", fold, {k: round(v, 2) for k, v in rows[-1].items() if k.startswith(("mAP", "Acc"))})
         to_json(model_cfg, fold_dir / "model_config.json")
         to_json(train_cfg, fold_dir / "train_config.json")
         write_json_atomic(fold_dir / "metrics.json", {
@@ -194,6 +220,40 @@ def run_cv(
             **({"companion": {"best_epoch": c_result.best_epoch, "val_mAP": c_result.best_val_map,
                               "history": c_result.history}} if c_result is not None else {}),
         })
+
+    waiting: list[tuple] = []  # folds whose companion a worker is still fitting
+    try:
+        for fold, (db, q) in folds.items():
+            with run_log(out_dir / f"fold_{fold}" / "train.log"):
+                model.load_state_dict(initial)
+                train_idx, val_idx = splits[fold]
+                log.info("fold %d: %d queries, %d database (%d train + %d validation)", fold, len(q), len(db),
+                         len(train_idx), len(val_idx))
+                # in this process the companion goes first (it has no deadline), so that the main model's share
+                # of the time budget is what is really left
+                c_result = (fit_companion(model, companion, train_idx, val_idx, device, progress, refit_idx=db)
+                            if pool is None else None)
+                deadline = None
+                if time_budget is not None:
+                    now = time.perf_counter()
+                    # an equal share of what is left; 3 % of it is kept for the fold's final evaluation
+                    deadline = now + 0.97 * (start + time_budget - now) / sum(f >= fold for f in selected)
+                result = fit(model, inputs, train_idx, val_idx, train_cfg, device, len(model_cfg.categories),
+                             progress, refit_idx=db, deadline=deadline)
+                main_embeddings = _main_embeddings(model, inputs, db, q, device, train_cfg)
+                if pool is None:
+                    finish_fold(fold, main_embeddings, result, c_result)
+                else:
+                    waiting.append((fold, main_embeddings, result))
+        for fold, main_embeddings, result in waiting:
+            with run_log(out_dir / f"fold_{fold}" / "train.log", append=True):
+                c_result = pool.collect(fold, device, progress)
+                log.info("companion: best epoch %d of %d, validation mAP %.2f, %.0f s (fold %d)",
+                         c_result.best_epoch, c_result.epochs_run, c_result.best_val_map, c_result.seconds, fold)
+                finish_fold(fold, main_embeddings, result, c_result)
+    finally:
+        if pool is not None:
+            pool.close()
 
     doc = build_results(
         METHOD, rows, profile=profile, n_cases=len(cases), n_folds=n_folds, seed=seed, device=device_name(device),

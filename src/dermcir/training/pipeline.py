@@ -98,10 +98,10 @@ def fit_companion(
 
 
 @contextmanager
-def run_log(path: Path):
-    """Copy this package's log records into ``path`` for the duration of a run."""
+def run_log(path: Path, append: bool = False):
+    """Copy this package's log records into ``path`` for the duration of a run (after what it holds: ``append``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, mode="w")
+    handler = logging.FileHandler(path, mode="a" if append else "w")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("dermcir")
     root.addHandler(handler)

@@ -1,0 +1,154 @@
+"""Fitting a model's companion for several folds in CPU worker processes, while the main models train on the GPU.
+
+A companion (``ModelConfig.companion``) trains small heads on cached frozen-backbone maps. On a GPU such a loop is
+bound by kernel launches, not by arithmetic: one training step dispatches about 10,700 aten operations (counted on
+the CPU for the ``cpu`` heads at batch 128), so fitting it there costs the GPU's time without using the GPU.
+Here each fold's companion trains on the host's spare cores instead, in parallel with the fine-tuned model, and the
+benchmark collects it when the main models are done (``dermcir cv --companion-workers N``).
+
+A worker holds a CPU copy of the companion at its initial weights and the fold-independent inputs (cached maps, text
+tokens, labels); each job resets it, runs ``fit`` exactly as ``fit_companion`` does and returns the heads' weights.
+A job that fails (or a worker that dies) is fitted again in the calling process, so a run never loses a fold to it.
+
+What crosses between processes is plain ``pickle`` bytes (tensors serialised into them), not torch's shared-memory
+tensor passing, which would hold one file descriptor per tensor (several hundred per worker) against the host's limit.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import multiprocessing
+import os
+import pickle
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dermcir.models import ComposedRetrievalModel
+from dermcir.training.trainer import FitResult, Inputs, fit
+
+log = logging.getLogger(__name__)
+
+#: Submodules of a companion that ``fit`` never changes (so a job returns everything else).
+_FROZEN = ("backbone.", "text_encoder.")
+
+_WORKER: dict = {}  # in a worker process: the companion, its inputs and settings (set by ``_init_worker``)
+
+
+def host_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """Cores this process may use: its affinity mask, capped by a cgroup v2 CPU quota (containers often show the
+    whole host's cores but may only use their quota's worth)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota readable here: the affinity mask is all we know
+    return cores
+
+
+def _heads_state(model: ComposedRetrievalModel) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith(_FROZEN)}
+
+
+def _init_worker(payload: bytes, threads: int) -> None:
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # a worker trains on the host only; never a second CUDA context
+    torch.set_num_threads(threads)
+    companion, inputs, train_cfg, n_categories = pickle.loads(payload)  # bytes from our own process, never a file
+    _WORKER.update(model=companion, initial=_heads_state(companion), inputs=inputs, cfg=train_cfg,
+                   n_categories=n_categories)
+
+
+def _ready() -> bool:
+    return "model" in _WORKER
+
+
+def _fit_job(train_idx: np.ndarray, val_idx: np.ndarray, refit_idx: np.ndarray | None, log_path: str) -> bytes:
+    """Fit the worker's companion on one fold; returns the pickled ``(heads' weights, FitResult)``."""
+    from dermcir.training.pipeline import run_log  # a late import: pipeline imports this module
+
+    model: ComposedRetrievalModel = _WORKER["model"]
+    model.load_state_dict(_WORKER["initial"], strict=False)  # every job starts where the main process's companion did
+    with run_log(Path(log_path)):
+        result = fit(model, _WORKER["inputs"], train_idx, val_idx, _WORKER["cfg"], torch.device("cpu"),
+                     _WORKER["n_categories"], progress=False, refit_idx=refit_idx)
+        log.info("companion (CPU worker, %d threads): best epoch %d of %d, validation mAP %.2f, %.0f s",
+                 torch.get_num_threads(), result.best_epoch, result.epochs_run, result.best_val_map, result.seconds)
+    return pickle.dumps((_heads_state(model), result))
+
+
+class CompanionPool:
+    """Fits ``model.companion`` per fold in ``workers`` CPU processes; :meth:`collect` loads a fold's result.
+
+    ``companion`` is what ``prepare_companion`` returned (cached maps and the companion's training settings).
+    ``threads`` per worker: by default the workers share the host's cores, keeping two for the calling process
+    (which drives the GPU).
+    """
+
+    def __init__(self, model: ComposedRetrievalModel, companion: tuple[Inputs, object], workers: int,
+                 n_categories: int, threads: int | None = None) -> None:
+        if model.companion is None:
+            raise ValueError("CompanionPool needs a model with a companion (ModelConfig.companion)")
+        if workers < 1:
+            raise ValueError(f"companion workers must be at least 1, got {workers}")
+        inputs, train_cfg = companion
+        self.model, self.companion, self.n_categories = model, companion, n_categories
+        self.initial = _heads_state(model.companion)
+        # small matrices gain little beyond a few threads; more workers than spare cores would only contend
+        self.threads = threads or min(4, max(1, (host_cores() - 2) // workers))
+        cpu = torch.device("cpu")
+        worker_copy = copy.deepcopy(model.companion).to(cpu)  # the main model's (shared) text encoder stays put
+        payload = pickle.dumps((worker_copy, inputs.on(cpu), train_cfg, n_categories))
+        self._pool = ProcessPoolExecutor(
+            max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+            initargs=(payload, self.threads))
+        self._ping = self._pool.submit(_ready)  # first in the queue: answered as soon as one worker has started
+        self._jobs: dict[int, tuple[Future, tuple]] = {}
+        log.info("companions: %d CPU worker process(es), %d thread(s) each", workers, self.threads)
+
+    def started(self, timeout: float = 120.0) -> bool:
+        """Whether a worker has started and holds its inputs (False: the pool is broken, e.g. a worker could not
+        start; close it and fit in-process). A worker still starting after ``timeout`` seconds counts as started."""
+        try:
+            return bool(self._ping.result(timeout=timeout))
+        except FutureTimeout:
+            log.warning("companions: no CPU worker has started after %.0f s; their jobs stay queued", timeout)
+            return True
+        except Exception as exc:  # noqa: BLE001 — whatever stopped the workers, the caller falls back
+            log.warning("companions: the CPU workers could not start (%s: %s)", type(exc).__name__, exc)
+            return False
+
+    def submit(self, fold: int, train_idx: np.ndarray, val_idx: np.ndarray, refit_idx: np.ndarray | None,
+               log_path: Path) -> None:
+        args = (np.asarray(train_idx), np.asarray(val_idx), None if refit_idx is None else np.asarray(refit_idx))
+        try:
+            future = self._pool.submit(_fit_job, *args, str(log_path))
+        except Exception as exc:  # noqa: BLE001 — a broken pool refuses new jobs: collect fits this fold here
+            future = Future()
+            future.set_exception(exc)
+        self._jobs[fold] = (future, args)
+
+    def collect(self, fold: int, device: torch.device, progress: bool = False) -> FitResult:
+        """Wait for ``fold``'s companion and load its weights into ``model.companion``. A job that failed is fitted
+        again here, from the same initial weights, and the failure is logged."""
+        future, (train_idx, val_idx, refit_idx) = self._jobs.pop(fold)
+        try:
+            state, result = pickle.loads(future.result())  # bytes from our own worker, never a file
+        except Exception as exc:  # noqa: BLE001 — any failure in the worker: the fold is fitted here instead
+            log.warning("fold %d: the companion's CPU worker failed (%s: %s); fitting it in this process",
+                        fold, type(exc).__name__, exc)
+            self.model.companion.load_state_dict(self.initial, strict=False)
+            inputs, train_cfg = self.companion
+            return fit(self.model.companion, inputs, train_idx, val_idx, train_cfg, device, self.n_categories,
+                       progress, refit_idx=refit_idx)
+        self.model.companion.load_state_dict(state, strict=False)
+        self.model.companion.to(device)
+        return result
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
