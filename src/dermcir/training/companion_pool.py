@@ -1,10 +1,11 @@
 """Fitting a model's companion for several folds in CPU worker processes, while the main models train on the GPU.
 
-A companion (``ModelConfig.companion``) trains small heads on cached frozen-backbone maps. On a GPU such a loop is
-bound by kernel launches, not by arithmetic: one training step dispatches about 10,700 aten operations (counted on
-the CPU for the ``cpu`` heads at batch 128), so fitting it there costs the GPU's time without using the GPU.
-Here each fold's companion trains on the host's spare cores instead, in parallel with the fine-tuned model, and the
-benchmark collects it when the main models are done (``dermcir cv --companion-workers N``).
+A companion (``ModelConfig.companion``) trains small heads on cached frozen-backbone maps. On a GPU, where the
+arithmetic of such a step is quick, what remains is per-operation overhead, which the GPU does not remove: the step's
+overhead alone is 45 ms on one CPU thread (batch 2, ``scripts/bench_companion_step.py``), times some 600 steps per
+fold. Fitted there, the companion would take that from the fine-tuned model's time budget. Here each fold's companion
+trains on the host's spare cores instead, in parallel with the fine-tuned model, and the benchmark collects it when
+the main models are done (``dermcir cv --companion-workers N``).
 
 A worker holds a CPU copy of the companion at its initial weights and the fold-independent inputs (cached maps, text
 tokens, labels); each job resets it, runs ``fit`` exactly as ``fit_companion`` does and returns the heads' weights.
