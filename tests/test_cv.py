@@ -449,6 +449,39 @@ def test_companion_workers_that_cannot_start_are_reported_and_the_run_fits_in_pr
     assert not (tmp_path / "run" / "fold_0" / "companion.log").exists()
 
 
+def test_closing_a_companion_pool_on_failure_stops_its_running_jobs(toy_release, tmp_path):
+    import time
+
+    from dermcir.data.cache import preprocess_cases
+    from dermcir.models import ComposedRetrievalModel
+    from dermcir.training.companion_pool import CompanionPool
+    from dermcir.training.pipeline import prepare_companion, prepare_inputs
+    from dermcir.training.profiles import get_profile
+
+    cases, _ = load_derm7pt(toy_release, min_cases=5)
+    model_cfg, cfg, views = get_profile("gpu", **TINY)
+    cases, images = preprocess_cases(cases, model_cfg.image_size, None, progress=False)
+    model_cfg.categories = sorted({c.category for c in cases})
+    model = ComposedRetrievalModel(model_cfg)
+    cpu = torch.device("cpu")
+    inputs = prepare_inputs(model, cases, images, cfg, views, cpu, progress=False)
+    c_inputs, c_cfg = prepare_companion(model, cases, images, cfg, cpu, progress=False, main_inputs=inputs)
+    endless = replace(c_cfg, epochs=100_000, patience=100_000)  # a job that would run for hours
+    pool = CompanionPool(model, (c_inputs, endless), workers=1, n_categories=3)
+    assert pool.started()
+    idx = np.arange(len(cases))
+    pool.submit(0, idx[::2], idx[1::2], idx, tmp_path / "companion.log")
+    for _ in range(600):  # until the job is running (its first epoch is logged)
+        if "epoch 1 " in ((tmp_path / "companion.log").read_text() if (tmp_path / "companion.log").exists() else ""):
+            break
+        time.sleep(0.1)
+    workers = list(pool._pool._processes.values())
+    pool.close(terminate=True)
+    for process in workers:
+        process.join(timeout=20)
+        assert not process.is_alive()
+
+
 def test_host_cores_honours_a_cgroup_quota(tmp_path):
     from dermcir.training.companion_pool import host_cores
 

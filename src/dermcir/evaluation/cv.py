@@ -171,20 +171,23 @@ def run_cv(
         folds = {f: split for f, split in enumerate(stratified_folds(labels, n_folds, seed)) if f in selected}
         splits = {f: validation_split(db, labels, train_cfg.val_fraction, seed) for f, (db, _) in folds.items()}
         pool = _start_companion_pool(model, companion, companion_workers, folds, splits, out_dir)
-        if device.type == "cuda":
-            log.info("warm-up (one-off kernel preparation) took %.0f s",
-                     warm_up(model, inputs, train_cfg, device, len(model_cfg.categories)))
-        if pool is not None and not pool.started():
-            log.warning("companions: fitted in this process instead, fold by fold")
-            pool.close()
-            pool = None
-        prep_seconds = time.perf_counter() - start
-        log.info("prepared %d cases in %.0f s (%s profile, device %s)", len(cases), prep_seconds, profile, device)
-
-    if time_budget is not None and time_budget <= prep_seconds:
-        if pool is not None:
-            pool.close()
-        raise ValueError(f"time budget {time_budget:.0f} s is used up by preparation ({prep_seconds:.0f} s)")
+        try:
+            if device.type == "cuda":
+                log.info("warm-up (one-off kernel preparation) took %.0f s",
+                         warm_up(model, inputs, train_cfg, device, len(model_cfg.categories)))
+            if pool is not None and not pool.started():
+                log.warning("companions: fitted in this process instead, fold by fold")
+                pool.close()
+                pool = None
+            prep_seconds = time.perf_counter() - start
+            log.info("prepared %d cases in %.0f s (%s profile, device %s)", len(cases), prep_seconds, profile,
+                     device)
+            if time_budget is not None and time_budget <= prep_seconds:
+                raise ValueError(f"time budget {time_budget:.0f} s is used up by preparation ({prep_seconds:.0f} s)")
+        except BaseException:  # stop the workers' jobs rather than wait for them
+            if pool is not None:
+                pool.close(terminate=True)
+            raise
     rows: list[dict] = []
     ablations: dict[str, list[dict]] = {}
     examples: list[dict] = []
@@ -251,9 +254,12 @@ def run_cv(
                 log.info("companion: best epoch %d of %d, validation mAP %.2f, %.0f s (fold %d)",
                          c_result.best_epoch, c_result.epochs_run, c_result.best_val_map, c_result.seconds, fold)
                 finish_fold(fold, main_embeddings, result, c_result)
-    finally:
+    except BaseException:  # an error or an interrupt: stop the workers' jobs rather than wait for them
         if pool is not None:
-            pool.close()
+            pool.close(terminate=True)
+        raise
+    if pool is not None:
+        pool.close()
 
     doc = build_results(
         METHOD, rows, profile=profile, n_cases=len(cases), n_folds=n_folds, seed=seed, device=device_name(device),

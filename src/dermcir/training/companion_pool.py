@@ -151,5 +151,12 @@ class CompanionPool:
         self.model.companion.to(device)
         return result
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+    def close(self, terminate: bool = False) -> None:
+        """Shut the workers down; ``terminate``: stop running jobs too (the run is failing or was interrupted, so
+        waiting minutes for companions nobody will collect would only delay the error)."""
+        processes = []
+        if terminate:  # ProcessPoolExecutor has no public way to stop running jobs before Python 3.14
+            processes = list((getattr(self._pool, "_processes", None) or {}).values())
+        self._pool.shutdown(wait=not terminate, cancel_futures=True)
+        for process in processes:
+            process.terminate()
