@@ -87,10 +87,11 @@ def _with_companion(
     target, variants = main
     if companion is None:
         return target, variants
-    c_inputs, c_cfg = companion
-    c_target = target_embeddings(describe_all(model.companion, c_inputs, db, device, amp=c_cfg.amp,
-                                              kinds=("target",))["target"])
-    c_variants = _variants(describe_all(model.companion, c_inputs, q, device, amp=c_cfg.amp), model.config.beta)
+    c_inputs, _ = companion
+    # in float32, as search encodes and as CPU workers train it; its small heads cost little here, and under bf16
+    # autocast its descriptors would keep only about three significant digits
+    c_target = target_embeddings(describe_all(model.companion, c_inputs, db, device, kinds=("target",))["target"])
+    c_variants = _variants(describe_all(model.companion, c_inputs, q, device), model.config.beta)
     joined = {name: model.join_companion(v, c_variants[name]) for name, v in variants.items()}
     # each part alone: the main part's query against the main part of the targets, the same for the companion
     zeros_c, zeros_m = torch.zeros_like(c_variants["composed"]), torch.zeros_like(variants["composed"])
