@@ -403,7 +403,7 @@ def test_a_failed_companion_worker_is_fitted_again_in_process(toy_release, tmp_p
     blocker = tmp_path / "not_a_folder"
     blocker.write_text("a file where the worker's log folder should be")
     # the worker's thread count as here: the same arithmetic, so the same weights to the last bit
-    pool = CompanionPool(model, companion, workers=1, n_categories=3, threads=torch.get_num_threads())
+    pool = CompanionPool(model, companion, workers=1, threads=torch.get_num_threads())
     try:
         pool.submit(0, idx[::2], idx[1::2], idx, blocker / "companion.log")  # the worker cannot write its log
         pool.submit(1, idx[1::2], idx[::2], idx, tmp_path / "fold_1" / "companion.log")
@@ -424,26 +424,19 @@ def test_a_failed_companion_worker_is_fitted_again_in_process(toy_release, tmp_p
     assert result.epochs_run == 2 and [h["epoch"] for h in result.history] == [1, 2]
 
 
-def test_companion_workers_that_cannot_start_are_reported_and_the_run_fits_in_process(toy_release, tmp_path, caplog):
-    from dermcir.training import companion_pool
+def test_companion_workers_that_cannot_start_are_reported_and_the_run_fits_in_process(toy_release, tmp_path, caplog,
+                                                                                     monkeypatch):
+    import dermcir.evaluation.cv as cv_module
 
-    real = companion_pool.CompanionPool
-
-    class Unstartable(real):  # a thread count torch refuses: every worker's start-up fails
+    class Unstartable(cv_module.CompanionPool):  # a thread count torch refuses: every worker's start-up fails
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs, threads=-1)
 
+    monkeypatch.setattr(cv_module, "CompanionPool", Unstartable)
     cases, _ = load_derm7pt(toy_release, min_cases=5)
     settings = {**TINY, "epochs": 1, "patience": 1, "batch_size": 6, "refit_epochs": 1, "companion_epochs": 2}
-    import dermcir.evaluation.cv as cv_module
-
-    cv_module.CompanionPool = Unstartable
-    try:
-        with caplog.at_level("WARNING", logger="dermcir"):
-            doc = run_cv(cases, tmp_path / "run", profile="gpu", n_folds=2, progress=False, companion_workers=2,
-                         **settings)
-    finally:
-        cv_module.CompanionPool = real
+    with caplog.at_level("WARNING", logger="dermcir"):
+        doc = run_cv(cases, tmp_path / "run", profile="gpu", n_folds=2, progress=False, companion_workers=2, **settings)
     assert "the CPU workers could not start" in caplog.text and "fitted in this process instead" in caplog.text
     assert [t["companion_best_epoch"] in (1, 2) for t in doc["training"]] == [True, True]
     assert not (tmp_path / "run" / "fold_0" / "companion.log").exists()
@@ -467,7 +460,7 @@ def test_closing_a_companion_pool_on_failure_stops_its_running_jobs(toy_release,
     inputs = prepare_inputs(model, cases, images, cfg, views, cpu, progress=False)
     c_inputs, c_cfg = prepare_companion(model, cases, images, cfg, cpu, progress=False, main_inputs=inputs)
     endless = replace(c_cfg, epochs=100_000, patience=100_000)  # a job that would run for hours
-    pool = CompanionPool(model, (c_inputs, endless), workers=1, n_categories=3)
+    pool = CompanionPool(model, (c_inputs, endless), workers=1)
     assert pool.started()
     idx = np.arange(len(cases))
     pool.submit(0, idx[::2], idx[1::2], idx, tmp_path / "companion.log")

@@ -108,7 +108,7 @@ def _start_companion_pool(model, companion, workers: int, folds: dict, splits: d
     if companion is None:
         log.warning("companion_workers=%d ignored: the model has no companion", workers)
         return None
-    pool = CompanionPool(model, companion, min(workers, len(folds)), len(model.config.categories))
+    pool = CompanionPool(model, companion, min(workers, len(folds)))
     for fold, (db, _) in folds.items():  # they train on the host while the main models train on the device
         pool.submit(fold, *splits[fold], db, out_dir / f"fold_{fold}" / "companion.log")
     return pool

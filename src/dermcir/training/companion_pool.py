@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from dermcir.models import ComposedRetrievalModel
+from dermcir.training.pipeline import fit_companion, run_log
 from dermcir.training.trainer import FitResult, Inputs, fit
 
 log = logging.getLogger(__name__)
@@ -71,8 +72,6 @@ def _ready() -> bool:
 
 def _fit_job(train_idx: np.ndarray, val_idx: np.ndarray, refit_idx: np.ndarray | None, log_path: str) -> bytes:
     """Fit the worker's companion on one fold; returns the pickled ``(heads' weights, FitResult)``."""
-    from dermcir.training.pipeline import run_log  # a late import: pipeline imports this module
-
     model: ComposedRetrievalModel = _WORKER["model"]
     model.load_state_dict(_WORKER["initial"], strict=False)  # every job starts where the main process's companion did
     with run_log(Path(log_path)):
@@ -92,19 +91,19 @@ class CompanionPool:
     """
 
     def __init__(self, model: ComposedRetrievalModel, companion: tuple[Inputs, object], workers: int,
-                 n_categories: int, threads: int | None = None) -> None:
+                 threads: int | None = None) -> None:
         if model.companion is None:
             raise ValueError("CompanionPool needs a model with a companion (ModelConfig.companion)")
         if workers < 1:
             raise ValueError(f"companion workers must be at least 1, got {workers}")
         inputs, train_cfg = companion
-        self.model, self.companion, self.n_categories = model, companion, n_categories
+        self.model, self.companion = model, companion
         self.initial = _heads_state(model.companion)
         # small matrices gain little beyond a few threads; more workers than spare cores would only contend
         self.threads = threads or min(4, max(1, (host_cores() - 2) // workers))
         cpu = torch.device("cpu")
         worker_copy = copy.deepcopy(model.companion).to(cpu)  # the main model's (shared) text encoder stays put
-        payload = pickle.dumps((worker_copy, inputs.on(cpu), train_cfg, n_categories))
+        payload = pickle.dumps((worker_copy, inputs.on(cpu), train_cfg, len(model.config.categories)))
         self._pool = ProcessPoolExecutor(
             max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
             initargs=(payload, self.threads))
@@ -144,11 +143,8 @@ class CompanionPool:
             log.warning("fold %d: the companion's CPU worker failed (%s: %s); fitting it in this process",
                         fold, type(exc).__name__, exc)
             self.model.companion.load_state_dict(self.initial, strict=False)
-            inputs, train_cfg = self.companion
-            return fit(self.model.companion, inputs, train_idx, val_idx, train_cfg, device, self.n_categories,
-                       progress, refit_idx=refit_idx)
-        self.model.companion.load_state_dict(state, strict=False)
-        self.model.companion.to(device)
+            return fit_companion(self.model, self.companion, train_idx, val_idx, device, progress, refit_idx)
+        self.model.companion.load_state_dict(state, strict=False)  # copied onto the companion's own device
         return result
 
     def close(self, terminate: bool = False) -> None:
