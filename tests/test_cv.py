@@ -475,6 +475,15 @@ def test_closing_a_companion_pool_on_failure_stops_its_running_jobs(toy_release,
         assert not process.is_alive()
 
 
+def test_companion_workers_by_default_only_on_a_gpu():
+    from dermcir.training.companion_pool import default_workers
+
+    assert default_workers(torch.device("cpu"), jobs=5, cores=64) == 0  # the main model needs the cores
+    assert default_workers(torch.device("cuda"), jobs=5, cores=16) == 5  # one per fold, two cores each
+    assert default_workers(torch.device("cuda"), jobs=5, cores=8) == 3
+    assert default_workers(torch.device("cuda"), jobs=5, cores=2) == 0  # no spare cores: fitted in-process
+
+
 def test_host_cores_honours_a_cgroup_quota(tmp_path):
     from dermcir.training.companion_pool import host_cores
 

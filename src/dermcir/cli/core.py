@@ -45,9 +45,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--only-fold", type=int, action="append", default=None, metavar="N", dest="only_folds",
                    help="composed model: run just fold N of the split (repeatable); the means are over those folds "
                         "and results.json lists them as folds_run")
-    p.add_argument("--companion-workers", type=int, default=0, metavar="N",
+    p.add_argument("--companion-workers", type=int, default=None, metavar="N",
                    help="composed model with a companion (gpu profile): fit the folds' companions in N CPU worker "
-                        "processes while the main models train (for GPU runs); 0 = in this process, fold by fold")
+                        "processes while the main models train; 0 = in this process, fold by fold (default: 0 on a "
+                        "CPU; on a GPU one per fold, as the host's cores allow)")
     p.set_defaults(handler=cmd_cv)
 
 
@@ -119,7 +120,7 @@ def cmd_cv(args: argparse.Namespace) -> int:
                      companion_workers=args.companion_workers, **_overrides(args.set))
     else:
         for option, value in (("--time-budget", args.time_budget), ("--only-fold", args.only_folds),
-                              ("--companion-workers", args.companion_workers or None)):
+                              ("--companion-workers", args.companion_workers)):
             if value is not None:
                 raise ValueError(f"{option} applies to --method composed only")
         from dermcir.baselines import run_baseline_cv

@@ -23,7 +23,7 @@ from dermcir.data.folds import stratified_folds, validation_split
 from dermcir.evaluation.report import PAPER_ROWS, write_retrieval_figure, write_tables
 from dermcir.evaluation.results import build_results, fold_row, write_json_atomic
 from dermcir.models import ComposedRetrievalModel
-from dermcir.training.companion_pool import CompanionPool
+from dermcir.training.companion_pool import CompanionPool, default_workers
 from dermcir.training.pipeline import (
     default_device,
     device_name,
@@ -100,9 +100,12 @@ def _with_companion(
     return torch.cat([target, c_target], 1), joined
 
 
-def _start_companion_pool(model, companion, workers: int, folds: dict, splits: dict, out_dir: Path):
-    """With ``workers`` > 0 and a companion: a ``CompanionPool`` already fitting every fold's companion (logging into
-    the fold's ``companion.log``); otherwise None."""
+def _start_companion_pool(model, companion, workers: int | None, folds: dict, splits: dict, out_dir: Path,
+                          device: torch.device):
+    """A ``CompanionPool`` already fitting every fold's companion (logging into the fold's ``companion.log``) when
+    the model has a companion and ``workers`` (None: ``default_workers``) is not 0; otherwise None."""
+    if workers is None:
+        workers = default_workers(device, len(folds)) if companion is not None else 0
     if workers == 0:
         return None
     if companion is None:
@@ -129,7 +132,7 @@ def _check_folds(only_folds: Sequence[int] | None, n_folds: int) -> list[int]:
 def run_cv(
     cases: Sequence[Case], out_dir: str | Path, profile: str = "cpu", n_folds: int = 5, seed: int = 0,
     cache_dir: Path | None = None, progress: bool = True, device: torch.device | None = None,
-    time_budget: float | None = None, only_folds: Sequence[int] | None = None, companion_workers: int = 0,
+    time_budget: float | None = None, only_folds: Sequence[int] | None = None, companion_workers: int | None = None,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Run the k-fold benchmark for the composed model and write its outputs into ``out_dir``.
@@ -144,15 +147,15 @@ def run_cv(
     ``companion_workers``: with a companion, fit it for every fold in this many CPU worker processes while the main
     models train (``CompanionPool``; for a GPU run, where the companion's small steps would otherwise spend the
     GPU's time on kernel launches); each fold is scored once both are done. 0: fit each fold's companion in this
-    process, before its main model.
+    process, before its main model. None: ``default_workers`` (none on a CPU, up to one per fold on a GPU).
 
     Returns:
         The ``results.json`` document.
     """
     start = time.perf_counter()
     selected = _check_folds(only_folds, n_folds)
-    if not isinstance(companion_workers, int | np.integer) or companion_workers < 0:
-        raise ValueError(f"companion_workers must be a whole number ≥ 0, got {companion_workers!r}")
+    if companion_workers is not None and (not isinstance(companion_workers, int | np.integer) or companion_workers < 0):
+        raise ValueError(f"companion_workers must be a whole number ≥ 0 or None, got {companion_workers!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = device or default_device()
@@ -171,7 +174,7 @@ def run_cv(
         companion = prepare_companion(model, cases, images, train_cfg, device, cache_dir, progress, inputs)
         folds = {f: split for f, split in enumerate(stratified_folds(labels, n_folds, seed)) if f in selected}
         splits = {f: validation_split(db, labels, train_cfg.val_fraction, seed) for f, (db, _) in folds.items()}
-        pool = _start_companion_pool(model, companion, companion_workers, folds, splits, out_dir)
+        pool = _start_companion_pool(model, companion, companion_workers, folds, splits, out_dir, device)
         try:
             if device.type == "cuda":
                 log.info("warm-up (one-off kernel preparation) took %.0f s",

@@ -54,6 +54,14 @@ def host_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
     return cores
 
 
+def default_workers(device: torch.device, jobs: int, cores: int | None = None) -> int:
+    """How many companion workers a run uses unless told: none on a CPU run (the main model needs those cores), and
+    on a GPU run one per job while each can have two cores beside the two the GPU's driving process keeps."""
+    if torch.device(device).type != "cuda":
+        return 0
+    return max(0, min(jobs, ((cores or host_cores()) - 2) // 2))
+
+
 def _heads_state(model: ComposedRetrievalModel) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith(_FROZEN)}
 
