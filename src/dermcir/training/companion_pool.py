@@ -31,12 +31,9 @@ import torch
 
 from dermcir.models import ComposedRetrievalModel
 from dermcir.training.pipeline import fit_companion, run_log
-from dermcir.training.trainer import FitResult, Inputs, fit
+from dermcir.training.trainer import FitResult, Inputs, fit, trainable_state
 
 log = logging.getLogger(__name__)
-
-#: Submodules of a companion that ``fit`` never changes (so a job returns everything else).
-_FROZEN = ("backbone.", "text_encoder.")
 
 _WORKER: dict = {}  # in a worker process: the companion, its inputs and settings (set by ``_init_worker``)
 
@@ -62,16 +59,12 @@ def default_workers(device: torch.device, jobs: int, cores: int | None = None) -
     return max(0, min(jobs, ((cores or host_cores()) - 2) // 2))
 
 
-def _heads_state(model: ComposedRetrievalModel) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith(_FROZEN)}
-
-
 def _init_worker(payload: bytes, threads: int) -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = ""  # a worker trains on the host only; never a second CUDA context
     torch.set_num_threads(threads)
     companion, inputs, train_cfg, n_categories = pickle.loads(payload)  # bytes from our own process, never a file
-    _WORKER.update(model=companion, initial=_heads_state(companion), inputs=inputs, cfg=train_cfg,
-                   n_categories=n_categories)
+    _WORKER.update(model=companion, initial=trainable_state(companion, train_backbone=False), inputs=inputs,
+                   cfg=train_cfg, n_categories=n_categories)
 
 
 def _ready() -> bool:
@@ -87,7 +80,7 @@ def _fit_job(train_idx: np.ndarray, val_idx: np.ndarray, refit_idx: np.ndarray |
                      _WORKER["n_categories"], progress=False, refit_idx=refit_idx)
         log.info("companion (CPU worker, %d threads): best epoch %d of %d, validation mAP %.2f, %.0f s",
                  torch.get_num_threads(), result.best_epoch, result.epochs_run, result.best_val_map, result.seconds)
-    return pickle.dumps((_heads_state(model), result))
+    return pickle.dumps((trainable_state(model, train_backbone=False), result))
 
 
 class CompanionPool:
@@ -106,7 +99,7 @@ class CompanionPool:
             raise ValueError(f"companion workers must be at least 1, got {workers}")
         inputs, train_cfg = companion
         self.model, self.companion = model, companion
-        self.initial = _heads_state(model.companion)
+        self.initial = trainable_state(model.companion, train_backbone=False)
         # small matrices gain little beyond a few threads; more workers than spare cores would only contend
         self.threads = threads or min(4, max(1, (host_cores() - 2) // workers))
         cpu = torch.device("cpu")

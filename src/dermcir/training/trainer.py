@@ -234,7 +234,7 @@ def fit(
         bar.set_postfix(loss=f"{loss:.3f}", val_mAP=f"{val_map:.1f}")
         score = float(np.mean([val.get(k, float("nan")) for k in select]))  # NaN without validation queries
         if score > best[0]:
-            best = (score, epoch + 1, _trainable_state(model), val_map)
+            best = (score, epoch + 1, trainable_state(model, train_backbone), val_map)
         elif epoch + 1 - best[1] >= cfg.patience:
             stopped_by = "patience"
             log.info("early stop at epoch %d (best %d, val mAP %.2f)", epoch + 1, best[1], best[3])
@@ -268,7 +268,7 @@ def warm_up(model: ComposedRetrievalModel, inputs: Inputs, cfg: TrainConfig, dev
     the same. Weights, buffers (batch-norm statistics) and the random state are left as they were.
     """
     start = time.perf_counter()
-    state = _trainable_state(model)  # the frozen text encoder is never touched
+    state = trainable_state(model)  # the frozen text encoder is never touched
     rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if device.type == "cuda" else None
     _training_mode(model.to(device), cfg.profile == "gpu")
@@ -353,11 +353,12 @@ def composed_scores(
     return (query_embeddings(q, model.config.beta) @ target_embeddings(db).T).float().cpu().numpy()
 
 
-def _trainable_state(model: ComposedRetrievalModel) -> dict[str, torch.Tensor]:
-    """The weights ``fit`` may change (a companion's are not among them: they are fitted on their own)."""
-    return {k: v.detach().clone() for k, v in model.state_dict().items()
-            if not k.startswith(("text_encoder.", "companion."))}
+def trainable_state(model: ComposedRetrievalModel, train_backbone: bool = True) -> dict[str, torch.Tensor]:
+    """A copy of the weights ``fit`` may change: never the frozen text encoder, nor a companion's (fitted on their
+    own), nor the backbone when it is not trained."""
+    skip = ("text_encoder.", "companion.") + (() if train_backbone else ("backbone.",))
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith(skip)}
 
 
 __all__ = ["FitResult", "Inputs", "composed_scores", "describe_all", "fit", "full_batch_order", "query_embeddings",
-           "seed_everything", "target_embeddings", "warm_up"]
+           "seed_everything", "target_embeddings", "trainable_state", "warm_up"]
