@@ -1,6 +1,8 @@
 """End-to-end: the benchmark and the train command on a synthetic release (tiny settings, real code paths)."""
 
+import ast
 import json
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -378,7 +380,14 @@ def test_companions_fitted_in_cpu_workers_score_as_in_process(toy_release, tmp_p
         assert [h["loss"] for h in h0] == pytest.approx([h["loss"] for h in h1], rel=1e-4)
         # the worker's own log, and the fold's log records the companion it collected
         assert "companion (CPU worker" in (tmp_path / "pool" / f"fold_{fold}" / "companion.log").read_text()
-        assert f"(fold {fold})" in (tmp_path / "pool" / f"fold_{fold}" / "train.log").read_text()
+        fold_log = (tmp_path / "pool" / f"fold_{fold}" / "train.log").read_text()
+        assert f"(fold {fold})" in fold_log
+        # the main model's figures are logged before its companion is collected (kept if the run is stopped then)
+        early = ast.literal_eval(re.search(rf"fold {fold}, main model alone \(its companion not yet collected\): "
+                                           r"(\{.*\})", fold_log).group(1))
+        alone = pooled["ablations"]["composed, main model alone"]["folds"][fold]
+        assert early.keys() == {"mAP", "Acc@1", "Acc@2", "Acc@4"}
+        assert all(early[k] == pytest.approx(alone[k], abs=0.006) for k in early)
     with pytest.raises(ValueError, match="companion_workers"):
         run_cv(cases, tmp_path / "bad", profile="gpu", n_folds=2, progress=False, companion_workers=-1, **settings)
 

@@ -22,6 +22,7 @@ from dermcir.data.cases import Case, LoadReport, category_counts
 from dermcir.data.folds import stratified_folds, validation_split
 from dermcir.evaluation.report import PAPER_ROWS, write_retrieval_figure, write_tables
 from dermcir.evaluation.results import build_results, fold_row, write_json_atomic
+from dermcir.metrics import retrieval_metrics
 from dermcir.models import ComposedRetrievalModel
 from dermcir.training.companion_pool import CompanionPool, default_workers
 from dermcir.training.pipeline import (
@@ -251,6 +252,12 @@ def run_cv(
                 if pool is None:
                     finish_fold(fold, main_embeddings, result, c_result)
                 else:
+                    # logged now, so that a run stopped while its companions are still fitting keeps these figures
+                    # (they are the ablation "composed, main model alone" of the finished run)
+                    target, variants = main_embeddings
+                    alone = retrieval_metrics((variants["composed"] @ target.T).cpu().numpy(), labels[q], labels[db])
+                    log.info("fold %d, main model alone (its companion not yet collected): %s", fold,
+                             {k: round(v, 2) for k, v in alone.items()})
                     waiting.append((fold, main_embeddings, result))
         for fold, main_embeddings, result in waiting:
             with run_log(out_dir / f"fold_{fold}" / "train.log", append=True):
