@@ -109,7 +109,12 @@ class ComposedRetrievalModel(nn.Module):
 
     def image_features(self, images: torch.Tensor | np.ndarray) -> list[torch.Tensor]:
         """Backbone maps of preprocessed uint8 images, pooled to the configured grid."""
-        return self.pool_maps(self.backbone(self.normalize(images).contiguous(memory_format=torch.channels_last)))
+        return self.normalized_image_features(self.normalize(images))
+
+    def normalized_image_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """As :meth:`image_features`, from images already passed through :meth:`normalize` (a companion shares the
+        main model's normalisation, so one normalised batch serves both)."""
+        return self.pool_maps(self.backbone(x.contiguous(memory_format=torch.channels_last)))
 
     def pool_maps(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
         g = self.config.grid
@@ -155,10 +160,12 @@ class ComposedRetrievalModel(nn.Module):
 
     def encode_target_with_masks(self, images: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``φ_t`` and the main model's attention masks per level (for heatmaps)."""
-        d = self.describe_target(self.image_features(images))
+        x = self.normalize(images)
+        d = self.describe_target(self.normalized_image_features(x))
         vector = self.target_embedding(d)
         if self.companion is not None:  # its own vector beside ours: the weights go on the query side
-            vector = torch.cat([vector, self.companion.encode_target(images)], dim=1)
+            c = self.companion
+            vector = torch.cat([vector, c.target_embedding(c.describe_target(c.normalized_image_features(x)))], dim=1)
         return vector, d.masks
 
     def encode_query(
@@ -185,14 +192,15 @@ class ComposedRetrievalModel(nn.Module):
         beta: float | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """As ``encode_query_with_masks``, from text tokens already computed by ``text_features``."""
-        maps = self.image_features(images) if images is not None else None
+        x = self.normalize(images) if images is not None else None
+        maps = self.normalized_image_features(x) if x is not None else None
         if maps is not None and tokens is not None and maps[0].shape[0] != tokens.shape[0]:
             raise ValueError(f"{maps[0].shape[0]} images but {tokens.shape[0]} texts; give one text per image")
         d = self.describe_query(maps, tokens, pad)
         vector = self.query_embedding(d, beta)
         if self.companion is not None:
             c = self.companion
-            c_maps = c.image_features(images) if images is not None else None
+            c_maps = c.normalized_image_features(x) if x is not None else None
             vector = self.join_companion(vector, c.query_embedding(c.describe_query(c_maps, tokens, pad), beta))
         return vector, (d.masks if maps is not None else [])
 
