@@ -11,7 +11,8 @@ import pytest
 
 from dermcir.baselines import IMAGE_ONLY_DATABASE, METADATA_BOTH_SIDES
 from dermcir.evaluation.compare import EASIER_TASK_MARK, PAPER_ROWS, load_results, measured_rows, write_comparison
-from dermcir.evaluation.results import build_results, fold_row, write_json_atomic
+from dermcir.evaluation.results import build_results, fold_row
+from dermcir.files import write_json_atomic
 
 
 def _rows(offset: float, n_folds: int = 3) -> list[dict]:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+
+from dermcir.files import write_json_atomic
 
 T = TypeVar("T")
 
@@ -79,7 +80,7 @@ class TrainConfig:
 
 
 def to_json(obj: Any, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(dataclasses.asdict(obj), indent=2))
+    write_json_atomic(path, dataclasses.asdict(obj))
 
 
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:

@@ -17,7 +17,8 @@ from dermcir.baselines._metadata import metadata_onehot
 from dermcir.data.cache import default_cache_dir, preprocess_cases
 from dermcir.data.cases import Case, LoadReport
 from dermcir.data.folds import stratified_folds
-from dermcir.evaluation.results import build_results, fold_row, format_row, write_json_atomic
+from dermcir.evaluation.results import build_results, fold_row, format_row
+from dermcir.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 

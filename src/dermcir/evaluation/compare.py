@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from dermcir.evaluation.results import METRICS, partial_folds
+from dermcir.files import atomic_write, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -192,8 +193,8 @@ def bar_chart(rows: Sequence[MeasuredRow], path: Path, title: str) -> None:
     ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2, fontsize=7, frameon=False)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    with atomic_write(path, binary=True) as fh:
+        fig.savefig(fh, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -215,7 +216,6 @@ def write_comparison(
     png = out.with_suffix(".png")
     # Main rows only: a readable chart; variants and ablations are in the table.
     bar_chart([r for r in rows if r.seed_protocol and r.main], png, title)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(comparison_markdown(rows, png.name, title))
+    write_text_atomic(out, comparison_markdown(rows, png.name, title))
     log.info("wrote %s and %s (%d measured rows)", out, png, len(rows))
     return out, png

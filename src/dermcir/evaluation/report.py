@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from dermcir.evaluation.results import METRICS, format_row, partial_folds
+from dermcir.files import atomic_write, write_text_atomic
 
 #: The seed paper's reported rows (percent, mean ± std over its 5 folds), for side-by-side tables.
 PAPER_ROWS: dict[str, tuple[dict[str, float], dict[str, float]]] = {
@@ -65,7 +66,7 @@ def write_tables(doc: dict[str, Any], path: Path, paper_rows: dict = PAPER_ROWS)
     if "seconds" in doc:
         budget = f" (time budget {doc['time_budget']:.0f} s)" if doc.get("time_budget") else ""
         lines += ["", f"Wall time: {doc['seconds']:.0f} s on {doc.get('device', '?')}{budget}."]
-    path.write_text("\n".join(lines) + "\n")
+    write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 def write_retrieval_figure(
@@ -93,7 +94,8 @@ def write_retrieval_figure(
                   CATEGORY_COLOURS.get(labels[k], "#555555"))
     fig.suptitle(f"Top-{top} retrievals, fold {example['fold']} (frame colour = category)")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    with atomic_write(path, binary=True) as fh:
+        fig.savefig(fh, format="png", dpi=90)
     plt.close(fig)
 
 

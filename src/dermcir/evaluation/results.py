@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from dermcir.files import write_json_atomic  # noqa: F401 — the benchmark writers take it from here
 from dermcir.metrics import retrieval_metrics
 
 METRICS = ("mAP", "Acc@1", "Acc@2", "Acc@4")
@@ -54,20 +51,6 @@ def partial_folds(doc: dict[str, Any]) -> list[int] | None:
     """The folds a ``dermcir cv --only-fold`` run covered, or None when it ran the whole split."""
     ran = doc.get("folds_run")
     return list(ran) if ran and len(ran) != doc.get("n_folds") else None
-
-
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Write JSON through a temporary file and a rename, so a failed write keeps the previous file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def format_row(name: str, mean: dict[str, float], std: dict[str, float]) -> str:

@@ -1,0 +1,50 @@
+"""Writing a file so that a failed write never destroys the previous good one.
+
+Everything goes to a temporary file beside the target, which replaces the target by one rename only once it is
+complete. A disk that fills up, a killed process or an exception half-way leaves the old file as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it is to set it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+@contextmanager
+def atomic_write(path: str | Path, binary: bool = False) -> Iterator[IO]:
+    """Open a temporary file for writing; on a clean exit it replaces ``path``, on an error it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        if hasattr(os, "fchmod"):
+            # mkstemp creates the file 0600; the result should have the permissions a plain write would give it,
+            # or others sharing the folder (a team's runs, a shared cache) could not read it
+            os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as fh:
+            yield fh
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    with atomic_write(path) as fh:
+        fh.write(text)
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    with atomic_write(path) as fh:
+        json.dump(data, fh, indent=2)
