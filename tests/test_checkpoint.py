@@ -94,6 +94,46 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
+def test_a_save_stopped_between_its_two_renames_puts_the_previous_checkpoint_back(tmp_path, monkeypatch):
+    import os
+
+    model = tiny()
+    save_checkpoint(model, tmp_path / "ckpt", frozen=())
+    good = fingerprint(tmp_path / "ckpt")
+    real_replace, calls = os.replace, []
+
+    def interrupted(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # the old folder is aside, the new one not yet in place: Ctrl+C arrives
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(model, tmp_path / "ckpt", frozen=())
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert fingerprint(tmp_path / "ckpt") == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    ("weights", r"model.safetensors: not a readable safetensors file"),
+    ("config", r"config.json: not a readable checkpoint config \(corrupt JSON"),
+    ("no model", r"config.json: expected a JSON object with the model's settings under \"model\""),
+])
+def test_a_damaged_checkpoint_is_refused_naming_the_file(tmp_path, damage, message):
+    save_checkpoint(tiny(), tmp_path / "ckpt", frozen=())
+    weights, config = tmp_path / "ckpt" / "model.safetensors", tmp_path / "ckpt" / "config.json"
+    if damage == "weights":
+        weights.write_bytes(weights.read_bytes()[:100])  # a copy cut short
+    elif damage == "config":
+        config.write_text(config.read_text()[:50])
+    else:
+        config.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items() if k != "model"}))
+    with pytest.raises(ValueError, match=message):
+        load_checkpoint(tmp_path / "ckpt")
+
+
 def test_fingerprint_changes_with_weights(tmp_path):
     model = tiny()
     save_checkpoint(model, tmp_path / "a", frozen=())

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from dermcir.config import ModelConfig, from_dict
@@ -62,20 +63,23 @@ def save_checkpoint(
         **(extra or {}),
     }
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp"))
+    old = out_dir.with_name(f".{out_dir.name}.old")
+    moved_old = False
     try:
         save_file(state, str(tmp / WEIGHTS))
         (tmp / CONFIG).write_text(json.dumps(meta, indent=2))
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
+        if out_dir.exists():  # a folder cannot be replaced by one rename: move the old one aside first
             shutil.rmtree(old, ignore_errors=True)
             os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+            moved_old = True
+        os.replace(tmp, out_dir)
     except BaseException:
+        if moved_old and not out_dir.exists():  # stopped between the two renames: the old checkpoint goes back
+            os.replace(old, out_dir)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if moved_old:
+        shutil.rmtree(old, ignore_errors=True)
     return out_dir
 
 
@@ -93,7 +97,13 @@ def read_config(ckpt_dir: str | Path) -> dict[str, Any]:
     path = Path(ckpt_dir) / CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found; a checkpoint folder holds {CONFIG} and {WEIGHTS}")
-    return json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not a readable checkpoint config (corrupt JSON: {exc})") from exc
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):  # a ValueError: the CLI names it
+        raise ValueError(f"{path}: expected a JSON object with the model's settings under \"model\"")  # noqa: TRY004
+    return meta
 
 
 def load_checkpoint(ckpt_dir: str | Path, device: str | torch.device = "cpu") -> ComposedRetrievalModel:
@@ -125,7 +135,11 @@ def load_checkpoint(ckpt_dir: str | Path, device: str | torch.device = "cpu") ->
     weights = ckpt_dir / WEIGHTS
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: not found")
-    missing, unexpected = model.load_state_dict(_upgrade_legacy_keys(load_file(str(weights))), strict=False)
+    try:
+        state = load_file(str(weights))
+    except SafetensorError as exc:  # e.g. a copy cut short
+        raise ValueError(f"{weights}: not a readable safetensors file ({exc}); copy or train the checkpoint again") from exc
+    missing, unexpected = model.load_state_dict(_upgrade_legacy_keys(state), strict=False)
     missing = [k for k in missing if not _is_frozen(k, (*frozen, *_SHARED))]
     if missing or unexpected:
         raise ValueError(f"{weights}: does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
