@@ -61,6 +61,35 @@ def test_preprocessing_is_cached(tmp_path, monkeypatch):
     np.testing.assert_array_equal(preprocess_cases(cases, 32, progress=False)[1], first)
 
 
+def test_a_cache_that_cannot_be_written_keeps_every_good_image(tmp_path, caplog):
+    """A full disk or a read-only cache is the cache's problem, not the image's: no case is left out."""
+    root = write_release(tmp_path / "r", _rows([("clark nevus", 3)]))
+    cases, _ = load_derm7pt(root, min_cases=1)
+    blocker = tmp_path / "cache"
+    blocker.write_text("a file where the cache folder should be")  # every write into it fails, even as root
+    report = LoadReport()
+    with caplog.at_level("WARNING", logger="dermcir"):
+        kept, images = preprocess_cases(cases, 32, cache_dir=blocker, report=report, progress=False)
+    assert kept == cases and images.shape == (3, 32, 32, 3) and report.skipped == []
+    np.testing.assert_array_equal(images, preprocess_cases(cases, 32, progress=False)[1])
+    assert f"could not write 3 preprocessed image(s) into the cache {blocker / 'images'}" in caplog.text
+
+
+def test_an_unreadable_cache_file_is_recomputed_not_a_lost_case(tmp_path, caplog):
+    root = write_release(tmp_path / "r", _rows([("clark nevus", 2)]))
+    cases, _ = load_derm7pt(root, min_cases=1)
+    first = preprocess_cases(cases, 32, cache_dir=tmp_path / "cache", progress=False)[1]
+    broken = sorted((tmp_path / "cache" / "images").glob("*.npy"))
+    for path in broken:
+        path.write_bytes(b"not an npy file")
+    report = LoadReport()
+    with caplog.at_level("WARNING", logger="dermcir"):
+        kept, images = preprocess_cases(cases, 32, cache_dir=tmp_path / "cache", report=report, progress=False)
+    assert kept == cases and report.skipped == []
+    np.testing.assert_array_equal(images, first)
+    assert all(f"cache file {path} unreadable" in caplog.text for path in broken)
+
+
 def test_border_removal_uneven_and_absent():
     img = np.asarray(synthetic_lesion(0, (90, 60, 40), size=(120, 80), border=0)).copy()
     framed = img.copy()
