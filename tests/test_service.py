@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import io
 from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import quote
 
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from dermcir.cli import build_parser
+from dermcir.data import Case
 from dermcir.data.text import CHECKLIST_FIELDS
-from dermcir.index import add_cases
+from dermcir.index import add_cases, build_index
 from dermcir.search import CaseSearcher
 from dermcir.service import create_app
 
@@ -88,6 +90,27 @@ def test_case_details_and_image_by_id(env):
     assert Image.open(io.BytesIO(img.content)).size == (48, 48)
     assert client.get("/cases/nope").status_code == 404
     assert client.get("/cases/c001/image", params={"size": 5000}).status_code == 422
+
+
+def test_case_ids_with_url_characters(env):
+    tmp, _root, _cases, searcher, _client = env
+    ids = ["2021/0042", "A#1", "x?y", "50%", "x/image"]  # a clinic CSV may hold any of these
+    made = make_cases(tmp / "odd", len(ids), start=80)
+    cases = [Case(i, c.image, c.diagnosis, c.category, c.fields) for i, c in zip(ids, made, strict=True)]
+    root = tmp / "odd-index"
+    build_index(cases, searcher.checkpoint, root, model=searcher.model, cache_dir=tmp / "cache", progress=False)
+    client = TestClient(create_app(CaseSearcher(root)))
+    results = _search(client, text="streaks irregular", k=len(ids)).json()["results"]
+    assert sorted(r["case_id"] for r in results) == sorted(ids)
+    for r in results:
+        url = r["image_url"]
+        assert url == f"/cases/{quote(r['case_id'], safe='')}/image"
+        image = client.get(url)
+        assert image.status_code == 200 and image.headers["content-type"] == "image/jpeg", (url, image.text)
+        record = client.get(url.removesuffix("/image"))
+        assert record.status_code == 200 and record.json()["case_id"] == r["case_id"], url
+        assert record.json()["image_url"] == url
+    assert client.get("/cases/2021/0042").json()["case_id"] == "2021/0042"  # typed by hand, unencoded
 
 
 def test_image_route_never_reads_a_path_from_the_request(env):

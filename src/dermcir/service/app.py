@@ -14,6 +14,7 @@ from functools import lru_cache
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
@@ -148,17 +149,19 @@ def create_app(searcher: CaseSearcher, max_upload_bytes: int = DEFAULT_MAX_UPLOA
         response = await run_in_threadpool(searcher.search, **query)
         body = response.to_dict()
         for result in body["results"]:
-            result["image_url"] = f"/cases/{result['case_id']}/image"
+            result["image_url"] = _image_url(result["case_id"])
         if response.query_view is not None:
             body["query"]["view"] = "data:image/jpeg;base64," + base64.b64encode(_jpeg(response.query_view)).decode()
         return body
 
-    @app.get("/cases/{case_id}", summary="An indexed case's record")
-    def case(case_id: str) -> dict[str, Any]:
-        return {**_record(searcher, case_id), "image_url": f"/cases/{case_id}/image"}
-
-    @app.get("/cases/{case_id}/image", summary="An indexed case's image as the model saw it (JPEG)")
-    def case_image(case_id: str, size: int = Query(256, ge=16, le=1024)) -> Response:
+    # Clinic ids may hold "/", "?", "#" or "%" ("2021/0042"): URLs carry the id percent-encoded as one segment, and
+    # the routes take a ``path`` so that an id with "/" still matches. The image route is declared first, or the
+    # record route would swallow ".../image".
+    @app.get("/cases/{case_id:path}/image", summary="An indexed case's image as the model saw it (JPEG)")
+    def case_image(request: Request, case_id: str, size: int = Query(256, ge=16, le=1024)) -> Response:
+        if not request.scope.get("raw_path", b"/image").endswith(b"/image"):
+            # the id itself ends in an encoded "/image" ("x%2Fimage"): a record request
+            return JSONResponse(case(f"{case_id}/image"))
         record = _record(searcher, case_id)
         try:
             data = _case_jpeg(record["image"], record["sha1"], size)
@@ -166,7 +169,15 @@ def create_app(searcher: CaseSearcher, max_upload_bytes: int = DEFAULT_MAX_UPLOA
             raise HTTPException(404, f"case {case_id!r}: its image can no longer be read ({exc})") from None
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
+    @app.get("/cases/{case_id:path}", summary="An indexed case's record")
+    def case(case_id: str) -> dict[str, Any]:
+        return {**_record(searcher, case_id), "image_url": _image_url(case_id)}
+
     return app
+
+
+def _image_url(case_id: str) -> str:
+    return f"/cases/{quote(case_id, safe='')}/image"
 
 
 def _record(searcher: CaseSearcher, case_id: str) -> dict[str, Any]:
