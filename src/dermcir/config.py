@@ -66,7 +66,6 @@ class TrainConfig:
     select_by: str = "mAP"
     temperature: float = 0.1
     proxy_weight: float = 1.0
-    modality_dropout: float = 0.2  # share of image-only and of text-only queries, so one model serves all modes
     seed: int = 0
     amp: bool = True  # bf16 autocast on CUDA
     augment: bool = True
