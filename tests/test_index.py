@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from dermcir.checkpoint import fingerprint, load_checkpoint
+from dermcir.cli import main
 from dermcir.data import LoadReport, preprocess
 from dermcir.data.images import load_rgb
 from dermcir.index import (
@@ -275,3 +277,39 @@ def test_repeated_case_ids_are_refused(tmp_path, kit):
     cases = make_cases(tmp_path / "images", 3)
     with pytest.raises(ValueError, match="case ids must be unique; repeated: c001"):
         build_index([*cases, cases[1]], kit[0], tmp_path / "index", **_opts(tmp_path, kit))
+
+
+@pytest.fixture(scope="module")
+def hnsw_built(tmp_path_factory: pytest.TempPathFactory, kit) -> Path:
+    tmp = tmp_path_factory.mktemp("hnsw")
+    return make_index(tmp, 4, *kit, params=VectorParams(kind="hnsw", hnsw_m=8))[1]
+
+
+def _without_count(data: bytes) -> bytes:
+    manifest = json.loads(data)
+    del manifest["count"]
+    return json.dumps(manifest).encode()
+
+
+@pytest.mark.parametrize(
+    "name, damage, reason",
+    [
+        (MANIFEST, lambda b: b"{bad", "Expecting property name"),
+        (MANIFEST, _without_count, "missing key(s) count"),
+        (CASES, lambda b: b[:-30], "line 4"),
+        (VECTORS, lambda b: b"\x93NUMPY garbage", "corrupt"),
+        (HEATMAPS, lambda b: b[:100], "corrupt"),
+        (HNSW, lambda b: b[: len(b) // 2], "FAISS index"),
+    ],
+)
+def test_a_corrupt_index_file_is_named(tmp_path, hnsw_built, capsys, name, damage, reason):
+    root = tmp_path / "index"
+    shutil.copytree(hnsw_built, root)
+    path = _store.current_version(root) / name
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(ValueError, match="corrupt or unreadable") as caught:
+        open_index(root)
+    assert str(path) in str(caught.value) and reason in str(caught.value)
+    assert main(["search", "--index", str(root), "--text", "streaks absent"]) == 2  # one line, exit 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(path) in err and "corrupt or unreadable" in err

@@ -87,7 +87,13 @@ def read_vector_index(path: Path, dim: int, count: int) -> faiss.Index:
     """Read a saved index, checking that it matches the manifest."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found; the index version is incomplete")
-    index = faiss.read_index(str(path))
+    try:
+        index = faiss.read_index(str(path))
+    except RuntimeError as exc:  # faiss's message (a C++ assertion) does not name the file
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(
+            f"{path}: corrupt or unreadable FAISS index ({reason}); rebuild the index with `dermcir index`"
+        ) from None
     if index.d != dim or index.ntotal != count:
         raise ValueError(f"{path}: holds {index.ntotal} vectors of width {index.d}, the manifest says {count} of {dim}")
     return index

@@ -152,18 +152,26 @@ def open_index(root: str | Path) -> CaseIndex:
 
 
 def load_version(folder: Path) -> CaseIndex:
-    """Load one version folder (use :func:`open_index` for an index root)."""
+    """Load one version folder (use :func:`open_index` for an index root).
+
+    Raises:
+        FileNotFoundError: a file of the version is missing.
+        ValueError: a file is corrupt or disagrees with the manifest; the message names the file.
+    """
     manifest = read_manifest(folder)
     records = read_records(folder / CASES)
     count, dim = manifest["count"], manifest["embedding_dim"]
-    vectors = np.load(folder / VECTORS, allow_pickle=False, mmap_mode="r")
-    heatmaps = np.load(folder / HEATMAPS, allow_pickle=False)
+    vectors = _load_array(folder / VECTORS, mmap=True)
+    heatmaps = _load_array(folder / HEATMAPS)
     if len(records) != count or vectors.shape != (count, dim) or len(heatmaps) != count:
         raise ValueError(
             f"{folder}: {len(records)} records, vectors {vectors.shape}, {len(heatmaps)} heatmaps; "
             f"the manifest says {count} cases of width {dim}"
         )
-    params = VectorParams(**manifest["vector_search"])
+    try:
+        params = VectorParams(**manifest["vector_search"])
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{folder / MANIFEST}: bad vector_search {manifest['vector_search']!r} ({exc})") from None
     if params.kind == "flat":
         vector_index = build_vector_index(np.asarray(vectors), params)
     else:
@@ -171,24 +179,59 @@ def load_version(folder: Path) -> CaseIndex:
     return CaseIndex(folder, manifest, records, vectors, heatmaps, vector_index)
 
 
+#: manifest keys that loading and searching rely on
+_MANIFEST_KEYS = ("fingerprint", "checkpoint", "model", "embedding_dim", "parts", "vector_search", "count")
+
+
+def _corrupt(path: Path, exc: Exception) -> ValueError:
+    # the parser's own message ("Expecting property name ...") does not say which file it was reading
+    return ValueError(f"{path}: corrupt or unreadable ({exc}); rebuild the index with `dermcir index`")
+
+
 def read_manifest(folder: Path) -> dict[str, Any]:
     path = folder / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found; the index version is incomplete")
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise _corrupt(path, exc) from None
+    if not isinstance(manifest, dict):
+        raise _corrupt(path, ValueError(f"expected a JSON object, got {type(manifest).__name__}"))
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(
             f"{path}: index format_version {manifest.get('format_version')}, this dermcir reads {FORMAT_VERSION}; "
             "rebuild the index with `dermcir index`"
         )
+    missing = [key for key in _MANIFEST_KEYS if key not in manifest]
+    if missing:
+        raise _corrupt(path, ValueError(f"missing key(s) {', '.join(missing)}"))
     return manifest
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found; the index version is incomplete")
+    records = []
     with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+        try:
+            for number, line in enumerate(fh, start=1):
+                if line.strip():
+                    records.append(json.loads(line))
+        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise _corrupt(path, ValueError(f"line {number}: {exc}")) from None
+    return records
+
+
+def _load_array(path: Path, mmap: bool = False) -> np.ndarray:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; the index version is incomplete")
+    try:
+        return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
+    except FileNotFoundError:
+        raise  # collected by a writer meanwhile: open_index retries with the newer version
+    except (ValueError, OSError, EOFError) as exc:
+        raise _corrupt(path, exc) from None
 
 
 def write_records(path: Path, records: Iterable[dict[str, Any]]) -> None:
