@@ -6,17 +6,20 @@ profile it runs. The text encoder is frozen in both profiles, so token embedding
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
 from dermcir.checkpoint import state_digest
-from dermcir.data.cache import default_cache_dir, file_digest, settings_key
+from dermcir.data.cache import default_cache_dir, settings_key
 from dermcir.data.cases import Case
 from dermcir.models import ComposedRetrievalModel
 
@@ -68,10 +71,15 @@ class CachedFeatures:
         cache = (cache_dir or default_cache_dir()) / "features"
         cfg = model.config
         weights = state_digest(model.backbone)
+        # the digest of the preprocessed pixels the backbone sees, not of the image file: a change of preprocessing
+        # (its code, PREPROCESS_VERSION, the size) then misses this cache as it misses the image cache
+        pixels = [hashlib.sha1(np.ascontiguousarray(image)).hexdigest() for image in images]
+        if len(pixels) != len(cases):
+            raise ValueError(f"{len(cases)} cases but {len(pixels)} images; preprocess_cases gives one per case")
         views = []
         for view in cls.VIEWS[:n_views]:
-            keys = [settings_key(file_digest(c.image), cfg.backbone, weights, cfg.image_size, cls.CACHE_GRID, view)
-                    for c in cases]
+            keys = [settings_key(digest, images.shape[1:], cfg.backbone, weights, cfg.image_size, cls.CACHE_GRID, view)
+                    for digest in pixels]
             todo = [i for i, k in enumerate(keys) if not (cache / f"{k}.safetensors").is_file()]
             if todo:
                 cache.mkdir(parents=True, exist_ok=True)
@@ -85,9 +93,8 @@ class CachedFeatures:
                         maps = [torch.nn.functional.adaptive_avg_pool2d(m, min(cls.CACHE_GRID, m.shape[-1]))
                                 for m in maps]
                         for j, i in enumerate(chunk):
-                            tmp = cache / f"{keys[i]}.tmp"
-                            save_file({f"level{l}": m[j].half().contiguous().cpu() for l, m in enumerate(maps)}, str(tmp))
-                            tmp.replace(cache / f"{keys[i]}.safetensors")
+                            _save_atomic(cache / f"{keys[i]}.safetensors",
+                                         {f"level{l}": m[j].half().contiguous().cpu() for l, m in enumerate(maps)})
                         bar.update(len(chunk))
                 bar.close()
             loaded = [load_file(str(cache / f"{k}.safetensors")) for k in keys]
@@ -108,6 +115,18 @@ class CachedFeatures:
                 out.append(stacked.to(device).float())
             return out
         return [m[idx].to(device).float() for m in self.maps[0]]
+
+
+def _save_atomic(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write into a temporary file of its own (several processes may fill one cache) and rename it into place."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.stem}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(save(tensors))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _apply_view(images: np.ndarray, view: str) -> np.ndarray:

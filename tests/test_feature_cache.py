@@ -1,0 +1,66 @@
+"""The cached backbone features (``CachedFeatures``): keyed by what the backbone sees, pooled as search pools, written
+atomically."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from dermcir.config import ModelConfig
+from dermcir.data import load_derm7pt
+from dermcir.data.cache import preprocess_cases
+from dermcir.models import ComposedRetrievalModel
+from dermcir.training.features import CachedFeatures
+
+from .conftest import TINY, write_release
+
+
+def _model(**overrides) -> ComposedRetrievalModel:
+    torch.manual_seed(0)
+    return ComposedRetrievalModel(ModelConfig(**{**TINY, **overrides}, categories=["nevus"]), pretrained=False).eval()
+
+
+@pytest.fixture
+def three_cases(tmp_path):
+    root = write_release(tmp_path / "r", [{"diagnosis": "clark nevus"}] * 3)
+    return load_derm7pt(root, min_cases=1)[0]
+
+
+def test_a_preprocessing_change_misses_the_feature_cache(three_cases, tmp_path, monkeypatch):
+    from dermcir.data import cache
+
+    model = _model()
+    cases, images = preprocess_cases(three_cases, 64, tmp_path, progress=False)
+    CachedFeatures.build(model, cases, images, cache_dir=tmp_path, progress=False)
+    stored = set((tmp_path / "features").glob("*.safetensors"))
+    assert len(stored) == 3
+    CachedFeatures.build(model, cases, images, cache_dir=tmp_path, progress=False)
+    assert set((tmp_path / "features").glob("*.safetensors")) == stored  # the same pixels: all hits
+
+    # a new preprocessing (here: no border removal) comes with a new PREPROCESS_VERSION; the images change, and so
+    # must the backbone maps computed from them
+    real = cache.preprocess
+    monkeypatch.setattr(cache, "PREPROCESS_VERSION", "border-v2")
+    monkeypatch.setattr(cache, "preprocess", lambda rgb, size: real(rgb, size, crop_border=False))
+    cases, changed = preprocess_cases(three_cases, 64, tmp_path, progress=False)
+    assert not np.array_equal(changed, images)
+    fresh = CachedFeatures.build(model, cases, changed, cache_dir=tmp_path, progress=False)
+    assert len(set((tmp_path / "features").glob("*.safetensors")) - stored) == 3
+    with torch.no_grad():
+        expected = model.image_features(changed)
+    for got, want in zip(fresh.maps[0], expected, strict=True):
+        torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+
+
+def test_a_failed_cache_write_leaves_no_temporary_file(three_cases, tmp_path, monkeypatch):
+    """Temporary files are the writer's own (two processes may fill one cache) and are removed when a write fails."""
+    cases, images = preprocess_cases(three_cases, 64, tmp_path, progress=False)
+
+    def full_disk(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        CachedFeatures.build(_model(), cases, images, cache_dir=tmp_path, progress=False)
+    assert list((tmp_path / "features").iterdir()) == []
