@@ -53,6 +53,33 @@ def test_a_preprocessing_change_misses_the_feature_cache(three_cases, tmp_path, 
         torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("grid", [None, 3, 6, 32])
+def test_a_grid_the_cached_maps_cannot_match_search_with_is_refused(three_cases, tmp_path, grid):
+    cases, images = preprocess_cases(three_cases, 64, tmp_path, progress=False)
+    with pytest.raises(ValueError, match=rf"grid={grid}: .* needs a grid that divides 16 \(1, 2, 4, 8, 16\)"):
+        CachedFeatures.build(_model(grid=grid), cases, images, cache_dir=tmp_path, progress=False)
+    assert not (tmp_path / "features").exists()  # refused before any backbone pass
+
+
+def test_maps_that_do_not_pool_evenly_to_the_cache_grid_are_refused(three_cases, tmp_path):
+    cases, images = preprocess_cases(three_cases, 224, tmp_path, progress=False)  # maps of side 28, 14, 7
+    with pytest.raises(ValueError, match=r"image_size=224: backbone 'lite0' gives maps of side \[28\]"):
+        CachedFeatures.build(_model(image_size=224), cases, images, cache_dir=tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("grid", [2, 4, 8])
+def test_cached_maps_are_those_search_computes(three_cases, tmp_path, grid):
+    """At 256 px the first level's maps (32×32) are pooled to 16 in the cache, then to the grid: as search pools."""
+    model = _model(image_size=256, grid=grid)
+    cases, images = preprocess_cases(three_cases, 256, tmp_path, progress=False)
+    cached = CachedFeatures.build(model, cases, images, cache_dir=tmp_path, progress=False)
+    with torch.no_grad():
+        expected = model.image_features(images)
+    for got, want in zip(cached.maps[0], expected, strict=True):
+        assert got.shape[-1] == grid
+        torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+
+
 def test_a_failed_cache_write_leaves_no_temporary_file(three_cases, tmp_path, monkeypatch):
     """Temporary files are the writer's own (two processes may fill one cache) and are removed when a write fails."""
     cases, images = preprocess_cases(three_cases, 64, tmp_path, progress=False)

@@ -52,7 +52,9 @@ class CachedFeatures:
     """CPU profile: frozen-backbone maps of every case (and of its flipped views), cached on disk as safetensors.
 
     The cache holds maps pooled to at most :attr:`CACHE_GRID` per side, independent of the model's own ``grid``, so
-    trying another grid does not redo the backbone passes; the model's grid pooling is applied when loading.
+    trying another grid does not redo the backbone passes; the model's grid pooling is applied when loading. That
+    two-step pooling equals the one step the index and search take (``pool_maps`` of the native maps) only when the
+    grid divides :attr:`CACHE_GRID` and every map larger than it is a multiple of it; other settings are refused.
     """
 
     VIEWS = ("identity", "hflip", "vflip", "rot180")
@@ -70,6 +72,7 @@ class CachedFeatures:
     ) -> CachedFeatures:
         cache = (cache_dir or default_cache_dir()) / "features"
         cfg = model.config
+        _check_grid(cfg.grid, cls.CACHE_GRID)
         weights = state_digest(model.backbone)
         # the digest of the preprocessed pixels the backbone sees, not of the image file: a change of preprocessing
         # (its code, PREPROCESS_VERSION, the size) then misses this cache as it misses the image cache
@@ -90,6 +93,7 @@ class CachedFeatures:
                         # small batches: at 512 px they stay in cache and ran 2x faster per image than 16 here
                         x = model.normalize(_apply_view(images[chunk], view))
                         maps = model.backbone(x.contiguous(memory_format=torch.channels_last))
+                        _check_sides(maps, cls.CACHE_GRID, cfg)
                         maps = [torch.nn.functional.adaptive_avg_pool2d(m, min(cls.CACHE_GRID, m.shape[-1]))
                                 for m in maps]
                         for j, i in enumerate(chunk):
@@ -115,6 +119,28 @@ class CachedFeatures:
                 out.append(stacked.to(device).float())
             return out
         return [m[idx].to(device).float() for m in self.maps[0]]
+
+
+def _check_grid(grid: int | None, cache_grid: int) -> None:
+    """Refuse a ``grid`` whose pooling of the cached maps would differ from pooling the native maps (search)."""
+    if grid is None or not 1 <= grid <= cache_grid or cache_grid % grid:
+        allowed = ", ".join(str(g) for g in range(1, cache_grid + 1) if cache_grid % g == 0)
+        raise ValueError(
+            f"grid={grid!r}: a model on cached backbone features (the cpu profile, a companion) needs a grid that "
+            f"divides {cache_grid} ({allowed}); its maps are cached pooled to {cache_grid}x{cache_grid}, and pooling "
+            f"those to another grid gives other maps than the index and search compute from the native ones"
+        )
+
+
+def _check_sides(maps: Sequence[torch.Tensor], cache_grid: int, cfg) -> None:
+    """Refuse maps that pooling to ``cache_grid`` and then to ``cfg.grid`` would average unevenly (see ``_check_grid``)."""
+    bad = sorted({m.shape[-1] for m in maps if m.shape[-1] > cache_grid and m.shape[-1] % cache_grid})
+    if bad:
+        raise ValueError(
+            f"image_size={cfg.image_size}: backbone {cfg.backbone!r} gives maps of side {bad}; cached features need "
+            f"every map side up to {cache_grid} or a multiple of it (e.g. image_size 128, 256 or 512), or pooling "
+            f"them to grid={cfg.grid} would differ from what the index and search compute"
+        )
 
 
 def _save_atomic(path: Path, tensors: dict[str, torch.Tensor]) -> None:
