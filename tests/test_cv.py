@@ -492,6 +492,16 @@ def test_closing_a_companion_pool_on_failure_stops_its_running_jobs(toy_release,
             process.kill()
 
 
+def test_the_companion_trains_in_float32_on_every_path():
+    """CPU workers fit it in float32; fitted in the GPU process (no workers, a failed one, ``train``) it must be too."""
+    from dermcir.training.profiles import companion_training, get_profile
+
+    _, main_cfg, _ = get_profile("gpu", seed=3)
+    assert main_cfg.amp  # the main model keeps its bf16 autocast
+    train_cfg, views = companion_training(main_cfg)
+    assert train_cfg.amp is False and train_cfg.profile == "cpu" and train_cfg.seed == 3 and views == 2
+
+
 def test_companion_workers_by_default_only_on_a_gpu():
     from dermcir.training.companion_pool import default_workers
 

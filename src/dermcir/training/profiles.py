@@ -58,7 +58,10 @@ def get_profile(name: str, **overrides) -> tuple[ModelConfig, TrainConfig, int]:
 
 def companion_training(main: TrainConfig) -> tuple[TrainConfig, int]:
     """How the companion of a model trained with ``main`` trains: as the cpu profile does (its heads over cached
-    frozen-backbone maps), with the same seed and validation split, at most ``main.companion_epochs`` epochs."""
+    frozen-backbone maps), with the same seed and validation split, at most ``main.companion_epochs`` epochs.
+
+    Always in float32 (``amp=False``): CPU workers train it so, and the same fold must give the same companion when
+    it is fitted in the GPU process instead (no workers, a failed worker, ``dermcir train``)."""
     capped = {} if main.companion_epochs is None else {"epochs": main.companion_epochs}
-    _, train_cfg, views = get_profile("cpu", seed=main.seed, val_fraction=main.val_fraction, **capped)
+    _, train_cfg, views = get_profile("cpu", seed=main.seed, val_fraction=main.val_fraction, amp=False, **capped)
     return train_cfg, views
