@@ -208,6 +208,36 @@ def test_a_version_from_another_model_is_not_switched_to(tmp_path, caplog):
     assert "encoded by another model" in caplog.text
 
 
+def _format_2(folder: Path) -> None:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps({**manifest, "format_version": 2}))
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda folder: (folder / "vectors.npy").write_bytes(b"\x93NUMPY truncated"),
+        _format_2,  # written by a newer dermcir
+        lambda folder: (folder.parent / "CURRENT").write_text("not-a-version\n"),
+    ],
+    ids=["truncated_vectors", "newer_format", "bad_pointer"],
+)
+def test_an_unloadable_new_version_is_not_switched_to(tmp_path, caplog, damage):
+    ckpt, root, cases = make_index(tmp_path, 4)
+    searcher = CaseSearcher(root)
+    good = searcher.index.version
+    remove_cases(root, ["c003"])  # a new version is published, then found damaged
+    damage(open_index(root).folder)
+    with caplog.at_level(logging.ERROR):
+        for _ in range(3):  # every search is answered from the last good version; the failure is logged once
+            assert searcher.search(image=cases[0].image, k=5).index_version == good
+        assert searcher.case("c003")["case_id"] == "c003"
+    assert len(caplog.records) == 1 and good in caplog.text
+    assert "cannot be loaded" in caplog.text or "CURRENT" in caplog.text
+    build_index(cases[:2], ckpt, root, model=searcher.model, cache_dir=tmp_path / "cache", progress=False)
+    assert searcher.search(image=cases[0].image, k=5).index_size == 2  # a newer good version is switched to
+
+
 # ---- the command line -------------------------------------------------------------------------------------------------
 def test_cli_search_json_and_table(setup, capsys):
     _ckpt, root, cases, _ = setup

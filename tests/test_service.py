@@ -13,7 +13,7 @@ from PIL import Image
 from dermcir.cli import build_parser
 from dermcir.data import Case
 from dermcir.data.text import CHECKLIST_FIELDS
-from dermcir.index import add_cases, build_index
+from dermcir.index import add_cases, build_index, open_index, remove_cases
 from dermcir.search import CaseSearcher
 from dermcir.service import create_app
 
@@ -171,6 +171,33 @@ def test_index_update_while_serving(env):
     body = _search(client, text="pigment network typical", k=50).json()
     assert body["index"]["cases"] == before["cases"] + 1 and body["index"]["version"] != before["index_version"]
     assert client.get("/cases/c070").status_code == 200
+
+
+def test_a_damaged_new_version_does_not_stop_the_service(tmp_path, env):
+    *_, searcher, _client = env
+    _ckpt, root, _cases = make_index(tmp_path, 3, ckpt=searcher.checkpoint, model=searcher.model)
+    client = TestClient(create_app(CaseSearcher(root)))
+    good = client.get("/health").json()["index_version"]
+    remove_cases(root, ["c002"])
+    (open_index(root).folder / "vectors.npy").write_bytes(b"\x93NUMPY truncated")
+    for _ in range(2):
+        res = _search(client, text="streaks absent", k=5)
+        assert res.status_code == 200 and res.json()["index"]["version"] == good, res.text
+    assert client.get("/health").json()["index_version"] == good
+
+
+def test_a_failure_on_the_service_side_is_a_json_500_not_a_400(env, monkeypatch):
+    *_, searcher, client = env
+
+    def broken(*_args, **_kw):
+        raise ValueError("vectors must have shape (n, 192), got (1, 96)")
+
+    monkeypatch.setattr(searcher, "_encode", broken)
+    res = _search(client, text="streaks absent", k=2)
+    assert res.status_code == 500
+    assert res.json()["detail"] == "the service failed: vectors must have shape (n, 192), got (1, 96)"
+    monkeypatch.undo()
+    assert _search(client, text="x", k="0").status_code == 400  # the client's errors stay 400
 
 
 def test_serve_listens_on_localhost_by_default():

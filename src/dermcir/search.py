@@ -29,6 +29,7 @@ from dermcir.data.images import load_rgb, preprocess
 from dermcir.data.text import render_report, validate_checklist
 from dermcir.index import CaseIndex, Hit, attention_heatmaps, open_index, resolve_device
 from dermcir.index._store import current_version
+from dermcir.index.case_index import load_version
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,14 @@ log = logging.getLogger(__name__)
 MAX_TEXT_CHARS = 10_000
 
 ImageInput = str | Path | bytes | np.ndarray
+
+
+class QueryError(ValueError):
+    """A query the caller must fix (bad ``k``, unknown checklist value, overlong text, nothing to search with...).
+
+    Kept apart from other ``ValueError`` so that a service answers 400 only for these (and for an unreadable query
+    image, :class:`dermcir.data.ImageError`), never for a failure on its own side.
+    """
 
 
 def _heatmap_list(maps: np.ndarray) -> list[list[list[float]]]:
@@ -105,19 +114,23 @@ class SearchResponse:
 def compose_text(text: str | None = None, checklist: Mapping[str, str] | None = None) -> str | None:
     """The query text: checklist fields rendered by the training template, followed by any free text.
 
-    Empty or blank input counts as no text. Raises ``ValueError`` for an unknown checklist field or value (listing the
-    allowed ones) and for a text longer than :data:`MAX_TEXT_CHARS`.
+    Empty or blank input counts as no text. Raises :class:`QueryError` for an unknown checklist field or value
+    (listing the allowed ones) and for a text longer than :data:`MAX_TEXT_CHARS`.
     """
     parts = []
     if checklist:
-        rendered = render_report(validate_checklist(checklist))
+        try:
+            fields = validate_checklist(checklist)
+        except ValueError as exc:
+            raise QueryError(str(exc)) from None
+        rendered = render_report(fields)
         if rendered:
             parts.append(rendered)
     if text is not None:
         if not isinstance(text, str):
-            raise ValueError(f"text must be a string, got {type(text).__name__}")
+            raise QueryError(f"text must be a string, got {type(text).__name__}")
         if len(text) > MAX_TEXT_CHARS:
-            raise ValueError(
+            raise QueryError(
                 f"text is {len(text):,} characters long; the limit is {MAX_TEXT_CHARS:,} (the model reads only the "
                 "first ~400 characters); give the clinical description, not a document"
             )
@@ -131,11 +144,11 @@ def load_query_image(image: ImageInput, size: int, name: str | None = None) -> n
 
     Raises:
         dermcir.data.ImageError: an unreadable file, named.
-        ValueError: an array of the wrong shape or type.
+        QueryError: an array of the wrong shape or type.
     """
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 1:
-            raise ValueError(f"image array must be uint8 of shape (height, width, 3), got {image.dtype} {image.shape}")
+            raise QueryError(f"image array must be uint8 of shape (height, width, 3), got {image.dtype} {image.shape}")
         rgb = image
     else:
         rgb = load_rgb(image, name=name)
@@ -175,7 +188,8 @@ class CaseSearcher:
         index.require_fingerprint(self.fingerprint, f"checkpoint {self.checkpoint}")
         self.auto_reload = auto_reload
         self._index = index
-        self._refused: Path | None = None  # a newer version encoded by another model, not switched to
+        self._refused: Path | None = None  # a newer version not switched to: another model's, or unreadable
+        self._pointer_error: str | None = None  # the last unreadable-CURRENT error logged (logged once)
         self._reload_lock = threading.Lock()
         self._text_lock = threading.Lock()
         log.info("searching %s (%d cases, version %s) with %s", self.root, len(index), index.version, self.checkpoint)
@@ -189,20 +203,44 @@ class CaseSearcher:
     def image_size(self) -> int:
         return self.model.config.image_size
 
+    def _latest(self) -> Path | None:
+        """The version CURRENT names; ``None`` when there is none or the pointer cannot be read (logged once)."""
+        try:
+            return current_version(self.root)
+        except (OSError, ValueError) as exc:  # a damaged pointer must not stop searches on the loaded version
+            if str(exc) != self._pointer_error:
+                self._pointer_error = str(exc)
+                log.error("%s; still serving index version %s", exc, self._index.version)
+            return None
+
     def refresh(self) -> bool:
         """Switch to the index's newest published version if there is one; returns whether it switched.
 
-        A version encoded by a different model is not switched to (searches keep using the last compatible one, and
-        the refusal is logged), so a service keeps answering correctly until it is restarted with the new model.
+        A version that cannot be loaded (a damaged file, a format from a newer dermcir) or that was encoded by a
+        different model is not switched to: searches keep using the last good version, and the refusal is logged once
+        (a newer version is tried again). So a service keeps answering correctly until the index or the model is fixed.
         """
-        latest = current_version(self.root)
+        latest = self._latest()
         if latest is None or latest in (self._index.folder, self._refused):
             return False
         with self._reload_lock:
-            latest = current_version(self.root)
+            latest = self._latest()
             if latest is None or latest in (self._index.folder, self._refused):
                 return False
-            index = open_index(self.root)
+            try:
+                index = load_version(latest)
+            except Exception as exc:  # noqa: BLE001 - whatever broke that version, the loaded one still answers
+                if self._latest() != latest:
+                    return False  # superseded (and collected) while loading: the next call tries the newer one
+                log.error(
+                    "index %s version %s cannot be loaded, still serving %s: %s",
+                    self.root,
+                    latest.name,
+                    self._index.version,
+                    exc,
+                )
+                self._refused = latest
+                return False
             if index.fingerprint != self.fingerprint:
                 log.error(
                     "index %s version %s was encoded by another model (fingerprint %s); still serving %s",
@@ -239,19 +277,20 @@ class CaseSearcher:
             image_name: how to call the image in error messages (e.g. an upload's file name).
 
         Raises:
-            ValueError: no image and no text, bad checklist fields, an unreadable image (``ImageError`` names it),
-                a bad ``k``; ``EmptyIndexError`` when the index holds no cases.
+            QueryError: no image and no text, bad checklist fields or text, a bad ``k``.
+            dermcir.data.ImageError: an unreadable query image, named.
+            EmptyIndexError: the index holds no cases.
         """
         start = time.perf_counter()
         if self.auto_reload:
             self.refresh()
         index = self._index  # one snapshot for the whole request
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
+            raise QueryError(f"k must be a positive integer, got {k!r}")
         query_text = compose_text(text, checklist)
         view = load_query_image(image, self.image_size, image_name) if image is not None else None
         if view is None and query_text is None:
-            raise ValueError("a query needs an image, a text or checklist fields (all were empty)")
+            raise QueryError("a query needs an image, a text or checklist fields (all were empty)")
         query, query_maps = self._encode(view, query_text, heatmaps, beta)
         hits = index.search(query[None], k)[0]
         results = [self._result(index, rank, hit, query, heatmaps) for rank, hit in enumerate(hits, start=1)]

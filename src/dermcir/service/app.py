@@ -2,7 +2,7 @@
 
 Routes only translate HTTP to library calls and library errors to status codes: 400 for a bad query (unreadable
 image, unknown checklist value, empty query...), 404 for an unknown case, 409 for an empty index, 413 for an upload
-over the size limit. Case images are read only from the paths recorded in the index, looked up by case id.
+over the size limit, and a JSON 500 for any other ``ValueError`` (a failure on the service's side, not the client's). Case images are read only from the paths recorded in the index, looked up by case id.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from dermcir import __version__
 from dermcir.data.images import ImageError, load_rgb, preprocess
 from dermcir.data.text import CHECKLIST_FIELDS
 from dermcir.index import EmptyIndexError
-from dermcir.search import MAX_TEXT_CHARS, CaseSearcher
+from dermcir.search import MAX_TEXT_CHARS, CaseSearcher, QueryError
 from dermcir.service._limits import BodySizeLimit, UploadTooLarge
 
 log = logging.getLogger(__name__)
@@ -74,9 +74,9 @@ def _parse_k(raw: Any) -> int:
     try:
         k = int(str(raw).strip())
     except ValueError:
-        raise ValueError(f"k must be an integer from 1 to {MAX_K}, got {str(raw)[:20]!r}") from None
+        raise QueryError(f"k must be an integer from 1 to {MAX_K}, got {str(raw)[:20]!r}") from None
     if not 1 <= k <= MAX_K:
-        raise ValueError(f"k must be an integer from 1 to {MAX_K}, got {k}")
+        raise QueryError(f"k must be an integer from 1 to {MAX_K}, got {k}")
     return k
 
 
@@ -90,7 +90,7 @@ async def _read_query(request: Request) -> dict[str, Any]:
             if data or upload.filename:  # a browser sends an empty part when no file was chosen
                 image, image_name = data, upload.filename or "uploaded image"
         elif isinstance(upload, str) and upload:
-            raise ValueError("field 'image' must be an uploaded file (multipart file part), not text")
+            raise QueryError("field 'image' must be an uploaded file (multipart file part), not text")
         checklist = {k: str(v) for k, v in form.multi_items() if k not in _RESERVED and str(v).strip()}
         return {
             "image": image,
@@ -192,10 +192,18 @@ def _add_error_handlers(app: FastAPI, max_upload_bytes: int) -> None:
     async def empty_index(_request: Request, exc: EmptyIndexError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=409)
 
-    @app.exception_handler(ValueError)
+    @app.exception_handler(QueryError)
+    @app.exception_handler(ImageError)
     async def bad_query(_request: Request, exc: ValueError) -> JSONResponse:
-        # Library errors name the field or file and what was expected; they are the client's to fix.
+        # These name the field or file and what was expected; they are the client's to fix.
         return JSONResponse({"detail": str(exc)}, status_code=400)
+
+    @app.exception_handler(ValueError)
+    async def server_error(request: Request, exc: ValueError) -> JSONResponse:
+        # Any other ValueError is the service's own failure (its index or model): not the client's to fix, and
+        # answered as JSON so the page can show it.
+        log.error("%s %s failed: %s", request.method, request.url.path, exc, exc_info=exc)
+        return JSONResponse({"detail": f"the service failed: {exc}"}, status_code=500)
 
     @app.exception_handler(UploadTooLarge)
     async def too_large(_request: Request, _exc: UploadTooLarge) -> JSONResponse:
