@@ -329,6 +329,14 @@ def test_bad_settings_are_one_line_errors(toy_release, tmp_path, capsys):
     assert main(["cv", "--data", str(toy_release), "--out", str(tmp_path), "--min-cases", "5", "--only-fold", "1",
                  "--only-fold", "1"]) == 2
     assert "only_folds: [1, 1] names a fold twice" in capsys.readouterr().err
+    # the profile is chosen by name, never overridden: a cpu model trained as the gpu profile trains is neither
+    for command in (["train", "--out", str(tmp_path)], ["cv", "--out", str(tmp_path)], ["prepare"]):
+        assert main([*command, "--data", str(toy_release), "--min-cases", "5", "--set", "profile=gpu"]) == 2
+        assert "--set 'profile=gpu': choose the profile with --profile" in capsys.readouterr().err
+    from dermcir.training.profiles import get_profile
+
+    with pytest.raises(ValueError, match="profile='gpu': a profile is chosen by its name"):
+        get_profile("cpu", profile="gpu")
 
 
 @pytest.mark.integration

@@ -58,6 +58,8 @@ def _overrides(pairs: list[str]) -> dict:
         key, sep, value = pair.partition("=")
         if not sep:
             raise ValueError(f"--set {pair!r}: expected KEY=VALUE")
+        if key.strip() == "profile":  # train_on_cases and run_cv take it by name; get_profile refuses it too
+            raise ValueError(f"--set {pair!r}: choose the profile with --profile cpu|gpu")
         try:
             out[key.strip()] = json.loads(value)
         except json.JSONDecodeError:

@@ -146,7 +146,9 @@ def train_on_cases(
         log.info("best epoch %d, validation mAP %.2f, %.0f s", result.best_epoch, result.best_val_map, result.seconds)
         companion = prepare_companion(model, cases, images, train_cfg, device, cache_dir, progress, inputs)
         companion_result = fit_companion(model, companion, train_idx, val_idx, device, progress, refit_idx=idx)
-    save_checkpoint(model.cpu(), out_dir, frozen=frozen_parts(profile, model), extra={
+    # the train config is what decided whether the backbone trained (``fit`` reads its profile), so it decides
+    # what the checkpoint stores by reference
+    save_checkpoint(model.cpu(), out_dir, frozen=frozen_parts(train_cfg.profile, model), extra={
         "train": train_cfg.__dict__, "best_epoch": result.best_epoch, "val_mAP": result.best_val_map,
         "history": result.history, "n_cases": len(cases), "skipped": report.skipped,
         **({"companion": {"best_epoch": companion_result.best_epoch, "val_mAP": companion_result.best_val_map,

@@ -44,6 +44,9 @@ def get_profile(name: str, **overrides) -> tuple[ModelConfig, TrainConfig, int]:
     """Fresh copies of a profile's configs; ``overrides`` may set any ``ModelConfig``/``TrainConfig`` field."""
     if name not in PROFILES:
         raise ValueError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)}")
+    if "profile" in overrides:  # the cpu model's settings trained as the gpu profile trains would be neither profile
+        raise ValueError(f"profile={overrides['profile']!r}: a profile is chosen by its name ({sorted(PROFILES)}), "
+                         f"not overridden")
     model_cfg, train_cfg, views = PROFILES[name]
     m_fields, t_fields = set(model_cfg.__dataclass_fields__), set(train_cfg.__dataclass_fields__)
     unknown = set(overrides) - m_fields - t_fields - {"views"}
