@@ -305,6 +305,26 @@ def test_cli_index_from_a_clinic_csv_then_add_and_remove(tmp_path, capsys):
     assert "holds 2 CSV files" in capsys.readouterr().err
 
 
+def test_cli_index_summary_lists_missing_images_and_skipped_rows(tmp_path, capsys):
+    ckpt = make_checkpoint(tmp_path / "ckpt")
+    cases = make_cases(tmp_path / "archive", 4)
+    missing = cases[1].image
+    csv = write_case_csv(tmp_path / "archive" / "cases.csv", [*cases, cases[0]])  # the last row repeats an id
+    missing.unlink()
+    cases[2].image.write_bytes(b"not an image")
+    args = ["index", "--checkpoint", str(ckpt), "--cache", str(tmp_path / "cache"), "--quiet"]
+    assert main([*args, "--data", str(csv), "--out", str(tmp_path / "index")]) == 0
+    printed = capsys.readouterr().out
+    assert "+2 -0, 2 cases; skipped 3: " in printed
+    assert f"{missing} (image file missing" in printed and str(cases[2].image) in printed
+    assert "duplicate id 'c000'" in printed
+
+    only_missing = write_case_csv(tmp_path / "missing.csv", [cases[1]])
+    assert main([*args, "--data", str(only_missing), "--out", str(tmp_path / "index2")]) == 2
+    err = capsys.readouterr().err
+    assert f"no usable case (1 left out, e.g. {missing}: image file missing" in err and "0 cases" not in err
+
+
 def test_cli_index_from_a_derm7pt_release(tmp_path, toy_release, capsys):
     ckpt = make_checkpoint(tmp_path / "ckpt")
     out = tmp_path / "index"

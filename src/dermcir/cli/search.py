@@ -148,7 +148,11 @@ def _apply_threads(args: argparse.Namespace) -> None:
 
 # ---- handlers ---------------------------------------------------------------------------------------------------------
 def _load_cases(data: Path, image_root: Path | None, min_cases: int | None):
-    """A Derm7pt release folder, a CSV of cases, or a folder of images holding exactly one CSV of cases."""
+    """A Derm7pt release folder, a CSV of cases, or a folder of images holding exactly one CSV of cases.
+
+    Returns the cases and the loader's report (rows and missing image files left out, each already logged), which
+    goes on to the build so that its summary lists them with the images that fail to decode.
+    """
     from dermcir.data import category_counts, load_case_csv, load_derm7pt
 
     csv = data if data.is_file() and data.suffix.lower() == ".csv" else None
@@ -168,10 +172,8 @@ def _load_cases(data: Path, image_root: Path | None, min_cases: int | None):
         raise FileNotFoundError(
             f"{data}: expected a Derm7pt release folder, a .csv file of cases, or a folder with one"
         )
-    for what, why in report.skipped:
-        log.warning("left out %s: %s", what, why)
     log.info("%d cases from %s: %s", len(cases), csv or data, category_counts(cases))
-    return cases
+    return cases, report
 
 
 def _print_update(what: str, update) -> None:
@@ -197,8 +199,14 @@ def cmd_index(args: argparse.Namespace) -> int:
         return 0
     if args.data is None:
         raise ValueError("--data is required to build or add (a Derm7pt folder or a CSV of cases)")
-    cases = _load_cases(args.data, args.image_root, args.min_cases)
-    common = {"device": args.device, "batch_size": args.batch_size, "cache_dir": args.cache, "progress": not args.quiet}
+    cases, report = _load_cases(args.data, args.image_root, args.min_cases)
+    common = {
+        "device": args.device,
+        "batch_size": args.batch_size,
+        "cache_dir": args.cache,
+        "report": report,
+        "progress": not args.quiet,
+    }
     if args.add:
         update = add_cases(args.out, cases, checkpoint=args.checkpoint, replace=args.replace, **common)
         _print_update("added", update)
@@ -279,7 +287,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _apply_threads(args)  # before the imports below load torch
     from dermcir.search import CaseSearcher
 
-    cases = _load_cases(args.data, None, args.min_cases)
+    cases, _report = _load_cases(args.data, None, args.min_cases)
     if not cases:
         raise ValueError(f"{args.data}: no usable cases")
     checkpoint = _demo_checkpoint(cases, args.out / "model", args.cache)

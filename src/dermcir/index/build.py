@@ -180,10 +180,12 @@ def build_index(
     report = report if report is not None else LoadReport()
     model, encoded = _encode(cases, checkpoint, model, device, batch_size, cache_dir, report, progress)
     if not encoded.cases:
-        raise ValueError(
-            f"none of the {len(cases)} cases had a usable image ({len(report.skipped)} skipped, e.g. "
-            f"{report.skipped[0] if report.skipped else 'no cases given'}); nothing to index"
-        )
+        # ``cases`` is empty when the loader already left every row out (missing image files): say so, not "0 cases"
+        head = f"none of the {len(cases)} cases had a usable image" if cases else "no usable case"
+        if report.skipped:
+            what, why = report.skipped[0]
+            head += f" ({len(report.skipped)} left out, e.g. {what}: {why})"
+        raise ValueError(f"{head}; nothing to index")
     rows = _rows_of(encoded)
     with writer_lock(out), publish_version(out) as folder:
         _write(folder, _manifest(model, checkpoint, params, len(rows.records)), rows, params)
