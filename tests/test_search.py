@@ -325,6 +325,17 @@ def test_cli_index_summary_lists_missing_images_and_skipped_rows(tmp_path, capsy
     assert f"no usable case (1 left out, e.g. {missing}: image file missing" in err and "0 cases" not in err
 
 
+def test_cli_index_refuses_options_an_update_would_ignore(tmp_path, capsys):
+    build = ["index", "--out", str(tmp_path / "index"), "--data", str(tmp_path / "cases.csv")]
+    assert main([*build, "--replace"]) == 2  # would have rebuilt the index from the new cases alone
+    assert "--replace works only with --add" in capsys.readouterr().err
+    assert main([*build, "--add", "--kind", "flat", "--ef-search", "64"]) == 2  # even a default value, given
+    assert "--kind, --ef-search: only for building an index" in capsys.readouterr().err
+    assert main(["index", "--out", str(tmp_path / "index"), "--remove", "c001", "--hnsw-m", "8"]) == 2
+    assert "--hnsw-m: only for building an index" in capsys.readouterr().err
+    assert not (tmp_path / "index").exists()
+
+
 def test_cli_index_from_a_derm7pt_release(tmp_path, toy_release, capsys):
     ckpt = make_checkpoint(tmp_path / "ckpt")
     out = tmp_path / "index"

@@ -50,15 +50,16 @@ def _register_index(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--add", action="store_true", help="add the --data cases to the existing index")
     p.add_argument("--replace", action="store_true", help="with --add: re-encode cases whose id is already indexed")
     p.add_argument("--remove", nargs="+", metavar="ID", help="remove these case ids from the index")
+    # Build-only options default to None so that giving one with --add/--remove can be refused (an update keeps the
+    # index's own settings); the defaults are VectorParams' own.
     p.add_argument(
         "--kind",
         choices=("flat", "hnsw"),
-        default="flat",
         help="vector search: exact inner product (default) or HNSW for large collections",
     )
-    p.add_argument("--hnsw-m", type=int, default=32, help="HNSW graph degree")
-    p.add_argument("--ef-construction", type=int, default=100, help="HNSW build beam width")
-    p.add_argument("--ef-search", type=int, default=128, help="HNSW search beam width")
+    p.add_argument("--hnsw-m", type=int, help="HNSW graph degree (default 32)")
+    p.add_argument("--ef-construction", type=int, help="HNSW build beam width (default 100)")
+    p.add_argument("--ef-search", type=int, help="HNSW search beam width (default 128)")
     p.add_argument("--batch-size", type=int, default=32, help="images per encoder pass")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--cache", type=Path, default=None, help="preprocessing cache (default $DERMCIR_CACHE)")
@@ -192,6 +193,24 @@ def cmd_index(args: argparse.Namespace) -> int:
     _apply_threads(args)  # before the imports below load torch
     from dermcir.index import VectorParams, add_cases, build_index, remove_cases
 
+    if args.replace and not args.add:  # without --add this would rebuild the index from the new cases alone
+        raise ValueError(
+            "--replace works only with --add (it re-encodes cases already in the index); without --add the index "
+            "would be rebuilt from the --data cases alone"
+        )
+    vector_options = {
+        "kind": args.kind,
+        "hnsw_m": args.hnsw_m,
+        "ef_construction": args.ef_construction,
+        "ef_search": args.ef_search,
+    }
+    given = {name: value for name, value in vector_options.items() if value is not None}
+    if given and (args.add or args.remove):
+        options = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise ValueError(
+            f"{options}: only for building an index; --add and --remove keep the index's own vector-search settings "
+            "(rebuild it without --add to change them)"
+        )
     if args.remove:
         if args.add or args.data:
             raise ValueError("--remove takes only --out and the ids; run --add separately")
@@ -213,9 +232,7 @@ def cmd_index(args: argparse.Namespace) -> int:
         return 0
     if args.checkpoint is None:
         raise ValueError("--checkpoint is required to build an index")
-    params = VectorParams(
-        kind=args.kind, hnsw_m=args.hnsw_m, ef_construction=args.ef_construction, ef_search=args.ef_search
-    )
+    params = VectorParams(**given)
     _print_update("indexed", build_index(cases, args.checkpoint, args.out, params=params, **common))
     return 0
 
