@@ -14,7 +14,7 @@ from dermcir.data import load_derm7pt
 from dermcir.data.folds import stratified_folds, validation_split
 from dermcir.evaluation.cv import run_cv
 
-from .conftest import SHARED_DERM7PT, TINY
+from .conftest import SHARED_DERM7PT, TINY, write_release
 
 FAST = {**TINY, "epochs": 3, "patience": 2, "batch_size": 8, "views": 2, "refit_epochs": 1}
 
@@ -55,6 +55,26 @@ def test_cv_writes_results_tables_and_figure(toy_release, tmp_path):
         assert log.count("val mAP") >= 1
         assert "refit 1 epochs on all 16 database cases" in log  # validation cases join the fitted database
         assert json.loads((tmp_path / "run" / f"fold_{f}" / "metrics.json").read_text())["epochs_run"] >= 1
+
+
+def test_rows_the_loader_left_out_are_in_the_run_records(tmp_path):
+    """A missing image file or an unknown diagnosis is listed in results.json, cv.log and the checkpoint, as an
+    unreadable image is, not only on the console."""
+    rows = [{"diagnosis": ["clark nevus", "melanoma (in situ)"][i % 2]} for i in range(12)]
+    rows[3]["_no_image"] = True
+    rows.append({"diagnosis": "something new"})
+    release = write_release(tmp_path / "release_v0", rows)
+    (release / "images" / "SYN" / "img005.jpg").write_bytes(b"not an image at all")  # left out by preprocessing
+    sets = [a for k, v in {**TINY, "epochs": 1, "batch_size": 4, "refit_epochs": 0}.items() for a in ("--set", f"{k}={v}")]
+    common = ["--data", str(release), "--min-cases", "4", "--quiet", *sets]
+    assert main(["cv", *common, "--out", str(tmp_path / "run"), "--folds", "2"]) == 0
+    assert main(["train", *common, "--out", str(tmp_path / "ckpt")]) == 0
+    skipped = json.loads((tmp_path / "run" / "results.json").read_text())["skipped"]
+    assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["skipped"] == skipped
+    assert [what.rsplit("/", 1)[-1] for what, _ in skipped] == ["img003.jpg", "meta.csv:14 (case 13)", "img005.jpg"]
+    for log in (tmp_path / "run" / "cv.log", tmp_path / "ckpt" / "train.log"):
+        text = log.read_text()
+        assert all(f"left out {what}: {why}" in text for what, why in skipped)
 
 
 def test_the_same_seed_gives_the_same_run_and_another_seed_does_not(toy_release, tmp_path):

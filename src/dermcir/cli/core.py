@@ -68,6 +68,7 @@ def _overrides(pairs: list[str]) -> dict:
 
 
 def _load(args: argparse.Namespace):
+    """The release's cases and the loader's report (the rows it left out, for the run's own records)."""
     from dermcir.data import category_counts, load_derm7pt
 
     cases, report = load_derm7pt(args.data, min_cases=args.min_cases)
@@ -79,7 +80,7 @@ def _load(args: argparse.Namespace):
             f"{args.data}: no usable cases (rows {report.n_rows}, skipped {len(report.skipped)}, categories under "
             f"--min-cases {args.min_cases}: {report.dropped_categories})"
         )
-    return cases
+    return cases, report
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -88,7 +89,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from dermcir.training import get_profile, prepare_inputs
     from dermcir.training.pipeline import default_device, prepare_companion
 
-    cases = _load(args)
+    cases, _ = _load(args)
     model_cfg, train_cfg, views = get_profile(args.profile, **_overrides(args.set))
     cases, images = preprocess_cases(cases, model_cfg.image_size, args.cache, progress=not args.quiet)
     if args.profile == "cpu" or model_cfg.companion is not None:  # cached frozen-backbone maps
@@ -106,20 +107,21 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from dermcir.training import train_on_cases
 
-    ckpt = train_on_cases(_load(args), args.out, profile=args.profile, cache_dir=args.cache, progress=not args.quiet,
-                          seed=args.seed, **_overrides(args.set))
+    cases, report = _load(args)
+    ckpt = train_on_cases(cases, args.out, profile=args.profile, cache_dir=args.cache, progress=not args.quiet,
+                          seed=args.seed, load_report=report, **_overrides(args.set))
     print(ckpt)
     return 0
 
 
 def cmd_cv(args: argparse.Namespace) -> int:
-    cases = _load(args)
+    cases, report = _load(args)
     if args.method == "composed":
         from dermcir.evaluation.cv import run_cv
 
         doc = run_cv(cases, args.out, profile=args.profile, n_folds=args.folds, seed=args.seed, cache_dir=args.cache,
                      progress=not args.quiet, time_budget=args.time_budget, only_folds=args.only_folds,
-                     companion_workers=args.companion_workers, **_overrides(args.set))
+                     companion_workers=args.companion_workers, load_report=report, **_overrides(args.set))
     else:
         for option, value in (("--time-budget", args.time_budget), ("--only-fold", args.only_folds),
                               ("--companion-workers", args.companion_workers)):

@@ -134,7 +134,7 @@ def run_cv(
     cases: Sequence[Case], out_dir: str | Path, profile: str = "cpu", n_folds: int = 5, seed: int = 0,
     cache_dir: Path | None = None, progress: bool = True, device: torch.device | None = None,
     time_budget: float | None = None, only_folds: Sequence[int] | None = None, companion_workers: int | None = None,
-    **overrides: Any,
+    load_report: LoadReport | None = None, **overrides: Any,
 ) -> dict[str, Any]:
     """Run the k-fold benchmark for the composed model and write its outputs into ``out_dir``.
 
@@ -150,6 +150,9 @@ def run_cv(
     GPU's time on kernel launches); each fold is scored once both are done. 0: fit each fold's companion in this
     process, before its main model. None: ``default_workers`` (none on a CPU, up to one per fold on a GPU).
 
+    ``load_report``: the loader's report of ``cases`` (``load_derm7pt``); the rows it left out are listed with the
+    images preprocessing leaves out, in ``results.json`` (``skipped``) and ``cv.log``.
+
     Returns:
         The ``results.json`` document.
     """
@@ -161,7 +164,8 @@ def run_cv(
     out_dir.mkdir(parents=True, exist_ok=True)
     device = device or default_device()
     model_cfg, train_cfg, views = get_profile(profile, seed=seed, **overrides)
-    report = LoadReport()
+    # a copy: the caller's report stays as the loader left it
+    report = LoadReport(skipped=list(load_report.skipped) if load_report is not None else [])
     with run_log(out_dir / "cv.log"):
         cases, images = preprocess_cases(cases, model_cfg.image_size, cache_dir, report, progress)
         for what, why in report.skipped:

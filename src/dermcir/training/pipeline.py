@@ -117,9 +117,12 @@ def run_log(path: Path, append: bool = False):
 
 def train_on_cases(
     cases: Sequence[Case], out_dir: str | Path, profile: str = "cpu", cache_dir: Path | None = None,
-    progress: bool = True, device: torch.device | None = None, **overrides,
+    progress: bool = True, device: torch.device | None = None, load_report: LoadReport | None = None, **overrides,
 ) -> Path:
     """Train one model on all ``cases`` (a stratified validation split held out for early stopping) and save it.
+
+    ``load_report``: the loader's report of ``cases``; what it left out is listed in ``train.log`` and the
+    checkpoint's ``skipped`` with what preprocessing leaves out.
 
     Returns:
         ``out_dir``, a checkpoint folder (``model.safetensors``, ``config.json``, ``train.log``) for indexing.
@@ -127,7 +130,7 @@ def train_on_cases(
     out_dir = Path(out_dir)
     device = device or default_device()
     model_cfg, train_cfg, views = get_profile(profile, **overrides)
-    report = LoadReport()
+    report = LoadReport(skipped=list(load_report.skipped) if load_report is not None else [])  # the caller's unchanged
     cases, images = preprocess_cases(cases, model_cfg.image_size, cache_dir, report, progress)
     if len(cases) < 4:
         raise ValueError(f"only {len(cases)} usable cases; training needs at least a few per category")
