@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from dermcir.data import Case
+from dermcir.index import build_index
 from dermcir.search import CaseSearcher
 from dermcir.service import BackgroundServer, create_app
 
-from .searchkit import encode, lesion, make_index, one_torch_thread  # noqa: F401 (fixture)
+from .searchkit import encode, lesion, make_cases, make_checkpoint, one_torch_thread  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.browser
 
@@ -44,7 +46,12 @@ def browser():
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory):
-    _ckpt, root, _cases = make_index(tmp_path_factory.mktemp("web"), 9)
+    tmp = tmp_path_factory.mktemp("web")
+    cases = make_cases(tmp / "images", 9)
+    odd = cases[1]  # a clinic id with URL characters: its thumbnail must load too
+    cases[1] = Case("2021/0042 #1?", odd.image, odd.diagnosis, odd.category, odd.fields)
+    root = tmp / "index"
+    build_index(cases, make_checkpoint(tmp / "ckpt"), root, cache_dir=tmp / "cache", progress=False)
     with BackgroundServer(create_app(CaseSearcher(root))) as url:
         yield url
 
@@ -140,3 +147,19 @@ def test_drop_an_image_onto_the_page(page):
     page.click("#search-button")
     page.locator("#results .result-card").nth(2).wait_for()
     assert "image query" in page.locator("#status").inner_text()
+
+
+@pytest.mark.parametrize(
+    "status, content_type, body",
+    [
+        (502, "text/html", "<html><body><h1>502 Bad Gateway</h1></body></html>"),  # a proxy in front
+        (500, "text/plain", "Internal Server Error"),
+    ],
+)
+def test_an_error_reply_that_is_not_json_is_shown(page, status, content_type, body):
+    page.route("**/search", lambda route: route.fulfill(status=status, content_type=content_type, body=body))
+    page.fill("#text-input", "blue-whitish veil present")
+    page.click("#search-button")
+    page.wait_for_selector("#status.error")
+    shown = page.locator("#status").inner_text()
+    assert shown.startswith(f"Error {status}: ") and body[:40] in shown and "SyntaxError" not in shown

@@ -10,9 +10,28 @@ function setStatus(message, isError = false) {
   el.classList.toggle("error", isError);
 }
 
+// A reply is read as text and parsed only if it is JSON: an error may come from something in front of the service
+// (a proxy's HTML 502 or 413 page) or be a plain-text 500, and res.json() would then hide it behind a SyntaxError.
+async function readReply(res) {
+  const text = await res.text();
+  try {
+    return { body: JSON.parse(text), text };
+  } catch {
+    return { body: null, text };
+  }
+}
+
+function errorMessage(res, body, text) {
+  if (body && body.detail !== undefined) {
+    return `Error ${res.status}: ${typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail)}`;
+  }
+  return `Error ${res.status}: ${text.trim().slice(0, 200) || res.statusText}`;
+}
+
 async function loadChecklist() {
   const res = await fetch("/checklist");
-  const spec = await res.json();
+  const { body: spec, text } = await readReply(res);
+  if (!res.ok || spec === null) throw new Error(errorMessage(res, spec, text));
   const box = $("checklist");
   for (const [name, field] of Object.entries(spec.fields)) {
     const label = document.createElement("label");
@@ -79,9 +98,9 @@ async function runSearch(event) {
   setStatus("Searching…");
   try {
     const res = await fetch("/search", { method: "POST", body: buildQuery() });
-    const body = await res.json();
-    if (!res.ok) {
-      setStatus(`Error ${res.status}: ${typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail)}`, true);
+    const { body, text } = await readReply(res);
+    if (!res.ok || body === null) {
+      setStatus(errorMessage(res, body, text), true);
       return;
     }
     state.response = body;
@@ -219,7 +238,7 @@ function init() {
   $("level-select").addEventListener("change", redrawHeatmaps);
   $("close-compare").addEventListener("click", () => { $("compare").hidden = true; });
   window.addEventListener("resize", redrawHeatmaps);
-  loadChecklist().catch((err) => setStatus("Could not load the checklist fields: " + err, true));
+  loadChecklist().catch((err) => setStatus("Could not load the checklist fields: " + (err.message || err), true));
 }
 
 init();
