@@ -386,4 +386,8 @@ def test_cli_demo_trains_once_indexes_and_serves(tmp_path, toy_release, monkeypa
     version = open_index(tmp_path / "demo" / "index").version
     assert main(args) == 0  # second run: reuses the model and the index
     assert len(trained) == 1 and open_index(tmp_path / "demo" / "index").version == version
+    manifest = open_index(tmp_path / "demo" / "index").folder / "manifest.json"
+    manifest.write_text("{damaged")
+    assert main(args) == 0  # an index it cannot open is built again as a new version; the old folder is kept
+    assert len(trained) == 1 and len(open_index(tmp_path / "demo" / "index")) == 24 and manifest.is_file()
     assert main(["demo", "--data", str(tmp_path / "nowhere")]) == 2

@@ -80,6 +80,19 @@ def test_bad_k_and_unknown_fields_are_400(env):
     assert res.status_code == 400 and "must be an uploaded file" in res.json()["detail"]
 
 
+def test_repeated_fields_files_in_text_fields_and_json_bodies_are_refused(env):
+    *_, client = env
+    res = client.post("/search", data={"text": ["streaks irregular", "veil present"], "k": "2"})
+    assert res.status_code == 400 and "field 'text' given more than once" in res.json()["detail"]
+    res = client.post("/search", data={"pigment_network": ["typical", "atypical"], "streaks": "absent"})
+    assert res.status_code == 400 and "field 'pigment_network' given more than once" in res.json()["detail"]
+    res = client.post("/search", files={"pigment_network": ("a.txt", b"atypical", "text/plain")})
+    assert res.status_code == 400 and "field 'pigment_network' must be text" in res.json()["detail"]
+    res = client.post("/search", json={"text": "streaks irregular"})
+    assert res.status_code == 415
+    assert "expects a multipart/form-data form" in res.json()["detail"] and "application/json" in res.json()["detail"]
+
+
 def test_case_details_and_image_by_id(env):
     _tmp, _root, cases, _s, client = env
     res = client.get(f"/cases/{cases[1].case_id}")
@@ -168,9 +181,11 @@ def test_index_update_while_serving(env):
     add_cases(
         root, make_cases(tmp / "late", 1, start=70), model=searcher.model, cache_dir=tmp / "cache", progress=False
     )
+    assert client.get("/cases/c070").status_code == 200  # seen before any search arrives
+    health = client.get("/health").json()
+    assert health["cases"] == before["cases"] + 1 and health["index_version"] != before["index_version"]
     body = _search(client, text="pigment network typical", k=50).json()
-    assert body["index"]["cases"] == before["cases"] + 1 and body["index"]["version"] != before["index_version"]
-    assert client.get("/cases/c070").status_code == 200
+    assert body["index"]["cases"] == before["cases"] + 1 and body["index"]["version"] == health["index_version"]
 
 
 def test_a_damaged_new_version_does_not_stop_the_service(tmp_path, env):
@@ -204,3 +219,11 @@ def test_serve_listens_on_localhost_by_default():
     args = build_parser().parse_args(["serve", "--index", "x"])
     assert (args.host, args.port) == ("127.0.0.1", 8000)
     assert build_parser().parse_args(["demo", "--data", "x"]).host == "127.0.0.1"
+
+
+@pytest.mark.parametrize("port", ["70000", "-1", "http"])
+def test_a_bad_port_is_refused_before_anything_loads(port, capsys):
+    with pytest.raises(SystemExit) as caught:
+        build_parser().parse_args(["serve", "--index", "x", "--port", port])
+    assert caught.value.code == 2 and "expected a port number from 0 to 65535" in capsys.readouterr().err
+    assert build_parser().parse_args(["serve", "--index", "x", "--port", "0"]).port == 0  # 0 picks a free port

@@ -342,4 +342,6 @@ class CaseSearcher:
 
     def case(self, case_id: str) -> dict[str, Any]:
         """The stored record of an indexed case. Raises ``KeyError`` naming an unknown id."""
+        if self.auto_reload:
+            self.refresh()  # a case just added by `dermcir index --add` is found before any search arrives
         return dict(self._index.record(case_id))

@@ -118,9 +118,20 @@ def _register_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_demo)
 
 
+def _port(text: str) -> int:
+    # checked here, not when binding: the model and the index are loaded first, which takes a while
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number from 0 to 65535, got {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number from 0 to 65535, got {port}")
+    return port
+
+
 def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (0 picks a free one)")
+    p.add_argument("--port", type=_port, default=8000, help="port (0 picks a free one)")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted request body")
     _threads_arg(p)
 
@@ -331,6 +342,11 @@ def _demo_index(cases, checkpoint: Path, folder: Path, cache: Path | None) -> No
     try:
         index = open_index(folder)
     except FileNotFoundError:
+        index = None
+    except (OSError, ValueError) as exc:
+        # A damaged index or one in another format: build a new version. Publishing is atomic and the old version
+        # folder stays on disk (among the last versions kept) until later builds collect it.
+        log.warning("cannot reuse the index in %s (%s); building a new version", folder, exc)
         index = None
     if index is not None and index.fingerprint == fingerprint(checkpoint):
         known = set(index.case_ids)

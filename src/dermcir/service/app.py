@@ -80,9 +80,26 @@ def _parse_k(raw: Any) -> int:
     return k
 
 
+_FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+
+
 async def _read_query(request: Request) -> dict[str, Any]:
     """The search form → keyword arguments of :meth:`CaseSearcher.search`."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type not in _FORM_TYPES:  # a JSON body would otherwise read as an empty form: "all were empty"
+        raise HTTPException(
+            415,
+            f"POST /search expects a multipart/form-data form (fields image, text, k, heatmaps and checklist fields), "
+            f"got {media_type or 'no Content-Type'}",
+        )
     async with request.form(max_files=1, max_fields=64) as form:  # closing it deletes spooled upload files
+        repeated = sorted({key for key, _ in form.multi_items() if len(form.getlist(key)) > 1})
+        if repeated:  # keeping the last value would silently drop what the client also sent
+            names = ", ".join(repr(key) for key in repeated)
+            raise QueryError(f"field {names} given more than once; give each field once")
+        files = sorted({key for key, value in form.multi_items() if key != "image" and isinstance(value, UploadFile)})
+        if files:
+            raise QueryError(f"field {files[0]!r} must be text, not an uploaded file; only 'image' takes a file")
         upload = form.get("image")
         image = image_name = None
         if isinstance(upload, UploadFile):
@@ -121,6 +138,8 @@ def create_app(searcher: CaseSearcher, max_upload_bytes: int = DEFAULT_MAX_UPLOA
 
     @app.get("/health", summary="Service and index status")
     def health() -> dict[str, Any]:
+        if searcher.auto_reload:
+            searcher.refresh()  # report a version published by `dermcir index --add` before any search arrives
         index = searcher.index
         return {
             "status": "ok",
