@@ -250,6 +250,27 @@ def test_refuses_to_write_into_a_foreign_folder(tmp_path, kit):
     assert os.listdir(tmp_path / "home") == ["thesis.docx"]
 
 
+def test_a_foreign_out_folder_is_refused_before_encoding(tmp_path, kit, monkeypatch):
+    import dermcir.index.build
+
+    def encode_cases(*_args, **_kw):
+        raise AssertionError("images were encoded before the output folder was checked")
+
+    monkeypatch.setattr(dermcir.index.build, "encode_cases", encode_cases)
+    (tmp_path / "ckpt-copy").mkdir()
+    (tmp_path / "ckpt-copy" / "config.json").write_text("{}")  # e.g. --out given the checkpoint folder
+    with pytest.raises(ValueError, match="not part of a dermcir index"):
+        build_index(make_cases(tmp_path / "i", 2), kit[0], tmp_path / "ckpt-copy", **_opts(tmp_path, kit))
+
+
+def test_a_leftover_pointer_file_is_removed_by_the_next_writer(tmp_path, fresh):
+    _ckpt, root, _cases = fresh(3)
+    (root / ".tmp-CURRENT-0a1b2c3d").write_text("v000009-000000\n")  # a pointer swap killed before os.replace
+    (root / ".tmp-0a1b2c3d").mkdir()  # a version folder being written
+    remove_cases(root, ["c001"])
+    assert not list(root.glob(".tmp-*")) and open_index(root).case_ids == ["c000", "c002"]
+
+
 def test_hnsw_index_matches_exact_and_extends(tmp_path, kit, fresh):
     ckpt, flat_root, cases = fresh(12)
     hnsw_root = tmp_path / "hnsw"

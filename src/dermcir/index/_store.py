@@ -48,7 +48,7 @@ def current_version(root: Path) -> Path | None:
     return root / name
 
 
-def _check_root(root: Path) -> None:
+def check_root(root: Path) -> None:
     """Refuse to manage a folder that holds anything other than index versions (a mistyped ``--out``)."""
     if not root.exists():
         return
@@ -69,7 +69,7 @@ def _check_root(root: Path) -> None:
 @contextmanager
 def writer_lock(root: Path) -> Iterator[None]:
     """Hold the root's exclusive writer lock, so concurrent updates cannot lose each other's cases."""
-    _check_root(root)
+    check_root(root)
     root.mkdir(parents=True, exist_ok=True)
     with open(root / LOCK, "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -108,7 +108,10 @@ def publish_version(root: Path) -> Iterator[Path]:
     """
     for stale in root.glob(f"{TMP_PREFIX}*"):  # left by a killed writer; we hold the lock, so nobody owns it
         log.info("removing %s left by an interrupted index write", stale)
-        shutil.rmtree(stale, ignore_errors=True)
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:  # a .tmp-CURRENT-* file from a pointer swap cut short
+            stale.unlink(missing_ok=True)
     tmp = root / f"{TMP_PREFIX}{secrets.token_hex(4)}"
     tmp.mkdir()
     try:

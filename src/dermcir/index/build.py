@@ -24,7 +24,7 @@ from dermcir.checkpoint import fingerprint, load_checkpoint
 from dermcir.data.cache import file_digest
 from dermcir.data.cases import Case, LoadReport
 from dermcir.index._encode import HEATMAP_SIZE, EncodedCases, encode_cases, resolve_device
-from dermcir.index._store import current_version, publish_version, writer_lock
+from dermcir.index._store import check_root, current_version, publish_version, writer_lock
 from dermcir.index._vectors import VectorParams, build_vector_index, extend_vector_index, write_vector_index
 from dermcir.index.case_index import (
     CASES,
@@ -178,6 +178,7 @@ def build_index(
     """
     out, checkpoint, params = Path(out), Path(checkpoint), params or VectorParams()
     report = report if report is not None else LoadReport()
+    check_root(out)  # a mistyped --out is refused now, not after every image has been encoded
     model, encoded = _encode(cases, checkpoint, model, device, batch_size, cache_dir, report, progress)
     if not encoded.cases:
         # ``cases`` is empty when the loader already left every row out (missing image files): say so, not "0 cases"
@@ -271,7 +272,8 @@ def remove_cases(root: str | Path, case_ids: Iterable[str]) -> IndexUpdate:
     case_ids = list(dict.fromkeys(case_ids))
     with writer_lock(root):
         index = _current(root)
-        unknown = [i for i in case_ids if i not in set(index.case_ids)]
+        indexed = set(index.case_ids)
+        unknown = [i for i in case_ids if i not in indexed]
         if unknown:
             raise ValueError(f"case id(s) not in index {root}: {', '.join(unknown[:10])}; nothing was removed")
         drop = set(case_ids)
