@@ -1,3 +1,5 @@
+import io
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -156,3 +158,17 @@ def test_shared_release_counts_and_preprocessing():
 def test_missing_meta_is_a_clear_error(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match="meta.csv: not found"):
         load_derm7pt(tmp_path)
+
+
+def test_a_large_16_bit_image_decodes_without_float64_copies():
+    # a 16-bit upload is small on the wire but large decoded; its conversion must not multiply that by eight
+    buf = io.BytesIO()
+    Image.new("I;16", (2000, 1500), 1000).save(buf, format="PNG")
+    tracemalloc.start()
+    try:
+        rgb = load_rgb(buf.getvalue(), name="deep.png")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert rgb.shape == (1500, 2000, 3) and rgb.dtype == np.uint8 and int(rgb.max()) == 255
+    assert peak < 10 * 2000 * 1500, f"peak {peak / 1e6:.0f} MB while decoding a 3 MP 16-bit image"

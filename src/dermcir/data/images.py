@@ -67,10 +67,14 @@ def load_rgb(source: str | Path | bytes, name: str | None = None) -> np.ndarray:
 
 def _to_rgb(img: Image.Image) -> np.ndarray:
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        hi = arr.max() if arr.size else 1.0
-        arr = np.clip(arr / (hi if hi > 0 else 1.0) * 255.0, 0, 255).astype(np.uint8)
-        return np.repeat(arr[..., None], 3, axis=2)
+        # float32 and in place: a small upload may declare up to MAX_PIXELS 16-bit pixels, and float64 temporaries
+        # of that size took about 1 GB (a uniform 6300x6300 PNG is 92 kB)
+        arr = np.asarray(img, dtype=np.float32)
+        hi = float(arr.max()) if arr.size else 1.0
+        arr *= 255.0 / (hi if hi > 0 else 1.0)
+        gray = np.clip(arr, 0, 255, out=arr).astype(np.uint8)
+        del arr
+        return np.repeat(gray[..., None], 3, axis=2)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (0, 0, 0, 255))
