@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from tqdm.auto import tqdm
 
 from dermcir.data.cases import Case, LoadReport
 from dermcir.data.images import ImageError, load_rgb, preprocess
+from dermcir.files import atomic_write
 
 log = logging.getLogger(__name__)
 PREPROCESS_VERSION = "border-v1"
@@ -37,15 +37,8 @@ def settings_key(*parts: object) -> str:
 
 
 def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npy")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, array)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, binary=True) as fh:  # a file of its own: several processes may fill one cache
+        np.save(fh, array)
 
 
 def preprocess_cases(

@@ -21,7 +21,8 @@ from dermcir.data.cache import preprocess_cases
 from dermcir.data.cases import Case, LoadReport, category_counts
 from dermcir.data.folds import stratified_folds, validation_split
 from dermcir.evaluation.report import PAPER_ROWS, write_retrieval_figure, write_tables
-from dermcir.evaluation.results import build_results, fold_row, write_json_atomic
+from dermcir.evaluation.results import build_results, fold_row
+from dermcir.files import write_json_atomic
 from dermcir.metrics import retrieval_metrics
 from dermcir.models import ComposedRetrievalModel
 from dermcir.training.companion_pool import CompanionPool, default_workers

@@ -7,7 +7,6 @@ from typing import Any
 
 import numpy as np
 
-from dermcir.files import write_json_atomic  # noqa: F401 — the benchmark writers take it from here
 from dermcir.metrics import retrieval_metrics
 
 METRICS = ("mAP", "Acc@1", "Acc@2", "Acc@4")

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from tqdm.auto import tqdm
 from dermcir.checkpoint import state_digest
 from dermcir.data.cache import default_cache_dir, settings_key
 from dermcir.data.cases import Case
+from dermcir.files import atomic_write
 from dermcir.models import ComposedRetrievalModel
 
 log = logging.getLogger(__name__)
@@ -97,8 +96,9 @@ class CachedFeatures:
                         maps = [torch.nn.functional.adaptive_avg_pool2d(m, min(cls.CACHE_GRID, m.shape[-1]))
                                 for m in maps]
                         for j, i in enumerate(chunk):
-                            _save_atomic(cache / f"{keys[i]}.safetensors",
-                                         {f"level{l}": m[j].half().contiguous().cpu() for l, m in enumerate(maps)})
+                            # a file of its own per write: several processes may fill one cache
+                            with atomic_write(cache / f"{keys[i]}.safetensors", binary=True) as fh:
+                                fh.write(save({f"level{l}": m[j].half().contiguous().cpu() for l, m in enumerate(maps)}))
                         bar.update(len(chunk))
                 bar.close()
             loaded = [load_file(str(cache / f"{k}.safetensors")) for k in keys]
@@ -141,18 +141,6 @@ def _check_sides(maps: Sequence[torch.Tensor], cache_grid: int, cfg) -> None:
             f"every map side up to {cache_grid} or a multiple of it (e.g. image_size 128, 256 or 512), or pooling "
             f"them to grid={cfg.grid} would differ from what the index and search compute"
         )
-
-
-def _save_atomic(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Write into a temporary file of its own (several processes may fill one cache) and rename it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(save(tensors))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _apply_view(images: np.ndarray, view: str) -> np.ndarray:
