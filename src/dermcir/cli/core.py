@@ -72,9 +72,7 @@ def _load(args: argparse.Namespace):
     from dermcir.data import category_counts, load_derm7pt
 
     cases, report = load_derm7pt(args.data, min_cases=args.min_cases)
-    log.info("%d cases from %s: %s", len(cases), args.data, category_counts(cases))
-    for what, why in report.skipped:
-        log.warning("left out %s: %s", what, why)
+    log.info("%d cases from %s: %s", len(cases), args.data, category_counts(cases))  # the loader logged each skip
     if not cases:
         raise ValueError(
             f"{args.data}: no usable cases (rows {report.n_rows}, skipped {len(report.skipped)}, categories under "
