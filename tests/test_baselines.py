@@ -26,7 +26,7 @@ from dermcir.baselines._nets import build_backbone
 from dermcir.baselines.dahnet import hamming_scores, tie_broken_hamming_scores
 from dermcir.baselines.maskrcnn_fusion import lesion_mask
 from dermcir.baselines.snf_dca import fuse_networks
-from dermcir.data.cases import Case
+from dermcir.data.cases import Case, LoadReport
 from dermcir.data.folds import stratified_folds
 from dermcir.metrics import retrieval_metrics
 
@@ -240,8 +240,9 @@ def test_run_baseline_cv_writes_the_results_schema(tmp_path: Path) -> None:
                                                                                          "atypical")[c]}))
     missing = Case("gone", tmp_path / "images" / "missing.png", "nevus", "nevus", {})
     out = tmp_path / "run"
+    loader = LoadReport(skipped=[("meta.csv:9 (case 8)", "unknown diagnosis 'something new'")])
     doc = run_baseline_cv("snf-dca", [*cases, missing], out, n_folds=3, cache_dir=tmp_path / "cache",
-                          **TINY["snf-dca"])
+                          load_report=loader, **TINY["snf-dca"])
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["method"] == doc["method"] == "snf-dca"
     assert [f["fold"] for f in on_disk["folds"]] == [0, 1, 2]
@@ -251,5 +252,7 @@ def test_run_baseline_cv_writes_the_results_schema(tmp_path: Path) -> None:
     assert set(on_disk["mean"]) == set(on_disk["std"]) == {"mAP", "Acc@1", "Acc@2", "Acc@4"}
     assert set(on_disk["variants"]) == {"metadata-both-sides", "no-community"}
     assert METADATA_BOTH_SIDES in on_disk["variants"]["metadata-both-sides"]["protocol"]
-    assert any("missing.png" in s[0] for s in on_disk["skipped_images"])
+    # the loader's rows first, then preprocessing's; the caller's report is left as it was
+    assert [s[0].rsplit("/", 1)[-1] for s in on_disk["skipped"]] == ["meta.csv:9 (case 8)", "missing.png"]
+    assert len(loader.skipped) == 1
     assert "fold 2" in (out / "log.txt").read_text()
