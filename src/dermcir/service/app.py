@@ -2,7 +2,8 @@
 
 Routes only translate HTTP to library calls and library errors to status codes: 400 for a bad query (unreadable
 image, unknown checklist value, empty query...), 404 for an unknown case, 409 for an empty index, 413 for an upload
-over the size limit, and a JSON 500 for any other ``ValueError`` (a failure on the service's side, not the client's). Case images are read only from the paths recorded in the index, looked up by case id.
+over the size limit, 415 for a body that is not a form, and a JSON 500 for any other ``ValueError`` (a failure on the
+service's side, not the client's). Case images are read only from the paths recorded in the index, looked up by id.
 """
 
 from __future__ import annotations
