@@ -175,6 +175,38 @@ def test_concurrent_requests(env):
     assert got == expected * 3
 
 
+def test_searches_beyond_the_concurrency_limit_wait_their_turn(env, monkeypatch):
+    import threading
+    import time
+
+    *_, searcher, _client = env
+    running, most = [0], [0]
+    lock = threading.Lock()
+    real = searcher.search
+
+    def counted(**query):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            time.sleep(0.2)  # long enough for the other requests to arrive meanwhile
+            return real(**query)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(searcher, "search", counted)
+    for limit in (2, 6):  # with room for all six, they do overlap: the limit of 2 is what holds them back
+        most[0] = 0
+        client = TestClient(create_app(searcher, max_concurrent_searches=limit))
+        with ThreadPoolExecutor(6) as pool:
+            codes = [r.status_code for r in pool.map(lambda c: _search(c, text="irregular streaks", k=2), [client] * 6)]
+        assert codes == [200] * 6
+        assert most[0] == 2 if limit == 2 else most[0] > 2
+    with pytest.raises(ValueError, match="max_concurrent_searches must be at least 1"):
+        create_app(searcher, max_concurrent_searches=0)
+
+
 def test_index_update_while_serving(env):
     tmp, root, _cases, searcher, client = env
     before = client.get("/health").json()

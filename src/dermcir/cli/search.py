@@ -133,6 +133,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     p.add_argument("--port", type=_port, default=8000, help="port (0 picks a free one)")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted request body")
+    p.add_argument("--max-concurrent", type=int, default=2,
+                   help="searches run at once, the others wait (each decodes its upload and uses all --threads)")
     _threads_arg(p)
 
 
@@ -291,7 +293,8 @@ def _run_server(searcher, args: argparse.Namespace, banner: str) -> int:
 
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s: reachable from other machines, with no authentication", args.host)
-    app = create_app(searcher, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024))
+    app = create_app(searcher, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+                     max_concurrent_searches=args.max_concurrent)
 
     def ready(url: str) -> None:
         print(f"{banner}: open {url} in a browser (Ctrl+C stops it). {NOTICE}", flush=True)

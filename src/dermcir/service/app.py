@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import threading
 from functools import lru_cache
 from importlib.resources import files
 from pathlib import Path
@@ -35,6 +36,9 @@ from dermcir.service._limits import BodySizeLimit, UploadTooLarge
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024  # a dermoscopic JPEG is ~0.1-5 MB
+#: Searches run at once; the others wait their turn. Each decodes its upload (up to a few hundred MB for a 40 MP image)
+#: and runs the model on all the threads torch has, so more at once only adds memory and contention.
+DEFAULT_MAX_CONCURRENT_SEARCHES = 2
 MAX_K = 200
 NOTICE = "Research tool, not a diagnostic device: results must not be used to diagnose or treat patients."
 STATIC = Path(str(files("dermcir") / "service" / "static"))
@@ -120,8 +124,21 @@ async def _read_query(request: Request) -> dict[str, Any]:
         }
 
 
-def create_app(searcher: CaseSearcher, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES) -> FastAPI:
+def create_app(
+    searcher: CaseSearcher, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    max_concurrent_searches: int = DEFAULT_MAX_CONCURRENT_SEARCHES,
+) -> FastAPI:
     """The FastAPI application: the API under ``/search``, ``/cases``, ``/health`` and the web page at ``/``."""
+    if max_concurrent_searches < 1:
+        raise ValueError(f"max_concurrent_searches must be at least 1, got {max_concurrent_searches}")
+    # taken in the worker thread, around the whole search (decoding included): a thread lock works whatever event
+    # loop serves the request
+    search_slots = threading.BoundedSemaphore(max_concurrent_searches)
+
+    def limited_search(**query: Any):
+        with search_slots:
+            return searcher.search(**query)
+
     app = FastAPI(
         title="dermcir case search",
         version=__version__,
@@ -166,7 +183,7 @@ def create_app(searcher: CaseSearcher, max_upload_bytes: int = DEFAULT_MAX_UPLOA
     )
     async def search(request: Request) -> dict[str, Any]:
         query = await _read_query(request)
-        response = await run_in_threadpool(searcher.search, **query)
+        response = await run_in_threadpool(limited_search, **query)
         body = response.to_dict()
         for result in body["results"]:
             result["image_url"] = _image_url(result["case_id"])
