@@ -16,7 +16,15 @@ from typing import IO, Any
 
 
 def _umask() -> int:
-    mask = os.umask(0)  # the only portable way to read it is to set it; put it straight back
+    # Linux reports it without changing it; setting it to read it would, for an instant, give files that another
+    # thread creates meanwhile (a service, the feature cache's writers) the permissions 0666
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0)  # elsewhere the only way to read it is to set it; put it straight back
     os.umask(mask)
     return mask
 
