@@ -146,3 +146,31 @@ def test_empty_index(tmp_path, capsys):
     assert client.get("/health").json()["cases"] == 0
     assert main(["search", "--index", str(root), "--text", "streaks absent"]) == 2
     assert "holds no cases" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["cv", "--folds", "1"], "--folds: expected a whole number ≥ 2, got 1"),
+        (["cv", "--min-cases", "0"], "--min-cases: expected a whole number ≥ 1, got 0"),
+        (["cv", "--time-budget", "-5"], "--time-budget: expected a finite number > 0, got '-5'"),
+        (["cv", "--time-budget", "nan"], "--time-budget: expected a finite number > 0, got 'nan'"),
+        (["cv", "--only-fold", "-1"], "--only-fold: expected a whole number ≥ 0, got -1"),
+        (["cv", "--companion-workers", "two"], "--companion-workers: expected a whole number ≥ 0, got 'two'"),
+        (["index", "--hnsw-m", "1"], "--hnsw-m: expected a whole number ≥ 2, got 1"),
+        (["index", "--batch-size", "0"], "--batch-size: expected a whole number ≥ 1, got 0"),
+        (["search", "-k", "0"], "-k: expected a whole number ≥ 1, got 0"),
+        (["serve", "--max-concurrent", "0"], "--max-concurrent: expected a whole number ≥ 1, got 0"),
+        (["serve", "--max-upload-mb", "inf"], "--max-upload-mb: expected a finite number > 0, got 'inf'"),
+        (["serve", "--threads", "0"], "--threads: expected a whole number ≥ 1, got 0"),
+    ],
+)
+def test_impossible_numbers_are_refused_while_parsing(argv, says, capsys):
+    """Before anything loads: left to the library, `--folds 1` failed after preprocessing in scikit-learn's words
+    (n_splits), and `--max-upload-mb nan` after the model had loaded. (A handler that ran would fail on the missing
+    files and return 2, not exit while parsing.)"""
+    required = {"cv": ["--data", "x", "--out", "y"], "index": ["--data", "x", "--out", "y"],
+                "search": ["--index", "x", "--image", "q.png"], "serve": ["--index", "x"]}[argv[0]]
+    with pytest.raises(SystemExit) as caught:
+        main([argv[0], *required, *argv[1:]])
+    assert caught.value.code == 2 and says in capsys.readouterr().err

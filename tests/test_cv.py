@@ -359,6 +359,26 @@ def test_bad_settings_are_one_line_errors(toy_release, tmp_path, capsys):
         get_profile("cpu", profile="gpu")
 
 
+
+@pytest.mark.parametrize(("setting", "says"), [
+    ({"n_folds": 1}, "n_folds must be a whole number ≥ 2 (one fold queries, the others are its database), got 1"),
+    ({"time_budget": 0}, "time_budget must be a finite number of seconds > 0 or None, got 0"),
+    ({"time_budget": float("nan")}, "time_budget must be a finite number of seconds > 0 or None, got nan"),
+])
+def test_run_cv_refuses_impossible_settings_before_preparing(toy_release, tmp_path, monkeypatch, setting, says):
+    """Library callers get the check the CLI's argument types make, before minutes of preprocessing."""
+    import dermcir.evaluation.cv as cv_module
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("preprocessing started")
+
+    monkeypatch.setattr(cv_module, "preprocess_cases", must_not_run)
+    cases, _ = load_derm7pt(toy_release, min_cases=5)
+    with pytest.raises(ValueError) as caught:
+        run_cv(cases, tmp_path / "run", progress=False, **setting)
+    assert str(caught.value) == says
+
+
 @pytest.mark.integration
 @pytest.mark.skipif(not SHARED_DERM7PT.is_dir(), reason="shared Derm7pt copy not present")
 def test_one_fold_pass_on_the_shared_data(tmp_path):

@@ -290,8 +290,13 @@ def test_hnsw_index_matches_exact_and_extends(tmp_path, kit, fresh):
 def test_bad_vector_params_are_named():
     with pytest.raises(ValueError, match="index kind 'ivf' is not known; choose one of flat, hnsw"):
         VectorParams(kind="ivf")
-    with pytest.raises(ValueError, match="ef_search must be a positive integer"):
+    with pytest.raises(ValueError, match="ef_search must be a whole number ≥ 1, got 0"):
         VectorParams(ef_search=0)
+    # faiss's HNSW crashes the process (segfault) when vectors are added to a graph with one link per node
+    with pytest.raises(ValueError, match="hnsw_m must be a whole number ≥ 2, got 1"):
+        VectorParams(kind="hnsw", hnsw_m=1)
+    with pytest.raises(ValueError, match="ef_construction must be a whole number ≥ 1, got 2.5"):
+        VectorParams(ef_construction=2.5)
 
 
 def test_repeated_case_ids_are_refused(tmp_path, kit):

@@ -7,6 +7,8 @@ import json
 import logging
 from pathlib import Path
 
+from dermcir.cli._types import positive, whole
+
 log = logging.getLogger("dermcir.cli")
 
 BASELINES = ("resnet50-cossim", "snf-dca", "maskrcnn-fusion", "dahnet")
@@ -14,7 +16,7 @@ BASELINES = ("resnet50-cossim", "snf-dca", "maskrcnn-fusion", "dahnet")
 
 def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, type=Path, help="a Derm7pt release folder (with meta/meta.csv, images/)")
-    p.add_argument("--min-cases", type=int, default=50, help="keep categories with at least this many cases")
+    p.add_argument("--min-cases", type=whole(1), default=50, help="keep categories with at least this many cases")
     p.add_argument("--cache", type=Path, default=None, help="cache folder (default $DERMCIR_CACHE or ~/.cache/dermcir)")
     p.add_argument("--profile", choices=("cpu", "gpu"), default="cpu", help="cpu: frozen cached backbone; gpu: fine-tune")
     p.add_argument("--seed", type=int, default=0)
@@ -36,16 +38,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cv", help="run the k-fold retrieval benchmark (results.json, tables.md, retrievals.png)")
     _data_args(p)
     p.add_argument("--out", required=True, type=Path, help="run folder to write")
-    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--folds", type=whole(2), default=5)
     p.add_argument("--method", default="composed", choices=("composed", *BASELINES),
                    help="the composed model (default) or a re-implemented baseline")
-    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+    p.add_argument("--time-budget", type=positive, default=None, metavar="SECONDS",
                    help="composed model: share this wall-clock budget among the folds; a fold whose next epoch would "
                         "overrun its share stops there like early stopping (recorded as 'time budget')")
-    p.add_argument("--only-fold", type=int, action="append", default=None, metavar="N", dest="only_folds",
+    p.add_argument("--only-fold", type=whole(0), action="append", default=None, metavar="N", dest="only_folds",
                    help="composed model: run just fold N of the split (repeatable); the means are over those folds "
                         "and results.json lists them as folds_run")
-    p.add_argument("--companion-workers", type=int, default=None, metavar="N",
+    p.add_argument("--companion-workers", type=whole(0), default=None, metavar="N",
                    help="composed model with a companion (gpu profile): fit the folds' companions in N CPU worker "
                         "processes while the main models train; 0 = in this process, fold by fold (default: 0 on a "
                         "CPU; on a GPU one per fold, as the host's cores allow)")

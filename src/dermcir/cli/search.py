@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from dermcir.cli._types import positive, whole
+
 log = logging.getLogger("dermcir.cli")
 # faiss reports at INFO every optimised build it could not load, which is noise on the command line.
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)
@@ -44,7 +46,7 @@ def _register_index(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-root", type=Path, help="folder the CSV's image paths are relative to (default: its folder)")
     p.add_argument(
         "--min-cases",
-        type=int,
+        type=whole(1),
         help="keep categories with at least this many cases (default 50 for a Derm7pt release, 1 for a CSV)",
     )
     p.add_argument("--add", action="store_true", help="add the --data cases to the existing index")
@@ -57,10 +59,10 @@ def _register_index(sub: argparse._SubParsersAction) -> None:
         choices=("flat", "hnsw"),
         help="vector search: exact inner product (default) or HNSW for large collections",
     )
-    p.add_argument("--hnsw-m", type=int, help="HNSW graph degree (default 32)")
-    p.add_argument("--ef-construction", type=int, help="HNSW build beam width (default 100)")
-    p.add_argument("--ef-search", type=int, help="HNSW search beam width (default 128)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per encoder pass")
+    p.add_argument("--hnsw-m", type=whole(2), help="HNSW graph degree (default 32)")
+    p.add_argument("--ef-construction", type=whole(1), help="HNSW build beam width (default 100)")
+    p.add_argument("--ef-search", type=whole(1), help="HNSW search beam width (default 128)")
+    p.add_argument("--batch-size", type=whole(1), default=32, help="images per encoder pass")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--cache", type=Path, default=None, help="preprocessing cache (default $DERMCIR_CACHE)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -85,7 +87,7 @@ def _register_search(sub: argparse._SubParsersAction) -> None:
         metavar="FIELD=VALUE",
         help='checklist fields, e.g. --checklist pigment_network=atypical "streaks=irregular"',
     )
-    p.add_argument("-k", type=int, default=10, help="how many cases to return")
+    p.add_argument("-k", type=whole(1), default=10, help="how many cases to return")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--heatmaps", action="store_true", help="include attention heatmaps (with --json)")
     p.add_argument("--checkpoint", type=Path, help="checkpoint folder (default: the one the index was built with)")
@@ -112,7 +114,7 @@ def _register_demo(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--data", required=True, type=Path, help="a Derm7pt release folder (meta/meta.csv, images/)")
     p.add_argument("--out", type=Path, default=Path("dermcir-demo"), help="folder for the model and the index")
-    p.add_argument("--min-cases", type=int, default=50, help="keep categories with at least this many cases")
+    p.add_argument("--min-cases", type=whole(1), default=50, help="keep categories with at least this many cases")
     p.add_argument("--cache", type=Path, default=None, help="preprocessing cache (default $DERMCIR_CACHE)")
     _serve_args(p)
     p.set_defaults(handler=cmd_demo)
@@ -132,8 +134,8 @@ def _port(text: str) -> int:
 def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     p.add_argument("--port", type=_port, default=8000, help="port (0 picks a free one)")
-    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted request body")
-    p.add_argument("--max-concurrent", type=int, default=2,
+    p.add_argument("--max-upload-mb", type=positive, default=10.0, help="largest accepted request body")
+    p.add_argument("--max-concurrent", type=whole(1), default=2,
                    help="searches run at once, the others wait (each decodes its upload and uses all --threads)")
     _threads_arg(p)
 
@@ -141,7 +143,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
 def _threads_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--threads",
-        type=int,
+        type=whole(1),
         default=None,
         help="CPU threads per model pass (default: all cores; 1 is faster on a machine busy with other jobs)",
     )
@@ -155,8 +157,6 @@ def _apply_threads(args: argparse.Namespace) -> None:
     if args.threads is not None:
         import torch
 
-        if args.threads < 1:
-            raise ValueError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
 
 

@@ -8,6 +8,8 @@ training history, log).
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -121,6 +123,10 @@ def _start_companion_pool(model, companion, workers: int | None, folds: dict, sp
 
 def _check_folds(only_folds: Sequence[int] | None, n_folds: int) -> list[int]:
     """The folds to run, sorted; all of them when ``only_folds`` is None or empty."""
+    if isinstance(n_folds, bool) or not isinstance(n_folds, int | np.integer) or n_folds < 2:
+        # here, not in scikit-learn's split after preprocessing, and in this parameter's own name
+        raise ValueError(f"n_folds must be a whole number ≥ 2 (one fold queries, the others are its database), "
+                         f"got {n_folds!r}")
     if not only_folds:
         return list(range(n_folds))
     bad = [f for f in only_folds if not isinstance(f, int | np.integer) or not 0 <= f < n_folds]
@@ -161,6 +167,9 @@ def run_cv(
     selected = _check_folds(only_folds, n_folds)
     if companion_workers is not None and (not isinstance(companion_workers, int | np.integer) or companion_workers < 0):
         raise ValueError(f"companion_workers must be a whole number ≥ 0 or None, got {companion_workers!r}")
+    if time_budget is not None and not (isinstance(time_budget, numbers.Real) and not isinstance(time_budget, bool)
+                                        and 0 < time_budget < math.inf):
+        raise ValueError(f"time_budget must be a finite number of seconds > 0 or None, got {time_budget!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = device or default_device()

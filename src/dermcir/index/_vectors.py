@@ -30,9 +30,11 @@ class VectorParams:
     def __post_init__(self) -> None:
         if self.kind not in INDEX_KINDS:
             raise ValueError(f"index kind {self.kind!r} is not known; choose one of {', '.join(INDEX_KINDS)}")
-        for name in ("hnsw_m", "ef_construction", "ef_search"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        # faiss's HNSW needs at least 2 links per node: with hnsw_m=1 adding vectors crashes the process (segfault)
+        for name, least in (("hnsw_m", 2), ("ef_construction", 1), ("ef_search", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be a whole number ≥ {least}, got {value!r}")
 
 
 def _as_matrix(vectors: np.ndarray, dim: int | None = None) -> np.ndarray:
