@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 
 from dermcir.baselines import IMAGE_ONLY_DATABASE, METADATA_BOTH_SIDES
-from dermcir.evaluation.compare import EASIER_TASK_MARK, PAPER_ROWS, load_results, measured_rows, write_comparison
+from dermcir.evaluation.compare import (
+    EASIER_TASK_MARK,
+    PAPER_ROWS,
+    chart_series,
+    load_results,
+    measured_rows,
+    write_comparison,
+)
 from dermcir.evaluation.results import build_results, fold_row
 from dermcir.files import write_json_atomic
 
@@ -101,6 +108,37 @@ def test_bad_inputs_give_clear_errors(runs: list[Path], tmp_path: Path) -> None:
     (tmp_path / "broken" / "results.json").write_text(json.dumps({"folds": []}))
     with pytest.raises(ValueError, match=r"missing \['mean', 'std'\]"):
         load_results(tmp_path / "broken")
+
+
+
+@pytest.mark.parametrize(("damage", "says"), [
+    (lambda d: d["mean"].update(mAP=None), r"'mean' holds non-numbers \{'mAP': None\}"),
+    (lambda d: d.update(std=5), r"'std' must map \['mAP', 'Acc@1', 'Acc@2', 'Acc@4'\] to numbers, got 5"),
+    (lambda d: [f.pop("mAP") for f in d["folds"]], r"folds \[0, 1, 2\] lack a numeric 'mAP'"),
+    (lambda d: d.update(folds={"0": 1}), r"'folds' must be a list of fold rows"),
+])
+def test_a_results_file_with_unreadable_values_is_named(tmp_path: Path, damage, says) -> None:
+    """Parseable JSON whose values the table cannot read: before, a TypeError or KeyError traceback without the file."""
+    doc = build_results("composed", _rows(3.0))
+    damage(doc)
+    (tmp_path / "results.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=f"{tmp_path / 'results.json'}: {says}"):
+        load_results(tmp_path)
+
+
+def test_a_results_file_that_is_not_utf8_is_named(tmp_path: Path) -> None:
+    (tmp_path / "results.json").write_bytes(b"\xff\xfe{")
+    with pytest.raises(ValueError, match=f"{tmp_path / 'results.json'}: not valid JSON"):
+        load_results(tmp_path)
+
+
+def test_the_chart_tells_runs_of_one_method_apart(tmp_path: Path) -> None:
+    cpu = _write_run(tmp_path / "cv_cpu", "dermcir-composed", 2.0, profile="cpu")
+    gpu = _write_run(tmp_path / "cv_gpu", "dermcir-composed", 3.0, profile="gpu")
+    other = _write_run(tmp_path / "snf", "snf-dca", 1.0)
+    rows = [r for run in (cpu, gpu, other) for r in measured_rows(load_results(run), run.name)]
+    labels = [label for label, _, _ in chart_series(rows)]
+    assert labels[-3:] == ["dermcir-composed (cv_cpu)", "dermcir-composed (cv_gpu)", "snf-dca"]
 
 
 def test_compare_command(runs: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -49,12 +49,27 @@ def test_cv_writes_results_tables_and_figure(toy_release, tmp_path):
                                        "composed, beta=1 (local only)"}
     tables = (tmp_path / "run" / "tables.md").read_text()
     assert "Table 1" in tables and "Table 2" in tables and "81.7" in tables
+    assert saved["beta"] == 0.6 and "| composed, beta=0.6 (the main result) |" in tables
     assert (tmp_path / "run" / "retrievals.png").stat().st_size > 10_000
     for f in range(3):
         log = (tmp_path / "run" / f"fold_{f}" / "train.log").read_text()
         assert log.count("val mAP") >= 1
         assert "refit 1 epochs on all 16 database cases" in log  # validation cases join the fitted database
         assert json.loads((tmp_path / "run" / f"fold_{f}" / "metrics.json").read_text())["epochs_run"] >= 1
+
+
+def test_tables_name_the_runs_own_beta(tmp_path):
+    """The main row of Table 2 was labelled beta=0.6 whatever β the run used (e.g. ``--set beta=0.3``)."""
+    from dermcir.evaluation.report import write_tables
+    from dermcir.evaluation.results import build_results, fold_row
+
+    q, db = np.array(["a", "b"]), np.array(["a", "b", "b"])
+    rows = [fold_row(f, np.eye(2, 3) + 0.1 * f, q, db) for f in range(2)]
+    ablation = {"image-only": build_results("image-only", rows)}
+    common = {"profile": "cpu", "n_cases": 5, "n_folds": 2, "seed": 0, "ablations": ablation}
+    for extra, label in (({"beta": 0.3}, "composed, beta=0.3"), ({}, "composed")):  # {}: recorded before β was
+        write_tables(build_results("dermcir-composed", rows, **common, **extra), tmp_path / "tables.md")
+        assert f"| {label} (the main result) |" in (tmp_path / "tables.md").read_text()
 
 
 def test_rows_the_loader_left_out_are_in_the_run_records(tmp_path):

@@ -82,22 +82,38 @@ def load_results(run_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no results.json (expected a run folder written by 'dermcir cv')")
     try:
-        doc = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from None
     _check_doc(doc, str(path))
     return doc
 
 
 def _check_doc(doc: Any, where: str) -> None:
+    """Refuse, naming ``where``, any document whose rows :func:`_row` could not read (it reads every value)."""
     keys = doc.keys() if isinstance(doc, dict) else ()
     missing = [k for k in ("mean", "std", "folds") if k not in keys]
     if missing:
         raise ValueError(f"{where}: not a results document, missing {missing}; expected the schema (folds, mean, std)")
     for key in ("mean", "std"):
+        if not isinstance(doc[key], dict):
+            # a ValueError like every other defect of the file's content (the CLI prints those as one line)
+            raise ValueError(f"{where}: {key!r} must map {list(METRICS)} to numbers, got {doc[key]!r}")  # noqa: TRY004
         missing = [m for m in METRICS if m not in doc[key]]
         if missing:
             raise ValueError(f"{where}: {key!r} lacks {missing}")
+        bad = {m: doc[key][m] for m in METRICS if not _is_number(doc[key][m])}
+        if bad:
+            raise ValueError(f"{where}: {key!r} holds non-numbers {bad}")
+    if not isinstance(doc["folds"], list) or not all(isinstance(f, dict) for f in doc["folds"]):
+        raise ValueError(f"{where}: 'folds' must be a list of fold rows, got {doc['folds']!r:.80}")
+    bad_folds = [i for i, f in enumerate(doc["folds"]) if not _is_number(f.get("mAP"))]
+    if bad_folds:
+        raise ValueError(f"{where}: folds {bad_folds} lack a numeric 'mAP'")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _setting(doc: dict[str, Any]) -> str:
@@ -105,7 +121,7 @@ def _setting(doc: dict[str, Any]) -> str:
     if doc.get("profile"):
         parts.append(f"{doc['profile']} profile" + (f" on {doc['device']}" if doc.get("device") else ""))
     if partial := partial_folds(doc):
-        parts.append(f"only folds {', '.join(map(str, partial))} of {doc['n_folds']}")
+        parts.append(f"only folds {', '.join(map(str, partial))} of {doc.get('n_folds', '?')}")
     if isinstance(doc.get("seconds"), int | float):
         parts.append(f"{doc['seconds']:.0f} s")
     return ", ".join(parts) or "n/a"
@@ -168,6 +184,14 @@ def comparison_markdown(rows: Sequence[MeasuredRow], chart_name: str | None, tit
     return "\n".join(lines) + "\n"
 
 
+def chart_series(rows: Sequence[MeasuredRow]) -> list[tuple[str, dict[str, float], dict[str, float]]]:
+    """The chart's ``(legend label, mean, std)``: the paper rows that have numbers, then ``rows``."""
+    series = [(f"paper: {p.name}", p.mean, p.std) for p in PAPER_ROWS if p.mean is not None and p.std is not None]
+    # Runs of one method (the cpu and gpu profiles) share a name: the legend then names the run folder as well.
+    shared = {r.name for r in rows if sum(o.name == r.name for o in rows) > 1}
+    return series + [(f"{r.name} ({r.run})" if r.name in shared else r.name, r.mean, r.std) for r in rows]
+
+
 def bar_chart(rows: Sequence[MeasuredRow], path: Path, title: str) -> None:
     """Grouped bars of the four metrics (± std): the paper rows that have numbers (hatched), then ``rows``."""
     import matplotlib
@@ -176,8 +200,7 @@ def bar_chart(rows: Sequence[MeasuredRow], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    series = [(f"paper: {p.name}", p.mean, p.std) for p in PAPER_ROWS if p.mean is not None and p.std is not None]
-    series += [(r.name, r.mean, r.std) for r in rows]
+    series = chart_series(rows)
     x = np.arange(len(METRICS))
     width = 0.8 / max(len(series), 1)
     fig, ax = plt.subplots(figsize=(max(8.0, 1.2 * len(series) + 4), 5.5))

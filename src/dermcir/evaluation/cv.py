@@ -287,7 +287,8 @@ def run_cv(
         pool.close()
 
     doc = build_results(
-        METHOD, rows, profile=profile, n_cases=len(cases), n_folds=n_folds, seed=seed, device=device_name(device),
+        METHOD, rows, profile=profile, beta=model_cfg.beta, n_cases=len(cases), n_folds=n_folds, seed=seed,
+        device=device_name(device),
         categories=category_counts(cases), seconds=time.perf_counter() - start, prepare_seconds=prep_seconds,
         time_budget=time_budget, training=training, skipped=report.skipped, folds_run=selected,
         protocol=PROTOCOLS["composed"],

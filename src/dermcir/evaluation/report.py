@@ -41,7 +41,9 @@ def write_tables(doc: dict[str, Any], path: Path, paper_rows: dict = PAPER_ROWS)
     lines += [format_row(f"**{name}**", doc["mean"], doc["std"]), ""]
     if doc.get("ablations"):
         lines += ["## Table 2: ablations (same trained models; query mode and β changed at evaluation)", "", _HEADER]
-        lines.append(format_row("composed, beta=0.6 (the main result)", doc["mean"], doc["std"]))
+        # the run's own β (a results.json from before it was recorded does not say)
+        beta = f", beta={doc['beta']:g}" if isinstance(doc.get("beta"), int | float) else ""
+        lines.append(format_row(f"composed{beta} (the main result)", doc["mean"], doc["std"]))
         lines += [format_row(n, a["mean"], a["std"]) for n, a in doc["ablations"].items()]
         lines.append("")
     lines += ["## Per category (composed, mean over folds)", "", _HEADER.replace("method", "category")]
