@@ -4,6 +4,7 @@ separable toy set, the GPU code path (run on the CPU), the end-to-end fold runne
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +109,45 @@ def test_registry_names_and_errors() -> None:
         build_backbone("resnet50")
     with pytest.raises(FileNotFoundError, match="weights file not found"):
         build_backbone("resnet50", weights="/nonexistent/resnet50.safetensors")
+
+
+@pytest.mark.parametrize(("name", "setting", "value", "expected"), [
+    ("snf-dca", "k", "abc", "an integer"),  # `--set k=abc` arrives as a string
+    ("snf-dca", "k", 0, ">= 1"),
+    ("snf-dca", "cross_fit", 1, ">= 2"),
+    ("snf-dca", "mu", float("nan"), "a finite number"),
+    ("resnet50-cossim", "epochs", -3, ">= 1"),
+    ("resnet50-cossim", "epochs", 2.5, "an integer"),
+    ("resnet50-cossim", "lr", 0, "> 0"),
+    ("resnet50-cossim", "dropout", 1.0, "[0, 1)"),
+    ("resnet50-cossim", "amp", 1, "true or false"),
+    ("resnet50-cossim", "batch_size", 1, ">= 2"),
+    ("dahnet", "bits", 3, "an even integer"),
+    ("dahnet", "bits", 0, "an even integer"),
+    ("dahnet", "n_views", 9, "1..8"),
+    ("dahnet", "n_views", 0, "1..8"),
+    ("maskrcnn-fusion", "image_size", 8, "32..1024"),
+    ("maskrcnn-fusion", "crop_margin", -0.1, "[0, 1]"),
+    ("maskrcnn-fusion", "backbone", "vgg", "one of"),
+    ("maskrcnn-fusion", "backbone", "resnet50", "backbone_weights=PATH"),
+    ("maskrcnn-fusion", "backbone_weights", "/nonexistent/w.safetensors", "an existing weights file"),
+    ("maskrcnn-fusion", "device", "tpu", "'auto' or a torch device"),
+])
+def test_bad_settings_are_refused_when_the_baseline_is_created(name: str, setting: str, value: object,
+                                                               expected: str) -> None:
+    with pytest.raises(ValueError, match=rf"^{name} \(cpu profile\): setting {setting}=.*expected.*{re.escape(expected)}"):
+        create_baseline(name, "cpu", **{setting: value})
+
+
+def test_bad_settings_are_refused_before_any_work(tmp_path: Path) -> None:
+    """The run stops before preprocessing (no image is read: the one given does not exist) or writing anything."""
+    case = Case("1", tmp_path / "missing.png", "nevus", "nevus", {})
+    with pytest.raises(ValueError, match="setting epochs=-3"):
+        run_baseline_cv("resnet50-cossim", [case], tmp_path / "run", cache_dir=tmp_path / "cache", epochs=-3)
+    with pytest.raises(ValueError, match="deep_weight=0 and handcrafted_weight=0"):
+        run_baseline_cv("maskrcnn-fusion", [case], tmp_path / "run", cache_dir=tmp_path / "cache", deep_weight=0,
+                        handcrafted_weight=0.0)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import typing
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
+
+from dermcir.baselines._nets import ARCHITECTURES
 
 log = logging.getLogger(__name__)
 
@@ -53,21 +58,117 @@ class BaselineData:
             )
 
 
+#: A setting's range check: (test of the value, what the value must be). Types are checked before, from the
+#: field's annotation, so a test may assume the type.
+Rule = tuple[Callable[[Any], bool], str]
+
+
+def _is_device(name: str) -> bool:
+    if name == "auto":
+        return True
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError):
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class BaselineConfig:
-    """Settings shared by every method; each method extends it with its own fields."""
+    """Settings shared by every method; each method extends it with its own fields.
+
+    Every config is checked when it is made (a profile, or ``create_baseline``'s overrides through
+    ``dataclasses.replace``): each setting's type from its annotation, then the ranges of :meth:`rules` and
+    :meth:`check_together`. A bad value is a ``ValueError`` naming the setting before any image is read; otherwise it
+    would surface as a traceback deep in a run, or as a finished run of nonsense (e.g. ``epochs=-3``).
+    """
 
     image_size: int = 224  # square input side after border removal
     device: str = "auto"  # "auto": CUDA when available, else CPU; or "cpu", "cuda", "cuda:1", ...
     batch_size: int = 32  # images per forward pass (feature extraction and training)
 
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not _type_ok(value, hints[f.name]):
+                raise ValueError(f"setting {f.name}={value!r}: expected {_type_name(hints[f.name])}")
+        for name, (ok, expected) in self.rules().items():
+            value = getattr(self, name)
+            if not ok(value):
+                raise ValueError(f"setting {name}={value!r}: expected {expected}")
+        self.check_together()
+
+    def rules(self) -> dict[str, Rule]:
+        """Range checks, setting name -> rule; subclasses extend their parent's."""
+        return {
+            # the backbones' last map has stride 32; past the Derm7pt images' own size (768 x 512) upscaling only
+            # costs time and memory
+            "image_size": (lambda v: 32 <= v <= 1024, "an integer in 32..1024"),
+            "device": (_is_device, "'auto' or a torch device such as 'cpu', 'cuda' or 'cuda:1'"),
+            "batch_size": (lambda v: v >= 1, "an integer >= 1"),
+        }
+
+    def check_together(self) -> None:
+        """Checks that involve several settings; raise ``ValueError`` naming them."""
+
+
+@dataclass(frozen=True)
+class BackboneConfig(BaselineConfig):
+    """Settings of a method that runs an ImageNet CNN (:func:`dermcir.baselines._nets.build_backbone`)."""
+
+    backbone: str = "lite0"  # "lite0" (offline ImageNet weights) or "resnet50" (needs backbone_weights)
+    backbone_weights: str | None = None  # local checkpoint; None = lite0's offline ImageNet weights
+    pretrained: bool = True  # False = random weights (tests only)
+
+    def rules(self) -> dict[str, Rule]:
+        return super().rules() | {
+            "backbone": (lambda v: v in ARCHITECTURES, f"one of {list(ARCHITECTURES)}"),
+        }
+
+    def check_together(self) -> None:
+        super().check_together()
+        # Found here rather than when the backbone is built, which comes after preprocessing every image.
+        if self.backbone_weights is not None:
+            if not self.pretrained:
+                raise ValueError(f"setting backbone_weights={self.backbone_weights!r} with pretrained=False: random "
+                                 f"weights would be used and the file ignored; drop one of the two")
+            if not Path(self.backbone_weights).is_file():
+                raise ValueError(f"setting backbone_weights={self.backbone_weights!r}: expected an existing weights "
+                                 f"file (.safetensors/.pth)")
+        elif self.backbone == "resnet50" and self.pretrained:
+            raise ValueError("setting backbone='resnet50': expected backbone_weights=PATH too (a local ImageNet "
+                             "checkpoint; resnet50 has no offline weights), or the default backbone lite0")
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:  # bool is an int to Python, never to a user
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:  # NaN or inf would run to the end and write NaN results
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is type(None):
+        return value is None
+    args = typing.get_args(hint)
+    if args:
+        return any(_type_ok(value, a) for a in args)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    names = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
+             type(None): "null"}
+    args = typing.get_args(hint)
+    return " or ".join(names.get(a, str(a)) for a in args) if args else names.get(hint, str(hint))
 
 
 C = TypeVar("C", bound=BaselineConfig)
 
 
 def with_overrides(config: C, **overrides: Any) -> C:
-    """A copy of ``config`` with ``overrides`` applied; unknown names are an error that lists the known ones."""
+    """A copy of ``config`` with ``overrides`` applied and checked; unknown names are an error that lists the known
+    ones, bad values an error that names the setting (:class:`BaselineConfig`)."""
     known = {f.name for f in dataclasses.fields(config)}
     unknown = sorted(set(overrides) - known)
     if unknown:
@@ -166,5 +267,9 @@ def create_baseline(name: str, profile: str = "cpu", **overrides: Any) -> Baseli
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; expected one of {list(PROFILES)}")
     cls = _REGISTRY[name]
-    return cls(with_overrides(cls.profiles[profile], **overrides), profile)
+    try:
+        config = with_overrides(cls.profiles[profile], **overrides)  # checks every setting (BaselineConfig)
+    except ValueError as exc:
+        raise ValueError(f"{name} ({profile} profile): {exc}") from None
+    return cls(config, profile)
 

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from dermcir.baselines._base import Baseline, BaselineConfig, BaselineData
-from dermcir.baselines._features import backbone_maps
+from dermcir.baselines._base import BackboneConfig, Baseline, BaselineData, Rule
+from dermcir.baselines._features import N_SYMMETRIES, backbone_maps
 from dermcir.baselines._nets import SplitBackbone, build_backbone
 from dermcir.baselines._training import ImageInputs, Inputs, LossFn, MapInputs, Net, TrainSettings, infer, train_net
 
@@ -20,12 +20,9 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class TrainedConfig(BaselineConfig):
+class TrainedConfig(BackboneConfig):
     """Settings of a baseline that trains a CNN on the database folds."""
 
-    backbone: str = "lite0"  # "lite0" (offline ImageNet weights) or "resnet50" (needs backbone_weights)
-    backbone_weights: str | None = None  # local checkpoint; None = lite0's offline ImageNet weights
-    pretrained: bool = True  # False = random weights (tests only)
     train_backbone: bool = False  # False: stages frozen and cached, tail + head trained (CPU); True: end to end (GPU)
     n_views: int = 4  # symmetries cached per image for the frozen stages (training augmentation); 1..8
     epochs: int = 30
@@ -33,6 +30,17 @@ class TrainedConfig(BaselineConfig):
     backbone_lr: float = 1e-4  # backbone stages, when trained
     weight_decay: float = 1e-5
     amp: bool = True  # bf16 autocast on CUDA
+
+    def rules(self) -> dict[str, Rule]:
+        return super().rules() | {
+            # batch norm cannot train on one sample: batches of 1 are skipped, and nothing would train
+            "batch_size": (lambda v: v >= 2, "an integer >= 2"),
+            "n_views": (lambda v: 1 <= v <= N_SYMMETRIES, f"an integer in 1..{N_SYMMETRIES}"),
+            "epochs": (lambda v: v >= 1, "an integer >= 1"),
+            "lr": (lambda v: v > 0, "a number > 0"),
+            "backbone_lr": (lambda v: v > 0, "a number > 0"),
+            "weight_decay": (lambda v: v >= 0, "a number >= 0"),
+        }
 
 
 class TrainedBaseline(Baseline):
@@ -60,8 +68,6 @@ class TrainedBaseline(Baseline):
         self.y = np.array([self.classes.index(c) for c in data.labels], dtype=np.int64)
         self.maps: dict[str, np.ndarray] | None = None
         if not self.config.train_backbone:
-            if not 1 <= self.config.n_views <= 8:
-                raise ValueError(f"n_views must be in 1..8, got {self.config.n_views}")
             self.maps = backbone_maps(
                 self._backbone(), data.images, self.config.n_views, self.levels, self.device,
                 self.config.batch_size, data.cache_dir, self._weights_id(),

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dermcir.baselines._base import IMAGE_ONLY_DATABASE, register_baseline
+from dermcir.baselines._base import IMAGE_ONLY_DATABASE, Rule, register_baseline
 from dermcir.baselines._features import cosine_scores
 from dermcir.baselines._nets import SplitBackbone
 from dermcir.baselines._trained import TrainedBaseline, TrainedConfig
@@ -40,6 +40,15 @@ class DahnetConfig(TrainedConfig):
     n_parts: int = 4  # spatial attention maps of the local branch
     pair_weight: float = 1.0  # weight of the pairwise similarity-preserving loss
     quant_weight: float = 0.1  # weight of the quantisation loss
+
+    def rules(self) -> dict[str, Rule]:
+        return super().rules() | {
+            # half the bits are global, half local
+            "bits": (lambda v: 2 <= v <= 1024 and v % 2 == 0, "an even integer in 2..1024"),
+            "n_parts": (lambda v: v >= 1, "an integer >= 1"),
+            "pair_weight": (lambda v: v >= 0, "a number >= 0"),
+            "quant_weight": (lambda v: v >= 0, "a number >= 0"),
+        }
 
 
 class HashHead(nn.Module):

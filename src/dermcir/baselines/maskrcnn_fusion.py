@@ -27,7 +27,7 @@ from skimage import color, filters, measure, morphology, transform
 from skimage.feature import graycomatrix, graycoprops, local_binary_pattern
 from tqdm.auto import tqdm
 
-from dermcir.baselines._base import IMAGE_ONLY_DATABASE, Baseline, BaselineConfig, BaselineData, register_baseline
+from dermcir.baselines._base import IMAGE_ONLY_DATABASE, BackboneConfig, Baseline, BaselineData, Rule, register_baseline
 from dermcir.baselines._features import content_key, cosine_scores, frozen_features
 from dermcir.baselines._nets import build_backbone
 from dermcir.data.cache import settings_key
@@ -43,15 +43,24 @@ FEATURES_VERSION = "fusion-v1"
 
 
 @dataclass(frozen=True)
-class FusionConfig(BaselineConfig):
-    """MaskRCNN-Fusion settings."""
+class FusionConfig(BackboneConfig):
+    """MaskRCNN-Fusion settings (the backbone gives the deep block)."""
 
-    backbone: str = "lite0"  # CNN for the deep block ("lite0" offline, or "resnet50" with backbone_weights)
-    backbone_weights: str | None = None
-    pretrained: bool = True  # False = random weights (tests only)
     deep_weight: float = 1.0  # weight of the deep block in the fused descriptor
     handcrafted_weight: float = 1.0  # weight of each hand-crafted block (texture, colour, shape)
     crop_margin: float = 0.1  # margin around the lesion's bounding box for the deep block, as a share of its size
+
+    def rules(self) -> dict[str, Rule]:
+        return super().rules() | {
+            "deep_weight": (lambda v: v >= 0, "a number >= 0"),
+            "handcrafted_weight": (lambda v: v >= 0, "a number >= 0"),
+            "crop_margin": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+        }
+
+    def check_together(self) -> None:
+        super().check_together()
+        if self.deep_weight == 0 and self.handcrafted_weight == 0:  # every descriptor would be 0: all ties
+            raise ValueError("settings deep_weight=0 and handcrafted_weight=0: expected at least one weight > 0")
 
 
 def lesion_mask(image: np.ndarray) -> np.ndarray:

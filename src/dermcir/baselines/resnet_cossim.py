@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dermcir.baselines._base import IMAGE_ONLY_DATABASE, register_baseline
+from dermcir.baselines._base import IMAGE_ONLY_DATABASE, Rule, register_baseline
 from dermcir.baselines._features import cosine_scores
 from dermcir.baselines._nets import SplitBackbone
 from dermcir.baselines._trained import TrainedBaseline, TrainedConfig
@@ -31,6 +31,9 @@ class CosSimConfig(TrainedConfig):
     """ResNet50-CosSim settings (see :class:`TrainedConfig`)."""
 
     dropout: float = 0.2  # before the classifier, as usual when fine-tuning ImageNet CNNs on small sets
+
+    def rules(self) -> dict[str, Rule]:
+        return super().rules() | {"dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)")}
 
 
 class ClassifierHead(nn.Module):

@@ -29,9 +29,10 @@ from sklearn.preprocessing import StandardScaler
 from dermcir.baselines._base import (
     IMAGE_ONLY_DATABASE,
     METADATA_BOTH_SIDES,
+    BackboneConfig,
     Baseline,
-    BaselineConfig,
     BaselineData,
+    Rule,
     register_baseline,
 )
 from dermcir.baselines._features import frozen_features
@@ -42,12 +43,9 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class SnfConfig(BaselineConfig):
-    """SNF-DCA settings."""
+class SnfConfig(BackboneConfig):
+    """SNF-DCA settings (the backbone gives the image features)."""
 
-    backbone: str = "lite0"  # CNN giving the image features ("lite0" offline, or "resnet50" with backbone_weights)
-    backbone_weights: str | None = None
-    pretrained: bool = True  # False = random weights (tests only)
     image_pca: int = 64  # image features are z-scored and reduced to this many components (fitted on the database)
     k: int = 20  # neighbours of the affinity kernel and of SNF's local graph (snfpy's K)
     mu: float = 0.5  # width of the affinity kernel (snfpy's mu)
@@ -55,6 +53,18 @@ class SnfConfig(BaselineConfig):
     community_k: int = 20  # neighbours per node in the graph whose communities are detected
     resolution: float = 1.0  # Louvain modularity resolution (higher = smaller communities)
     cross_fit: int = 5  # parts for the out-of-fold metadata prediction of database cases
+
+    def rules(self) -> dict[str, Rule]:
+        return super().rules() | {
+            "image_pca": (lambda v: v >= 1, "an integer >= 1"),
+            "k": (lambda v: v >= 1, "an integer >= 1"),
+            "mu": (lambda v: v > 0, "a number > 0"),
+            "t": (lambda v: v >= 1, "an integer >= 1"),
+            "community_k": (lambda v: v >= 1, "an integer >= 1"),
+            "resolution": (lambda v: v > 0, "a number > 0"),
+            # out-of-fold prediction needs another part to fit on
+            "cross_fit": (lambda v: v >= 2, "an integer >= 2"),
+        }
 
 
 @contextlib.contextmanager
