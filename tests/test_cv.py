@@ -72,6 +72,22 @@ def test_tables_name_the_runs_own_beta(tmp_path):
         assert f"| {label} (the main result) |" in (tmp_path / "tables.md").read_text()
 
 
+@pytest.mark.parametrize(("category", "says"), [
+    (None, "no usable cases: all 24 rows were left out"),
+    ("benign keratosis-like", "categories with fewer usable cases than the 3 folds: {'benign keratosis-like': 2}"),
+])
+def test_cv_says_when_unreadable_images_leave_too_few_cases(toy_release, tmp_path, category, says):
+    """Before: an IndexError traceback from the feature cache when every image was unreadable. ``category``: all
+    but two of its images are damaged (None: every image)."""
+    cases, _ = load_derm7pt(toy_release, min_cases=5)
+    damaged = [c for c in cases if category is None] or [c for c in cases if c.category == category][2:]
+    for case in damaged:
+        case.image.write_bytes(b"not an image")
+    with pytest.raises(ValueError, match=re.escape(says)):
+        run_cv(cases, tmp_path / "run", n_folds=3, progress=False, cache_dir=tmp_path / "cache", **FAST)
+    assert all(str(c.image) in (tmp_path / "run" / "cv.log").read_text() for c in damaged)
+
+
 def test_rows_the_loader_left_out_are_in_the_run_records(tmp_path):
     """A missing image file or an unknown diagnosis is listed in results.json, cv.log and the checkpoint, as an
     unreadable image is, not only on the console."""

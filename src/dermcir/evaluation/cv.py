@@ -137,6 +137,16 @@ def _check_folds(only_folds: Sequence[int] | None, n_folds: int) -> list[int]:
     return sorted(int(f) for f in only_folds)
 
 
+def _check_enough(cases: Sequence[Case], n_folds: int, n_skipped: int) -> None:
+    """Every category needs a case in every fold; say so plainly when left-out images took that away."""
+    if not cases:
+        raise ValueError(f"no usable cases: all {n_skipped} rows were left out (each is listed above, and in cv.log)")
+    few = {c: n for c, n in category_counts(cases).items() if n < n_folds}
+    if few:
+        raise ValueError(f"categories with fewer usable cases than the {n_folds} folds: {few} ({n_skipped} rows were "
+                         f"left out, each listed above and in cv.log); every fold needs a query of every category")
+
+
 def run_cv(
     cases: Sequence[Case], out_dir: str | Path, profile: str = "cpu", n_folds: int = 5, seed: int = 0,
     cache_dir: Path | None = None, progress: bool = True, device: torch.device | None = None,
@@ -180,6 +190,7 @@ def run_cv(
         cases, images = preprocess_cases(cases, model_cfg.image_size, cache_dir, report, progress)
         for what, why in report.skipped:
             log.warning("left out %s: %s", what, why)
+        _check_enough(cases, n_folds, len(report.skipped))
         labels = np.array([c.category for c in cases])
         model_cfg.categories = list(category_counts(cases))
         seed_everything(seed)  # the heads' initial weights too: the same seed gives the same run
