@@ -165,6 +165,27 @@ def test_row_names_are_honest() -> None:
 
 
 @pytest.mark.parametrize("name", sorted(TINY))
+def test_rows_name_the_backbone_that_ran(name: str, tmp_path: Path) -> None:
+    weights = tmp_path / "r50.safetensors"
+    weights.write_bytes(b"")  # only named here: no network is built
+    baseline = create_baseline(name, "cpu", backbone="resnet50", backbone_weights=str(weights))
+    for text in (baseline.display_name, baseline.deviations):
+        assert "ResNet50" in text and "Lite0" not in text, text
+    default = create_baseline(name, "cpu")
+    assert "Lite0" in default.display_name and "Lite0" in default.deviations
+
+
+def test_published_row_names_are_unchanged() -> None:
+    """docs/baselines.md and docs/results name the rows so; the default (lite0) names must stay as published."""
+    assert create_baseline("snf-dca", "cpu").display_name == (
+        "SNF-DCA (Lite0 image features + checklist; Louvain communities)")
+    assert create_baseline("maskrcnn-fusion", "cpu").display_name == (
+        "Otsu-Fusion (MaskRCNN-Fusion protocol; Otsu lesion mask instead of Mask R-CNN; LBP/GLCM + Lite0)")
+    assert create_baseline("dahnet", "cpu").display_name == (
+        "DAHNET (48-bit; EfficientNet-Lite0 backbone, frozen trunk, last conv + hash heads trained)")
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
 def test_separable_toy_set_is_retrieved_perfectly_and_deterministically(name: str, toy: BaselineData) -> None:
     baseline = _prepared(name, toy)
     db_idx, q_idx = stratified_folds(toy.labels, 3, seed=0)[0]

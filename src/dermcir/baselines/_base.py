@@ -140,6 +140,20 @@ class BackboneConfig(BaselineConfig):
             raise ValueError("setting backbone='resnet50': expected backbone_weights=PATH too (a local ImageNet "
                              "checkpoint; resnet50 has no offline weights), or the default backbone lite0")
 
+    @property
+    def backbone_label(self) -> str:
+        """How tables and deviations name the CNN actually used, e.g. ``EfficientNet-Lite0``."""
+        return BACKBONE_LABELS.get(self.backbone, (self.backbone, self.backbone))[0]
+
+    @property
+    def backbone_short(self) -> str:
+        """The same, short enough for a row's name, e.g. ``Lite0``."""
+        return BACKBONE_LABELS.get(self.backbone, (self.backbone, self.backbone))[1]
+
+
+#: Backbone -> (full name, short name) in rows and deviations: a row must name the CNN that actually ran.
+BACKBONE_LABELS = {"lite0": ("EfficientNet-Lite0", "Lite0"), "resnet50": ("ResNet50", "ResNet50")}
+
 
 def _type_ok(value: Any, hint: Any) -> bool:
     if hint is bool:

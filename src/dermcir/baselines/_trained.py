@@ -60,7 +60,7 @@ class TrainedBaseline(Baseline):
     @property
     def backbone_label(self) -> str:
         """How the table names the CNN actually used."""
-        return {"lite0": "EfficientNet-Lite0", "resnet50": "ResNet50"}.get(self.config.backbone, self.config.backbone)
+        return self.config.backbone_label
 
     def prepare(self, data: BaselineData) -> None:
         self.data = data

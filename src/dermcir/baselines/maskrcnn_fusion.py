@@ -10,7 +10,8 @@ says so. On that mask:
   properties (contrast, dissimilarity, homogeneity, energy, correlation, ASM) of the lesion, via scikit-image;
 - colour: mean, standard deviation and skewness of the lesion's RGB and HSV values;
 - shape: area fraction, eccentricity, solidity, extent and compactness of the mask;
-- deep: the frozen ImageNet penultimate features of EfficientNet-Lite0 on the lesion's bounding box.
+- deep: the frozen ImageNet penultimate features of EfficientNet-Lite0 (or the ``backbone`` setting's CNN) on the
+  lesion's bounding box.
 Fusion: each block is z-scored (statistics of the database), divided by the square root of its width so that
 every block weighs the same, weighted, concatenated; ranking by cosine similarity.
 """
@@ -171,7 +172,8 @@ class MaskRcnnFusion(Baseline):
 
     @property
     def display_name(self) -> str:
-        return "Otsu-Fusion (MaskRCNN-Fusion protocol; Otsu lesion mask instead of Mask R-CNN; LBP/GLCM + Lite0)"
+        return ("Otsu-Fusion (MaskRCNN-Fusion protocol; Otsu lesion mask instead of Mask R-CNN; LBP/GLCM + "
+                f"{self.config.backbone_short})")
 
     @property
     def variants(self) -> dict[str, str]:
@@ -180,7 +182,7 @@ class MaskRcnnFusion(Baseline):
     @property
     def deviations(self) -> str:
         return ("Classical Otsu segmentation instead of Mask R-CNN (no weights or lesion masks offline); frozen "
-                "EfficientNet-Lite0 deep features; LBP/GLCM/colour/shape as the hand-crafted set; equal-weight "
+                f"{self.config.backbone_label} deep features; LBP/GLCM/colour/shape as the hand-crafted set; equal-weight "
                 "z-scored concatenation as the fusion.")
 
     def prepare(self, data: BaselineData) -> None:

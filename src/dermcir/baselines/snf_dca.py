@@ -9,8 +9,8 @@ regressions fitted on the other database cases (cross-fitted, so no case sees it
 carries its true checklist values.
 
 Nodes of a fold's networks are its database and query cases together (SNF is transductive; no query label is
-read). Image features: the frozen ImageNet penultimate features of EfficientNet-Lite0 (224 px on ``cpu``, 448 px on
-``gpu``), z-scored and reduced by PCA fitted on the database.
+read). Image features: the frozen ImageNet penultimate features of EfficientNet-Lite0, or of the ``backbone``
+setting's CNN (224 px on ``cpu``, 448 px on ``gpu``), z-scored and reduced by PCA fitted on the database.
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ class SnfDca(Baseline):
 
     @property
     def display_name(self) -> str:
-        return "SNF-DCA (Lite0 image features + checklist; Louvain communities)"
+        return f"SNF-DCA ({self.config.backbone_short} image features + checklist; Louvain communities)"
 
     @property
     def variants(self) -> dict[str, str]:
@@ -155,8 +155,8 @@ class SnfDca(Baseline):
 
     @property
     def deviations(self) -> str:
-        return ("Dermoscopic image + checklist channels only (no clinical-photo channel); frozen EfficientNet-Lite0 "
-                "features; the community step is Louvain modularity on the fused k-NN graph (the paper's exact "
+        return ("Dermoscopic image + checklist channels only (no clinical-photo channel); frozen "
+                f"{self.config.backbone_label} features; the community step is Louvain modularity on the fused k-NN graph (the paper's exact "
                 "'deep community analysis' was not available here); the seed-protocol row predicts the database's "
                 "metadata from its image instead of reading it.")
 
