@@ -25,7 +25,7 @@ from dermcir.baselines._features import N_SYMMETRIES, dihedral
 from dermcir.baselines._metadata import field_slices, metadata_onehot, predict_metadata
 from dermcir.baselines._nets import build_backbone
 from dermcir.baselines.dahnet import hamming_scores, tie_broken_hamming_scores
-from dermcir.baselines.maskrcnn_fusion import lesion_mask
+from dermcir.baselines.maskrcnn_fusion import MaskRcnnFusion, lesion_mask
 from dermcir.baselines.snf_dca import fuse_networks
 from dermcir.data.cases import Case, LoadReport
 from dermcir.data.folds import stratified_folds
@@ -289,16 +289,22 @@ def test_lesion_mask_finds_a_central_dark_lesion() -> None:
     assert (mask & truth).sum() / (mask | truth).sum() > 0.9
 
 
-def test_run_baseline_cv_writes_the_results_schema(tmp_path: Path) -> None:
+def _toy_cases(folder: Path) -> list[Case]:
+    """Six toy cases per category, their images written as PNG files under ``folder``."""
     rng = np.random.default_rng(4)
     cases = []
     for c, category in enumerate(CATEGORIES):
         for i in range(6):
-            path = tmp_path / "images" / f"{category[:3]}{i}.png"
-            path.parent.mkdir(exist_ok=True)
+            path = folder / "images" / f"{category[:3]}{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(_toy_image(c, rng, 64)).save(path)
             cases.append(Case(f"{c}-{i}", path, category, category, {"pigment_network": ("absent", "typical",
                                                                                          "atypical")[c]}))
+    return cases
+
+
+def test_run_baseline_cv_writes_the_results_schema(tmp_path: Path) -> None:
+    cases = _toy_cases(tmp_path)
     missing = Case("gone", tmp_path / "images" / "missing.png", "nevus", "nevus", {})
     out = tmp_path / "run"
     loader = LoadReport(skipped=[("meta.csv:9 (case 8)", "unknown diagnosis 'something new'")])
@@ -317,3 +323,27 @@ def test_run_baseline_cv_writes_the_results_schema(tmp_path: Path) -> None:
     assert [s[0].rsplit("/", 1)[-1] for s in on_disk["skipped"]] == ["meta.csv:9 (case 8)", "missing.png"]
     assert len(loader.skipped) == 1
     assert "fold 2" in (out / "log.txt").read_text()
+
+
+def test_a_failed_rerun_keeps_the_previous_runs_log_and_logs_its_error(tmp_path: Path, monkeypatch) -> None:
+    cases, out = _toy_cases(tmp_path), tmp_path / "run"
+    settings = {"n_folds": 3, "cache_dir": tmp_path / "cache", **TINY["maskrcnn-fusion"]}
+    run_baseline_cv("maskrcnn-fusion", cases, out, **settings)
+    good = {name: (out / name).read_bytes() for name in ("log.txt", "results.json")}
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("boom in fold 0")
+
+    monkeypatch.setattr(MaskRcnnFusion, "fold_scores", fail)
+    with pytest.raises(RuntimeError, match="boom"):
+        run_baseline_cv("maskrcnn-fusion", cases, out, **settings)
+    # log.txt and results.json are still the pair of the run that completed
+    assert {name: (out / name).read_bytes() for name in good} == good
+    failed = (out / "log.failed.txt").read_text()
+    assert "run failed: RuntimeError: boom in fold 0" in failed and "Traceback" in failed
+    assert sorted(p.name for p in out.iterdir()) == ["log.failed.txt", "log.txt", "results.json"]
+
+    monkeypatch.undo()
+    run_baseline_cv("maskrcnn-fusion", cases, out, **settings)  # completes: its log replaces the old one
+    assert "fold 2" in (out / "log.txt").read_text() and (out / "log.txt").read_bytes() != good["log.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["log.txt", "results.json"]

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
+import sys
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,21 +29,42 @@ log = logging.getLogger(__name__)
 
 @contextmanager
 def _log_to(path: Path) -> Iterator[None]:
-    """Copy the library's INFO log into ``path`` for the duration of the run."""
-    logger = logging.getLogger("dermcir")
-    handler = logging.FileHandler(path, mode="w")
+    """Copy the library's INFO log into ``path``, which is replaced only once the run completes.
+
+    Until then the log grows in ``log.running-<pid>-<random>.txt`` beside ``path``: ``path`` and ``results.json``
+    stay the pair of the last run that completed. A run that fails ends its log with the exception and keeps it as
+    ``log.failed.txt``; a run that completes deletes that file, since the folder's run no longer failed.
+    """
+    failed_path = path.with_name(f"{path.stem}.failed{path.suffix}")
+    # A name of its own ("x": never an existing file), so two runs into one folder cannot write into one log.
+    running = path.with_name(f"{path.stem}.running-{os.getpid()}-{uuid.uuid4().hex[:8]}{path.suffix}")
+    handler = logging.FileHandler(running, mode="x", encoding="utf-8")
     handler.setLevel(logging.INFO)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("dermcir")
     previous = logger.level
     if logger.getEffectiveLevel() > logging.INFO:
         logger.setLevel(logging.INFO)
     logger.addHandler(handler)
     try:
         yield
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(previous)
-        handler.close()
+    except BaseException as exc:
+        # Into the file only: the CLI prints the error as one line, which a traceback on the console would bury.
+        handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, "run failed: %s: %s",
+                                      (type(exc).__name__, exc), sys.exc_info()))
+        _finish(logger, handler, previous)
+        with contextlib.suppress(OSError):  # the run's own error is the one to report
+            os.replace(running, failed_path)
+        raise
+    _finish(logger, handler, previous)
+    os.replace(running, path)  # the file is complete: one rename puts it in place, as files.atomic_write does
+    failed_path.unlink(missing_ok=True)
+
+
+def _finish(logger: logging.Logger, handler: logging.Handler, level: int) -> None:
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+    handler.close()
 
 
 def _check_scores(name: str, variant: str, scores: np.ndarray, n_q: int, n_db: int) -> np.ndarray:
@@ -83,7 +108,8 @@ def run_baseline_cv(
     Args:
         method: a name from :func:`dermcir.baselines.list_baselines`.
         cases: the cases (e.g. from :func:`dermcir.data.load_derm7pt`).
-        out_dir: where ``results.json`` and ``log.txt`` go.
+        out_dir: where ``results.json`` and ``log.txt`` go; both are replaced only when the run completes (a failed
+            run leaves them as they were and writes its log, with the error, to ``log.failed.txt``).
         n_folds: folds of the split.
         seed: the split's and the training's seed.
         profile: ``"cpu"`` or ``"gpu"`` settings (each method's module documents both).
