@@ -347,3 +347,21 @@ def test_a_failed_rerun_keeps_the_previous_runs_log_and_logs_its_error(tmp_path:
     run_baseline_cv("maskrcnn-fusion", cases, out, **settings)  # completes: its log replaces the old one
     assert "fold 2" in (out / "log.txt").read_text() and (out / "log.txt").read_bytes() != good["log.txt"]
     assert sorted(p.name for p in out.iterdir()) == ["log.txt", "results.json"]
+
+
+@pytest.mark.parametrize(("name", "extra", "bars"), [
+    ("maskrcnn-fusion", {}, ("preprocess 48px", "segment + texture", "lite0 maps (1 views)")),
+    ("resnet50-cossim", {"epochs": 1}, ("preprocess 48px", "lite0 maps (2 views)")),
+])
+def test_progress_false_shows_no_progress_bars(name: str, extra: dict, bars: tuple[str, ...], tmp_path: Path,
+                                               capfd) -> None:
+    """``dermcir cv --quiet`` is to pass ``progress=False``; fresh caches, so every step really runs."""
+    cases = _toy_cases(tmp_path)
+    settings = {"n_folds": 3, **TINY[name], **extra}
+    run_baseline_cv(name, cases, tmp_path / "quiet", cache_dir=tmp_path / "cache-quiet", progress=False, **settings)
+    quiet = capfd.readouterr().err
+    run_baseline_cv(name, cases, tmp_path / "loud", cache_dir=tmp_path / "cache-loud", **settings)
+    loud = capfd.readouterr().err
+    for bar in bars:
+        assert bar in loud  # the bars exist and are seen here, so their absence below means something
+        assert bar not in quiet

@@ -38,6 +38,7 @@ class BaselineData:
         case_ids: the cases' ids, for logs.
         cache_dir: folder for feature caches (``None``: keep everything in memory).
         seed: the run's seed; every random choice derives from it.
+        progress: show progress bars for the long steps (feature extraction, segmentation).
     """
 
     images: np.ndarray
@@ -46,6 +47,7 @@ class BaselineData:
     case_ids: list[str]
     cache_dir: Path | None = None
     seed: int = 0
+    progress: bool = True
 
     def __post_init__(self) -> None:
         n = len(self.labels)

@@ -40,7 +40,7 @@ def content_key(images: np.ndarray) -> str:
 @torch.inference_mode()
 def backbone_maps(
     backbone: SplitBackbone, images: np.ndarray, n_views: int, levels: Sequence[str], device: torch.device,
-    batch_size: int = 32, cache_dir: Path | None = None, weights_id: str = "",
+    batch_size: int = 32, cache_dir: Path | None = None, weights_id: str = "", progress: bool = True,
 ) -> dict[str, np.ndarray]:
     """The frozen backbone's maps of every image under the first ``n_views`` symmetries.
 
@@ -53,6 +53,7 @@ def backbone_maps(
         batch_size: images per forward pass.
         cache_dir: where to cache the result (``None``: no cache).
         weights_id: names the weights, so that other weights miss the cache.
+        progress: show a progress bar.
 
     Returns:
         ``{level: (n_views, N, C, H, W) float16}``.
@@ -68,7 +69,7 @@ def backbone_maps(
     backbone.eval().to(device)
     out: dict[str, list[list[np.ndarray]]] = {lv: [[] for _ in range(n_views)] for lv in levels}
     steps = [(v, s) for v in range(n_views) for s in range(0, len(images), batch_size)]
-    for view, start in tqdm(steps, desc=f"{backbone.name} maps ({n_views} views)", leave=False):
+    for view, start in tqdm(steps, desc=f"{backbone.name} maps ({n_views} views)", disable=not progress, leave=False):
         batch = dihedral(torch.from_numpy(images[start:start + batch_size]).to(device), view)
         mid, top = backbone.maps(backbone.normalize(batch))
         for lv, arr in (("mid", mid), ("top", top)):
@@ -106,8 +107,8 @@ def cosine_scores(queries: np.ndarray, database: np.ndarray) -> np.ndarray:
 
 def frozen_features(
     backbone: SplitBackbone, images: np.ndarray, device: torch.device, batch_size: int = 32,
-    cache_dir: Path | None = None, weights_id: str = "",
+    cache_dir: Path | None = None, weights_id: str = "", progress: bool = True,
 ) -> np.ndarray:
     """The frozen ImageNet penultimate features of every image (view 0 only), ``(N, D)`` float32."""
-    maps = backbone_maps(backbone, images, 1, ("top",), device, batch_size, cache_dir, weights_id)
+    maps = backbone_maps(backbone, images, 1, ("top",), device, batch_size, cache_dir, weights_id, progress)
     return pooled_features(backbone, maps["top"][0], device, batch_size)

@@ -78,25 +78,25 @@ def _check_scores(name: str, variant: str, scores: np.ndarray, n_q: int, n_db: i
 
 def build_data(
     baseline: Baseline, cases: Sequence[Case], cache_dir: Path | None, seed: int,
-    load_report: LoadReport | None = None,
+    load_report: LoadReport | None = None, progress: bool = True,
 ) -> tuple[BaselineData, LoadReport]:
     """Preprocess the cases' images at the method's size and gather labels and metadata. The report returned lists
     the rows ``load_report`` (the loader's, left unchanged) left out, then the images preprocessing left out."""
     report = LoadReport(n_rows=len(cases), skipped=list(load_report.skipped) if load_report is not None else [])
-    kept, images = preprocess_cases(cases, baseline.config.image_size, cache_dir, report)
+    kept, images = preprocess_cases(cases, baseline.config.image_size, cache_dir, report, progress)
     if report.skipped:
         log.warning("%d row(s) or case(s) left out: %s", len(report.skipped),
                     "; ".join(f"{what}: {why}" for what, why in report.skipped))
     data = BaselineData(
         images=images, labels=np.array([c.category for c in kept]), metadata=metadata_onehot(kept),
-        case_ids=[c.case_id for c in kept], cache_dir=cache_dir or default_cache_dir(), seed=seed,
+        case_ids=[c.case_id for c in kept], cache_dir=cache_dir or default_cache_dir(), seed=seed, progress=progress,
     )
     return data, report
 
 
 def run_baseline_cv(
     method: str, cases: list[Case], out_dir: Path, n_folds: int = 5, seed: int = 0, profile: str = "cpu",
-    cache_dir: Path | None = None, load_report: LoadReport | None = None, **overrides: Any,
+    cache_dir: Path | None = None, load_report: LoadReport | None = None, progress: bool = True, **overrides: Any,
 ) -> dict[str, Any]:
     """Run a registered baseline on the protocol's stratified folds and write ``out_dir/results.json`` and a log.
 
@@ -116,6 +116,8 @@ def run_baseline_cv(
         cache_dir: preprocessed images and frozen features (default: ``$DERMCIR_CACHE`` or ``~/.cache/dermcir``).
         load_report: the loader's report of ``cases``; the rows it left out are listed in ``results.json``
             (``skipped``) and the log with the images preprocessing leaves out.
+        progress: progress bars (on stderr) for preprocessing and the methods' long steps; ``False`` for none
+            (``dermcir cv --quiet``).
         **overrides: single settings of the method's config, e.g. ``backbone="resnet50", backbone_weights=PATH``.
 
     Returns:
@@ -128,17 +130,17 @@ def run_baseline_cv(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with _log_to(out_dir / "log.txt"):
-        return _run(baseline, cases, out_dir, n_folds, seed, cache_dir, load_report)
+        return _run(baseline, cases, out_dir, n_folds, seed, cache_dir, load_report, progress)
 
 
 def _run(
     baseline: Baseline, cases: list[Case], out_dir: Path, n_folds: int, seed: int, cache_dir: Path | None,
-    load_report: LoadReport | None,
+    load_report: LoadReport | None, progress: bool,
 ) -> dict[str, Any]:
     start = time.perf_counter()
     log.info("%s (%s profile, device %s): %d cases, %d folds, seed %d; settings %s", baseline.name,
              baseline.profile, baseline.device, len(cases), n_folds, seed, dataclasses.asdict(baseline.config))
-    data, report = build_data(baseline, cases, cache_dir, seed, load_report)
+    data, report = build_data(baseline, cases, cache_dir, seed, load_report, progress)
     baseline.prepare(data)
     prepare_s = time.perf_counter() - start
     log.info("prepared in %.1f s", prepare_s)

@@ -70,7 +70,7 @@ class TrainedBaseline(Baseline):
         if not self.config.train_backbone:
             self.maps = backbone_maps(
                 self._backbone(), data.images, self.config.n_views, self.levels, self.device,
-                self.config.batch_size, data.cache_dir, self._weights_id(),
+                self.config.batch_size, data.cache_dir, self._weights_id(), data.progress,
             )
 
     def _weights_id(self) -> str:

@@ -137,11 +137,13 @@ def lesion_crop(image: np.ndarray, mask: np.ndarray, margin: float) -> np.ndarra
     return np.clip(np.rint(crop), 0, 255).astype(np.uint8)
 
 
-def handcrafted_and_crops(images: np.ndarray, margin: float) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def handcrafted_and_crops(
+    images: np.ndarray, margin: float, progress: bool = True
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Every image's hand-crafted blocks (``{block: (N, F)}``) and its lesion crop (``(N, S, S, 3)`` uint8)."""
     blocks: dict[str, list[np.ndarray]] = {b: [] for b in HANDCRAFTED_BLOCKS}
     crops = np.empty_like(images)
-    for i, image in enumerate(tqdm(images, desc="segment + texture", leave=False)):
+    for i, image in enumerate(tqdm(images, desc="segment + texture", disable=not progress, leave=False)):
         mask = lesion_mask(image)
         gray = np.rint(color.rgb2gray(image) * 255).astype(np.uint8)
         blocks["texture"].append(texture_features(gray, mask))
@@ -190,7 +192,7 @@ class MaskRcnnFusion(Baseline):
         handcrafted, crops = self._handcrafted(data)
         backbone = build_backbone(self.config.backbone, self.config.backbone_weights, self.config.pretrained)
         deep = frozen_features(backbone, crops, self.device, self.config.batch_size, data.cache_dir,
-                               f"{self.config.backbone_weights}|{self.config.pretrained}")
+                               f"{self.config.backbone_weights}|{self.config.pretrained}", data.progress)
         self.blocks = {**handcrafted, "deep": deep}
         cfg = self.config
         self.weights = {**{b: cfg.handcrafted_weight for b in HANDCRAFTED_BLOCKS}, "deep": cfg.deep_weight}
@@ -201,7 +203,7 @@ class MaskRcnnFusion(Baseline):
         if path is not None and path.is_file():
             with np.load(path) as cached:
                 return {b: cached[b] for b in HANDCRAFTED_BLOCKS}, cached["crops"]
-        blocks, crops = handcrafted_and_crops(data.images, self.config.crop_margin)
+        blocks, crops = handcrafted_and_crops(data.images, self.config.crop_margin, data.progress)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp.npz")

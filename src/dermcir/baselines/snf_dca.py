@@ -165,7 +165,7 @@ class SnfDca(Baseline):
         backbone = build_backbone(self.config.backbone, self.config.backbone_weights, self.config.pretrained)
         self.features = frozen_features(
             backbone, data.images, self.device, self.config.batch_size, data.cache_dir,
-            f"{self.config.backbone_weights}|{self.config.pretrained}",
+            f"{self.config.backbone_weights}|{self.config.pretrained}", data.progress,
         )
 
     def _image_channel(self, db_idx: np.ndarray, nodes: np.ndarray) -> np.ndarray:
