@@ -365,3 +365,25 @@ def test_progress_false_shows_no_progress_bars(name: str, extra: dict, bars: tup
     for bar in bars:
         assert bar in loud  # the bars exist and are seen here, so their absence below means something
         assert bar not in quiet
+
+
+def test_fusion_cache_writers_do_not_collide(toy: BaselineData, tmp_path: Path, monkeypatch) -> None:
+    """Two runs filling one cache: the second writes and renames its file while the first is between writing and
+    renaming its own (the interleaving that killed one of two real concurrent runs). Both must succeed."""
+    data = BaselineData(toy.images[:6], toy.labels[:6], toy.metadata[:6], toy.case_ids[:6], tmp_path / "cache", 0)
+    real_savez, calls = np.savez, []
+
+    def savez_then_let_another_run_write(file, *args, **kwargs):
+        real_savez(file, *args, **kwargs)
+        calls.append(file)
+        if len(calls) == 1:  # the first writer is paused here; another run computes and caches the same key
+            create_baseline("maskrcnn-fusion", "cpu", **TINY["maskrcnn-fusion"])._handcrafted(data)
+
+    monkeypatch.setattr(np, "savez", savez_then_let_another_run_write)
+    blocks, crops = create_baseline("maskrcnn-fusion", "cpu", **TINY["maskrcnn-fusion"])._handcrafted(data)
+    assert len(calls) == 2
+    monkeypatch.undo()
+    (cached,) = (tmp_path / "cache" / "baselines").iterdir()  # one cache file, no temporary left behind
+    with np.load(cached) as npz:
+        np.testing.assert_array_equal(npz["crops"], crops)
+        np.testing.assert_array_equal(npz["texture"], blocks["texture"])

@@ -32,6 +32,7 @@ from dermcir.baselines._base import IMAGE_ONLY_DATABASE, BackboneConfig, Baselin
 from dermcir.baselines._features import content_key, cosine_scores, frozen_features
 from dermcir.baselines._nets import build_backbone
 from dermcir.data.cache import settings_key
+from dermcir.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -205,10 +206,9 @@ class MaskRcnnFusion(Baseline):
                 return {b: cached[b] for b in HANDCRAFTED_BLOCKS}, cached["crops"]
         blocks, crops = handcrafted_and_crops(data.images, self.config.crop_margin, data.progress)
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp.npz")
-            np.savez(tmp, crops=crops, **blocks)
-            tmp.replace(path)
+            # A temporary file of its own: runs sharing the cache may write this key at the same moment.
+            with atomic_write(path, binary=True) as fh:
+                np.savez(fh, crops=crops, **blocks)
         return blocks, crops
 
     def fold_scores(self, fold: int, db_idx: np.ndarray, q_idx: np.ndarray) -> dict[str, np.ndarray]:
