@@ -79,7 +79,6 @@ def toy() -> BaselineData:
         images=np.stack([_toy_image(c, rng) for c, _ in items]),
         labels=np.array([CATEGORIES[c] for c, _ in items]),
         metadata=np.stack([_toy_metadata(c, i) for c, i in items]),
-        case_ids=[f"case{k}" for k in range(len(items))],
         cache_dir=None,
         seed=0,
     )
@@ -204,7 +203,7 @@ def test_scores_depend_on_the_images(toy: BaselineData) -> None:
     """With the images shuffled across labels the same method is no longer perfect: the perfect scores above mean
     something."""
     order = np.random.default_rng(5).permutation(len(toy.labels))
-    shuffled = BaselineData(toy.images[order], toy.labels, toy.metadata, toy.case_ids, None, 0)
+    shuffled = BaselineData(toy.images[order], toy.labels, toy.metadata, None, 0)
     baseline = create_baseline("maskrcnn-fusion", "cpu", **TINY["maskrcnn-fusion"])
     baseline.prepare(shuffled)
     db_idx, q_idx = stratified_folds(toy.labels, 3, seed=0)[0]
@@ -370,7 +369,7 @@ def test_progress_false_shows_no_progress_bars(name: str, extra: dict, bars: tup
 def test_fusion_cache_writers_do_not_collide(toy: BaselineData, tmp_path: Path, monkeypatch) -> None:
     """Two runs filling one cache: the second writes and renames its file while the first is between writing and
     renaming its own (the interleaving that killed one of two real concurrent runs). Both must succeed."""
-    data = BaselineData(toy.images[:6], toy.labels[:6], toy.metadata[:6], toy.case_ids[:6], tmp_path / "cache", 0)
+    data = BaselineData(toy.images[:6], toy.labels[:6], toy.metadata[:6], tmp_path / "cache", 0)
     real_savez, calls = np.savez, []
 
     def savez_then_let_another_run_write(file, *args, **kwargs):
@@ -387,3 +386,31 @@ def test_fusion_cache_writers_do_not_collide(toy: BaselineData, tmp_path: Path, 
     with np.load(cached) as npz:
         np.testing.assert_array_equal(npz["crops"], crops)
         np.testing.assert_array_equal(npz["texture"], blocks["texture"])
+
+
+def test_results_record_only_the_settings_the_run_used(tmp_path: Path) -> None:
+    """The gpu profile trains on live images under all 8 symmetries: an ``n_views`` in its record would be a value
+    that played no part; the cpu profile's frozen backbone never reads ``backbone_lr``; ``amp`` acts on CUDA only."""
+    cases, out = _toy_cases(tmp_path), tmp_path / "run"
+    run_baseline_cv("resnet50-cossim", cases, out, n_folds=3, cache_dir=tmp_path / "cache", profile="gpu",
+                    device="cpu", image_size=SIZE, epochs=1, batch_size=8)
+    settings = json.loads((out / "results.json").read_text())["settings"]
+    assert settings["train_backbone"] is True and "n_views" not in settings
+    end_to_end = create_baseline("dahnet", "gpu", device="cpu")
+    assert "n_views" not in end_to_end.settings and end_to_end.settings["backbone_lr"] == 1e-4
+    frozen = create_baseline("dahnet", "cpu", device="cpu")
+    assert frozen.settings["n_views"] == 4 and "backbone_lr" not in frozen.settings
+    assert "amp" not in frozen.settings and "amp" not in end_to_end.settings
+    with pytest.raises(ValueError, match=r"not used by this configuration: n_views \(train_backbone=True"):
+        create_baseline("resnet50-cossim", "gpu", device="cpu", n_views=2)
+    with pytest.raises(ValueError, match=r"backbone_lr \(train_backbone=False"):
+        create_baseline("resnet50-cossim", "cpu", device="cpu", backbone_lr=1e-3)
+
+
+def test_docs_agree_with_the_code() -> None:
+    root = Path(__file__).resolve().parents[1]
+    doc = " ".join((root / "docs" / "baselines.md").read_text().split())  # prose is wrapped anywhere
+    pin = re.search(r'"networkx==([^"]+)"', (root / "pyproject.toml").read_text())
+    assert pin and f"networkx=={pin.group(1)}" in doc and "not pinned" not in doc
+    assert "does not forward `--set`" not in doc  # dermcir cv passes --set to the baselines (cli/core.py)
+    assert "Acc@1 = Acc@2" not in doc  # the table gives DAHNET 73.3 / 74.7 / 76.1

@@ -35,7 +35,6 @@ class BaselineData:
         images: ``(N, S, S, 3)`` uint8 images after border removal and resizing.
         labels: ``(N,)`` category of every case (used only through the training folds' indices).
         metadata: ``(N, D)`` float32 one-hot encoding of the checklist fields (``_metadata.metadata_onehot``).
-        case_ids: the cases' ids, for logs.
         cache_dir: folder for feature caches (``None``: keep everything in memory).
         seed: the run's seed; every random choice derives from it.
         progress: show progress bars for the long steps (feature extraction, segmentation).
@@ -44,7 +43,6 @@ class BaselineData:
     images: np.ndarray
     labels: np.ndarray
     metadata: np.ndarray
-    case_ids: list[str]
     cache_dir: Path | None = None
     seed: int = 0
     progress: bool = True
@@ -53,10 +51,10 @@ class BaselineData:
         n = len(self.labels)
         if self.images.ndim != 4 or self.images.shape[-1] != 3 or self.images.dtype != np.uint8:
             raise ValueError(f"images must be a (N, S, S, 3) uint8 array, got {self.images.shape} {self.images.dtype}")
-        if len(self.images) != n or len(self.metadata) != n or len(self.case_ids) != n:
+        if len(self.images) != n or len(self.metadata) != n:
             raise ValueError(
-                f"images ({len(self.images)}), labels ({n}), metadata ({len(self.metadata)}) and case_ids "
-                f"({len(self.case_ids)}) must have the same length"
+                f"images ({len(self.images)}), labels ({n}) and metadata ({len(self.metadata)}) must have the same "
+                f"length"
             )
 
 
@@ -241,6 +239,18 @@ class Baseline(ABC):
         """One sentence on where this reimplementation differs from the published method."""
         return ""
 
+    def unused_settings(self) -> dict[str, str]:
+        """Settings this configuration never reads, with the reason (e.g. ``n_views`` when the whole network trains
+        on live images)."""
+        return {}
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The settings the run uses, as recorded in ``results.json``: the unused ones are left out, so that the
+        record never shows a value that played no part."""
+        unused = self.unused_settings()
+        return {k: v for k, v in dataclasses.asdict(self.config).items() if k not in unused}
+
     @abstractmethod
     def prepare(self, data: BaselineData) -> None:
         """Fold-independent work on all cases (never reads labels)."""
@@ -287,5 +297,11 @@ def create_baseline(name: str, profile: str = "cpu", **overrides: Any) -> Baseli
         config = with_overrides(cls.profiles[profile], **overrides)  # checks every setting (BaselineConfig)
     except ValueError as exc:
         raise ValueError(f"{name} ({profile} profile): {exc}") from None
-    return cls(config, profile)
+    baseline = cls(config, profile)
+    # Setting a value that the run never reads would look like a change in the record; it is refused instead.
+    ignored = {k: why for k, why in baseline.unused_settings().items() if k in overrides}
+    if ignored:
+        raise ValueError(f"{name} ({profile} profile): setting(s) not used by this configuration: "
+                         + "; ".join(f"{k} ({why})" for k, why in sorted(ignored.items())))
+    return baseline
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import sys
@@ -89,7 +88,7 @@ def build_data(
                     "; ".join(f"{what}: {why}" for what, why in report.skipped))
     data = BaselineData(
         images=images, labels=np.array([c.category for c in kept]), metadata=metadata_onehot(kept),
-        case_ids=[c.case_id for c in kept], cache_dir=cache_dir or default_cache_dir(), seed=seed, progress=progress,
+        cache_dir=cache_dir or default_cache_dir(), seed=seed, progress=progress,
     )
     return data, report
 
@@ -139,7 +138,7 @@ def _run(
 ) -> dict[str, Any]:
     start = time.perf_counter()
     log.info("%s (%s profile, device %s): %d cases, %d folds, seed %d; settings %s", baseline.name,
-             baseline.profile, baseline.device, len(cases), n_folds, seed, dataclasses.asdict(baseline.config))
+             baseline.profile, baseline.device, len(cases), n_folds, seed, baseline.settings)
     data, report = build_data(baseline, cases, cache_dir, seed, load_report, progress)
     baseline.prepare(data)
     prepare_s = time.perf_counter() - start
@@ -173,7 +172,7 @@ def _document(
     keys = list(baseline.variants)
     extra = {
         "display_name": baseline.display_name, "profile": baseline.profile, "device": str(baseline.device),
-        "n_cases": n_cases, "n_folds": n_folds, "seed": seed, "settings": dataclasses.asdict(baseline.config),
+        "n_cases": n_cases, "n_folds": n_folds, "seed": seed, "settings": baseline.settings,
         "deviations": baseline.deviations, "seconds": total_s, "seconds_prepare": prepare_s,
         "skipped": [list(s) for s in report.skipped],
     }

@@ -62,6 +62,16 @@ class TrainedBaseline(Baseline):
         """How the table names the CNN actually used."""
         return self.config.backbone_label
 
+    def unused_settings(self) -> dict[str, str]:
+        unused = {}
+        if self.config.train_backbone:
+            unused["n_views"] = "train_backbone=True trains on live images under all 8 symmetries"
+        else:
+            unused["backbone_lr"] = "train_backbone=False keeps the backbone stages frozen"
+        if self.device.type != "cuda":
+            unused["amp"] = f"bf16 autocast runs on CUDA only; this run is on {self.device}"
+        return unused
+
     def prepare(self, data: BaselineData) -> None:
         self.data = data
         self.classes = sorted(set(data.labels.tolist()))
