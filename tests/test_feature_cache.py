@@ -80,14 +80,44 @@ def test_cached_maps_are_those_search_computes(three_cases, tmp_path, grid):
         torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
 
 
-def test_a_failed_cache_write_leaves_no_temporary_file(three_cases, tmp_path, monkeypatch):
-    """Temporary files are the writer's own (two processes may fill one cache) and are removed when a write fails."""
+def test_a_failed_cache_write_costs_the_cache_not_the_run(three_cases, tmp_path, monkeypatch, caplog):
+    """A full disk: the maps are used unsaved, with one warning, and no temporary file is left behind (temporary
+    files are the writer's own, as two processes may fill one cache). Before, the run stopped with the OSError."""
     cases, images = preprocess_cases(three_cases, 64, tmp_path, progress=False)
+    good = CachedFeatures.build(_model(), cases, images, cache_dir=tmp_path / "good", progress=False)
 
     def full_disk(src, dst):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "replace", full_disk)
-    with pytest.raises(OSError, match="No space left"):
-        CachedFeatures.build(_model(), cases, images, cache_dir=tmp_path, progress=False)
+    with caplog.at_level("WARNING", logger="dermcir.training.features"):
+        got = CachedFeatures.build(_model(), cases, images, cache_dir=tmp_path, progress=False)
     assert list((tmp_path / "features").iterdir()) == []
+    for a, b in zip(got.maps[0], good.maps[0], strict=True):
+        torch.testing.assert_close(a, b)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "No space left on device" in warnings[0] and "3 case(s)" in warnings[0]
+
+
+def test_a_cache_path_that_is_a_file_is_warned_about_not_fatal(three_cases, tmp_path, caplog):
+    cases, images = preprocess_cases(three_cases, 64, tmp_path / "images", progress=False)
+    (tmp_path / "afile").write_text("")
+    with caplog.at_level("WARNING", logger="dermcir.training.features"):
+        got = CachedFeatures.build(_model(), cases, images, cache_dir=tmp_path / "afile", progress=False)
+    assert len(got) == 3 and "could not write backbone features" in caplog.text
+
+
+def test_damaged_cache_entries_are_computed_again(three_cases, tmp_path, caplog):
+    cases, images = preprocess_cases(three_cases, 64, tmp_path, progress=False)
+    good = CachedFeatures.build(_model(), cases, images, cache_dir=tmp_path, progress=False)
+    entries = sorted((tmp_path / "features").glob("*.safetensors"))
+    for entry in entries[:2]:
+        entry.write_bytes(entry.read_bytes()[:20])  # cut short, as by a crash of another tool or a full disk
+    with caplog.at_level("WARNING", logger="dermcir.training.features"):
+        again = CachedFeatures.build(_model(), cases, images, cache_dir=tmp_path, progress=False)
+    assert "2 cached backbone feature file(s) could not be read" in caplog.text and str(entries[0].parent) in caplog.text
+    for a, b in zip(again.maps[0], good.maps[0], strict=True):
+        torch.testing.assert_close(a, b)
+    caplog.clear()
+    CachedFeatures.build(_model(), cases, images, cache_dir=tmp_path, progress=False)  # rewritten: read cleanly
+    assert "could not be read" not in caplog.text

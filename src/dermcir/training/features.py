@@ -82,9 +82,21 @@ class CachedFeatures:
         for view in cls.VIEWS[:n_views]:
             keys = [settings_key(digest, images.shape[1:], cfg.backbone, weights, cfg.image_size, cls.CACHE_GRID, view)
                     for digest in pixels]
-            todo = [i for i, k in enumerate(keys) if not (cache / f"{k}.safetensors").is_file()]
+            # A cache that cannot be read or written costs time, never the run (as for the image cache): a damaged
+            # entry is computed again, and maps that cannot be saved are kept in memory for this run.
+            found: dict[int, dict[str, torch.Tensor] | None] = {}
+            unreadable: list[str] = []
+            for i, k in enumerate(keys):
+                found[i], problem = _read_entry(cache / f"{k}.safetensors")
+                if problem:
+                    unreadable.append(problem)
+            if unreadable:
+                log.warning("%d cached backbone feature file(s) could not be read, e.g. %s; computing them again",
+                            len(unreadable), unreadable[0])
+            todo = [i for i, maps in found.items() if maps is None]
+            write_error: OSError | None = None
+            n_unsaved = 0
             if todo:
-                cache.mkdir(parents=True, exist_ok=True)
                 bar = tqdm(total=len(todo), desc=f"backbone features ({view})", disable=not progress, leave=False)
                 with torch.inference_mode():
                     for s in range(0, len(todo), batch_size):
@@ -96,12 +108,22 @@ class CachedFeatures:
                         maps = [torch.nn.functional.adaptive_avg_pool2d(m, min(cls.CACHE_GRID, m.shape[-1]))
                                 for m in maps]
                         for j, i in enumerate(chunk):
-                            # a file of its own per write: several processes may fill one cache
-                            with atomic_write(cache / f"{keys[i]}.safetensors", binary=True) as fh:
-                                fh.write(save({f"level{l}": m[j].half().contiguous().cpu() for l, m in enumerate(maps)}))
+                            found[i] = {f"level{l}": m[j].half().contiguous().cpu() for l, m in enumerate(maps)}
+                            if write_error is None:  # after one failure the cache is not tried again this run
+                                try:
+                                    cache.mkdir(parents=True, exist_ok=True)
+                                    # a file of its own per write: several processes may fill one cache
+                                    with atomic_write(cache / f"{keys[i]}.safetensors", binary=True) as fh:
+                                        fh.write(save(found[i]))
+                                except OSError as exc:
+                                    write_error = exc
+                            n_unsaved += write_error is not None
                         bar.update(len(chunk))
                 bar.close()
-            loaded = [load_file(str(cache / f"{k}.safetensors")) for k in keys]
+            if write_error is not None:
+                log.warning("could not write backbone features into the cache %s (%s): %d case(s) were used without "
+                            "being saved, and the next run will compute them again", cache, write_error, n_unsaved)
+            loaded = [found[i] for i in range(len(keys))]
             stacked = [torch.stack([d[f"level{l}"] for d in loaded]) for l in range(len(loaded[0]))]
             views.append([m.half() for m in model.pool_maps([m.float() for m in stacked])])
         return cls(views)
@@ -119,6 +141,16 @@ class CachedFeatures:
                 out.append(stacked.to(device).float())
             return out
         return [m[idx].to(device).float() for m in self.maps[0]]
+
+
+def _read_entry(path: Path) -> tuple[dict[str, torch.Tensor] | None, str | None]:
+    """A cached case's maps (None when absent or unreadable; then they are computed again), and what went wrong."""
+    try:
+        if not path.is_file():
+            return None, None
+        return load_file(str(path)), None
+    except Exception as exc:  # noqa: BLE001 (OSError, or safetensors' own error type for a damaged file)
+        return None, f"{path}: {exc}"
 
 
 def _check_grid(grid: int | None, cache_grid: int) -> None:
