@@ -414,3 +414,24 @@ def test_docs_agree_with_the_code() -> None:
     assert pin and f"networkx=={pin.group(1)}" in doc and "not pinned" not in doc
     assert "does not forward `--set`" not in doc  # dermcir cv passes --set to the baselines (cli/core.py)
     assert "Acc@1 = Acc@2" not in doc  # the table gives DAHNET 73.3 / 74.7 / 76.1
+
+
+@pytest.mark.parametrize(("flags", "progress"), [(["--quiet"], False), ([], True)])
+def test_cv_quiet_reaches_the_baseline_runner(flags: list[str], progress: bool, tmp_path: Path, monkeypatch) -> None:
+    """``dermcir cv --method NAME --quiet`` passes ``progress=False`` (the runner showed its bars regardless)."""
+    import dermcir.baselines
+    from dermcir.cli import main
+
+    from .conftest import write_release
+
+    seen = {}
+
+    def record(*args, **kwargs):
+        seen.update(kwargs)
+        return {"mean": {}, "std": {}}
+
+    monkeypatch.setattr(dermcir.baselines, "run_baseline_cv", record)
+    release = write_release(tmp_path / "r", [{"diagnosis": "clark nevus"}] * 3)
+    assert main(["cv", "--method", "snf-dca", "--data", str(release), "--min-cases", "1", "--out",
+                 str(tmp_path / "o"), *flags]) == 0
+    assert seen["progress"] is progress

@@ -130,6 +130,7 @@ def cmd_cv(args: argparse.Namespace) -> int:
         from dermcir.baselines import run_baseline_cv
 
         doc = run_baseline_cv(args.method, cases, args.out, n_folds=args.folds, seed=args.seed, profile=args.profile,
-                              cache_dir=args.cache, load_report=report, **_overrides(args.set))
+                              cache_dir=args.cache, progress=not args.quiet, load_report=report,
+                              **_overrides(args.set))
     print(json.dumps({"out": str(args.out), "mean": doc["mean"], "std": doc["std"]}, indent=2))
     return 0
