@@ -435,3 +435,32 @@ def test_cv_quiet_reaches_the_baseline_runner(flags: list[str], progress: bool, 
     assert main(["cv", "--method", "snf-dca", "--data", str(release), "--min-cases", "1", "--out",
                  str(tmp_path / "o"), *flags]) == 0
     assert seen["progress"] is progress
+
+
+def test_baseline_caches_that_cannot_be_written_or_read_cost_time_not_the_run(toy: BaselineData, tmp_path: Path,
+                                                                               caplog) -> None:
+    """The backbone-map and Fusion caches: an unwritable cache folder and damaged entries give warnings and the
+    same features (before: the run stopped with the OSError or numpy's error)."""
+    from dermcir.baselines._features import backbone_maps
+
+    data = BaselineData(toy.images[:4], toy.labels[:4], toy.metadata[:4], tmp_path / "cache", 0)
+    backbone = build_backbone("lite0", pretrained=False)
+    fusion = create_baseline("maskrcnn-fusion", "cpu", **TINY["maskrcnn-fusion"])
+    cpu = torch.device("cpu")
+    maps = backbone_maps(backbone, data.images, 1, ("top",), cpu, cache_dir=data.cache_dir, progress=False)
+    blocks, crops = fusion._handcrafted(data)
+    for entry in (data.cache_dir / "baselines").iterdir():
+        entry.write_bytes(entry.read_bytes()[:40])  # cut short
+    (tmp_path / "afile").write_text("")
+    unwritable = BaselineData(data.images, data.labels, data.metadata, tmp_path / "afile", 0)
+    with caplog.at_level("WARNING"):
+        for cache in (data.cache_dir, unwritable.cache_dir):
+            again = backbone_maps(backbone, data.images, 1, ("top",), cpu, cache_dir=cache, progress=False)
+            np.testing.assert_array_equal(again["top"], maps["top"])
+        for source in (data, unwritable):
+            blocks_again, crops_again = fusion._handcrafted(source)
+            np.testing.assert_array_equal(crops_again, crops)
+            assert all(np.array_equal(blocks_again[b], blocks[b]) for b in blocks)
+    said = caplog.text
+    assert "unreadable cache entry" in said and "unreadable cached features" in said
+    assert said.count("could not write") == 2 and str(tmp_path / "afile") in said

@@ -64,8 +64,14 @@ def backbone_maps(
     key = settings_key(content_key(images), backbone.name, weights_id, n_views, images.shape, "maps-v1")
     paths = {lv: (cache_dir / "baselines" / f"{lv}-{key}.npy") if cache_dir else None for lv in levels}
     if all(p is not None and p.is_file() for p in paths.values()):
-        log.info("backbone maps: cache hit (%s)", key)
-        return {lv: np.load(p) for lv, p in paths.items()}  # type: ignore[arg-type]
+        # a cache that cannot be read or written costs time, never the run: a damaged entry is computed again
+        try:
+            cached = {lv: np.load(p) for lv, p in paths.items()}  # type: ignore[arg-type]
+        except Exception as exc:  # noqa: BLE001 (OSError, or numpy's ValueError/EOFError for a cut-short file)
+            log.warning("backbone maps: unreadable cache entry %s (%s); computing them again", key, exc)
+        else:
+            log.info("backbone maps: cache hit (%s)", key)
+            return cached
     backbone.eval().to(device)
     out: dict[str, list[list[np.ndarray]]] = {lv: [[] for _ in range(n_views)] for lv in levels}
     steps = [(v, s) for v in range(n_views) for s in range(0, len(images), batch_size)]
@@ -78,7 +84,12 @@ def backbone_maps(
     result = {lv: np.stack([np.concatenate(chunks) for chunks in per_view]) for lv, per_view in out.items()}
     for lv, path in paths.items():
         if path is not None:
-            atomic_save_npy(path, result[lv])
+            try:
+                atomic_save_npy(path, result[lv])
+            except OSError as exc:
+                log.warning("could not write backbone maps into the cache %s (%s); they were used without being "
+                            "saved, and the next run will compute them again", path.parent, exc)
+                break
     return result
 
 

@@ -201,14 +201,22 @@ class MaskRcnnFusion(Baseline):
     def _handcrafted(self, data: BaselineData) -> tuple[dict[str, np.ndarray], np.ndarray]:
         key = settings_key(content_key(data.images), self.config.crop_margin, FEATURES_VERSION)
         path = data.cache_dir / "baselines" / f"fusion-{key}.npz" if data.cache_dir else None
+        # a cache that cannot be read or written costs time, never the run: a damaged entry is computed again
         if path is not None and path.is_file():
-            with np.load(path) as cached:
-                return {b: cached[b] for b in HANDCRAFTED_BLOCKS}, cached["crops"]
+            try:
+                with np.load(path) as cached:
+                    return {b: cached[b] for b in HANDCRAFTED_BLOCKS}, cached["crops"]
+            except Exception as exc:  # noqa: BLE001 (OSError, zipfile.BadZipFile, KeyError for a damaged file)
+                log.warning("%s: unreadable cached features (%s); computing them again", path, exc)
         blocks, crops = handcrafted_and_crops(data.images, self.config.crop_margin, data.progress)
         if path is not None:
-            # A temporary file of its own: runs sharing the cache may write this key at the same moment.
-            with atomic_write(path, binary=True) as fh:
-                np.savez(fh, crops=crops, **blocks)
+            try:
+                # A temporary file of its own: runs sharing the cache may write this key at the same moment.
+                with atomic_write(path, binary=True) as fh:
+                    np.savez(fh, crops=crops, **blocks)
+            except OSError as exc:
+                log.warning("could not write features into the cache %s (%s); they were used without being saved",
+                            path.parent, exc)
         return blocks, crops
 
     def fold_scores(self, fold: int, db_idx: np.ndarray, q_idx: np.ndarray) -> dict[str, np.ndarray]:
