@@ -464,3 +464,18 @@ def test_baseline_caches_that_cannot_be_written_or_read_cost_time_not_the_run(to
     said = caplog.text
     assert "unreadable cache entry" in said and "unreadable cached features" in said
     assert said.count("could not write") == 2 and str(tmp_path / "afile") in said
+
+
+def test_computed_and_cached_backbone_maps_give_the_same_features(tmp_path: Path) -> None:
+    """Bit for bit: a run that computes the maps must score as one that loads them from the cache (the computed
+    maps kept the backbone's channels-last strides, and the tail's convolutions then rounded differently)."""
+    from dermcir.baselines._features import backbone_maps, pooled_features
+
+    images = np.random.default_rng(0).integers(0, 255, (6, SIZE, SIZE, 3), dtype=np.uint8)
+    backbone = build_backbone("lite0", pretrained=False)
+    cpu = torch.device("cpu")
+    computed = backbone_maps(backbone, images, 1, ("top",), cpu, cache_dir=tmp_path, progress=False)
+    loaded = backbone_maps(backbone, images, 1, ("top",), cpu, cache_dir=tmp_path, progress=False)
+    assert computed["top"].flags["C_CONTIGUOUS"]
+    np.testing.assert_array_equal(pooled_features(backbone, computed["top"][0], cpu),
+                                  pooled_features(backbone, loaded["top"][0], cpu))
