@@ -277,8 +277,10 @@ def test_cli_search_errors_are_one_line(setup, capsys):
     assert "expected FIELD=VALUE" in capsys.readouterr().err
     assert main(["search", "--index", str(root.parent / "nothing"), "--text", "x"]) == 2
     assert "no dermcir index" in capsys.readouterr().err
-    assert main(["search", "--index", str(root), "--text", "x", "--threads", "0"]) == 2
-    assert "--threads must be at least 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as caught:  # refused while parsing, before the index and model load
+        main(["search", "--index", str(root), "--text", "x", "--threads", "0"])
+    assert caught.value.code == 2
+    assert "--threads: expected a whole number ≥ 1, got 0" in capsys.readouterr().err
 
 
 def test_cli_index_from_a_clinic_csv_then_add_and_remove(tmp_path, capsys):
