@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dermcir.baselines._nets import SplitBackbone
-from dermcir.data.cache import atomic_save_npy, settings_key
+from dermcir.data.cache import read_entry, settings_key, write_entry
 
 log = logging.getLogger(__name__)
 
@@ -63,15 +63,15 @@ def backbone_maps(
         raise ValueError(f"unknown level(s) {unknown}; expected a subset of {list(LEVELS)}")
     key = settings_key(content_key(images), backbone.name, weights_id, n_views, images.shape, "maps-v1")
     paths = {lv: (cache_dir / "baselines" / f"{lv}-{key}.npy") if cache_dir else None for lv in levels}
-    if all(p is not None and p.is_file() for p in paths.values()):
+    if all(p is not None for p in paths.values()):
         # a cache that cannot be read or written costs time, never the run: a damaged entry is computed again
-        try:
-            cached = {lv: np.load(p) for lv, p in paths.items()}  # type: ignore[arg-type]
-        except Exception as exc:  # noqa: BLE001 (OSError, or numpy's ValueError/EOFError for a cut-short file)
-            log.warning("backbone maps: unreadable cache entry %s (%s); computing them again", key, exc)
-        else:
+        cached = {lv: read_entry(p, np.load) for lv, p in paths.items()}  # type: ignore[arg-type]
+        errors = [str(error) for _, error in cached.values() if error is not None]
+        if errors:
+            log.warning("backbone maps: unreadable cache entry %s (%s); computing them again", key, errors[0])
+        elif all(maps is not None for maps, _ in cached.values()):
             log.info("backbone maps: cache hit (%s)", key)
-            return cached
+            return {lv: maps for lv, (maps, _) in cached.items()}
     backbone.eval().to(device)
     out: dict[str, list[list[np.ndarray]]] = {lv: [[] for _ in range(n_views)] for lv in levels}
     steps = [(v, s) for v in range(n_views) for s in range(0, len(images), batch_size)]
@@ -88,11 +88,10 @@ def backbone_maps(
               for lv, per_view in out.items()}
     for lv, path in paths.items():
         if path is not None:
-            try:
-                atomic_save_npy(path, result[lv])
-            except OSError as exc:
+            error = write_entry(path, lambda fh, maps=result[lv]: np.save(fh, maps))
+            if error is not None:
                 log.warning("could not write backbone maps into the cache %s (%s); they were used without being "
-                            "saved, and the next run will compute them again", path.parent, exc)
+                            "saved, and the next run will compute them again", path.parent, error)
                 break
     return result
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -31,8 +32,7 @@ from tqdm.auto import tqdm
 from dermcir.baselines._base import IMAGE_ONLY_DATABASE, BackboneConfig, Baseline, BaselineData, Rule, register_baseline
 from dermcir.baselines._features import content_key, cosine_scores, frozen_features
 from dermcir.baselines._nets import build_backbone
-from dermcir.data.cache import settings_key
-from dermcir.files import atomic_write
+from dermcir.data.cache import read_entry, settings_key, write_entry
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,12 @@ class FusionConfig(BackboneConfig):
         super().check_together()
         if self.deep_weight == 0 and self.handcrafted_weight == 0:  # every descriptor would be 0: all ties
             raise ValueError("settings deep_weight=0 and handcrafted_weight=0: expected at least one weight > 0")
+
+
+def _load_handcrafted(path: Path) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The hand-crafted blocks and lesion crops cached by ``MaskRcnnFusion._handcrafted``."""
+    with np.load(path) as cached:
+        return {b: cached[b] for b in HANDCRAFTED_BLOCKS}, cached["crops"]
 
 
 def lesion_mask(image: np.ndarray) -> np.ndarray:
@@ -202,21 +208,18 @@ class MaskRcnnFusion(Baseline):
         key = settings_key(content_key(data.images), self.config.crop_margin, FEATURES_VERSION)
         path = data.cache_dir / "baselines" / f"fusion-{key}.npz" if data.cache_dir else None
         # a cache that cannot be read or written costs time, never the run: a damaged entry is computed again
-        if path is not None and path.is_file():
-            try:
-                with np.load(path) as cached:
-                    return {b: cached[b] for b in HANDCRAFTED_BLOCKS}, cached["crops"]
-            except Exception as exc:  # noqa: BLE001 (OSError, zipfile.BadZipFile, KeyError for a damaged file)
-                log.warning("%s: unreadable cached features (%s); computing them again", path, exc)
+        if path is not None:
+            cached, error = read_entry(path, _load_handcrafted)
+            if cached is not None:
+                return cached
+            if error is not None:
+                log.warning("%s: unreadable cached features (%s); computing them again", path, error)
         blocks, crops = handcrafted_and_crops(data.images, self.config.crop_margin, data.progress)
         if path is not None:
-            try:
-                # A temporary file of its own: runs sharing the cache may write this key at the same moment.
-                with atomic_write(path, binary=True) as fh:
-                    np.savez(fh, crops=crops, **blocks)
-            except OSError as exc:
+            error = write_entry(path, lambda fh: np.savez(fh, crops=crops, **blocks))
+            if error is not None:
                 log.warning("could not write features into the cache %s (%s); they were used without being saved",
-                            path.parent, exc)
+                            path.parent, error)
         return blocks, crops
 
     def fold_scores(self, fold: int, db_idx: np.ndarray, q_idx: np.ndarray) -> dict[str, np.ndarray]:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import IO, Any, TypeVar
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -21,6 +22,7 @@ from dermcir.files import atomic_write
 
 log = logging.getLogger(__name__)
 PREPROCESS_VERSION = "border-v1"
+T = TypeVar("T")
 
 
 def default_cache_dir() -> Path:
@@ -36,9 +38,28 @@ def settings_key(*parts: object) -> str:
     return hashlib.sha1("|".join(map(str, parts)).encode()).hexdigest()[:16]
 
 
-def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    with atomic_write(path, binary=True) as fh:  # a file of its own: several processes may fill one cache
-        np.save(fh, array)
+# Every cache here costs time, never a case or the run: an entry that cannot be read is computed again, and one that
+# cannot be written is used unsaved. These two helpers give the caller the reason, for its one warning.
+def read_entry(path: Path, load: Callable[[Path], T]) -> tuple[T | None, Exception | None]:
+    """A cache entry read with ``load``: ``(value, None)``; ``(None, None)`` when there is none; ``(None, error)``
+    when it cannot be read (another user's file, a write cut short, another format)."""
+    try:
+        if not path.is_file():
+            return None, None
+        return load(path), None
+    except Exception as exc:  # noqa: BLE001 (OSError, or numpy's / safetensors' / zipfile's own error types)
+        return None, exc
+
+
+def write_entry(path: Path, write: Callable[[IO[bytes]], Any]) -> OSError | None:
+    """Write a cache entry with ``write(file)``, atomically (a temporary file of its own: several processes may fill
+    one cache); the error instead of raising it when the cache cannot be written (a full disk, a read-only folder)."""
+    try:
+        with atomic_write(path, binary=True) as fh:
+            write(fh)
+    except OSError as exc:
+        return exc
+    return None
 
 
 def preprocess_cases(
@@ -69,10 +90,9 @@ def preprocess_cases(
             except ImageError as exc:
                 (report or LoadReport()).skip(str(case.image), str(exc))
                 continue
-            try:
-                atomic_save_npy(path, arr)
-            except OSError as exc:  # a full disk or a folder we may not write: the array is good, keep it
-                unsaved.append(f"{path} ({exc.strerror or exc})")
+            error = write_entry(path, lambda fh, arr=arr: np.save(fh, arr))
+            if error is not None:  # a full disk or a folder we may not write: the array is good, keep it
+                unsaved.append(f"{path} ({error.strerror or error})")
         kept.append(case)
         arrays.append(arr)
     if unsaved:
@@ -94,12 +114,10 @@ def _read_image_file(path: Path) -> bytes:
 
 def _load_cached(path: Path, size: int) -> np.ndarray | None:
     """The cached ``(size, size, 3)`` uint8 array at ``path``; None when absent, or (with a warning) unreadable."""
-    try:
-        if not path.is_file():
-            return None
-        arr = np.load(path)
-    except (OSError, ValueError, EOFError) as exc:  # another user's file, a truncated write, not an .npy at all
-        log.warning("cache file %s unreadable (%s); preprocessing its image again", path, exc)
+    arr, error = read_entry(path, np.load)
+    if error is not None:  # another user's file, a truncated write, not an .npy at all
+        log.warning("cache file %s unreadable (%s); preprocessing its image again", path, error)
+    if arr is None:
         return None
     if arr.shape != (size, size, 3) or arr.dtype != np.uint8:
         log.warning("cache file %s holds a %s %s array, not (%d, %d, 3) uint8; preprocessing its image again",

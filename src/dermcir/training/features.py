@@ -17,9 +17,8 @@ from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
 from dermcir.checkpoint import state_digest
-from dermcir.data.cache import default_cache_dir, settings_key
+from dermcir.data.cache import default_cache_dir, read_entry, settings_key, write_entry
 from dermcir.data.cases import Case
-from dermcir.files import atomic_write
 from dermcir.models import ComposedRetrievalModel
 
 log = logging.getLogger(__name__)
@@ -87,9 +86,9 @@ class CachedFeatures:
             found: dict[int, dict[str, torch.Tensor] | None] = {}
             unreadable: list[str] = []
             for i, k in enumerate(keys):
-                found[i], problem = _read_entry(cache / f"{k}.safetensors")
-                if problem:
-                    unreadable.append(problem)
+                found[i], error = read_entry(cache / f"{k}.safetensors", lambda p: load_file(str(p)))
+                if error is not None:
+                    unreadable.append(f"{cache / k}.safetensors: {error}")
             if unreadable:
                 log.warning("%d cached backbone feature file(s) could not be read, e.g. %s; computing them again",
                             len(unreadable), unreadable[0])
@@ -110,13 +109,8 @@ class CachedFeatures:
                         for j, i in enumerate(chunk):
                             found[i] = {f"level{l}": m[j].half().contiguous().cpu() for l, m in enumerate(maps)}
                             if write_error is None:  # after one failure the cache is not tried again this run
-                                try:
-                                    cache.mkdir(parents=True, exist_ok=True)
-                                    # a file of its own per write: several processes may fill one cache
-                                    with atomic_write(cache / f"{keys[i]}.safetensors", binary=True) as fh:
-                                        fh.write(save(found[i]))
-                                except OSError as exc:
-                                    write_error = exc
+                                write_error = write_entry(cache / f"{keys[i]}.safetensors",
+                                                          lambda fh, maps=found[i]: fh.write(save(maps)))
                             n_unsaved += write_error is not None
                         bar.update(len(chunk))
                 bar.close()
@@ -141,16 +135,6 @@ class CachedFeatures:
                 out.append(stacked.to(device).float())
             return out
         return [m[idx].to(device).float() for m in self.maps[0]]
-
-
-def _read_entry(path: Path) -> tuple[dict[str, torch.Tensor] | None, str | None]:
-    """A cached case's maps (None when absent or unreadable; then they are computed again), and what went wrong."""
-    try:
-        if not path.is_file():
-            return None, None
-        return load_file(str(path)), None
-    except Exception as exc:  # noqa: BLE001 (OSError, or safetensors' own error type for a damaged file)
-        return None, f"{path}: {exc}"
 
 
 def _check_grid(grid: int | None, cache_grid: int) -> None:
