@@ -626,3 +626,19 @@ def test_prepare_caches_the_frozen_maps_a_profile_will_read(toy_release, tmp_pat
     assert rc == 0
     assert len(list((cache / "images").glob("*"))) == 24
     assert len(list((cache / "features").glob("*.safetensors"))) == features * 24
+
+
+@pytest.mark.parametrize(("setting", "says"), [
+    ("epochs=-3", "setting epochs=-3: expected an integer >= 1"),
+    ("beta=2", "setting beta=2: expected a number in [0, 1]"),
+    ("val_fraction=0", "setting val_fraction=0: expected a number in (0, 1)"),
+    ("dim=30", "setting dim=30: expected an integer >= 1 divisible by heads=4"),
+    ('lr="fast"', "setting lr='fast': expected a finite number"),
+])
+def test_impossible_model_and_training_settings_are_one_line_errors(toy_release, tmp_path, capsys, setting, says):
+    """The composed model's settings are checked as the baselines' are (``dermcir.settings``); before, ``--set
+    epochs=-3`` ran to the end and wrote results of an untrained model."""
+    assert main(["cv", "--data", str(toy_release), "--out", str(tmp_path / "run"), "--min-cases", "5",
+                 "--set", setting]) == 2
+    assert says in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # refused before anything was prepared or written

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from dermcir.files import write_json_atomic
+from dermcir.settings import check_settings
 
 T = TypeVar("T")
 
@@ -45,6 +46,44 @@ class ModelConfig:
     template_version: str = "meta-report-v1"
     categories: list[str] = field(default_factory=list)  # training categories, in proxy order
 
+    def __post_init__(self) -> None:
+        self.mean, self.std = tuple(self.mean), tuple(self.std)  # JSON gives lists
+        check_companion(self)
+        # members is checked where the model is built (ComposedRetrievalModel), companion_weight by check_companion
+        check_settings(self, {
+            "image_size": (lambda v: v >= 32, "an integer >= 32 (the backbones' last map has stride 32)"),
+            "grid": (lambda v: v is None or v >= 1, "null or an integer >= 1"),
+            "dim": (lambda v: v >= 1 and v % self.heads == 0, f"an integer >= 1 divisible by heads={self.heads}"),
+            "heads": (lambda v: v >= 1, "an integer >= 1"),
+            "fusion_layers": (lambda v: v >= 0, "an integer >= 0"),
+            "text_layers": (lambda v: v >= 0, "an integer >= 0"),
+            "token_dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+            "n_masks": (lambda v: v >= 1, "an integer >= 1"),
+            "beta": (lambda v: 0 <= v <= 1, "a number in [0, 1] (the local term's weight in Eq. 9)"),
+            "max_text_tokens": (lambda v: v >= 1, "an integer >= 1"),
+        })
+
+
+#: What a companion may set differently from its main model: the heads only. The backbone kind, the input size and
+#: normalisation, the text encoder and β are shared, so one preprocessed image and one text serve both.
+COMPANION_FIELDS = frozenset({"grid", "dim", "heads", "fusion_layers", "text_layers", "token_dropout", "n_masks",
+                              "members"})
+
+
+def check_companion(config: ModelConfig) -> None:
+    """Refuse a ``companion`` that is not a dict of head settings, or a ``companion_weight`` outside (0, 1)."""
+    if config.companion is None:
+        return
+    if not isinstance(config.companion, dict):
+        # a ValueError like every other bad setting (the CLI reports those in one line)
+        raise ValueError(f"companion must be a dict of model settings or None, got {config.companion!r}")  # noqa: TRY004
+    unknown = set(config.companion) - COMPANION_FIELDS
+    if unknown:
+        raise ValueError(f"companion: setting(s) {sorted(unknown)} cannot differ from the main model; a companion "
+                         f"may set {sorted(COMPANION_FIELDS)}")
+    if not 0.0 < config.companion_weight < 1.0:
+        raise ValueError(f"companion_weight must lie strictly between 0 and 1, got {config.companion_weight}")
+
 
 @dataclass
 class TrainConfig:
@@ -77,6 +116,22 @@ class TrainConfig:
     # patience 30, the refit); a cap for smoke tests and quick probes.
     companion_epochs: int | None = None
 
+    def __post_init__(self) -> None:
+        check_settings(self, {
+            "profile": (lambda v: v in ("cpu", "gpu"), "'cpu' or 'gpu'"),
+            "epochs": (lambda v: v >= 1, "an integer >= 1"),
+            "patience": (lambda v: v >= 1, "an integer >= 1"),
+            "lr": (lambda v: v > 0, "a number > 0"),
+            "head_lr": (lambda v: v > 0, "a number > 0"),
+            "weight_decay": (lambda v: v >= 0, "a number >= 0"),
+            "batch_size": (lambda v: v >= 2, "an integer >= 2 (the loss compares the cases of a batch)"),
+            "val_fraction": (lambda v: 0 < v < 1, "a number in (0, 1)"),
+            "refit_epochs": (lambda v: v >= 0, "an integer >= 0"),
+            "temperature": (lambda v: v > 0, "a number > 0"),
+            "proxy_weight": (lambda v: v >= 0, "a number >= 0"),
+            "companion_epochs": (lambda v: v is None or v >= 1, "null or an integer >= 1"),
+        })
+
 
 def to_json(obj: Any, path: str | Path) -> None:
     write_json_atomic(path, dataclasses.asdict(obj))
@@ -88,8 +143,4 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
     unknown = set(data) - names
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {sorted(unknown)} for {cls.__name__}; known: {sorted(names)}")
-    obj = cls(**data)
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        if isinstance(getattr(obj, f.name), list) and f.name in ("mean", "std"):
-            setattr(obj, f.name, tuple(getattr(obj, f.name)))
-    return obj
+    return cls(**data)

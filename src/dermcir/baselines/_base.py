@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
-import typing
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -16,6 +13,7 @@ import numpy as np
 import torch
 
 from dermcir.baselines._nets import ARCHITECTURES
+from dermcir.settings import Rule, check_settings
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +56,6 @@ class BaselineData:
             )
 
 
-#: A setting's range check: (test of the value, what the value must be). Types are checked before, from the
-#: field's annotation, so a test may assume the type.
-Rule = tuple[Callable[[Any], bool], str]
-
-
 def _is_device(name: str) -> bool:
     if name == "auto":
         return True
@@ -88,15 +81,7 @@ class BaselineConfig:
     batch_size: int = 32  # images per forward pass (feature extraction and training)
 
     def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if not _type_ok(value, hints[f.name]):
-                raise ValueError(f"setting {f.name}={value!r}: expected {_type_name(hints[f.name])}")
-        for name, (ok, expected) in self.rules().items():
-            value = getattr(self, name)
-            if not ok(value):
-                raise ValueError(f"setting {name}={value!r}: expected {expected}")
+        check_settings(self, self.rules())
         self.check_together()
 
     def rules(self) -> dict[str, Rule]:
@@ -153,28 +138,6 @@ class BackboneConfig(BaselineConfig):
 
 #: Backbone -> (full name, short name) in rows and deviations: a row must name the CNN that actually ran.
 BACKBONE_LABELS = {"lite0": ("EfficientNet-Lite0", "Lite0"), "resnet50": ("ResNet50", "ResNet50")}
-
-
-def _type_ok(value: Any, hint: Any) -> bool:
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:  # bool is an int to Python, never to a user
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:  # NaN or inf would run to the end and write NaN results
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if hint is type(None):
-        return value is None
-    args = typing.get_args(hint)
-    if args:
-        return any(_type_ok(value, a) for a in args)
-    return isinstance(value, hint)
-
-
-def _type_name(hint: Any) -> str:
-    names = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
-             type(None): "null"}
-    args = typing.get_args(hint)
-    return " or ".join(names.get(a, str(a)) for a in args) if args else names.get(hint, str(hint))
 
 
 C = TypeVar("C", bound=BaselineConfig)

@@ -180,10 +180,10 @@ def run_cv(
     if time_budget is not None and not (isinstance(time_budget, numbers.Real) and not isinstance(time_budget, bool)
                                         and 0 < time_budget < math.inf):
         raise ValueError(f"time_budget must be a finite number of seconds > 0 or None, got {time_budget!r}")
+    model_cfg, train_cfg, views = get_profile(profile, seed=seed, **overrides)  # checks every setting
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = device or default_device()
-    model_cfg, train_cfg, views = get_profile(profile, seed=seed, **overrides)
     # a copy: the caller's report stays as the loader left it
     report = LoadReport(skipped=list(load_report.skipped) if load_report is not None else [])
     with run_log(out_dir / "cv.log"):

@@ -15,32 +15,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dermcir.config import ModelConfig
+from dermcir.config import ModelConfig, check_companion
 from dermcir.models.fusion import Descriptors, HeadSet
 from dermcir.models.registry import create_backbone, create_text_encoder
 from dermcir.similarity import query_vector, target_vector
 
 QUERY_MODES = ("composed", "image", "text")
 N_LEVELS = 3
-#: What a companion may set differently from its main model: the heads only. The backbone kind, the input size and
-#: normalisation, the text encoder and β are shared, so one preprocessed image and one text serve both.
-COMPANION_FIELDS = frozenset({"grid", "dim", "heads", "fusion_layers", "text_layers", "token_dropout", "n_masks",
-                              "members"})
-
-
 def companion_config(config: ModelConfig) -> ModelConfig | None:
     """The companion's own config (``config.companion`` applied to ``config``), or None without a companion."""
     if config.companion is None:
         return None
-    if not isinstance(config.companion, dict):
-        # a ValueError like every other bad setting (the CLI reports those in one line)
-        raise ValueError(f"companion must be a dict of model settings or None, got {config.companion!r}")  # noqa: TRY004
-    unknown = set(config.companion) - COMPANION_FIELDS
-    if unknown:
-        raise ValueError(f"companion: setting(s) {sorted(unknown)} cannot differ from the main model; a companion "
-                         f"may set {sorted(COMPANION_FIELDS)}")
-    if not 0.0 < config.companion_weight < 1.0:
-        raise ValueError(f"companion_weight must lie strictly between 0 and 1, got {config.companion_weight}")
+    check_companion(config)  # again: a config may be changed after it was made
     return replace(config, **config.companion, companion=None, categories=list(config.categories))
 
 
