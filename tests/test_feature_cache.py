@@ -121,3 +121,13 @@ def test_damaged_cache_entries_are_computed_again(three_cases, tmp_path, caplog)
     caplog.clear()
     CachedFeatures.build(_model(), cases, images, cache_dir=tmp_path, progress=False)  # rewritten: read cleanly
     assert "could not be read" not in caplog.text
+
+def test_computed_and_cached_maps_are_bit_identical(three_cases, tmp_path):
+    """A run that computes the maps trains on exactly what a run that loads them does (values and memory layout);
+    the baselines once scored differently on the two paths."""
+    cases, images = preprocess_cases(three_cases, 64, tmp_path, progress=False)
+    computed = CachedFeatures.build(_model(), cases, images, n_views=2, cache_dir=tmp_path, progress=False)
+    loaded = CachedFeatures.build(_model(), cases, images, n_views=2, cache_dir=tmp_path, progress=False)
+    for view_c, view_l in zip(computed.maps, loaded.maps, strict=True):
+        for a, b in zip(view_c, view_l, strict=True):
+            assert torch.equal(a, b) and a.stride() == b.stride()

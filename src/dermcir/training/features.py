@@ -83,16 +83,17 @@ class CachedFeatures:
                     for digest in pixels]
             # A cache that cannot be read or written costs time, never the run (as for the image cache): a damaged
             # entry is computed again, and maps that cannot be saved are kept in memory for this run.
-            found: dict[int, dict[str, torch.Tensor] | None] = {}
+            found: list[dict[str, torch.Tensor] | None] = []
             unreadable: list[str] = []
-            for i, k in enumerate(keys):
-                found[i], error = read_entry(cache / f"{k}.safetensors", lambda p: load_file(str(p)))
+            for k in keys:
+                entry, error = read_entry(cache / f"{k}.safetensors", lambda p: load_file(str(p)))
+                found.append(entry)
                 if error is not None:
                     unreadable.append(f"{cache / k}.safetensors: {error}")
             if unreadable:
                 log.warning("%d cached backbone feature file(s) could not be read, e.g. %s; computing them again",
                             len(unreadable), unreadable[0])
-            todo = [i for i, maps in found.items() if maps is None]
+            todo = [i for i, entry in enumerate(found) if entry is None]
             write_error: OSError | None = None
             n_unsaved = 0
             if todo:
@@ -117,8 +118,7 @@ class CachedFeatures:
             if write_error is not None:
                 log.warning("could not write backbone features into the cache %s (%s): %d case(s) were used without "
                             "being saved, and the next run will compute them again", cache, write_error, n_unsaved)
-            loaded = [found[i] for i in range(len(keys))]
-            stacked = [torch.stack([d[f"level{l}"] for d in loaded]) for l in range(len(loaded[0]))]
+            stacked = [torch.stack([d[f"level{l}"] for d in found]) for l in range(len(found[0]))]
             views.append([m.half() for m in model.pool_maps([m.float() for m in stacked])])
         return cls(views)
 
