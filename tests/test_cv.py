@@ -2,6 +2,7 @@
 
 import ast
 import json
+import logging
 import re
 from dataclasses import replace
 
@@ -88,9 +89,9 @@ def test_cv_says_when_unreadable_images_leave_too_few_cases(toy_release, tmp_pat
     assert all(str(c.image) in (tmp_path / "run" / "cv.log").read_text() for c in damaged)
 
 
-def test_rows_the_loader_left_out_are_in_the_run_records(tmp_path):
+def test_rows_the_loader_left_out_are_in_the_run_records(tmp_path, caplog):
     """A missing image file or an unknown diagnosis is listed in results.json, cv.log and the checkpoint, as an
-    unreadable image is, not only on the console."""
+    unreadable image is, not only on the console; each once, in the log and on the console."""
     rows = [{"diagnosis": ["clark nevus", "melanoma (in situ)"][i % 2]} for i in range(12)]
     rows[3]["_no_image"] = True
     rows.append({"diagnosis": "something new"})
@@ -105,7 +106,9 @@ def test_rows_the_loader_left_out_are_in_the_run_records(tmp_path):
     assert [what.rsplit("/", 1)[-1] for what, _ in skipped] == ["img003.jpg", "meta.csv:14 (case 13)", "img005.jpg"]
     for log in (tmp_path / "run" / "cv.log", tmp_path / "ckpt" / "train.log"):
         text = log.read_text()
-        assert all(f"left out {what}: {why}" in text for what, why in skipped)
+        assert [text.count(f"skipping {what}: {why}") for what, why in skipped] == [1, 1, 1]
+    console = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [sum(what in line for line in console) for what, _ in skipped] == [2, 2, 2]  # once by cv, once by train
 
 
 def test_the_same_seed_gives_the_same_run_and_another_seed_does_not(toy_release, tmp_path):

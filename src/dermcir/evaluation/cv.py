@@ -186,10 +186,8 @@ def run_cv(
     device = device or default_device()
     # a copy: the caller's report stays as the loader left it
     report = LoadReport(skipped=list(load_report.skipped) if load_report is not None else [])
-    with run_log(out_dir / "cv.log"):
-        cases, images = preprocess_cases(cases, model_cfg.image_size, cache_dir, report, progress)
-        for what, why in report.skipped:
-            log.warning("left out %s: %s", what, why)
+    with run_log(out_dir / "cv.log", left_out=report.skipped):
+        cases, images = preprocess_cases(cases, model_cfg.image_size, cache_dir, report, progress)  # logs its skips
         _check_enough(cases, n_folds, len(report.skipped))
         labels = np.array([c.category for c in cases])
         model_cfg.categories = list(category_counts(cases))

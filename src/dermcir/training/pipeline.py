@@ -98,11 +98,17 @@ def fit_companion(
 
 
 @contextmanager
-def run_log(path: Path, append: bool = False):
-    """Copy this package's log records into ``path`` for the duration of a run (after what it holds: ``append``)."""
+def run_log(path: Path, append: bool = False, left_out: Sequence[tuple[str, str]] = ()):
+    """Copy this package's log records into ``path`` for the duration of a run (after what it holds: ``append``).
+
+    ``left_out``: (row or file, reason) pairs left out before the run began (the loader's), written first in the loader's words.
+    They go into the file only: the loader logged each one already, so the console shows every row once.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, mode="a" if append else "w")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for what, why in left_out:
+        handler.handle(log.makeRecord(log.name, logging.WARNING, __file__, 0, "skipping %s: %s", (what, why), None))
     root = logging.getLogger("dermcir")
     root.addHandler(handler)
     old_level = root.level
@@ -131,14 +137,12 @@ def train_on_cases(
     device = device or default_device()
     model_cfg, train_cfg, views = get_profile(profile, **overrides)
     report = LoadReport(skipped=list(load_report.skipped) if load_report is not None else [])  # the caller's unchanged
-    cases, images = preprocess_cases(cases, model_cfg.image_size, cache_dir, report, progress)
-    if len(cases) < 4:
-        raise ValueError(f"only {len(cases)} usable cases; training needs at least a few per category")
-    model_cfg.categories = list(category_counts(cases))
     tmp_log = Path(tempfile.mkdtemp()) / "train.log"
-    with run_log(tmp_log):
-        for what, why in report.skipped:
-            log.warning("left out %s: %s", what, why)
+    with run_log(tmp_log, left_out=report.skipped):
+        cases, images = preprocess_cases(cases, model_cfg.image_size, cache_dir, report, progress)  # logs its skips
+        if len(cases) < 4:
+            raise ValueError(f"only {len(cases)} usable cases; training needs at least a few per category")
+        model_cfg.categories = list(category_counts(cases))
         seed_everything(train_cfg.seed)  # the heads' initial weights too: the same seed gives the same checkpoint
         model = ComposedRetrievalModel(model_cfg)
         inputs = prepare_inputs(model, cases, images, train_cfg, views, device, cache_dir, progress)
