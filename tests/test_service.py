@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import io
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import quote
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -15,7 +18,7 @@ from dermcir.data import Case
 from dermcir.data.text import CHECKLIST_FIELDS
 from dermcir.index import add_cases, build_index, open_index, remove_cases
 from dermcir.search import CaseSearcher
-from dermcir.service import create_app
+from dermcir.service import BackgroundServer, create_app
 
 from .searchkit import encode, lesion, make_cases, make_index, one_torch_thread  # noqa: F401 (fixture)
 
@@ -25,7 +28,9 @@ def env(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("service")
     _ckpt, root, cases = make_index(tmp, 9)
     searcher = CaseSearcher(root)
-    return tmp, root, cases, searcher, TestClient(create_app(searcher, max_upload_bytes=200_000))
+    # entered, so that all requests share one event loop, as under uvicorn (the search limiter needs one loop)
+    with TestClient(create_app(searcher, max_upload_bytes=200_000)) as client:
+        yield tmp, root, cases, searcher, client
 
 
 def _search(client: TestClient, image: bytes | None = None, name: str = "q.png", **fields):
@@ -176,9 +181,6 @@ def test_concurrent_requests(env):
 
 
 def test_searches_beyond_the_concurrency_limit_wait_their_turn(env, monkeypatch):
-    import threading
-    import time
-
     *_, searcher, _client = env
     running, most = [0], [0]
     lock = threading.Lock()
@@ -198,13 +200,68 @@ def test_searches_beyond_the_concurrency_limit_wait_their_turn(env, monkeypatch)
     monkeypatch.setattr(searcher, "search", counted)
     for limit in (2, 6):  # with room for all six, they do overlap: the limit of 2 is what holds them back
         most[0] = 0
-        client = TestClient(create_app(searcher, max_concurrent_searches=limit))
-        with ThreadPoolExecutor(6) as pool:
+        with TestClient(create_app(searcher, max_concurrent_searches=limit)) as client, ThreadPoolExecutor(6) as pool:
             codes = [r.status_code for r in pool.map(lambda c: _search(c, text="irregular streaks", k=2), [client] * 6)]
         assert codes == [200] * 6
         assert most[0] == 2 if limit == 2 else most[0] > 2
     with pytest.raises(ValueError, match="max_concurrent_searches must be at least 1"):
         create_app(searcher, max_concurrent_searches=0)
+
+
+def _blocked_search(searcher, monkeypatch) -> tuple[threading.Event, threading.Event]:
+    """Make ``searcher.search`` wait for ``release``; ``started`` is set once one search is running."""
+    started, release = threading.Event(), threading.Event()
+    real = searcher.search
+
+    def blocked(**query):
+        started.set()
+        release.wait(60)
+        return real(**query)
+
+    monkeypatch.setattr(searcher, "search", blocked)
+    return started, release
+
+
+def test_waiting_searches_hold_no_threads_so_health_answers(env, monkeypatch):
+    *_, searcher, _client = env
+    started, release = _blocked_search(searcher, monkeypatch)
+    app = create_app(searcher, max_concurrent_searches=1, max_waiting_searches=100)
+    n = 45  # more searches than anyio's 40 worker threads: waiting ones must not hold a thread each
+    with BackgroundServer(app) as url, ThreadPoolExecutor(n) as pool:
+        try:
+            post = lambda _: httpx.post(url + "search", data={"text": "streaks irregular", "k": "1"}, timeout=120)
+            replies = [pool.submit(post, i) for i in range(n)]
+            assert started.wait(30)
+            time.sleep(1.5)  # let the others arrive and queue
+            t0 = time.monotonic()
+            health = httpx.get(url + "health", timeout=10)
+            assert health.status_code == 200 and time.monotonic() - t0 < 5
+            assert httpx.get(url + "checklist", timeout=10).status_code == 200
+        finally:
+            release.set()
+        assert [r.result().status_code for r in replies] == [200] * n
+
+
+def test_a_full_search_queue_is_refused_with_503(env, monkeypatch):
+    *_, searcher, _client = env
+    started, release = _blocked_search(searcher, monkeypatch)
+    app = create_app(searcher, max_concurrent_searches=1, max_waiting_searches=1)
+    with TestClient(app) as client, ThreadPoolExecutor(2) as pool:
+        try:
+            first = pool.submit(_search, client, text="streaks irregular", k=1)
+            assert started.wait(30)
+            second = pool.submit(_search, client, text="streaks irregular", k=1)
+            deadline = time.monotonic() + 30
+            while app.state.search_slots.statistics().tasks_waiting < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            third = _search(client, text="streaks irregular", k=1)
+            assert third.status_code == 503 and third.headers["retry-after"]
+            assert third.json()["detail"] == "the service is busy: 1 search running and 1 waiting; try again shortly"
+        finally:
+            release.set()
+        assert first.result().status_code == 200 and second.result().status_code == 200
+    with pytest.raises(ValueError, match="max_waiting_searches must be at least 0"):
+        create_app(searcher, max_waiting_searches=-1)
 
 
 def test_index_update_while_serving(env):

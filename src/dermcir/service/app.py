@@ -11,16 +11,15 @@ from __future__ import annotations
 import base64
 import io
 import logging
-import threading
-from functools import lru_cache
+from functools import lru_cache, partial
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import anyio
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
@@ -39,6 +38,9 @@ DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024  # a dermoscopic JPEG is ~0.1-5 MB
 #: Searches run at once; the others wait their turn. Each decodes its upload (up to a few hundred MB for a 40 MP image)
 #: and runs the model on all the threads torch has, so more at once only adds memory and contention.
 DEFAULT_MAX_CONCURRENT_SEARCHES = 2
+#: Searches that may wait for a turn; one more is answered 503 at once. Each waiting search holds its upload in memory,
+#: and at ~0.2-2 s a search, a longer queue would outlast a browser's patience anyway.
+DEFAULT_MAX_WAITING_SEARCHES = 32
 MAX_K = 200
 NOTICE = "Research tool, not a diagnostic device: results must not be used to diagnose or treat patients."
 STATIC = Path(str(files("dermcir") / "service" / "static"))
@@ -127,17 +129,21 @@ async def _read_query(request: Request) -> dict[str, Any]:
 def create_app(
     searcher: CaseSearcher, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     max_concurrent_searches: int = DEFAULT_MAX_CONCURRENT_SEARCHES,
+    max_waiting_searches: int = DEFAULT_MAX_WAITING_SEARCHES,
 ) -> FastAPI:
-    """The FastAPI application: the API under ``/search``, ``/cases``, ``/health`` and the web page at ``/``."""
+    """The FastAPI application: the API under ``/search``, ``/cases``, ``/health`` and the web page at ``/``.
+
+    At most ``max_concurrent_searches`` searches run at once and ``max_waiting_searches`` more wait for a turn; a
+    search beyond that is answered 503. Serve the app from one event loop (uvicorn does; in tests, enter
+    ``TestClient`` as a context manager), since the search limiter belongs to the loop that first uses it.
+    """
     if max_concurrent_searches < 1:
         raise ValueError(f"max_concurrent_searches must be at least 1, got {max_concurrent_searches}")
-    # taken in the worker thread, around the whole search (decoding included): a thread lock works whatever event
-    # loop serves the request
-    search_slots = threading.BoundedSemaphore(max_concurrent_searches)
-
-    def limited_search(**query: Any):
-        with search_slots:
-            return searcher.search(**query)
+    if max_waiting_searches < 0:
+        raise ValueError(f"max_waiting_searches must be at least 0, got {max_waiting_searches}")
+    # Awaited in the event loop before a search gets a worker thread, so a waiting search holds no thread: the other
+    # routes (/health, case images, the page) share anyio's 40 worker threads and stay responsive behind any queue.
+    search_slots = anyio.CapacityLimiter(max_concurrent_searches)
 
     app = FastAPI(
         title="dermcir case search",
@@ -145,6 +151,7 @@ def create_app(
         description=f"Composed image + text search of biopsy-confirmed dermoscopy cases. {NOTICE}",
     )
     app.state.searcher = searcher
+    app.state.search_slots = search_slots
     app.add_middleware(BodySizeLimit, max_bytes=max_upload_bytes)
     _add_error_handlers(app, max_upload_bytes)
 
@@ -183,7 +190,15 @@ def create_app(
     )
     async def search(request: Request) -> dict[str, Any]:
         query = await _read_query(request)
-        response = await run_in_threadpool(limited_search, **query)
+        waiting = search_slots.statistics().tasks_waiting
+        if search_slots.available_tokens == 0 and waiting >= max_waiting_searches:
+            raise HTTPException(
+                503,
+                f"the service is busy: {max_concurrent_searches} search{'es' * (max_concurrent_searches > 1)} "
+                f"running and {waiting} waiting; try again shortly",
+                headers={"Retry-After": "5"},
+            )
+        response = await anyio.to_thread.run_sync(partial(searcher.search, **query), limiter=search_slots)
         body = response.to_dict()
         for result in body["results"]:
             result["image_url"] = _image_url(result["case_id"])
