@@ -304,6 +304,22 @@ def test_a_failure_on_the_service_side_is_a_json_500_not_a_400(env, monkeypatch)
     assert _search(client, text="x", k="0").status_code == 400  # the client's errors stay 400
 
 
+@pytest.mark.parametrize("error", [RuntimeError("CUDA out of memory"), MemoryError(), OSError(28, "No space left")])
+def test_any_other_failure_is_the_same_json_500(env, monkeypatch, caplog, error):
+    *_, searcher, _client = env
+
+    def broken(*_args, **_kw):
+        raise error
+
+    monkeypatch.setattr(searcher, "_encode", broken)
+    # Starlette re-raises after answering, for the server to log the traceback; a test client must not raise it here
+    with TestClient(create_app(searcher), raise_server_exceptions=False) as client:
+        res = _search(client, text="streaks absent", k=2)
+    assert res.status_code == 500 and res.headers["content-type"] == "application/json"
+    assert res.json()["detail"].startswith("the service failed: ") and type(error).__name__ in res.json()["detail"]
+    assert any("POST /search failed" in r.getMessage() and r.levelname == "ERROR" for r in caplog.records)
+
+
 def test_serve_listens_on_localhost_by_default():
     args = build_parser().parse_args(["serve", "--index", "x"])
     assert (args.host, args.port) == ("127.0.0.1", 8000)

@@ -2,8 +2,8 @@
 
 Routes only translate HTTP to library calls and library errors to status codes: 400 for a bad query (unreadable
 image, unknown checklist value, empty query...), 404 for an unknown case, 409 for an empty index, 413 for an upload
-over the size limit, 415 for a body that is not a form, and a JSON 500 for any other ``ValueError`` (a failure on the
-service's side, not the client's). Case images are read only from the paths recorded in the index, looked up by id.
+over the size limit, 415 for a body that is not a form, 503 when too many searches wait, and a JSON 500 for any
+other exception (a failure on the service's side, not the client's). Case images are read only from the paths recorded in the index, looked up by id.
 """
 
 from __future__ import annotations
@@ -256,6 +256,15 @@ def _add_error_handlers(app: FastAPI, max_upload_bytes: int) -> None:
         # answered as JSON so the page can show it.
         log.error("%s %s failed: %s", request.method, request.url.path, exc, exc_info=exc)
         return JSONResponse({"detail": f"the service failed: {exc}"}, status_code=500)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # Anything else (a torch RuntimeError such as CUDA out of memory, MemoryError, OSError) is also the service's
+        # failure: the same JSON 500, so a client that parses JSON can report it. Starlette re-raises the exception
+        # once this answer is sent, and the server (uvicorn) logs its traceback; this line says which request failed.
+        log.error("%s %s failed: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
+        message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        return JSONResponse({"detail": f"the service failed: {message}"}, status_code=500)
 
     @app.exception_handler(UploadTooLarge)
     async def too_large(_request: Request, _exc: UploadTooLarge) -> JSONResponse:
