@@ -93,6 +93,11 @@ def test_repeated_fields_files_in_text_fields_and_json_bodies_are_refused(env):
     assert res.status_code == 400 and "field 'pigment_network' given more than once" in res.json()["detail"]
     res = client.post("/search", files={"pigment_network": ("a.txt", b"atypical", "text/plain")})
     assert res.status_code == 400 and "field 'pigment_network' must be text" in res.json()["detail"]
+    png = ("q.png", encode(lesion()), "image/png")
+    res = client.post("/search", files=[("image", png), ("image", png)])
+    assert res.status_code == 400 and "field 'image' given more than once" in res.json()["detail"]
+    res = client.post("/search", files=[("image", png), ("streaks", png), ("sex", png)])
+    assert res.status_code == 400 and "field 'sex' must be text" in res.json()["detail"]
     res = client.post("/search", json={"text": "streaks irregular"})
     assert res.status_code == 415
     assert "expects a multipart/form-data form" in res.json()["detail"] and "application/json" in res.json()["detail"]

@@ -88,6 +88,7 @@ def _parse_k(raw: Any) -> int:
 
 
 _FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+_MAX_FIELDS = 64  # the form has 14 fields; more is not a search form
 
 
 async def _read_query(request: Request) -> dict[str, Any]:
@@ -99,7 +100,9 @@ async def _read_query(request: Request) -> dict[str, Any]:
             f"POST /search expects a multipart/form-data form (fields image, text, k, heatmaps and checklist fields), "
             f"got {media_type or 'no Content-Type'}",
         )
-    async with request.form(max_files=1, max_fields=64) as form:  # closing it deletes spooled upload files
+    # As many files as fields are parsed, so that a second image or a file in another field reaches the checks below,
+    # which name the field; the body size limit bounds their total. Closing the form deletes spooled upload files.
+    async with request.form(max_files=_MAX_FIELDS, max_fields=_MAX_FIELDS) as form:
         repeated = sorted({key for key, _ in form.multi_items() if len(form.getlist(key)) > 1})
         if repeated:  # keeping the last value would silently drop what the client also sent
             names = ", ".join(repr(key) for key in repeated)
