@@ -50,6 +50,8 @@ def test_search_answers_the_cli_json_with_image_urls(env):
     first = body["results"][0]
     assert set(first) >= {"rank", "case_id", "image", "diagnosis", "category", "score", "local", "global", "parts"}
     assert first["image_url"] == f"/cases/{first['case_id']}/image" and "heatmaps" not in first
+    # the server's own folders stay private: only the file's name (the CLI and Python API keep the full path)
+    assert first["image"] == f"case{first['case_id'][1:]}.png"
 
 
 def test_search_with_heatmaps_returns_query_view(env):
@@ -108,6 +110,7 @@ def test_case_details_and_image_by_id(env):
     res = client.get(f"/cases/{cases[1].case_id}")
     assert res.status_code == 200
     assert res.json()["diagnosis"] == "melanoma" and res.json()["image_url"] == "/cases/c001/image"
+    assert res.json()["image"] == cases[1].image.name == "case001.png"
     img = client.get("/cases/c001/image", params={"size": 48})
     assert img.status_code == 200 and img.headers["content-type"] == "image/jpeg"
     assert Image.open(io.BytesIO(img.content)).size == (48, 48)

@@ -3,7 +3,8 @@
 Routes only translate HTTP to library calls and library errors to status codes: 400 for a bad query (unreadable
 image, unknown checklist value, empty query...), 404 for an unknown case, 409 for an empty index, 413 for an upload
 over the size limit, 415 for a body that is not a form, 503 when too many searches wait, and a JSON 500 for any
-other exception (a failure on the service's side, not the client's). Case images are read only from the paths recorded in the index, looked up by id.
+other exception (a failure on the service's side, not the client's). Case images are read only from the paths recorded in the index, looked up by id, and responses name only the image
+file, never the server's folders (a clinic's folder names may hold patient names or record numbers).
 """
 
 from __future__ import annotations
@@ -204,6 +205,7 @@ def create_app(
         response = await anyio.to_thread.run_sync(partial(searcher.search, **query), limiter=search_slots)
         body = response.to_dict()
         for result in body["results"]:
+            result["image"] = Path(result["image"]).name
             result["image_url"] = _image_url(result["case_id"])
         if response.query_view is not None:
             body["query"]["view"] = "data:image/jpeg;base64," + base64.b64encode(_jpeg(response.query_view)).decode()
@@ -226,7 +228,8 @@ def create_app(
 
     @app.get("/cases/{case_id:path}", summary="An indexed case's record")
     def case(case_id: str) -> dict[str, Any]:
-        return {**_record(searcher, case_id), "image_url": _image_url(case_id)}
+        record = _record(searcher, case_id)
+        return {**record, "image": Path(record["image"]).name, "image_url": _image_url(case_id)}
 
     return app
 
