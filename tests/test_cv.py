@@ -533,6 +533,23 @@ def test_companion_workers_that_cannot_start_are_reported_and_the_run_fits_in_pr
     assert not (tmp_path / "run" / "fold_0" / "companion.log").exists()
 
 
+def test_a_companion_pool_that_cannot_be_made_falls_back_to_fitting_in_process(toy_release, tmp_path, caplog,
+                                                                               monkeypatch):
+    """E.g. a sandbox without process semaphores (OSError 38 from ProcessPoolExecutor): the run goes on."""
+    import dermcir.training.companion_pool as pool_module
+
+    def no_semaphores(*args, **kwargs):
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(pool_module, "ProcessPoolExecutor", no_semaphores)
+    cases, _ = load_derm7pt(toy_release, min_cases=5)
+    settings = {**TINY, "epochs": 1, "patience": 1, "batch_size": 6, "refit_epochs": 1, "companion_epochs": 2}
+    with caplog.at_level("WARNING", logger="dermcir"):
+        doc = run_cv(cases, tmp_path / "run", profile="gpu", n_folds=2, progress=False, companion_workers=2, **settings)
+    assert "no CPU worker pool (OSError: [Errno 38] Function not implemented)" in caplog.text
+    assert [t["companion_best_epoch"] in (1, 2) for t in doc["training"]] == [True, True]
+
+
 def test_closing_a_companion_pool_on_failure_stops_its_running_jobs(toy_release, tmp_path):
     import signal
     import time

@@ -115,7 +115,12 @@ def _start_companion_pool(model, companion, workers: int | None, folds: dict, sp
     if companion is None:
         log.warning("companion_workers=%d ignored: the model has no companion", workers)
         return None
-    pool = CompanionPool(model, companion, min(workers, len(folds)))
+    try:
+        pool = CompanionPool(model, companion, min(workers, len(folds)))
+    except Exception as exc:  # noqa: BLE001 — e.g. a sandbox without process semaphores: the run fits in-process
+        log.warning("companions: no CPU worker pool (%s: %s); fitted in this process instead, fold by fold",
+                    type(exc).__name__, exc)
+        return None
     for fold, (db, _) in folds.items():  # they train on the host while the main models train on the device
         pool.submit(fold, *splits[fold], db, out_dir / f"fold_{fold}" / "companion.log")
     return pool
