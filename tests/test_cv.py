@@ -662,3 +662,18 @@ def test_impossible_model_and_training_settings_are_one_line_errors(toy_release,
                  "--set", setting]) == 2
     assert says in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # refused before anything was prepared or written
+
+
+def test_a_run_that_fails_ends_its_log_with_the_error_and_its_traceback(toy_release, tmp_path, capsys, caplog):
+    """The console gives a ValueError one line; cv.log keeps the traceback (and ``-v`` prints it)."""
+    release_args = ["--data", str(toy_release), "--min-cases", "5", "--folds", "2", "--quiet",
+                    *[a for k, v in TINY.items() for a in ("--set", f"{k}={v}")]]
+    # a budget that preparation alone uses up fails inside the run, after its log has begun
+    assert main(["cv", *release_args, "--time-budget", "0.001", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "used up by preparation" in err and "Traceback" not in err
+    text = (tmp_path / "run" / "cv.log").read_text()
+    assert "run stopped by ValueError: time budget" in text and "Traceback (most recent call last)" in text
+    with caplog.at_level(logging.DEBUG, logger="dermcir"):  # what -v turns on
+        assert main(["-v", "cv", *release_args, "--time-budget", "0.001", "--out", str(tmp_path / "run2")]) == 2
+    assert [r.exc_info[0] for r in caplog.records if r.getMessage() == "cv failed"] == [ValueError]

@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.handler(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:  # user errors: one clear line, no traceback
+    except (ValueError, FileNotFoundError) as exc:  # user errors: one clear line, no traceback (but with -v)
+        logging.getLogger("dermcir").debug("%s failed", args.command, exc_info=True)
         print(f"dermcir {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sys
 import tempfile
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -115,6 +116,12 @@ def run_log(path: Path, append: bool = False, left_out: Sequence[tuple[str, str]
     root.setLevel(min(old_level or logging.INFO, logging.INFO))
     try:
         yield
+    except BaseException as exc:
+        # the run's own record ends with what stopped it, traceback included: the console gives a ValueError one
+        # line, and on a one-shot device run this file may be all there is to go on
+        handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, "run stopped by %s: %s",
+                                      (type(exc).__name__, exc), sys.exc_info()))
+        raise
     finally:
         root.removeHandler(handler)
         root.setLevel(old_level)
