@@ -49,7 +49,7 @@ def test_search_answers_the_cli_json_with_image_urls(env):
     assert [r["rank"] for r in body["results"]] == [1, 2, 3, 4]
     first = body["results"][0]
     assert set(first) >= {"rank", "case_id", "image", "diagnosis", "category", "score", "local", "global", "parts"}
-    assert first["image_url"] == f"/cases/{first['case_id']}/image" and "heatmaps" not in first
+    assert first["image_url"].startswith(f"/cases/{first['case_id']}/image?v=") and "heatmaps" not in first
     # the server's own folders stay private: only the file's name (the CLI and Python API keep the full path)
     assert first["image"] == f"case{first['case_id'][1:]}.png"
 
@@ -109,7 +109,8 @@ def test_case_details_and_image_by_id(env):
     _tmp, _root, cases, _s, client = env
     res = client.get(f"/cases/{cases[1].case_id}")
     assert res.status_code == 200
-    assert res.json()["diagnosis"] == "melanoma" and res.json()["image_url"] == "/cases/c001/image"
+    assert res.json()["diagnosis"] == "melanoma"
+    assert res.json()["image_url"] == f"/cases/c001/image?v={res.json()['sha1'][:12]}"
     assert res.json()["image"] == cases[1].image.name == "case001.png"
     img = client.get("/cases/c001/image", params={"size": 48})
     assert img.status_code == 200 and img.headers["content-type"] == "image/jpeg"
@@ -130,13 +131,35 @@ def test_case_ids_with_url_characters(env):
     assert sorted(r["case_id"] for r in results) == sorted(ids)
     for r in results:
         url = r["image_url"]
-        assert url == f"/cases/{quote(r['case_id'], safe='')}/image"
+        path, version = url.split("?v=")
+        assert path == f"/cases/{quote(r['case_id'], safe='')}/image" and len(version) == 12
         image = client.get(url)
         assert image.status_code == 200 and image.headers["content-type"] == "image/jpeg", (url, image.text)
-        record = client.get(url.removesuffix("/image"))
+        record = client.get(path.removesuffix("/image"))
         assert record.status_code == 200 and record.json()["case_id"] == r["case_id"], url
         assert record.json()["image_url"] == url
     assert client.get("/cases/2021/0042").json()["case_id"] == "2021/0042"  # typed by hand, unencoded
+
+
+def test_a_replaced_case_gets_a_new_image_url(tmp_path, env):
+    *_, searcher, _client = env  # a browser caches case images: a replaced image must not be shown from its cache
+    _ckpt, root, cases = make_index(tmp_path, 3, ckpt=searcher.checkpoint, model=searcher.model)
+    with TestClient(create_app(CaseSearcher(root))) as client:
+        before = client.get("/cases/c001").json()["image_url"]
+        first = client.get(before)
+        assert "max-age" in first.headers["cache-control"]
+        assert _search(client, text="streaks absent", k=3).json()["results"][0]["image_url"].split("?v=")[1]
+        replacement = make_cases(tmp_path / "new", 2)[0].image  # another lesion, under c001's id
+        changed = Case("c001", replacement, "melanoma", "melanoma", {})
+        add_cases(root, [changed], replace=True, model=searcher.model, cache_dir=tmp_path / "cache", progress=False)
+        after = client.get("/cases/c001").json()["image_url"]
+        assert after != before and after.split("?")[0] == before.split("?")[0]
+        assert client.get(after).content != first.content
+        results = _search(client, text="streaks absent", k=3).json()["results"]
+        assert next(r for r in results if r["case_id"] == "c001")["image_url"] == after
+        # a page still holding the old URL gets the new image, and its browser is told not to keep it
+        stale = client.get(before)
+        assert stale.content == client.get(after).content and stale.headers["cache-control"] == "no-cache"
 
 
 def test_image_route_never_reads_a_path_from_the_request(env):

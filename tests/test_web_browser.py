@@ -101,6 +101,8 @@ def test_upload_search_grid_and_compare(page):
     page.wait_for_function(
         "() => [...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)"
     )
+    queries = page.eval_on_selector_all("#results img", "imgs => imgs.map(i => [...new URL(i.src).searchParams])")
+    assert all(dict(q).keys() == {"v", "size"} and dict(q)["size"] == "192" for q in queries), queries
 
     first.click()
     assert page.locator("#compare").is_visible()

@@ -29,7 +29,7 @@ from starlette.datastructures import UploadFile
 from dermcir import __version__
 from dermcir.data.images import ImageError, load_rgb, preprocess
 from dermcir.data.text import CHECKLIST_FIELDS
-from dermcir.index import EmptyIndexError
+from dermcir.index import CaseIndex, EmptyIndexError
 from dermcir.search import MAX_TEXT_CHARS, CaseSearcher, QueryError
 from dermcir.service._limits import BodySizeLimit, UploadTooLarge
 
@@ -204,9 +204,10 @@ def create_app(
             )
         response = await anyio.to_thread.run_sync(partial(searcher.search, **query), limiter=search_slots)
         body = response.to_dict()
+        index = searcher.index
         for result in body["results"]:
             result["image"] = Path(result["image"]).name
-            result["image_url"] = _image_url(result["case_id"])
+            result["image_url"] = _image_url(result["case_id"], _sha1_of(index, result["case_id"]))
         if response.query_view is not None:
             body["query"]["view"] = "data:image/jpeg;base64," + base64.b64encode(_jpeg(response.query_view)).decode()
         return body
@@ -215,7 +216,9 @@ def create_app(
     # the routes take a ``path`` so that an id with "/" still matches. The image route is declared first, or the
     # record route would swallow ".../image".
     @app.get("/cases/{case_id:path}/image", summary="An indexed case's image as the model saw it (JPEG)")
-    def case_image(request: Request, case_id: str, size: int = Query(256, ge=16, le=1024)) -> Response:
+    def case_image(
+        request: Request, case_id: str, size: int = Query(256, ge=16, le=1024), v: str | None = None
+    ) -> Response:
         if not request.scope.get("raw_path", b"/image").endswith(b"/image"):
             # the id itself ends in an encoded "/image" ("x%2Fimage"): a record request
             return JSONResponse(case(f"{case_id}/image"))
@@ -224,18 +227,34 @@ def create_app(
             data = _case_jpeg(record["image"], record["sha1"], size)
         except ImageError as exc:
             raise HTTPException(404, f"case {case_id!r}: its image can no longer be read ({exc})") from None
-        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+        # image_url carries the image's version (?v=, its sha1's start): a replaced image gets a new URL, so the
+        # browser may keep this one. A URL without it, or with an old one, names no fixed image: not to be kept.
+        current = v == record["sha1"][:_VERSION_CHARS]
+        cache = "max-age=86400" if current else "no-cache"
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": cache})
 
     @app.get("/cases/{case_id:path}", summary="An indexed case's record")
     def case(case_id: str) -> dict[str, Any]:
         record = _record(searcher, case_id)
-        return {**record, "image": Path(record["image"]).name, "image_url": _image_url(case_id)}
+        return {**record, "image": Path(record["image"]).name, "image_url": _image_url(case_id, record["sha1"])}
 
     return app
 
 
-def _image_url(case_id: str) -> str:
-    return f"/cases/{quote(case_id, safe='')}/image"
+_VERSION_CHARS = 12
+
+
+def _image_url(case_id: str, sha1: str | None) -> str:
+    url = f"/cases/{quote(case_id, safe='')}/image"
+    return f"{url}?v={sha1[:_VERSION_CHARS]}" if sha1 else url
+
+
+def _sha1_of(index: CaseIndex, case_id: str) -> str | None:
+    """The image's sha1 in the live index; None if an update removed the case since the search's snapshot."""
+    try:
+        return index.record(case_id)["sha1"]
+    except KeyError:
+        return None
 
 
 def _record(searcher: CaseSearcher, case_id: str) -> dict[str, Any]:

@@ -115,6 +115,9 @@ async function runSearch(event) {
 
 function fmt(x) { return Number(x).toFixed(3); }
 
+// image_url already carries a query (?v=, the image's version, so a replaced image is not shown from the cache)
+function sized(url, size) { return url + (url.includes("?") ? "&" : "?") + "size=" + size; }
+
 function renderResults(body) {
   const grid = $("results");
   grid.replaceChildren();
@@ -127,7 +130,7 @@ function renderResults(body) {
     card.className = "result-card";
     card.dataset.caseId = r.case_id;
     const img = document.createElement("img");
-    img.src = r.image_url + "?size=192";
+    img.src = sized(r.image_url, 192);
     img.alt = `case ${r.case_id}`;
     img.loading = "lazy";
     const title = document.createElement("div");
@@ -202,7 +205,7 @@ function showCompare(result, card) {
   if (view) $("compare-query").src = view;
   const caseImg = $("compare-case");
   caseImg.onload = redrawHeatmaps;
-  caseImg.src = result.image_url + "?size=384";
+  caseImg.src = sized(result.image_url, 384);
   $("compare-caption").textContent =
     `#${result.rank} case ${result.case_id}: ${result.diagnosis} (${result.category}), score ${fmt(result.score)}`;
   const table = $("parts-table");
