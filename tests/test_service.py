@@ -112,9 +112,9 @@ def test_case_details_and_image_by_id(env):
     assert res.json()["diagnosis"] == "melanoma"
     assert res.json()["image_url"] == f"/cases/c001/image?v={res.json()['sha1'][:12]}"
     assert res.json()["image"] == cases[1].image.name == "case001.png"
-    img = client.get("/cases/c001/image", params={"size": 48})
+    img = client.get("/cases/c001/image", params={"size": 64})
     assert img.status_code == 200 and img.headers["content-type"] == "image/jpeg"
-    assert Image.open(io.BytesIO(img.content)).size == (48, 48)
+    assert Image.open(io.BytesIO(img.content)).size == (64, 64)
     assert client.get("/cases/nope").status_code == 404
     assert client.get("/cases/c001/image", params={"size": 5000}).status_code == 422
 
@@ -141,9 +141,29 @@ def test_case_ids_with_url_characters(env):
     assert client.get("/cases/2021/0042").json()["case_id"] == "2021/0042"  # typed by hand, unencoded
 
 
+def test_case_image_sizes_are_snapped_and_their_cache_is_bounded_in_bytes(env):
+    _tmp, _root, cases, searcher, _client = env
+    app = create_app(searcher)
+    with TestClient(app) as client:
+        def size_of(size: int) -> tuple[int, int]:
+            return Image.open(io.BytesIO(client.get("/cases/c001/image", params={"size": size}).content)).size
+
+        # any size from 16 to 1024 is rounded up to one of a few, so a client looping over sizes renders only those
+        assert [size_of(n) for n in (16, 48, 64, 200, 1000)] == [(64, 64), (64, 64), (64, 64), (256, 256), (1024, 1024)]
+        cache = app.state.case_images
+        for n in range(16, 1025, 7):
+            client.get("/cases/c001/image", params={"size": n})
+        assert len(cache) <= 8
+        one = len(client.get(f"/cases/{cases[0].case_id}/image", params={"size": 128}).content)
+        cache.max_bytes = 3 * one  # room for about three thumbnails: older images are dropped
+        for case in cases:
+            assert client.get(f"/cases/{case.case_id}/image", params={"size": 128}).status_code == 200
+        assert 0 < cache.bytes <= cache.max_bytes and len(cache) < len(cases)
+
+
 def test_a_replaced_case_gets_a_new_image_url(tmp_path, env):
     *_, searcher, _client = env  # a browser caches case images: a replaced image must not be shown from its cache
-    _ckpt, root, cases = make_index(tmp_path, 3, ckpt=searcher.checkpoint, model=searcher.model)
+    _ckpt, root, _cases = make_index(tmp_path, 3, ckpt=searcher.checkpoint, model=searcher.model)
     with TestClient(create_app(CaseSearcher(root))) as client:
         before = client.get("/cases/c001").json()["image_url"]
         first = client.get(before)

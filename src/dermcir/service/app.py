@@ -12,7 +12,10 @@ from __future__ import annotations
 import base64
 import io
 import logging
-from functools import lru_cache, partial
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from functools import partial
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -72,10 +75,39 @@ def _jpeg(rgb: np.ndarray, quality: int = 85) -> bytes:
     return buf.getvalue()
 
 
-@lru_cache(maxsize=1024)
-def _case_jpeg(path: str, sha1: str, size: int) -> bytes:
-    """The model's view of an indexed image as JPEG; ``sha1`` keys the cache so a replaced image is re-rendered."""
-    return _jpeg(preprocess(load_rgb(path), size))
+#: The sizes a case image is rendered at; a requested size is rounded up to the next one. Each render decodes the full
+#: original, so a client looping over every size from 16 to 1024 renders at most these 8 per case. The page asks 192
+#: (thumbnails) and 384 (the comparison).
+CASE_IMAGE_SIZES = (64, 128, 192, 256, 384, 512, 768, 1024)
+CASE_IMAGE_CACHE_BYTES = 64 * 1024 * 1024  # ~1,000 thumbnails or ~250 full-size renders of photographs
+
+
+class _JpegCache:
+    """Rendered case images, the least recently used dropped once they hold more than ``max_bytes`` (a count bound
+    would let 1024-pixel renders of large photographs take hundreds of MB)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._items: OrderedDict[tuple, bytes] = OrderedDict()
+        self._lock = threading.Lock()  # the image route runs in worker threads
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: tuple, render: Callable[[], bytes]) -> bytes:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        data = render()  # outside the lock: a render takes a while, and rendering one image twice is harmless
+        with self._lock:
+            old = self._items.pop(key, None)
+            self._items[key] = data
+            self.bytes += len(data) - (len(old) if old is not None else 0)
+            while self.bytes > self.max_bytes:
+                self.bytes -= len(self._items.popitem(last=False)[1])
+        return data
 
 
 def _parse_k(raw: Any) -> int:
@@ -156,6 +188,7 @@ def create_app(
     )
     app.state.searcher = searcher
     app.state.search_slots = search_slots
+    case_images = app.state.case_images = _JpegCache(CASE_IMAGE_CACHE_BYTES)
     app.add_middleware(BodySizeLimit, max_bytes=max_upload_bytes)
     _add_error_handlers(app, max_upload_bytes)
 
@@ -215,7 +248,11 @@ def create_app(
     # Clinic ids may hold "/", "?", "#" or "%" ("2021/0042"): URLs carry the id percent-encoded as one segment, and
     # the routes take a ``path`` so that an id with "/" still matches. The image route is declared first, or the
     # record route would swallow ".../image".
-    @app.get("/cases/{case_id:path}/image", summary="An indexed case's image as the model saw it (JPEG)")
+    @app.get(
+        "/cases/{case_id:path}/image",
+        summary="An indexed case's image as the model saw it (JPEG)",
+        description=f"``size`` (16-1024) is rounded up to one of {', '.join(map(str, CASE_IMAGE_SIZES))} pixels.",
+    )
     def case_image(
         request: Request, case_id: str, size: int = Query(256, ge=16, le=1024), v: str | None = None
     ) -> Response:
@@ -223,8 +260,11 @@ def create_app(
             # the id itself ends in an encoded "/image" ("x%2Fimage"): a record request
             return JSONResponse(case(f"{case_id}/image"))
         record = _record(searcher, case_id)
+        size = next(s for s in CASE_IMAGE_SIZES if s >= size)
         try:
-            data = _case_jpeg(record["image"], record["sha1"], size)
+            # keyed by sha1 too, so a replaced image is rendered again
+            key = (record["image"], record["sha1"], size)
+            data = case_images.get(key, lambda: _jpeg(preprocess(load_rgb(record["image"]), size)))
         except ImageError as exc:
             raise HTTPException(404, f"case {case_id!r}: its image can no longer be read ({exc})") from None
         # image_url carries the image's version (?v=, its sha1's start): a replaced image gets a new URL, so the
