@@ -8,6 +8,11 @@
 # Order: the benchmark first, then its bundle, then the CUDA-only tests (GPU_TESTS=1, the default; at most
 # TESTS_TIMEOUT seconds, default 90, into gpu_tests.log beside the log). So the tests can never cost the benchmark
 # its time, and when the device's limit cuts them short the benchmark's results are already in the bundle.
+# Time: DEVICE_LIMIT (seconds the device call may run, default 600: its `limit_s`, which is less than timeout_s when
+# the session has less device time left) sets the defaults: CV_TIMEOUT = DEVICE_LIMIT - 50 (time left for the bundle),
+# --time-budget = DEVICE_LIMIT - 120 unless given (preparation before the budget's clock, start-up, the companions'
+# collection), and the tests get only what is left before DEVICE_LIMIT (skipped under 30 s).
+# RUN_DIR must not hold an earlier run: a run cut short would otherwise bundle the earlier run's results as its own.
 # The GPU image has torch, timm, transformers, scikit-learn, pandas, matplotlib but not our PyPI weight packages and
 # no network, so the package runs from src/ (no pip install) with the weights from gpu_payload/.
 # The companion's folds train in CPU worker processes while the GPU trains the fine-tuned models
@@ -16,8 +21,18 @@
 #   bash scripts/gpu_cv.sh /tmp/smoke --data /tmp/tiny_release --min-cases 4 --folds 2 --set epochs=1 ...
 set -uo pipefail
 cd "$(dirname "$0")/.."
+script_start=$(date +%s)
 RUN_DIR="${1:?usage: gpu_cv.sh RUN_DIR [dermcir cv options]}"
+if [ -n "$(ls -A "$RUN_DIR" 2>/dev/null)" ]; then
+  echo "gpu_cv.sh: $RUN_DIR already holds a run; give a new RUN_DIR (a run cut short would bundle the old results)" >&2
+  exit 2
+fi
 mkdir -p "$RUN_DIR"
+DEVICE_LIMIT="${DEVICE_LIMIT:-600}"
+CV_TIMEOUT="${CV_TIMEOUT:-$(( DEVICE_LIMIT - 50 ))}"
+BUDGET=()
+case " ${*:2} " in *" --time-budget"*) ;; *) BUDGET=(--time-budget "$(( DEVICE_LIMIT - 120 ))") ;; esac
+PY="${PYTHON:-$(command -v python || command -v python3)}"
 LOG_DIR="${BUNDLE:-$(dirname "$RUN_DIR")}"
 mkdir -p "$LOG_DIR"
 LOG="$LOG_DIR/$(basename "$RUN_DIR").log"
@@ -25,13 +40,14 @@ export PYTHONPATH="$PWD/src:${PYTHONPATH:-}" DERMCIR_CACHE="${DERMCIR_CACHE:-$PW
 export PYTHONUNBUFFERED=1
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-  python -c "import torch, timm, transformers; print('torch', torch.__version__, 'timm', timm.__version__, 'transformers', transformers.__version__)"
+  "$PY" -c "import torch, timm, transformers; print('torch', torch.__version__, 'timm', timm.__version__, 'transformers', transformers.__version__)"
   start=$(date +%s)
-  # CV_TIMEOUT (seconds) stops a hung run so that the bundle below is still written; 0 = none
-  timeout "${CV_TIMEOUT:-0}" python -m dermcir cv --data gpu_payload/release --profile gpu --out "$RUN_DIR" --quiet \
+  # CV_TIMEOUT (seconds; 0 = none) stops a run that overruns, so that the bundle below is still written; -k: KILL
+  # what ignores the TERM (e.g. a process stuck in a driver call) 15 s later
+  timeout -k 15 "$CV_TIMEOUT" "$PY" -m dermcir cv --data gpu_payload/release --profile gpu --out "$RUN_DIR" --quiet \
     --set backbone_weights='"gpu_payload/lite0_fp16.safetensors"' \
     --set text_encoder='"bert"' --set text_weights='"gpu_payload/minilm"' \
-    --companion-workers "${COMPANION_WORKERS:-5}" "${@:2}"
+    --companion-workers "${COMPANION_WORKERS:-5}" "${BUDGET[@]}" "${@:2}"
   rc=$?
   echo "dermcir cv exit $rc after $(( $(date +%s) - start )) s"
   [ -f "$RUN_DIR/tables.md" ] && cat "$RUN_DIR/tables.md"
@@ -42,11 +58,15 @@ if [ -n "${BUNDLE:-}" ]; then
   tar czf "$BUNDLE/cv_gpu.tgz" -C "$(dirname "$RUN_DIR")" "$(basename "$RUN_DIR")"
   cp "$RUN_DIR"/results.json "$RUN_DIR"/tables.md "$BUNDLE/" 2>/dev/null
 fi
-if [ "${GPU_TESTS:-1}" = 1 ]; then
+tests_time=$(( DEVICE_LIMIT - ($(date +%s) - script_start) - 15 ))  # what is left of the device call, less a margin
+[ "$tests_time" -gt "${TESTS_TIMEOUT:-90}" ] && tests_time="${TESTS_TIMEOUT:-90}"
+if [ "${GPU_TESTS:-1}" = 1 ] && [ "$tests_time" -lt 30 ]; then
+  echo "CUDA tests skipped: ${tests_time} s left of DEVICE_LIMIT=${DEVICE_LIMIT}" | tee -a "$LOG"
+elif [ "${GPU_TESTS:-1}" = 1 ]; then
   # the CUDA-only tests; the payload's MiniLM folder stands in for the PyPI package the device lacks
   start=$(date +%s)
-  DERMCIR_TEST_TEXT_FOLDER=gpu_payload/minilm timeout "${TESTS_TIMEOUT:-90}" \
-    python -m pytest -q -p no:cacheprovider tests/test_gpu.py > "$LOG_DIR/gpu_tests.log" 2>&1
+  DERMCIR_TEST_TEXT_FOLDER=gpu_payload/minilm timeout -k 5 "$tests_time" \
+    "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py > "$LOG_DIR/gpu_tests.log" 2>&1
   echo "CUDA tests exit $? after $(( $(date +%s) - start )) s: $(tail -n 1 "$LOG_DIR/gpu_tests.log")" | tee -a "$LOG"
 fi
 exit "$rc"
