@@ -371,6 +371,24 @@ def test_any_other_failure_is_the_same_json_500(env, monkeypatch, caplog, error)
     assert any("POST /search failed" in r.getMessage() and r.levelname == "ERROR" for r in caplog.records)
 
 
+def test_a_loopback_server_answers_only_loopback_host_names(env):
+    *_, searcher, _client = env
+    with BackgroundServer(create_app(searcher)) as url:
+        port = url.rstrip("/").rsplit(":", 1)[1]
+
+        def status(host: str) -> int:
+            return httpx.get(url + "health", headers={"Host": host}, timeout=30).status_code
+
+        # a page the user visits may point its own name at 127.0.0.1 (DNS rebinding): its requests carry that name
+        assert status(f"attacker.example:{port}") == 400
+        assert [status(f"{h}:{port}") for h in ("127.0.0.1", "localhost", "[::1]")] == [200, 200, 200]
+    from dermcir.service.server import allowed_hosts
+
+    assert allowed_hosts("127.0.0.2") == ["127.0.0.1", "localhost", "[::1]", "127.0.0.2"]
+    assert allowed_hosts("::1") == ["127.0.0.1", "localhost", "[::1]"]
+    assert allowed_hosts("0.0.0.0") is None and allowed_hosts("192.168.1.20") is None  # reached by names unknown here
+
+
 def test_serve_listens_on_localhost_by_default():
     args = build_parser().parse_args(["serve", "--index", "x"])
     assert (args.host, args.port) == ("127.0.0.1", 8000)

@@ -1,8 +1,9 @@
 """Running the app with uvicorn on a socket bound first, so the real address can be printed (or used by tests) before
-requests arrive, and port 0 picks a free port."""
+requests arrive, and port 0 picks a free port. On a loopback address only loopback host names are answered."""
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
 import threading
@@ -11,6 +12,8 @@ from collections.abc import Callable
 
 import uvicorn
 from fastapi import FastAPI
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.types import ASGIApp
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +33,31 @@ def bind(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
     return sock
 
 
+_LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+
+
+def allowed_hosts(host: str) -> list[str] | None:
+    """The ``Host`` header names answered by a server listening on ``host``; ``None`` (any) unless it is loopback.
+
+    A service on this machine only can still be reached from a web page the user visits, by DNS rebinding: the page's
+    own name is made to point at 127.0.0.1. Its requests then carry that name in ``Host``, and are refused. A server
+    listening on other addresses is reached by names it cannot know, so it answers any.
+    """
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost
+        return None
+    if not loopback:
+        return None
+    name = f"[{host}]" if ":" in host else host
+    return list(dict.fromkeys([*_LOOPBACK_NAMES, name]))
+
+
+def _guarded(app: ASGIApp, host: str) -> ASGIApp:
+    hosts = allowed_hosts(host)
+    return app if hosts is None else TrustedHostMiddleware(app, allowed_hosts=hosts)
+
+
 def address(sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
     return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
@@ -40,7 +68,7 @@ def serve(
 ) -> None:
     """Serve until interrupted; ``on_ready(url)`` is called once the socket is bound."""
     sock = bind(host, port)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="info", access_log=False))
+    server = uvicorn.Server(uvicorn.Config(_guarded(app, host), log_level="info", access_log=False))
     if on_ready:
         on_ready(address(sock))
     server.run(sockets=[sock])
@@ -52,7 +80,7 @@ class BackgroundServer:
     def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> None:
         self._sock = bind(host, port)
         self.url = address(self._sock)
-        self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+        self._server = uvicorn.Server(uvicorn.Config(_guarded(app, host), log_level="warning", access_log=False))
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True)
 
     def __enter__(self) -> str:
