@@ -201,6 +201,14 @@ def test_health_checklist_openapi_and_page(env):
     form = schema["paths"]["/search"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert {"image", "text", "k", *CHECKLIST_FIELDS} <= set(form["properties"])
     assert {"/cases/{case_id}", "/cases/{case_id}/image", "/health"} <= set(schema["paths"])
+    errors = schema["paths"]["/search"]["post"]["responses"]
+    assert {"400", "409", "413", "415", "500", "503"} <= set(errors)
+    detail = errors["400"]["content"]["application/json"]["schema"]
+    detail = schema["components"]["schemas"][detail["$ref"].rsplit("/", 1)[1]] if "$ref" in detail else detail
+    assert detail["properties"]["detail"]["type"] == "string" and detail["required"] == ["detail"]
+    assert "404" in schema["paths"]["/cases/{case_id}"]["get"]["responses"]
+    # the interactive /docs page loads Swagger UI from a CDN, blank on an offline hospital network: not served
+    assert client.get("/docs").status_code == 404 and client.get("/redoc").status_code == 404
     page = client.get("/")
     assert page.status_code == 200 and "not a diagnostic device" in page.text
     assert client.get("/static/app.js").status_code == 200 and client.get("/static/style.css").status_code == 200

@@ -27,6 +27,7 @@ from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
+from pydantic import BaseModel
 from starlette.datastructures import UploadFile
 
 from dermcir import __version__
@@ -67,6 +68,27 @@ def _search_schema() -> dict[str, Any]:
             "content": {"multipart/form-data": {"schema": {"type": "object", "properties": props}}},
         }
     }
+
+
+class ErrorReply(BaseModel):
+    """Every error answer of this service (but FastAPI's own 422 for a bad ``size``, whose ``detail`` is a list)."""
+
+    detail: str
+
+
+def _errors(codes: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses``: each status code with its meaning and the ``{"detail": str}`` body."""
+    return {code: {"model": ErrorReply, "description": what} for code, what in codes.items()}
+
+
+_SEARCH_ERRORS = _errors({
+    400: "a bad query: the detail names the file, field or value and what was expected",
+    409: "the index holds no cases",
+    413: "the request body is over the upload limit",
+    415: "the body is not a form",
+    500: "the service failed (not the client's error)",
+    503: "too many searches are waiting; try again after Retry-After seconds",
+})
 
 
 def _jpeg(rgb: np.ndarray, quality: int = 85) -> bytes:
@@ -185,6 +207,10 @@ def create_app(
         title="dermcir case search",
         version=__version__,
         description=f"Composed image + text search of biopsy-confirmed dermoscopy cases. {NOTICE}",
+        # FastAPI's /docs and /redoc pages load their scripts from a CDN, and would be blank on a hospital network
+        # without internet access; the schema itself is /openapi.json.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.searcher = searcher
     app.state.search_slots = search_slots
@@ -223,7 +249,10 @@ def create_app(
         }
 
     @app.post(
-        "/search", summary="Rank the indexed cases for an image and/or text query", openapi_extra=_search_schema()
+        "/search",
+        summary="Rank the indexed cases for an image and/or text query",
+        openapi_extra=_search_schema(),
+        responses=_SEARCH_ERRORS,
     )
     async def search(request: Request) -> dict[str, Any]:
         query = await _read_query(request)
@@ -251,6 +280,7 @@ def create_app(
     @app.get(
         "/cases/{case_id:path}/image",
         summary="An indexed case's image as the model saw it (JPEG)",
+        responses=_errors({404: "no case with this id, or its image can no longer be read"}),
         description=f"``size`` (16-1024) is rounded up to one of {', '.join(map(str, CASE_IMAGE_SIZES))} pixels.",
     )
     def case_image(
@@ -273,7 +303,9 @@ def create_app(
         cache = "max-age=86400" if current else "no-cache"
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": cache})
 
-    @app.get("/cases/{case_id:path}", summary="An indexed case's record")
+    @app.get(
+        "/cases/{case_id:path}", summary="An indexed case's record", responses=_errors({404: "no case with this id"})
+    )
     def case(case_id: str) -> dict[str, Any]:
         record = _record(searcher, case_id)
         return {**record, "image": Path(record["image"]).name, "image_url": _image_url(case_id, record["sha1"])}
