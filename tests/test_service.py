@@ -81,8 +81,18 @@ def test_bad_k_and_unknown_fields_are_400(env):
     for k in ("0", "abc", "1000"):
         res = _search(client, text="x", k=k)
         assert res.status_code == 400 and "k must be an integer from 1 to 200" in res.json()["detail"]
-    res = _search(client, text="x", colour="brown")
-    assert res.status_code == 400 and "unknown checklist field 'colour'" in res.json()["detail"]
+    # a mistyped reserved field is told about the reserved ones too; a blank value does not hide the mistake
+    for field, value in (("colour", "brown"), ("txt", "veil present"), ("Text", "veil present"), ("foo", "")):
+        res = _search(client, text="x", **{field: value})
+        detail = res.json()["detail"]
+        assert res.status_code == 400 and detail.startswith(f"unknown field {field!r}; the fields are image, text, k, ")
+        assert "heatmaps and the checklist fields pigment_network, streaks" in detail
+    assert _search(client, text="x", **{"Pigment-Network": "typical"}).status_code == 200  # as the CLI takes them
+    for value in ("yes", "2", "maybe"):
+        res = _search(client, text="x", k=1, heatmaps=value)
+        assert res.status_code == 400 and res.json()["detail"] == f"heatmaps must be true or false, got {value!r}"
+    assert "heatmaps" in _search(client, text="x", k=1, heatmaps="True").json()["results"][0]
+    assert "heatmaps" not in _search(client, text="x", k=1, heatmaps="false").json()["results"][0]
     res = client.post("/search", data={"image": "not a file"})
     assert res.status_code == 400 and "must be an uploaded file" in res.json()["detail"]
 

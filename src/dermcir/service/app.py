@@ -142,6 +142,15 @@ def _parse_k(raw: Any) -> int:
     return k
 
 
+def _parse_flag(name: str, raw: Any) -> bool:
+    value = str(raw).strip().lower()
+    if value in ("1", "true", "on"):  # "on": an HTML checkbox
+        return True
+    if value in ("", "0", "false", "off"):
+        return False
+    raise QueryError(f"{name} must be true or false, got {str(raw)[:20]!r}")
+
+
 _FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 _MAX_FIELDS = 64  # the form has 14 fields; more is not a search form
 
@@ -173,6 +182,15 @@ async def _read_query(request: Request) -> dict[str, Any]:
                 image, image_name = data, upload.filename or "uploaded image"
         elif isinstance(upload, str) and upload:
             raise QueryError("field 'image' must be an uploaded file (multipart file part), not text")
+        for name in form:
+            # normalised as validate_checklist does ("Pigment-Network" works); checked before blank values are
+            # dropped, and named here, so that a mistyped "txt" or "Text" is not silently ignored nor told only
+            # about checklist fields
+            if name not in _RESERVED and name.strip().lower().replace("-", "_").replace(" ", "_") not in CHECKLIST_FIELDS:
+                raise QueryError(
+                    f"unknown field {name!r}; the fields are {', '.join(_RESERVED)} and the checklist fields "
+                    f"{', '.join(CHECKLIST_FIELDS)}"
+                )
         checklist = {k: str(v) for k, v in form.multi_items() if k not in _RESERVED and str(v).strip()}
         return {
             "image": image,
@@ -180,7 +198,7 @@ async def _read_query(request: Request) -> dict[str, Any]:
             "text": form.get("text") or None,
             "checklist": checklist,
             "k": _parse_k(form.get("k", 10)),
-            "heatmaps": str(form.get("heatmaps", "")).lower() in ("1", "true", "on"),
+            "heatmaps": _parse_flag("heatmaps", form.get("heatmaps", "")),
         }
 
 
