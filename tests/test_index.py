@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import torch
 
 from dermcir.checkpoint import fingerprint, load_checkpoint
 from dermcir.cli import main
-from dermcir.data import LoadReport, preprocess
+from dermcir.data import Case, LoadReport, preprocess
 from dermcir.data.images import load_rgb
 from dermcir.index import (
     HEATMAP_SIZE,
@@ -303,6 +304,22 @@ def test_repeated_case_ids_are_refused(tmp_path, kit):
     cases = make_cases(tmp_path / "images", 3)
     with pytest.raises(ValueError, match="case ids must be unique; repeated: c001"):
         build_index([*cases, cases[1]], kit[0], tmp_path / "index", **_opts(tmp_path, kit))
+
+
+@pytest.mark.parametrize("bad", [".", ".."])
+def test_dot_ids_are_refused_naming_the_case(tmp_path, kit, bad):
+    # "/cases/../image" is "/image" to a browser: such a case could never be shown by the web page
+    cases = make_cases(tmp_path / "images", 3)
+    cases[1] = Case(bad, cases[1].image, cases[1].diagnosis, cases[1].category, cases[1].fields)
+    expected = f"case id {bad!r} (image {cases[1].image}) cannot be used: '.' and '..' are path steps in a URL"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        build_index(cases, kit[0], tmp_path / "index", **_opts(tmp_path, kit))
+    assert not (tmp_path / "index").exists() or not any((tmp_path / "index").iterdir())
+    root = make_index(tmp_path / "ok", 2, *kit)[1]
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        add_cases(root, cases[1:2], **_opts(tmp_path, kit))
+    dotted = [Case(i, c.image, c.diagnosis, c.category, c.fields) for i, c in zip(("...", ".a"), cases[::2], strict=True)]
+    assert build_index(dotted, kit[0], tmp_path / "dots", **_opts(tmp_path, kit)).total == 2  # only "." and ".."
 
 
 @pytest.fixture(scope="module")

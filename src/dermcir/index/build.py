@@ -135,6 +135,14 @@ def _encode(
     dupes = sorted(i for i, n in Counter(c.case_id for c in cases).items() if n > 1)
     if dupes:
         raise ValueError(f"case ids must be unique; repeated: {', '.join(dupes[:10])}")
+    for case in cases:
+        # A URL path segment "." or ".." is a path step, even percent-encoded: "/cases/../image" is "/image" to every
+        # browser, so the service could never show such a case. Refused before any image is encoded.
+        if case.case_id in (".", ".."):
+            raise ValueError(
+                f"case id {case.case_id!r} (image {case.image}) cannot be used: '.' and '..' are path steps in a URL, "
+                "so the web page could not show the case; give it another id"
+            )
     if model is None:
         model = load_checkpoint(checkpoint, resolve_device(device))
     encoded = encode_cases(model, cases, batch_size, cache_dir, report, progress)
