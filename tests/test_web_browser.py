@@ -117,10 +117,18 @@ def test_upload_search_grid_and_compare(page):
     assert _overlay_alpha(page, "case-heat") > 0
 
 
-def test_text_only_query_and_an_error(page):
-    page.fill("#text-input", "blue-whitish veil present")
+def _wait_for_checklist(page) -> None:
+    page.wait_for_selector("#field-pigment_network option[value='atypical']", state="attached")
+
+
+def _text_search(page, text: str = "blue-whitish veil present") -> None:
+    page.fill("#text-input", text)
     page.click("#search-button")
     page.locator("#results .result-card").nth(8).wait_for()  # default k = 10 > 9 cases: all of them
+
+
+def test_text_only_query_and_an_error(page):
+    _text_search(page)
     assert page.locator("#results .result-card").count() == 9
     assert "text query" in page.locator("#status").inner_text()
     page.locator("#results .result-card").first.click()
@@ -134,6 +142,26 @@ def test_text_only_query_and_an_error(page):
     page.wait_for_selector("#status.error")
     assert "notes.jpg" in page.locator("#status").inner_text()
     assert "Error 400" in page.locator("#status").inner_text()
+    # the previous query's results and comparison must not stay on screen under the new query
+    assert not page.locator("#results-section").is_visible() and not page.locator("#compare").is_visible()
+
+
+def test_a_search_that_never_answers_times_out_or_is_cancelled(page):
+    page.add_init_script("window.dermcirSearchTimeoutS = 2")  # the page's own limit is 120 s
+    page.reload()
+    _text_search(page)
+    page.route("**/search", lambda route: None)  # never answered
+    page.click("#search-button")
+    assert page.locator("#cancel-search").is_visible()
+    assert not page.locator("#results-section").is_visible()  # the old results are not shown as the new ones
+    page.wait_for_selector("#status.error", timeout=15_000)
+    assert "did not answer within 2 s" in page.locator("#status").inner_text()
+    assert page.locator("#search-button").is_enabled() and not page.locator("#cancel-search").is_visible()
+
+    page.click("#search-button")
+    page.click("#cancel-search")
+    assert page.locator("#status").inner_text() == "Search cancelled."
+    assert page.locator("#search-button").is_enabled() and not page.locator("#cancel-search").is_visible()
 
 
 def test_drop_an_image_onto_the_page(page):

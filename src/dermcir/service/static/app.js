@@ -2,7 +2,10 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { file: null, response: null, selected: null };
+const state = { file: null, response: null, selected: null, search: null };
+// A search that has not answered by then is given up, so a hung service or proxy cannot lock the page (a search
+// takes well under a second; 120 s leaves room for a long queue). Tests set window.dermcirSearchTimeoutS.
+const SEARCH_TIMEOUT_S = window.dermcirSearchTimeoutS || 120;
 
 function setStatus(message, isError = false) {
   const el = $("status");
@@ -94,10 +97,18 @@ function buildQuery() {
 async function runSearch(event) {
   event.preventDefault();
   const button = $("search-button");
+  const controller = new AbortController();
+  const timer = setTimeout(() => controller.abort("timeout"), SEARCH_TIMEOUT_S * 1000);
+  state.search = controller;
   button.disabled = true;
+  $("cancel-search").hidden = false;
+  // The previous query's results must not stay on screen under the new query, above all if this one fails.
+  $("results-section").hidden = true;
+  $("compare").hidden = true;
+  state.response = state.selected = null;
   setStatus("Searching…");
   try {
-    const res = await fetch("/search", { method: "POST", body: buildQuery() });
+    const res = await fetch("/search", { method: "POST", body: buildQuery(), signal: controller.signal });
     const { body, text } = await readReply(res);
     if (!res.ok || body === null) {
       setStatus(errorMessage(res, body, text), true);
@@ -107,9 +118,18 @@ async function runSearch(event) {
     renderResults(body);
     setStatus(`${body.results.length} case(s), ${body.query.mode} query, ${body.took_ms} ms`);
   } catch (err) {
-    setStatus("The service did not answer: " + err, true);
+    if (controller.signal.reason === "timeout") {
+      setStatus(`The service did not answer within ${SEARCH_TIMEOUT_S} s. Try again later.`, true);
+    } else if (controller.signal.aborted) {
+      setStatus("Search cancelled.");
+    } else {
+      setStatus("The service did not answer: " + err, true);
+    }
   } finally {
+    clearTimeout(timer);
+    state.search = null;
     button.disabled = false;
+    $("cancel-search").hidden = true;
   }
 }
 
@@ -240,6 +260,7 @@ function init() {
   $("heatmap-toggle").addEventListener("change", redrawHeatmaps);
   $("level-select").addEventListener("change", redrawHeatmaps);
   $("close-compare").addEventListener("click", () => { $("compare").hidden = true; });
+  $("cancel-search").addEventListener("click", () => { if (state.search) state.search.abort("cancelled"); });
   window.addEventListener("resize", redrawHeatmaps);
   loadChecklist().catch((err) => setStatus("Could not load the checklist fields: " + (err.message || err), true));
 }
