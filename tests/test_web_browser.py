@@ -146,6 +146,32 @@ def test_text_only_query_and_an_error(page):
     assert not page.locator("#results-section").is_visible() and not page.locator("#compare").is_visible()
 
 
+def test_the_image_chooser_is_reachable_by_keyboard(page):
+    _wait_for_checklist(page)
+    for _ in range(40):
+        page.keyboard.press("Tab")
+        if page.evaluate("() => document.activeElement.id") == "image-input":
+            break
+    else:
+        pytest.fail("Tab never reached the image input")
+    zone = page.locator("#drop-zone")
+    assert zone.evaluate("z => getComputedStyle(z).outlineStyle") != "none"  # the focus is visible
+    assert page.get_by_label("Dermoscopic image (optional)").get_attribute("id") == "image-input"  # and named
+    with page.expect_file_chooser() as chooser:
+        page.keyboard.press("Space")
+    chooser.value.set_files(files=[{"name": "lesion.png", "mimeType": "image/png", "buffer": encode(lesion())}])
+    page.wait_for_function("() => document.getElementById('image-preview').naturalWidth > 0")
+    assert page.locator("#image-preview").is_visible() and page.locator("#clear-image").is_visible()
+
+
+def test_the_comparison_takes_the_keyboard_focus(page):
+    _text_search(page)
+    page.locator("#results .result-card").nth(2).focus()
+    page.keyboard.press("Enter")
+    assert page.locator("#compare").is_visible()
+    assert page.evaluate("() => document.activeElement.id") == "compare-heading"
+
+
 def test_a_search_that_never_answers_times_out_or_is_cancelled(page):
     page.add_init_script("window.dermcirSearchTimeoutS = 2")  # the page's own limit is 120 s
     page.reload()
@@ -162,6 +188,23 @@ def test_a_search_that_never_answers_times_out_or_is_cancelled(page):
     page.click("#cancel-search")
     assert page.locator("#status").inner_text() == "Search cancelled."
     assert page.locator("#search-button").is_enabled() and not page.locator("#cancel-search").is_visible()
+
+
+def test_files_dropped_off_target_and_replaced_previews(page):
+    # a file dropped beside the drop zone must not make the browser open it, leaving the page and the form
+    prevented = page.evaluate(
+        """() => { const dt = new DataTransfer();
+               dt.items.add(new File(['x'], 'lesion.png', {type: 'image/png'}));
+               return ['dragover', 'drop'].map(type => { const e = new DragEvent(type, {dataTransfer: dt,
+                   bubbles: true, cancelable: true}); document.querySelector('h1').dispatchEvent(e);
+                   return e.defaultPrevented; }); }"""
+    )
+    assert prevented == [True, True]
+    page.set_input_files("#image-input", files=[{"name": "a.png", "mimeType": "image/png", "buffer": encode(lesion())}])
+    first = page.locator("#image-preview").get_attribute("src")
+    page.set_input_files("#image-input", files=[{"name": "b.png", "mimeType": "image/png", "buffer": encode(lesion(3))}])
+    # the replaced preview's object URL is released, not kept for the page's lifetime
+    assert page.evaluate("(url) => fetch(url).then(() => 'kept', () => 'revoked')", first) == "revoked"
 
 
 def test_drop_an_image_onto_the_page(page):

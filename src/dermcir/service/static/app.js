@@ -2,7 +2,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { file: null, response: null, selected: null, search: null };
+const state = { file: null, previewUrl: null, response: null, selected: null, search: null };
 // A search that has not answered by then is given up, so a hung service or proxy cannot lock the page (a search
 // takes well under a second; 120 s leaves room for a long queue). Tests set window.dermcirSearchTimeoutS.
 const SEARCH_TIMEOUT_S = window.dermcirSearchTimeoutS || 120;
@@ -50,23 +50,31 @@ async function loadChecklist() {
   $("k-input").max = spec.max_k;
 }
 
+// An object URL keeps its file in memory until revoked: the previous preview's is released when it is replaced.
+function setPreview(file) {
+  if (state.previewUrl) URL.revokeObjectURL(state.previewUrl);
+  state.previewUrl = file ? URL.createObjectURL(file) : null;
+  const preview = $("image-preview");
+  if (state.previewUrl) preview.src = state.previewUrl;
+  else preview.removeAttribute("src");
+  preview.hidden = !file;
+  $("drop-hint").hidden = Boolean(file);
+  $("clear-image").hidden = !file;
+}
+
 function chooseFile(file) {
   if (!file) return;
   state.file = file;
-  const preview = $("image-preview");
-  preview.src = URL.createObjectURL(file);
-  preview.hidden = false;
-  $("drop-hint").hidden = true;
-  $("clear-image").hidden = false;
+  setPreview(file);
 }
 
 function clearFile() {
   state.file = null;
   $("image-input").value = "";
-  $("image-preview").hidden = true;
-  $("drop-hint").hidden = false;
-  $("clear-image").hidden = true;
+  setPreview(null);
 }
+
+function carriesFiles(e) { return e.dataTransfer && [...e.dataTransfer.types].includes("Files"); }
 
 function setupDropZone() {
   const zone = $("drop-zone");
@@ -79,6 +87,14 @@ function setupDropZone() {
     zone.addEventListener(type, (e) => { e.preventDefault(); zone.classList.remove("dragover"); });
   }
   zone.addEventListener("drop", (e) => chooseFile(e.dataTransfer.files[0]));
+  // A file dropped beside the zone would make the browser open it in place of the page, losing the form: the page
+  // takes it as the image instead. Only file drags are caught, so dragging text into the text box still works.
+  for (const type of ["dragover", "drop"]) {
+    document.addEventListener(type, (e) => { if (carriesFiles(e)) e.preventDefault(); });
+  }
+  document.addEventListener("drop", (e) => {
+    if (carriesFiles(e) && !zone.contains(e.target)) chooseFile(e.dataTransfer.files[0]);
+  });
 }
 
 function buildQuery() {
@@ -251,7 +267,15 @@ function showCompare(result, card) {
   }
   $("compare").hidden = false;
   redrawHeatmaps();
+  // the keyboard goes where the eyes go: otherwise Tab would walk through every remaining result card first
+  $("compare-heading").focus({ preventScroll: true });
   $("compare").scrollIntoView({ behavior: "smooth", block: "nearest" });
+}
+
+function closeCompare() {
+  $("compare").hidden = true;
+  const card = $("results").querySelector(".result-card.selected");
+  if (card) card.focus();
 }
 
 function init() {
@@ -259,7 +283,7 @@ function init() {
   $("query-form").addEventListener("submit", runSearch);
   $("heatmap-toggle").addEventListener("change", redrawHeatmaps);
   $("level-select").addEventListener("change", redrawHeatmaps);
-  $("close-compare").addEventListener("click", () => { $("compare").hidden = true; });
+  $("close-compare").addEventListener("click", closeCompare);
   $("cancel-search").addEventListener("click", () => { if (state.search) state.search.abort("cancelled"); });
   window.addEventListener("resize", redrawHeatmaps);
   loadChecklist().catch((err) => setStatus("Could not load the checklist fields: " + (err.message || err), true));
