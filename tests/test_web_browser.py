@@ -131,6 +131,8 @@ def test_text_only_query_and_an_error(page):
     _text_search(page)
     assert page.locator("#results .result-card").count() == 9
     assert "text query" in page.locator("#status").inner_text()
+    # the research-use notice is repeated where the results are read (the header has scrolled away on a phone)
+    assert "not a diagnostic device" in page.locator("#results-section .notice").inner_text()
     page.locator("#results .result-card").first.click()
     assert page.locator("#no-query-image").is_visible() and not page.locator("#compare-query").is_visible()
     assert _overlay_alpha(page, "query-heat") == 0 and _overlay_alpha(page, "case-heat") > 0
@@ -188,6 +190,19 @@ def test_a_search_that_never_answers_times_out_or_is_cancelled(page):
     page.click("#cancel-search")
     assert page.locator("#status").inner_text() == "Search cancelled."
     assert page.locator("#search-button").is_enabled() and not page.locator("#cancel-search").is_visible()
+
+
+def test_a_narrow_screen_does_not_scroll_sideways_with_the_comparison_open(page):
+    page.set_viewport_size({"width": 320, "height": 700})
+    page.set_input_files(
+        "#image-input", files=[{"name": "lesion.png", "mimeType": "image/png", "buffer": encode(lesion())}]
+    )
+    _text_search(page, "streaks irregular")
+    page.locator("#results .result-card").first.click()
+    page.wait_for_function("() => document.getElementById('compare-case').naturalWidth > 0")
+    assert page.evaluate("() => document.documentElement.scrollWidth") <= 320
+    box = page.locator("#case-box").bounding_box()
+    assert box["width"] == pytest.approx(box["height"], abs=1) and box["width"] < 320
 
 
 def test_files_dropped_off_target_and_replaced_previews(page):
