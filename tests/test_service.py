@@ -192,6 +192,17 @@ def test_a_replaced_case_gets_a_new_image_url(tmp_path, env):
         assert stale.content == client.get(after).content and stale.headers["cache-control"] == "no-cache"
 
 
+def test_an_unreadable_case_image_is_a_404_without_the_servers_folders(tmp_path, env, caplog):
+    *_, searcher, _client = env
+    _ckpt, root, cases = make_index(tmp_path, 2, ckpt=searcher.checkpoint, model=searcher.model)
+    cases[1].image.unlink()
+    with TestClient(create_app(CaseSearcher(root))) as client:
+        res = client.get("/cases/c001/image")
+    assert res.status_code == 404
+    assert res.json()["detail"] == "case 'c001': its image can no longer be read (case001.png: file not found)"
+    assert str(cases[1].image) in caplog.text  # the service's log says where it looked
+
+
 def test_image_route_never_reads_a_path_from_the_request(env):
     *_, client = env
     for attempt in ("..%2F..%2F..%2Fetc%2Fpasswd", "%2Fetc%2Fpasswd", "c001%2F..%2F..%2Fsecret"):

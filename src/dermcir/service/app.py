@@ -3,8 +3,9 @@
 Routes only translate HTTP to library calls and library errors to status codes: 400 for a bad query (unreadable
 image, unknown checklist value, empty query...), 404 for an unknown case, 409 for an empty index, 413 for an upload
 over the size limit, 415 for a body that is not a form, 503 when too many searches wait, and a JSON 500 for any
-other exception (a failure on the service's side, not the client's). Case images are read only from the paths recorded in the index, looked up by id, and responses name only the image
-file, never the server's folders (a clinic's folder names may hold patient names or record numbers).
+other exception (a failure on the service's side, not the client's). Case images are read only from the paths recorded
+in the index, looked up by id, and responses name only the image file, never the server's folders (a clinic's folder
+names may hold patient names or record numbers).
 """
 
 from __future__ import annotations
@@ -308,12 +309,14 @@ def create_app(
             # the id itself ends in an encoded "/image" ("x%2Fimage"): a record request
             return JSONResponse(case(f"{case_id}/image"))
         record = _record(searcher, case_id)
+        path = record["image"]
         size = next(s for s in CASE_IMAGE_SIZES if s >= size)
         try:
             # keyed by sha1 too, so a replaced image is rendered again
-            key = (record["image"], record["sha1"], size)
-            data = case_images.get(key, lambda: _jpeg(preprocess(load_rgb(record["image"]), size)))
+            key = (path, record["sha1"], size)
+            data = case_images.get(key, lambda: _jpeg(preprocess(load_rgb(path, name=Path(path).name), size)))
         except ImageError as exc:
+            log.warning("case %r: cannot read its image %s: %s", case_id, path, exc)  # the full path: here only
             raise HTTPException(404, f"case {case_id!r}: its image can no longer be read ({exc})") from None
         # image_url carries the image's version (?v=, its sha1's start): a replaced image gets a new URL, so the
         # browser may keep this one. A URL without it, or with an old one, names no fixed image: not to be kept.
