@@ -171,6 +171,25 @@ def test_train_command_writes_a_loadable_checkpoint(toy_release, tmp_path):
     assert model.config.members == 2 and len(model.heads) == 2  # the cpu profile's ensemble is in the checkpoint
 
 
+def test_a_failed_training_keeps_its_log_and_the_previous_checkpoint(toy_release, tmp_path, monkeypatch):
+    from dermcir.training import pipeline
+
+    sets = [a for k, v in FAST.items() for a in ("--set", f"{k}={v}")]
+    args = ["train", "--data", str(toy_release), "--min-cases", "5", "--out", str(tmp_path / "ckpt"), "--quiet", *sets]
+    assert main(args) == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()}
+
+    def failing_fit(*args, **kwargs):
+        raise RuntimeError("the device fell over")
+
+    monkeypatch.setattr(pipeline, "fit", failing_fit)
+    with pytest.raises(RuntimeError, match="fell over"):
+        main(args)
+    failed = (tmp_path / "ckpt" / "train.failed.log").read_text()
+    assert "run stopped by RuntimeError: the device fell over" in failed and "Traceback" in failed
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir() if p.name != "train.failed.log"} == before
+
+
 def test_gpu_profile_checkpoint_holds_its_trained_companion(toy_release, tmp_path):
     settings = {**TINY, "epochs": 1, "batch_size": 6, "refit_epochs": 1, "companion_epochs": 2}
     sets = [a for k, v in settings.items() for a in ("--set", f"{k}={v}")]

@@ -102,8 +102,9 @@ def fit_companion(
 def run_log(path: Path, append: bool = False, left_out: Sequence[tuple[str, str]] = ()):
     """Copy this package's log records into ``path`` for the duration of a run (after what it holds: ``append``).
 
-    ``left_out``: (row or file, reason) pairs left out before the run began (the loader's), written first in the loader's words.
-    They go into the file only: the loader logged each one already, so the console shows every row once.
+    ``left_out``: (row or file, reason) pairs left out before the run began (the loader's), written first, in the
+    loader's words. They go into the file only: the loader logged each one already, so the console shows every row
+    once. A run that raises ends its file with the error and its traceback.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, mode="a" if append else "w")
@@ -145,30 +146,46 @@ def train_on_cases(
     model_cfg, train_cfg, views = get_profile(profile, **overrides)
     report = LoadReport(skipped=list(load_report.skipped) if load_report is not None else [])  # the caller's unchanged
     tmp_log = Path(tempfile.mkdtemp()) / "train.log"
-    with run_log(tmp_log, left_out=report.skipped):
-        cases, images = preprocess_cases(cases, model_cfg.image_size, cache_dir, report, progress)  # logs its skips
-        if len(cases) < 4:
-            raise ValueError(f"only {len(cases)} usable cases; training needs at least a few per category")
-        model_cfg.categories = list(category_counts(cases))
-        seed_everything(train_cfg.seed)  # the heads' initial weights too: the same seed gives the same checkpoint
-        model = ComposedRetrievalModel(model_cfg)
-        inputs = prepare_inputs(model, cases, images, train_cfg, views, device, cache_dir, progress)
-        idx = np.arange(len(cases))
-        train_idx, val_idx = validation_split(idx, [c.category for c in cases], train_cfg.val_fraction, train_cfg.seed)
-        result: FitResult = fit(model, inputs, train_idx, val_idx, train_cfg, device, len(model_cfg.categories),
-                                progress, refit_idx=idx)
-        log.info("best epoch %d, validation mAP %.2f, %.0f s", result.best_epoch, result.best_val_map, result.seconds)
-        companion = prepare_companion(model, cases, images, train_cfg, device, cache_dir, progress, inputs)
-        companion_result = fit_companion(model, companion, train_idx, val_idx, device, progress, refit_idx=idx)
-    # the train config is what decided whether the backbone trained (``fit`` reads its profile), so it decides
-    # what the checkpoint stores by reference
-    save_checkpoint(model.cpu(), out_dir, frozen=frozen_parts(train_cfg.profile, model), extra={
-        "train": train_cfg.__dict__, "best_epoch": result.best_epoch, "val_mAP": result.best_val_map,
-        "history": result.history, "n_cases": len(cases), "skipped": report.skipped,
-        **({"companion": {"best_epoch": companion_result.best_epoch, "val_mAP": companion_result.best_val_map,
-                          "history": companion_result.history}} if companion_result is not None else {}),
-    })
-    shutil.move(str(tmp_log), out_dir / "train.log")
+    try:
+        with run_log(tmp_log, left_out=report.skipped):
+            # preprocessing logs what it leaves out
+            cases, images = preprocess_cases(cases, model_cfg.image_size, cache_dir, report, progress)
+            if len(cases) < 4:
+                raise ValueError(f"only {len(cases)} usable cases; training needs at least a few per category")
+            model_cfg.categories = list(category_counts(cases))
+            # the heads' initial weights too: the same seed gives the same checkpoint
+            seed_everything(train_cfg.seed)
+            model = ComposedRetrievalModel(model_cfg)
+            inputs = prepare_inputs(model, cases, images, train_cfg, views, device, cache_dir, progress)
+            idx = np.arange(len(cases))
+            train_idx, val_idx = validation_split(idx, [c.category for c in cases], train_cfg.val_fraction,
+                                                  train_cfg.seed)
+            result: FitResult = fit(model, inputs, train_idx, val_idx, train_cfg, device, len(model_cfg.categories),
+                                    progress, refit_idx=idx)
+            log.info("best epoch %d, validation mAP %.2f, %.0f s", result.best_epoch, result.best_val_map,
+                     result.seconds)
+            companion = prepare_companion(model, cases, images, train_cfg, device, cache_dir, progress, inputs)
+            companion_result = fit_companion(model, companion, train_idx, val_idx, device, progress, refit_idx=idx)
+        # the train config is what decided whether the backbone trained (``fit`` reads its profile), so it decides
+        # what the checkpoint stores by reference
+        save_checkpoint(model.cpu(), out_dir, frozen=frozen_parts(train_cfg.profile, model), extra={
+            "train": train_cfg.__dict__, "best_epoch": result.best_epoch, "val_mAP": result.best_val_map,
+            "history": result.history, "n_cases": len(cases), "skipped": report.skipped,
+            **({"companion": {"best_epoch": companion_result.best_epoch, "val_mAP": companion_result.best_val_map,
+                              "history": companion_result.history}} if companion_result is not None else {}),
+        })
+    except BaseException:
+        # the failed run's log is kept beside what the folder holds (a previous checkpoint stays whole)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(tmp_log), out_dir / "train.failed.log")
+        except OSError as exc:  # the folder cannot take it: the run's own error is what the caller must see
+            log.warning("could not keep the failed run's log in %s: %s", out_dir, exc)
+        raise
+    else:
+        shutil.move(str(tmp_log), out_dir / "train.log")
+    finally:
+        shutil.rmtree(tmp_log.parent, ignore_errors=True)
     return out_dir
 
 
