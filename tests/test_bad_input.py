@@ -161,6 +161,7 @@ def test_empty_index(tmp_path, capsys):
         (["index", "--batch-size", "0"], "--batch-size: expected a whole number ≥ 1, got 0"),
         (["search", "-k", "0"], "-k: expected a whole number ≥ 1, got 0"),
         (["serve", "--max-concurrent", "0"], "--max-concurrent: expected a whole number ≥ 1, got 0"),
+        (["serve", "--max-waiting", "-1"], "--max-waiting: expected a whole number ≥ 0, got -1"),
         (["serve", "--max-upload-mb", "inf"], "--max-upload-mb: expected a finite number > 0, got 'inf'"),
         (["serve", "--threads", "0"], "--threads: expected a whole number ≥ 1, got 0"),
     ],

@@ -344,6 +344,19 @@ def test_a_full_search_queue_is_refused_with_503(env, monkeypatch):
         create_app(searcher, max_waiting_searches=-1)
 
 
+def test_serve_passes_its_search_limits_to_the_app(env, monkeypatch):
+    import dermcir.service
+
+    _tmp, root, *_ = env
+    made = []
+    monkeypatch.setattr(dermcir.service, "create_app", lambda searcher, **limits: made.append(limits))
+    monkeypatch.setattr(dermcir.service, "serve", lambda app, host, port, on_ready=None: None)
+    from dermcir.cli import main
+
+    assert main(["serve", "--index", str(root), "--max-concurrent", "3", "--max-waiting", "0"]) == 0
+    assert made == [{"max_upload_bytes": 10 * 1024 * 1024, "max_concurrent_searches": 3, "max_waiting_searches": 0}]
+
+
 def test_index_update_while_serving(env):
     tmp, root, _cases, searcher, client = env
     before = client.get("/health").json()

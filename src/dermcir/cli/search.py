@@ -137,6 +137,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-upload-mb", type=positive, default=10.0, help="largest accepted request body")
     p.add_argument("--max-concurrent", type=whole(1), default=2,
                    help="searches run at once, the others wait (each decodes its upload and uses all --threads)")
+    p.add_argument("--max-waiting", type=whole(0), default=32,
+                   help="searches that may wait for a turn; one more is answered 503 (each holds its upload)")
     _threads_arg(p)
 
 
@@ -294,7 +296,7 @@ def _run_server(searcher, args: argparse.Namespace, banner: str) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s: reachable from other machines, with no authentication", args.host)
     app = create_app(searcher, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
-                     max_concurrent_searches=args.max_concurrent)
+                     max_concurrent_searches=args.max_concurrent, max_waiting_searches=args.max_waiting)
 
     def ready(url: str) -> None:
         print(f"{banner}: open {url} in a browser (Ctrl+C stops it). {NOTICE}", flush=True)
