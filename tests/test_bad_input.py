@@ -143,6 +143,7 @@ def test_empty_index(tmp_path, capsys):
     client = TestClient(create_app(searcher))
     res = _post(client, encode(lesion()), k=3)
     assert res.status_code == 409 and "holds no cases" in res.json()["detail"]
+    assert str(tmp_path) not in res.json()["detail"]  # the answer names no server folder (the log does)
     assert client.get("/health").json()["cases"] == 0
     assert main(["search", "--index", str(root), "--text", "streaks absent"]) == 2
     assert "holds no cases" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import threading
 import time
@@ -260,6 +261,10 @@ def test_concurrent_requests(env):
     assert got == expected * 3
 
 
+def _search_into(codes: list, client: TestClient) -> None:
+    codes.append(_search(client, text="irregular streaks", k=2).status_code)
+
+
 def test_searches_beyond_the_concurrency_limit_wait_their_turn(env, monkeypatch):
     *_, searcher, _client = env
     running, most = [0], [0]
@@ -278,11 +283,22 @@ def test_searches_beyond_the_concurrency_limit_wait_their_turn(env, monkeypatch)
                 running[0] -= 1
 
     monkeypatch.setattr(searcher, "search", counted)
-    for limit in (2, 6):  # with room for all six, they do overlap: the limit of 2 is what holds them back
+    # entered, all requests share one event loop (as under uvicorn); not entered, each runs in a loop of its own,
+    # where a waiter is never woken by another loop's limiter (they hung): the limit must hold either way
+    for limit, entered in ((2, True), (6, True), (2, False)):
         most[0] = 0
-        with TestClient(create_app(searcher, max_concurrent_searches=limit)) as client, ThreadPoolExecutor(6) as pool:
-            codes = [r.status_code for r in pool.map(lambda c: _search(c, text="irregular streaks", k=2), [client] * 6)]
-        assert codes == [200] * 6
+        client = TestClient(create_app(searcher, max_concurrent_searches=limit))
+        codes = []
+        with client if entered else contextlib.nullcontext(client):
+            # daemon threads, joined with a time limit: a search that hangs fails the test instead of stalling it
+            threads = [threading.Thread(target=_search_into, args=(codes, client), daemon=True) for _ in range(6)]
+            for thread in threads:
+                thread.start()
+            deadline = time.monotonic() + 60
+            for thread in threads:
+                thread.join(max(0.0, deadline - time.monotonic()))
+        assert codes == [200] * 6, f"limit {limit}, {'one loop' if entered else 'a loop per request'}: {codes}"
+        # with room for all six, they do overlap: the limit of 2 is what holds them back
         assert most[0] == 2 if limit == 2 else most[0] > 2
     with pytest.raises(ValueError, match="max_concurrent_searches must be at least 1"):
         create_app(searcher, max_concurrent_searches=0)
@@ -332,16 +348,73 @@ def test_a_full_search_queue_is_refused_with_503(env, monkeypatch):
             assert started.wait(30)
             second = pool.submit(_search, client, text="streaks irregular", k=1)
             deadline = time.monotonic() + 30
-            while app.state.search_slots.statistics().tasks_waiting < 1 and time.monotonic() < deadline:
+            while app.state.search_admission.admitted < 2 and time.monotonic() < deadline:
                 time.sleep(0.01)
             third = _search(client, text="streaks irregular", k=1)
             assert third.status_code == 503 and third.headers["retry-after"]
-            assert third.json()["detail"] == "the service is busy: 1 search running and 1 waiting; try again shortly"
+            assert third.json()["detail"] == "the service is busy: 2 searches running or waiting; try again shortly"
         finally:
             release.set()
         assert first.result().status_code == 200 and second.result().status_code == 200
     with pytest.raises(ValueError, match="max_waiting_searches must be at least 0"):
         create_app(searcher, max_waiting_searches=-1)
+
+
+def test_a_burst_of_searches_gets_no_more_places_than_the_queue_has(env, monkeypatch):
+    """Requests arriving together all passed a check of the queue's length before any of them joined it."""
+    import anyio
+
+    *_, searcher, _client = env
+    started, release = _blocked_search(searcher, monkeypatch)
+    app = create_app(searcher, max_concurrent_searches=1, max_waiting_searches=1)
+    n = 20
+
+    async def burst() -> list[int]:
+        transport = httpx.ASGITransport(app=app)  # one event loop, as under uvicorn, with every request at once
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=120) as client:
+            codes: list[int] = []
+
+            async def post() -> None:
+                codes.append((await client.post("/search", data={"text": "streaks irregular", "k": "1"})).status_code)
+
+            async with anyio.create_task_group() as group:
+                for _ in range(n):
+                    group.start_soon(post)
+                with anyio.move_on_after(30):  # the refused come back at once; the admitted wait for the release
+                    while len(codes) < n - 2:
+                        await anyio.sleep(0.05)
+                release.set()
+            return sorted(codes)
+
+    try:
+        assert anyio.run(burst) == [200] * 2 + [503] * (n - 2)
+    finally:
+        release.set()
+    assert started.is_set() and app.state.search_admission.admitted == 0
+
+
+def test_a_search_whose_client_left_while_waiting_is_skipped(env, monkeypatch):
+    """The page's Cancel (or its time limit) leaves; the search it queued must not run the model for no one."""
+    from starlette.requests import ClientDisconnect, Request
+
+    *_, searcher, client = env
+    ran = []
+    monkeypatch.setattr(searcher, "search", lambda **query: ran.append(query))
+
+    async def gone(self):
+        return True
+
+    monkeypatch.setattr(Request, "is_disconnected", gone)
+    assert _search(client, text="streaks irregular", k=1).status_code == 499 and ran == []
+    monkeypatch.undo()
+
+    async def left_during_upload(request):
+        raise ClientDisconnect()
+
+    import dermcir.service.app as app_module
+
+    monkeypatch.setattr(app_module, "_read_query", left_during_upload)
+    assert _search(client, text="streaks irregular", k=1).status_code == 499  # not a 500 "the service failed"
 
 
 def test_serve_passes_its_search_limits_to_the_app(env, monkeypatch):
@@ -350,11 +423,14 @@ def test_serve_passes_its_search_limits_to_the_app(env, monkeypatch):
     _tmp, root, *_ = env
     made = []
     monkeypatch.setattr(dermcir.service, "create_app", lambda searcher, **limits: made.append(limits))
-    monkeypatch.setattr(dermcir.service, "serve", lambda app, host, port, on_ready=None: None)
+    served = []
+    monkeypatch.setattr(dermcir.service, "serve", lambda app, host, port, **kw: served.append(kw["allowed_host_names"]))
     from dermcir.cli import main
 
-    assert main(["serve", "--index", str(root), "--max-concurrent", "3", "--max-waiting", "0"]) == 0
+    assert main(["serve", "--index", str(root), "--max-concurrent", "3", "--max-waiting", "0",
+                 "--allowed-host", "dermcir.clinic.example", "--allowed-host", "proxy"]) == 0
     assert made == [{"max_upload_bytes": 10 * 1024 * 1024, "max_concurrent_searches": 3, "max_waiting_searches": 0}]
+    assert served == [["dermcir.clinic.example", "proxy"]]
 
 
 def test_index_update_while_serving(env):
@@ -383,7 +459,7 @@ def test_a_damaged_new_version_does_not_stop_the_service(tmp_path, env):
     assert client.get("/health").json()["index_version"] == good
 
 
-def test_a_failure_on_the_service_side_is_a_json_500_not_a_400(env, monkeypatch):
+def test_a_failure_on_the_service_side_is_a_json_500_not_a_400(env, monkeypatch, caplog):
     *_, searcher, client = env
 
     def broken(*_args, **_kw):
@@ -392,7 +468,9 @@ def test_a_failure_on_the_service_side_is_a_json_500_not_a_400(env, monkeypatch)
     monkeypatch.setattr(searcher, "_encode", broken)
     res = _search(client, text="streaks absent", k=2)
     assert res.status_code == 500
-    assert res.json()["detail"] == "the service failed: vectors must have shape (n, 192), got (1, 96)"
+    # the kind only: a message may name the server's files, so it goes to the log
+    assert res.json()["detail"] == "the service failed: ValueError (the service's log has the details)"
+    assert "vectors must have shape (n, 192), got (1, 96)" in caplog.text
     monkeypatch.undo()
     assert _search(client, text="x", k="0").status_code == 400  # the client's errors stay 400
 
@@ -429,6 +507,24 @@ def test_a_loopback_server_answers_only_loopback_host_names(env):
     assert allowed_hosts("127.0.0.2") == ["127.0.0.1", "localhost", "[::1]", "127.0.0.2"]
     assert allowed_hosts("::1") == ["127.0.0.1", "localhost", "[::1]"]
     assert allowed_hosts("0.0.0.0") is None and allowed_hosts("192.168.1.20") is None  # reached by names unknown here
+    # decided by the address bound, not the name given: a name /etc/hosts maps to loopback is checked too
+    assert allowed_hosts("myhost", "127.0.1.1") == ["127.0.0.1", "localhost", "[::1]", "myhost"]
+    assert allowed_hosts("myhost", "192.168.1.20") is None
+    assert allowed_hosts("127.0.0.1", extra=["proxy.example"])[-1] == "proxy.example"  # --allowed-host
+
+
+def test_a_host_name_bound_to_loopback_is_checked_and_allowed_names_are_answered(env, caplog):
+    """``--host localhost`` binds 127.0.0.1 by name; a reverse proxy's name is answered when allowed."""
+    *_, searcher, _client = env
+    with caplog.at_level("WARNING", logger="dermcir"), \
+            BackgroundServer(create_app(searcher), host="localhost", allowed_host_names=["proxy.example"]) as url:
+        port = url.rstrip("/").rsplit(":", 1)[1]
+
+        def status(host: str) -> int:
+            return httpx.get(url + "health", headers={"Host": host}, timeout=30).status_code
+
+        assert [status(f"{h}:{port}") for h in ("attacker.example", "proxy.example", "localhost")] == [400, 200, 200]
+    assert "reachable from other machines" not in caplog.text
 
 
 def test_serve_listens_on_localhost_by_default():

@@ -24,12 +24,14 @@ from urllib.parse import quote
 
 import anyio
 import numpy as np
+from anyio.lowlevel import RunVar
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from pydantic import BaseModel
 from starlette.datastructures import UploadFile
+from starlette.requests import ClientDisconnect
 
 from dermcir import __version__
 from dermcir.data.images import ImageError, load_rgb, preprocess
@@ -203,6 +205,28 @@ async def _read_query(request: Request) -> dict[str, Any]:
         }
 
 
+class _Admission:
+    """Counts the searches admitted (running or waiting); one beyond ``limit`` is a 503. Checked and counted with no
+    ``await`` between, so a burst of requests cannot all pass the check before any of them is counted."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.admitted = limit, 0
+        self._lock = threading.Lock()  # requests may come from more than one event loop's thread
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self.admitted >= self.limit:
+                raise HTTPException(
+                    503, f"the service is busy: {self.admitted} searches running or waiting; try again shortly",
+                    headers={"Retry-After": "5"},
+                )
+            self.admitted += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self.admitted -= 1
+
+
 def create_app(
     searcher: CaseSearcher, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     max_concurrent_searches: int = DEFAULT_MAX_CONCURRENT_SEARCHES,
@@ -211,16 +235,31 @@ def create_app(
     """The FastAPI application: the API under ``/search``, ``/cases``, ``/health`` and the web page at ``/``.
 
     At most ``max_concurrent_searches`` searches run at once and ``max_waiting_searches`` more wait for a turn; a
-    search beyond that is answered 503. Serve the app from one event loop (uvicorn does; in tests, enter
-    ``TestClient`` as a context manager), since the search limiter belongs to the loop that first uses it.
+    search beyond that is answered 503.
     """
     if max_concurrent_searches < 1:
         raise ValueError(f"max_concurrent_searches must be at least 1, got {max_concurrent_searches}")
     if max_waiting_searches < 0:
         raise ValueError(f"max_waiting_searches must be at least 0, got {max_waiting_searches}")
-    # Awaited in the event loop before a search gets a worker thread, so a waiting search holds no thread: the other
-    # routes (/health, case images, the page) share anyio's 40 worker threads and stay responsive behind any queue.
-    search_slots = anyio.CapacityLimiter(max_concurrent_searches)
+    # A search waits for its turn in the event loop, before it gets a worker thread, so a waiting search holds no
+    # thread: the other routes (/health, case images, the page) share anyio's 40 worker threads and stay responsive
+    # behind any queue. The limiter is one per event loop (uvicorn runs one; a TestClient used without ``with`` runs
+    # each request in a loop of its own, and a waiter in one loop is never woken from another). The thread semaphore,
+    # taken in the worker thread, keeps the limit across loops; under one loop it never waits.
+    loop_slots: RunVar[anyio.CapacityLimiter] = RunVar("dermcir_search_slots")
+    thread_slots = threading.BoundedSemaphore(max_concurrent_searches)
+    admission = _Admission(max_concurrent_searches + max_waiting_searches)
+
+    def slots() -> anyio.CapacityLimiter:
+        try:
+            return loop_slots.get()
+        except LookupError:
+            loop_slots.set(anyio.CapacityLimiter(max_concurrent_searches))
+            return loop_slots.get()
+
+    def limited_search(**query: Any):
+        with thread_slots:
+            return searcher.search(**query)
 
     app = FastAPI(
         title="dermcir case search",
@@ -232,7 +271,7 @@ def create_app(
         redoc_url=None,
     )
     app.state.searcher = searcher
-    app.state.search_slots = search_slots
+    app.state.search_admission = admission
     case_images = app.state.case_images = _JpegCache(CASE_IMAGE_CACHE_BYTES)
     app.add_middleware(BodySizeLimit, max_bytes=max_upload_bytes)
     _add_error_handlers(app, max_upload_bytes)
@@ -275,15 +314,13 @@ def create_app(
     )
     async def search(request: Request) -> dict[str, Any]:
         query = await _read_query(request)
-        waiting = search_slots.statistics().tasks_waiting
-        if search_slots.available_tokens == 0 and waiting >= max_waiting_searches:
-            raise HTTPException(
-                503,
-                f"the service is busy: {max_concurrent_searches} search{'es' * (max_concurrent_searches > 1)} "
-                f"running and {waiting} waiting; try again shortly",
-                headers={"Retry-After": "5"},
-            )
-        response = await anyio.to_thread.run_sync(partial(searcher.search, **query), limiter=search_slots)
+        with admission:  # or a 503 at once, when the queue is full
+            async with slots():
+                if await request.is_disconnected():  # the client gave up while it waited (the page's Cancel)
+                    log.info("POST /search: the client left before its turn; search skipped")
+                    # 499: nginx's "client closed request"; nobody is there to read it
+                    raise HTTPException(499, "the client left before its search's turn")
+                response = await anyio.to_thread.run_sync(partial(limited_search, **query))
         body = response.to_dict()
         index = searcher.index
         for result in body["results"]:
@@ -357,10 +394,24 @@ def _record(searcher: CaseSearcher, case_id: str) -> dict[str, Any]:
         raise HTTPException(404, f"case {case_id!r} is not in the index") from None
 
 
+def _failed(exc: Exception) -> JSONResponse:
+    """The service's own failure: its kind, while its message (which may name the server's files) stays in the log."""
+    return JSONResponse({"detail": f"the service failed: {type(exc).__name__} (the service's log has the details)"},
+                        status_code=500)
+
+
 def _add_error_handlers(app: FastAPI, max_upload_bytes: int) -> None:
     @app.exception_handler(EmptyIndexError)
     async def empty_index(_request: Request, exc: EmptyIndexError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=409)
+        log.warning("%s", exc)  # with the index's folder, which the answer does not name
+        return JSONResponse({"detail": "the index holds no cases; add some with `dermcir index --add`"},
+                            status_code=409)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_left(request: Request, _exc: ClientDisconnect) -> Response:
+        # the client stopped sending its upload (e.g. the page's Cancel): its doing, not a failure of the service
+        log.info("%s %s: the client left during its upload", request.method, request.url.path)
+        return Response(status_code=499)
 
     @app.exception_handler(QueryError)
     @app.exception_handler(ImageError)
@@ -373,7 +424,7 @@ def _add_error_handlers(app: FastAPI, max_upload_bytes: int) -> None:
         # Any other ValueError is the service's own failure (its index or model): not the client's to fix, and
         # answered as JSON so the page can show it.
         log.error("%s %s failed: %s", request.method, request.url.path, exc, exc_info=exc)
-        return JSONResponse({"detail": f"the service failed: {exc}"}, status_code=500)
+        return _failed(exc)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -381,8 +432,7 @@ def _add_error_handlers(app: FastAPI, max_upload_bytes: int) -> None:
         # failure: the same JSON 500, so a client that parses JSON can report it. Starlette re-raises the exception
         # once this answer is sent, and the server (uvicorn) logs its traceback; this line says which request failed.
         log.error("%s %s failed: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
-        message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        return JSONResponse({"detail": f"the service failed: {message}"}, status_code=500)
+        return _failed(exc)
 
     @app.exception_handler(UploadTooLarge)
     async def too_large(_request: Request, _exc: UploadTooLarge) -> JSONResponse:
