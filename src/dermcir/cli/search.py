@@ -139,6 +139,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                    help="searches run at once, the others wait (each decodes its upload and uses all --threads)")
     p.add_argument("--max-waiting", type=whole(0), default=32,
                    help="searches that may wait for a turn; one more is answered 503 (each holds its upload)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="on a loopback address, also answer requests addressed to NAME (e.g. a reverse proxy that "
+                        "passes its clients' Host on); repeatable")
     _threads_arg(p)
 
 
@@ -293,8 +296,6 @@ def cmd_search(args: argparse.Namespace) -> int:
 def _run_server(searcher, args: argparse.Namespace, banner: str) -> int:
     from dermcir.service import create_app, serve
 
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("listening on %s: reachable from other machines, with no authentication", args.host)
     app = create_app(searcher, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
                      max_concurrent_searches=args.max_concurrent, max_waiting_searches=args.max_waiting)
 
@@ -302,7 +303,7 @@ def _run_server(searcher, args: argparse.Namespace, banner: str) -> int:
         print(f"{banner}: open {url} in a browser (Ctrl+C stops it). {NOTICE}", flush=True)
 
     try:
-        serve(app, args.host, args.port, on_ready=ready)
+        serve(app, args.host, args.port, on_ready=ready, allowed_host_names=args.allowed_host)
     except OSError as exc:  # the port is taken or the address is not this machine's
         raise ValueError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
     return 0

@@ -8,7 +8,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import uvicorn
 from fastapi import FastAPI
@@ -36,26 +36,36 @@ def bind(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
 _LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
 
 
-def allowed_hosts(host: str) -> list[str] | None:
-    """The ``Host`` header names answered by a server listening on ``host``; ``None`` (any) unless it is loopback.
+def allowed_hosts(host: str, bound: str | None = None, extra: Sequence[str] = ()) -> list[str] | None:
+    """The ``Host`` header names answered by a server asked to listen on ``host`` and bound to the address ``bound``
+    (default: ``host``); ``None`` (any) unless that address is loopback.
 
     A service on this machine only can still be reached from a web page the user visits, by DNS rebinding: the page's
-    own name is made to point at 127.0.0.1. Its requests then carry that name in ``Host``, and are refused. A server
-    listening on other addresses is reached by names it cannot know, so it answers any.
+    own name is made to point at 127.0.0.1. Its requests then carry that name in ``Host``, and are refused. The
+    loopback names, ``host`` itself (e.g. a name that /etc/hosts maps to 127.0.1.1) and ``extra`` (a reverse proxy
+    that passes its clients' ``Host`` on) are answered. A server listening on other addresses is reached by names it
+    cannot know, so it answers any.
     """
+    address = bound or host
     try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name other than localhost
+        loopback = address == "localhost" or ipaddress.ip_address(address).is_loopback
+    except ValueError:  # a host name, not an address: nothing known about where it listens
         return None
     if not loopback:
         return None
     name = f"[{host}]" if ":" in host else host
-    return list(dict.fromkeys([*_LOOPBACK_NAMES, name]))
+    return list(dict.fromkeys([*_LOOPBACK_NAMES, name, *extra]))
 
 
-def _guarded(app: ASGIApp, host: str) -> ASGIApp:
-    hosts = allowed_hosts(host)
-    return app if hosts is None else TrustedHostMiddleware(app, allowed_hosts=hosts)
+def _guarded(app: ASGIApp, host: str, sock: socket.socket, extra: Sequence[str]) -> ASGIApp:
+    """``app`` behind the Host check that the address it is bound to calls for (decided from the socket, so that a
+    name such as ``--host myhost`` that resolves to loopback is checked too)."""
+    bound = sock.getsockname()[0]
+    hosts = allowed_hosts(host, bound, extra)
+    if hosts is None:
+        log.warning("listening on %s (%s): reachable from other machines, with no authentication", host, bound)
+        return app
+    return TrustedHostMiddleware(app, allowed_hosts=hosts)
 
 
 def address(sock: socket.socket) -> str:
@@ -64,11 +74,14 @@ def address(sock: socket.socket) -> str:
 
 
 def serve(
-    app: FastAPI, host: str = "127.0.0.1", port: int = 8000, on_ready: Callable[[str], None] | None = None
+    app: FastAPI, host: str = "127.0.0.1", port: int = 8000, on_ready: Callable[[str], None] | None = None,
+    allowed_host_names: Sequence[str] = (),
 ) -> None:
-    """Serve until interrupted; ``on_ready(url)`` is called once the socket is bound."""
+    """Serve until interrupted; ``on_ready(url)`` is called once the socket is bound. ``allowed_host_names``: more
+    ``Host`` names answered on a loopback address (see :func:`allowed_hosts`)."""
     sock = bind(host, port)
-    server = uvicorn.Server(uvicorn.Config(_guarded(app, host), log_level="info", access_log=False))
+    server = uvicorn.Server(uvicorn.Config(_guarded(app, host, sock, allowed_host_names), log_level="info",
+                                           access_log=False))
     if on_ready:
         on_ready(address(sock))
     server.run(sockets=[sock])
@@ -77,10 +90,12 @@ def serve(
 class BackgroundServer:
     """The app served from a thread (tests, notebooks): ``with BackgroundServer(app) as url: ...``."""
 
-    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0,
+                 allowed_host_names: Sequence[str] = ()) -> None:
         self._sock = bind(host, port)
         self.url = address(self._sock)
-        self._server = uvicorn.Server(uvicorn.Config(_guarded(app, host), log_level="warning", access_log=False))
+        self._server = uvicorn.Server(uvicorn.Config(_guarded(app, host, self._sock, allowed_host_names),
+                                                     log_level="warning", access_log=False))
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True)
 
     def __enter__(self) -> str:
