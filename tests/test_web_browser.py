@@ -220,6 +220,16 @@ def test_files_dropped_off_target_and_replaced_previews(page):
     page.set_input_files("#image-input", files=[{"name": "b.png", "mimeType": "image/png", "buffer": encode(lesion(3))}])
     # the replaced preview's object URL is released, not kept for the page's lifetime
     assert page.evaluate("(url) => fetch(url).then(() => 'kept', () => 'revoked')", first) == "revoked"
+    second = page.locator("#image-preview").get_attribute("src")
+    # a file that is no image, dropped by a slip, keeps the chosen image and says why
+    page.evaluate(
+        """() => { const dt = new DataTransfer();
+               dt.items.add(new File(['%PDF'], 'report.pdf', {type: 'application/pdf'}));
+               document.querySelector('h1').dispatchEvent(new DragEvent('drop', {dataTransfer: dt, bubbles: true,
+                   cancelable: true})); }"""
+    )
+    assert page.locator("#image-preview").get_attribute("src") == second
+    assert "report.pdf is not an image" in page.locator("#status").inner_text()
 
 
 def test_drop_an_image_onto_the_page(page):

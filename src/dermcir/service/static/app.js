@@ -64,6 +64,12 @@ function setPreview(file) {
 
 function chooseFile(file) {
   if (!file) return;
+  // A drop is easily a slip (a PDF aimed at the text box): a file the browser knows is no image keeps the chosen
+  // one. A file of unknown type is taken; the service says if it cannot read it.
+  if (file.type && !file.type.startsWith("image/")) {
+    setStatus(`${file.name} is not an image (${file.type}); the image was not changed.`, true);
+    return;
+  }
   state.file = file;
   setPreview(file);
 }
