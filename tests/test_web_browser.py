@@ -149,6 +149,8 @@ def test_text_only_query_and_an_error(page):
 
 
 def test_the_image_chooser_is_reachable_by_keyboard(page):
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout  # installed: the page fixture did not skip
+
     _wait_for_checklist(page)
     for _ in range(40):
         page.keyboard.press("Tab")
@@ -159,8 +161,17 @@ def test_the_image_chooser_is_reachable_by_keyboard(page):
     zone = page.locator("#drop-zone")
     assert zone.evaluate("z => getComputedStyle(z).outlineStyle") != "none"  # the focus is visible
     assert page.get_by_label("Dermoscopic image (optional)").get_attribute("id") == "image-input"  # and named
-    with page.expect_file_chooser() as chooser:
-        page.keyboard.press("Space")
+    # Chromium now and then misses a file chooser opened just after the page painted (a known Playwright flake:
+    # its event does not fire); the key is pressed again then, so the test fails only when the chooser never opens
+    for attempt in range(3):
+        try:
+            with page.expect_file_chooser(timeout=8000) as chooser:
+                page.keyboard.press("Space")
+            break
+        except PlaywrightTimeout:
+            assert page.evaluate("() => document.activeElement.id") == "image-input"
+    else:
+        pytest.fail("Space on the focused image input never opened the file chooser")
     chooser.value.set_files(files=[{"name": "lesion.png", "mimeType": "image/png", "buffer": encode(lesion())}])
     page.wait_for_function("() => document.getElementById('image-preview').naturalWidth > 0")
     assert page.locator("#image-preview").is_visible() and page.locator("#clear-image").is_visible()
