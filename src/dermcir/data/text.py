@@ -43,6 +43,11 @@ FORBIDDEN_FIELDS = ("diagnosis", "management", "level_of_diagnostic_difficulty",
 _SEVEN_POINT = tuple(list(CHECKLIST_FIELDS)[:7])
 
 
+def checklist_key(name: str) -> str:
+    """A user-given field name as the checklist spells it ("Pigment-Network" → "pigment_network")."""
+    return name.strip().lower().replace("-", "_").replace(" ", "_")
+
+
 def validate_checklist(fields: Mapping[str, str]) -> dict[str, str]:
     """Normalise user-given checklist fields, rejecting unknown names and values.
 
@@ -51,7 +56,7 @@ def validate_checklist(fields: Mapping[str, str]) -> dict[str, str]:
     """
     clean: dict[str, str] = {}
     for name, value in fields.items():
-        key = name.strip().lower().replace("-", "_").replace(" ", "_")
+        key = checklist_key(name)
         if key not in CHECKLIST_FIELDS:
             raise ValueError(f"unknown checklist field {name!r}; allowed fields: {', '.join(CHECKLIST_FIELDS)}")
         allowed = CHECKLIST_FIELDS[key][1]

@@ -35,7 +35,7 @@ from starlette.requests import ClientDisconnect
 
 from dermcir import __version__
 from dermcir.data.images import ImageError, load_rgb, preprocess
-from dermcir.data.text import CHECKLIST_FIELDS
+from dermcir.data.text import CHECKLIST_FIELDS, checklist_key
 from dermcir.index import CaseIndex, EmptyIndexError
 from dermcir.search import MAX_TEXT_CHARS, CaseSearcher, QueryError
 from dermcir.service._limits import BodySizeLimit, UploadTooLarge
@@ -186,10 +186,9 @@ async def _read_query(request: Request) -> dict[str, Any]:
         elif isinstance(upload, str) and upload:
             raise QueryError("field 'image' must be an uploaded file (multipart file part), not text")
         for name in form:
-            # normalised as validate_checklist does ("Pigment-Network" works); checked before blank values are
-            # dropped, and named here, so that a mistyped "txt" or "Text" is not silently ignored nor told only
-            # about checklist fields
-            if name not in _RESERVED and name.strip().lower().replace("-", "_").replace(" ", "_") not in CHECKLIST_FIELDS:
+            # checked before blank values are dropped, and named here, so that a mistyped "txt" or "Text" is not
+            # silently ignored nor told only about checklist fields
+            if name not in _RESERVED and checklist_key(name) not in CHECKLIST_FIELDS:
                 raise QueryError(
                     f"unknown field {name!r}; the fields are {', '.join(_RESERVED)} and the checklist fields "
                     f"{', '.join(CHECKLIST_FIELDS)}"
