@@ -16,7 +16,9 @@
 # The GPU image has torch, timm, transformers, scikit-learn, pandas, matplotlib but not our PyPI weight packages and
 # no network, so the package runs from src/ (no pip install) with the weights from gpu_payload/.
 # The companion's folds train in CPU worker processes while the GPU trains the fine-tuned models
-# (COMPANION_WORKERS, default 5; 0 = fold by fold on the GPU, before each fine-tuned model).
+# (COMPANION_WORKERS, default 5; 0 = fold by fold on the GPU, before each fine-tuned model). With a time budget,
+# they stop training (keeping their best epoch) by the time the budget ends, so slow host cores cannot push the
+# run past CV_TIMEOUT.
 # Local smoke test of this exact path on a tiny packed subset (runs on the CPU):
 #   bash scripts/gpu_cv.sh /tmp/smoke --data /tmp/tiny_release --min-cases 4 --folds 2 --set epochs=1 ...
 set -uo pipefail

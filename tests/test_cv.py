@@ -610,6 +610,70 @@ def test_closing_a_companion_pool_on_failure_stops_its_running_jobs(toy_release,
             process.kill()
 
 
+def test_companions_in_workers_stop_at_the_runs_deadline_even_when_refitted_here(toy_release, tmp_path):
+    """A companion that would train for hours stops at ``wall_deadline`` like early stopping, in its worker and in
+    the in-process refit of a failed job, so a run with a time budget never waits past it for companions."""
+    import time
+
+    from dermcir.data.cache import preprocess_cases
+    from dermcir.models import ComposedRetrievalModel
+    from dermcir.training.companion_pool import CompanionPool
+    from dermcir.training.pipeline import prepare_companion, prepare_inputs
+    from dermcir.training.profiles import get_profile
+
+    cases, _ = load_derm7pt(toy_release, min_cases=5)
+    model_cfg, cfg, views = get_profile("gpu", **TINY)
+    cases, images = preprocess_cases(cases, model_cfg.image_size, None, progress=False)
+    model_cfg.categories = sorted({c.category for c in cases})
+    model = ComposedRetrievalModel(model_cfg)
+    cpu = torch.device("cpu")
+    inputs = prepare_inputs(model, cases, images, cfg, views, cpu, progress=False)
+    c_inputs, c_cfg = prepare_companion(model, cases, images, cfg, cpu, progress=False, main_inputs=inputs)
+    endless = replace(c_cfg, epochs=100_000, patience=100_000)  # hours without a deadline
+    pool = CompanionPool(model, (c_inputs, endless), workers=1)
+    idx = np.arange(len(cases))
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the worker's log folder should be")
+    try:
+        assert pool.started()
+        deadline = time.time() + 8
+        pool.submit(0, idx[::2], idx[1::2], idx, tmp_path / "companion.log", deadline)
+        pool.submit(1, idx[1::2], idx[::2], idx, blocker / "companion.log", deadline)  # fails: refitted here
+        results = [pool.collect(0, cpu), pool.collect(1, cpu)]
+        finished = time.time()
+    finally:
+        pool.close(terminate=True)
+    assert [r.stopped_by for r in results] == ["time budget", "time budget"]
+    assert all(r.epochs_run >= 2 for r in results)
+    assert finished < deadline + 5  # an epoch and a refit of this toy take well under a second
+    assert "stopped by time budget" in (tmp_path / "companion.log").read_text()
+
+
+def test_a_time_budget_gives_the_companion_workers_its_end_as_their_deadline(toy_release, tmp_path, monkeypatch):
+    import time
+
+    import dermcir.evaluation.cv as cv_module
+
+    deadlines = []
+
+    class Recording(cv_module.CompanionPool):
+        def submit(self, *args, **kwargs):
+            deadlines.append(args[-1])
+            return super().submit(*args, **kwargs)
+
+    monkeypatch.setattr(cv_module, "CompanionPool", Recording)
+    cases, _ = load_derm7pt(toy_release, min_cases=5)
+    settings = {**TINY, "epochs": 1, "patience": 1, "batch_size": 6, "refit_epochs": 1, "companion_epochs": 2}
+    before = time.time()
+    doc = run_cv(cases, tmp_path / "run", profile="gpu", n_folds=2, progress=False, companion_workers=1,
+                 time_budget=300, **settings)
+    assert len(deadlines) == 2 and deadlines[0] == deadlines[1]
+    assert before + 0.9 * 300 < deadlines[0] <= before + 0.97 * 300 + 1
+    assert [t["companion_stopped_by"] for t in doc["training"]] == ["epochs", "epochs"]
+    tables = (tmp_path / "run" / "tables.md").read_text()
+    assert "| companion: best epoch | epochs run | stopped by |" in tables and "| 2 | epochs |" in tables
+
+
 def test_the_companion_trains_in_float32_on_every_path():
     """CPU workers fit it in float32; fitted in the GPU process (no workers, a failed one, ``train``) it must be too."""
     from dermcir.training.profiles import companion_training, get_profile

@@ -105,9 +105,10 @@ def _with_companion(
 
 
 def _start_companion_pool(model, companion, workers: int | None, folds: dict, splits: dict, out_dir: Path,
-                          device: torch.device):
+                          device: torch.device, wall_deadline: float | None = None):
     """A ``CompanionPool`` already fitting every fold's companion (logging into the fold's ``companion.log``) when
-    the model has a companion and ``workers`` (None: ``default_workers``) is not 0; otherwise None."""
+    the model has a companion and ``workers`` (None: ``default_workers``) is not 0; otherwise None.
+    ``wall_deadline`` (a ``time.time()`` value): when the companions must stop training (a run's time budget)."""
     if workers is None:
         workers = default_workers(device, len(folds)) if companion is not None else 0
     if workers == 0:
@@ -122,7 +123,7 @@ def _start_companion_pool(model, companion, workers: int | None, folds: dict, sp
                     type(exc).__name__, exc)
         return None
     for fold, (db, _) in folds.items():  # they train on the host while the main models train on the device
-        pool.submit(fold, *splits[fold], db, out_dir / f"fold_{fold}" / "companion.log")
+        pool.submit(fold, *splits[fold], db, out_dir / f"fold_{fold}" / "companion.log", wall_deadline)
     return pool
 
 
@@ -203,7 +204,12 @@ def run_cv(
         companion = prepare_companion(model, cases, images, train_cfg, device, cache_dir, progress, inputs)
         folds = {f: split for f, split in enumerate(stratified_folds(labels, n_folds, seed)) if f in selected}
         splits = {f: validation_split(db, labels, train_cfg.val_fraction, seed) for f, (db, _) in folds.items()}
-        pool = _start_companion_pool(model, companion, companion_workers, folds, splits, out_dir, device)
+        # companions in workers train beside the main models and must be done when the budget is: they stop by the
+        # time the last fold's main model must (its 3 % margin is kept for scoring), however slow the host's cores
+        wall_deadline = (None if time_budget is None
+                         else time.time() + start + 0.97 * time_budget - time.perf_counter())
+        pool = _start_companion_pool(model, companion, companion_workers, folds, splits, out_dir, device,
+                                     wall_deadline)
         try:
             if device.type == "cuda":
                 log.info("warm-up (one-off kernel preparation) took %.0f s",
@@ -235,6 +241,8 @@ def run_cv(
                          "train_seconds": result.seconds})
         if c_result is not None:
             training[-1].update({"companion_best_epoch": c_result.best_epoch,
+                                 "companion_epochs_run": c_result.epochs_run,
+                                 "companion_stopped_by": c_result.stopped_by,
                                  "companion_val_mAP": c_result.best_val_map,
                                  "companion_train_seconds": c_result.seconds})
         target, variants = _with_companion(model, companion, main_embeddings, db, q, device)
@@ -254,6 +262,7 @@ def run_cv(
             "epochs_run": result.epochs_run, "stopped_by": result.stopped_by, "train_seconds": result.seconds,
             "history": result.history,
             **({"companion": {"best_epoch": c_result.best_epoch, "val_mAP": c_result.best_val_map,
+                              "epochs_run": c_result.epochs_run, "stopped_by": c_result.stopped_by,
                               "history": c_result.history}} if c_result is not None else {}),
         })
 
@@ -290,8 +299,9 @@ def run_cv(
         for fold, main_embeddings, result in waiting:
             with run_log(out_dir / f"fold_{fold}" / "train.log", append=True):
                 c_result = pool.collect(fold, device, progress)
-                log.info("companion: best epoch %d of %d, validation mAP %.2f, %.0f s (fold %d)",
-                         c_result.best_epoch, c_result.epochs_run, c_result.best_val_map, c_result.seconds, fold)
+                log.info("companion: best epoch %d of %d (stopped by %s), validation mAP %.2f, %.0f s (fold %d)",
+                         c_result.best_epoch, c_result.epochs_run, c_result.stopped_by, c_result.best_val_map,
+                         c_result.seconds, fold)
                 finish_fold(fold, main_embeddings, result, c_result)
     except BaseException:  # an error or an interrupt: stop the workers' jobs rather than wait for them
         if pool is not None:

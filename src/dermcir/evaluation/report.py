@@ -54,15 +54,18 @@ def write_tables(doc: dict[str, Any], path: Path, paper_rows: dict = PAPER_ROWS)
               + " |" for r in doc["folds"]]
     if doc.get("training"):
         companion = all("companion_best_epoch" in t for t in doc["training"])
-        extra = " companion: best epoch | validation mAP | seconds |" if companion else ""
+        extra = (" companion: best epoch | epochs run | stopped by | validation mAP | seconds |" if companion
+                 else "")
         lines += ["", "## Training per fold", "",
                   "| fold | best epoch | epochs run | stopped by | validation mAP | seconds |" + extra,
-                  "|---|---|---|---|---|---|" + ("---|---|---|" if companion else "")]
+                  "|---|---|---|---|---|---|" + ("---|---|---|---|---|" if companion else "")]
         for t in doc["training"]:
             row = (f"| {t['fold']} | {t['best_epoch']} | {t['epochs_run']} | {t['stopped_by']} | {t['val_mAP']:.1f} | "
                    f"{t['train_seconds']:.0f} |")
             if companion:
-                row += (f" {t['companion_best_epoch']} | {t['companion_val_mAP']:.1f} | "
+                # results written before these two were recorded show "?"
+                row += (f" {t['companion_best_epoch']} | {t.get('companion_epochs_run', '?')} | "
+                        f"{t.get('companion_stopped_by', '?')} | {t['companion_val_mAP']:.1f} | "
                         f"{t['companion_train_seconds']:.0f} |")
             lines.append(row)
     if "seconds" in doc:

@@ -22,6 +22,7 @@ import logging
 import multiprocessing
 import os
 import pickle
+import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
@@ -71,15 +72,24 @@ def _ready() -> bool:
     return "model" in _WORKER
 
 
-def _fit_job(train_idx: np.ndarray, val_idx: np.ndarray, refit_idx: np.ndarray | None, log_path: str) -> bytes:
+def _local_deadline(wall_deadline: float | None) -> float | None:
+    """A ``time.time()`` deadline as this process's ``time.perf_counter()`` value (what ``fit`` compares with);
+    wall-clock time is what two processes are sure to share."""
+    return None if wall_deadline is None else time.perf_counter() + (wall_deadline - time.time())
+
+
+def _fit_job(train_idx: np.ndarray, val_idx: np.ndarray, refit_idx: np.ndarray | None, log_path: str,
+             wall_deadline: float | None = None) -> bytes:
     """Fit the worker's companion on one fold; returns the pickled ``(heads' weights, FitResult)``."""
     model: ComposedRetrievalModel = _WORKER["model"]
     model.load_state_dict(_WORKER["initial"], strict=False)  # every job starts where the main process's companion did
     with run_log(Path(log_path)):
         result = fit(model, _WORKER["inputs"], train_idx, val_idx, _WORKER["cfg"], torch.device("cpu"),
-                     _WORKER["n_categories"], progress=False, refit_idx=refit_idx)
-        log.info("companion (CPU worker, %d threads): best epoch %d of %d, validation mAP %.2f, %.0f s",
-                 torch.get_num_threads(), result.best_epoch, result.epochs_run, result.best_val_map, result.seconds)
+                     _WORKER["n_categories"], progress=False, refit_idx=refit_idx,
+                     deadline=_local_deadline(wall_deadline))
+        log.info("companion (CPU worker, %d threads): best epoch %d of %d (stopped by %s), validation mAP %.2f, "
+                 "%.0f s", torch.get_num_threads(), result.best_epoch, result.epochs_run, result.stopped_by,
+                 result.best_val_map, result.seconds)
     return pickle.dumps((trainable_state(model, train_backbone=False), result))
 
 
@@ -125,10 +135,14 @@ class CompanionPool:
             return False
 
     def submit(self, fold: int, train_idx: np.ndarray, val_idx: np.ndarray, refit_idx: np.ndarray | None,
-               log_path: Path) -> None:
-        args = (np.asarray(train_idx), np.asarray(val_idx), None if refit_idx is None else np.asarray(refit_idx))
+               log_path: Path, wall_deadline: float | None = None) -> None:
+        """Queue ``fold``'s companion. ``wall_deadline`` (a ``time.time()`` value): its training stops like early
+        stopping when another epoch and the refit would end after it (``fit``'s ``deadline``), so that a run with a
+        time budget never waits past its budget for a companion."""
+        args = (np.asarray(train_idx), np.asarray(val_idx), None if refit_idx is None else np.asarray(refit_idx),
+                wall_deadline)
         try:
-            future = self._pool.submit(_fit_job, *args, str(log_path))
+            future = self._pool.submit(_fit_job, *args[:3], str(log_path), wall_deadline)
         except Exception as exc:  # noqa: BLE001 — a broken pool refuses new jobs: collect fits this fold here
             future = Future()
             future.set_exception(exc)
@@ -137,14 +151,15 @@ class CompanionPool:
     def collect(self, fold: int, device: torch.device, progress: bool = False) -> FitResult:
         """Wait for ``fold``'s companion and load its weights into ``model.companion``. A job that failed is fitted
         again here, from the same initial weights, and the failure is logged."""
-        future, (train_idx, val_idx, refit_idx) = self._jobs.pop(fold)
+        future, (train_idx, val_idx, refit_idx, wall_deadline) = self._jobs.pop(fold)
         try:
             state, result = pickle.loads(future.result())  # bytes from our own worker, never a file
         except Exception as exc:  # noqa: BLE001 — any failure in the worker: the fold is fitted here instead
             log.warning("fold %d: the companion's CPU worker failed (%s: %s); fitting it in this process",
                         fold, type(exc).__name__, exc)
             self.model.companion.load_state_dict(self.initial, strict=False)
-            return fit_companion(self.model, self.companion, train_idx, val_idx, device, progress, refit_idx)
+            return fit_companion(self.model, self.companion, train_idx, val_idx, device, progress, refit_idx,
+                                 deadline=_local_deadline(wall_deadline))
         self.model.companion.load_state_dict(state, strict=False)  # copied onto the companion's own device
         return result
 

@@ -86,15 +86,17 @@ def prepare_companion(
 def fit_companion(
     model: ComposedRetrievalModel, companion: tuple[Inputs, TrainConfig] | None, train_idx: np.ndarray,
     val_idx: np.ndarray, device: torch.device, progress: bool = True, refit_idx: np.ndarray | None = None,
+    deadline: float | None = None,
 ) -> FitResult | None:
-    """Train ``model.companion`` on its own (early stopping on the same validation split); None without one."""
+    """Train ``model.companion`` on its own (early stopping on the same validation split); None without one.
+    ``deadline``: as ``fit``'s."""
     if companion is None:
         return None
     inputs, train_cfg = companion
     result = fit(model.companion, inputs, train_idx, val_idx, train_cfg, device, len(model.config.categories),
-                 progress, refit_idx=refit_idx)
-    log.info("companion: best epoch %d of %d, validation mAP %.2f, %.0f s", result.best_epoch, result.epochs_run,
-             result.best_val_map, result.seconds)
+                 progress, refit_idx=refit_idx, deadline=deadline)
+    log.info("companion: best epoch %d of %d (stopped by %s), validation mAP %.2f, %.0f s", result.best_epoch,
+             result.epochs_run, result.stopped_by, result.best_val_map, result.seconds)
     return result
 
 
