@@ -79,7 +79,7 @@ def test_empty_file_part_means_no_image(env):
 
 def test_bad_k_and_unknown_fields_are_400(env):
     *_, client = env
-    for k in ("0", "abc", "1000"):
+    for k in ("0", "abc", "1000", "+5", "1_0", "-3", "\u0663", "2.0"):  # "\u0663": an Arabic-Indic three
         res = _search(client, text="x", k=k)
         assert res.status_code == 400 and "k must be an integer from 1 to 200" in res.json()["detail"]
     # a mistyped reserved field is told about the reserved ones too; a blank value does not hide the mistake
@@ -234,6 +234,18 @@ def test_health_checklist_openapi_and_page(env):
     page = client.get("/")
     assert page.status_code == 200 and "not a diagnostic device" in page.text
     assert client.get("/static/app.js").status_code == 200 and client.get("/static/style.css").status_code == 200
+
+
+def test_head_is_answered_wherever_get_is_without_a_body(env):
+    """Uptime monitors and caches probe with HEAD: the same status and headers as GET, no body; no HEAD on POST."""
+    *_, client = env
+    for path in ("/health", "/", "/static/app.js", "/cases/c001", "/cases/c001/image?size=64", "/cases/nope"):
+        got, head = client.get(path), client.head(path)
+        assert (head.status_code, head.content) == (got.status_code, b""), path
+        assert head.headers["content-type"] == got.headers["content-type"], path
+        assert head.headers["content-length"] == got.headers["content-length"] == str(len(got.content)), path
+    search = client.head("/search")
+    assert search.status_code == 405 and search.headers["allow"] == "POST" and search.content == b""
 
 
 def test_upload_limit_declared_and_streamed(env):

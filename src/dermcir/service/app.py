@@ -38,6 +38,7 @@ from dermcir.data.images import ImageError, load_rgb, preprocess
 from dermcir.data.text import CHECKLIST_FIELDS, checklist_key
 from dermcir.index import CaseIndex, EmptyIndexError
 from dermcir.search import MAX_TEXT_CHARS, CaseSearcher, QueryError
+from dermcir.service._head import HeadAsGet
 from dermcir.service._limits import BodySizeLimit, UploadTooLarge
 
 log = logging.getLogger(__name__)
@@ -136,10 +137,11 @@ class _JpegCache:
 
 
 def _parse_k(raw: Any) -> int:
-    try:
-        k = int(str(raw).strip())
-    except ValueError:
-        raise QueryError(f"k must be an integer from 1 to {MAX_K}, got {str(raw)[:20]!r}") from None
+    text = str(raw).strip()
+    # ASCII digits only: int() would also take "+5", "1_0" and other scripts' digits, which no form means as k
+    if not (text.isascii() and text.isdigit()):
+        raise QueryError(f"k must be an integer from 1 to {MAX_K}, got {text[:20]!r}")
+    k = int(text)
     if not 1 <= k <= MAX_K:
         raise QueryError(f"k must be an integer from 1 to {MAX_K}, got {k}")
     return k
@@ -273,6 +275,7 @@ def create_app(
     app.state.search_admission = admission
     case_images = app.state.case_images = _JpegCache(CASE_IMAGE_CACHE_BYTES)
     app.add_middleware(BodySizeLimit, max_bytes=max_upload_bytes)
+    app.add_middleware(HeadAsGet)  # outermost: a HEAD is a GET to everything inside
     _add_error_handlers(app, max_upload_bytes)
 
     @app.get("/", include_in_schema=False)
