@@ -243,6 +243,45 @@ def test_files_dropped_off_target_and_replaced_previews(page):
     assert "report.pdf is not an image" in page.locator("#status").inner_text()
 
 
+def _drop(page, name: str, content: str, mime: str, size: int = 0) -> None:
+    """Drop a file of ``content`` (or of ``size`` zero bytes) with type ``mime`` on the drop zone."""
+    page.evaluate(
+        """([name, content, mime, size]) => { const dt = new DataTransfer();
+               dt.items.add(new File([size ? new Uint8Array(size) : content], name, {type: mime}));
+               document.getElementById('drop-zone').dispatchEvent(new DragEvent('drop', {dataTransfer: dt})); }""",
+        [name, content, mime, size],
+    )
+
+
+def test_an_image_over_the_upload_limit_is_refused_before_sending(page):
+    page.wait_for_selector("#checklist select")  # the limits come with the checklist
+    page.set_input_files("#image-input", files=[{"name": "a.png", "mimeType": "image/png", "buffer": encode(lesion())}])
+    chosen = page.locator("#image-preview").get_attribute("src")
+    _drop(page, "huge.png", "", "image/png", size=11 * 1024 * 1024)  # the service's limit here: 10 MB
+    status = page.locator("#status")
+    assert "huge.png is 11.0 MB; this service takes images up to 10.0 MB" in status.inner_text()
+    assert "error" in status.get_attribute("class")
+    assert page.locator("#image-preview").get_attribute("src") == chosen
+    # a good choice answers the refusal
+    page.set_input_files("#image-input", files=[{"name": "b.png", "mimeType": "image/png", "buffer": encode(lesion(2))}])
+    assert status.inner_text() == "" and page.locator("#image-preview").get_attribute("src") != chosen
+
+
+def test_a_file_the_browser_cannot_show_is_named_not_shown_broken(page):
+    _drop(page, "scan.dcm", "not an image at all", "")  # no type: taken, the service judges it
+    hint = page.locator("#drop-hint")
+    hint.wait_for(state="visible")
+    assert "scan.dcm: no preview" in hint.inner_text() and page.locator("#image-preview").is_hidden()
+    page.click("#search-button")
+    page.wait_for_selector("#status.error")
+    assert "Error 400" in page.locator("#status").inner_text()
+    page.click("#clear-image")
+    assert hint.inner_text().startswith("Drop an image here") and page.locator("#image-preview").is_hidden()
+    page.set_input_files("#image-input", files=[{"name": "c.png", "mimeType": "image/png", "buffer": encode(lesion(4))}])
+    page.locator("#image-preview").wait_for(state="visible")
+    assert hint.is_hidden()
+
+
 def test_drop_an_image_onto_the_page(page):
     data = list(encode(lesion(seed=5)))
     page.evaluate(

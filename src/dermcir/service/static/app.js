@@ -2,7 +2,8 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { file: null, previewUrl: null, response: null, selected: null, search: null };
+const state = { file: null, previewUrl: null, response: null, selected: null, search: null, maxUploadBytes: null,
+                fileRefused: false };
 // A search that has not answered by then is given up, so a hung service or proxy cannot lock the page (a search
 // takes well under a second; 120 s leaves room for a long queue). Tests set window.dermcirSearchTimeoutS.
 const SEARCH_TIMEOUT_S = window.dermcirSearchTimeoutS || 120;
@@ -48,6 +49,7 @@ async function loadChecklist() {
     box.append(label);
   }
   $("k-input").max = spec.max_k;
+  state.maxUploadBytes = spec.max_upload_bytes;
 }
 
 // An object URL keeps its file in memory until revoked: the previous preview's is released when it is replaced.
@@ -58,8 +60,29 @@ function setPreview(file) {
   if (state.previewUrl) preview.src = state.previewUrl;
   else preview.removeAttribute("src");
   preview.hidden = !file;
+  $("drop-hint").textContent = DROP_HINT;
   $("drop-hint").hidden = Boolean(file);
   $("clear-image").hidden = !file;
+}
+
+const DROP_HINT = "Drop an image here or click to choose one (optional)";
+
+// A file this browser cannot display (a TIFF, a file of unknown type) may still be one the service reads: the zone
+// names it instead of showing a broken image, and the search says whether the service could read it.
+function previewFailed() {
+  if (!state.file) return;
+  $("image-preview").hidden = true;
+  const hint = $("drop-hint");
+  hint.textContent = `${state.file.name}: no preview (this browser cannot display it; the search will say whether ` +
+    "the service can read it)";
+  hint.hidden = false;
+}
+
+function megabytes(bytes) { return (bytes / (1024 * 1024)).toFixed(1) + " MB"; }
+
+function refuseFile(message) {
+  setStatus(message + "; the image was not changed.", true);
+  state.fileRefused = true;
 }
 
 function chooseFile(file) {
@@ -67,9 +90,17 @@ function chooseFile(file) {
   // A drop is easily a slip (a PDF aimed at the text box): a file the browser knows is no image keeps the chosen
   // one. A file of unknown type is taken; the service says if it cannot read it.
   if (file.type && !file.type.startsWith("image/")) {
-    setStatus(`${file.name} is not an image (${file.type}); the image was not changed.`, true);
+    refuseFile(`${file.name} is not an image (${file.type})`);
     return;
   }
+  // the service would refuse it with a 413 only after the whole upload; say so before sending anything
+  if (state.maxUploadBytes && file.size > state.maxUploadBytes) {
+    refuseFile(`${file.name} is ${megabytes(file.size)}; this service takes images up to ` +
+      megabytes(state.maxUploadBytes));
+    return;
+  }
+  if (state.fileRefused) setStatus("");  // the refusal is answered by this choice
+  state.fileRefused = false;
   state.file = file;
   setPreview(file);
 }
@@ -86,6 +117,7 @@ function setupDropZone() {
   const zone = $("drop-zone");
   $("image-input").addEventListener("change", (e) => chooseFile(e.target.files[0]));
   $("clear-image").addEventListener("click", clearFile);
+  $("image-preview").addEventListener("error", previewFailed);
   for (const type of ["dragenter", "dragover"]) {
     zone.addEventListener(type, (e) => { e.preventDefault(); zone.classList.add("dragover"); });
   }
@@ -129,6 +161,7 @@ async function runSearch(event) {
   $("compare").hidden = true;
   state.response = state.selected = null;
   setStatus("Searching…");
+  state.fileRefused = false;
   try {
     const res = await fetch("/search", { method: "POST", body: buildQuery(), signal: controller.signal });
     const { body, text } = await readReply(res);
