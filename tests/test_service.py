@@ -152,7 +152,9 @@ def test_case_ids_with_url_characters(env):
     assert client.get("/cases/2021/0042").json()["case_id"] == "2021/0042"  # typed by hand, unencoded
 
 
-def test_case_image_sizes_are_snapped_and_their_cache_is_bounded_in_bytes(env):
+def test_case_image_sizes_are_snapped_and_their_cache_is_bounded_in_bytes(env, monkeypatch):
+    import dermcir.service.app as app_module
+
     _tmp, _root, cases, searcher, _client = env
     app = create_app(searcher)
     with TestClient(app) as client:
@@ -166,10 +168,16 @@ def test_case_image_sizes_are_snapped_and_their_cache_is_bounded_in_bytes(env):
             client.get("/cases/c001/image", params={"size": n})
         assert len(cache) <= 8
         one = len(client.get(f"/cases/{cases[0].case_id}/image", params={"size": 128}).content)
-        cache.max_bytes = 3 * one  # room for about three thumbnails: older images are dropped
-        for case in cases:
+    monkeypatch.setattr(app_module, "CASE_IMAGE_CACHE_BYTES", 3 * one)  # room for about three thumbnails
+    app = create_app(searcher)
+    with TestClient(app) as client:
+        cache = app.state.case_images
+        for case in cases:  # older images are dropped
             assert client.get(f"/cases/{case.case_id}/image", params={"size": 128}).status_code == 200
-        assert 0 < cache.bytes <= cache.max_bytes and len(cache) < len(cases)
+        assert 0 < cache.bytes <= cache.max_bytes == 3 * one and 1 < len(cache) < len(cases)
+        # a render larger than the whole cache is served all the same, and not kept
+        big = client.get(f"/cases/{cases[0].case_id}/image", params={"size": 1024})
+        assert big.status_code == 200 and len(big.content) > 3 * one and cache.bytes <= cache.max_bytes
 
 
 def test_a_replaced_case_gets_a_new_image_url(tmp_path, env):

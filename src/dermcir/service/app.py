@@ -11,10 +11,10 @@ names may hold patient names or record numbers).
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import logging
 import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from functools import partial
 from importlib.resources import files
@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import quote
 
 import anyio
+import cachetools
 import numpy as np
 from anyio.lowlevel import RunVar
 from fastapi import FastAPI, HTTPException, Query, Request
@@ -110,29 +111,33 @@ CASE_IMAGE_CACHE_BYTES = 64 * 1024 * 1024  # ~1,000 thumbnails or ~250 full-size
 
 class _JpegCache:
     """Rendered case images, the least recently used dropped once they hold more than ``max_bytes`` (a count bound
-    would let 1024-pixel renders of large photographs take hundreds of MB)."""
+    would let 1024-pixel renders of large photographs take hundreds of MB). cachetools' LRU cache does the
+    accounting; the lock is ours, since the image route runs in worker threads."""
 
     def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self.bytes = 0
-        self._items: OrderedDict[tuple, bytes] = OrderedDict()
-        self._lock = threading.Lock()  # the image route runs in worker threads
+        self._items: cachetools.LRUCache[tuple, bytes] = cachetools.LRUCache(maxsize=max_bytes, getsizeof=len)
+        self._lock = threading.Lock()
+
+    @property
+    def bytes(self) -> int:
+        return int(self._items.currsize)
+
+    @property
+    def max_bytes(self) -> int:
+        return int(self._items.maxsize)
 
     def __len__(self) -> int:
         return len(self._items)
 
     def get(self, key: tuple, render: Callable[[], bytes]) -> bytes:
         with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key]
+            data = self._items.get(key)  # a hit becomes the most recently used
+        if data is not None:
+            return data
         data = render()  # outside the lock: a render takes a while, and rendering one image twice is harmless
-        with self._lock:
-            old = self._items.pop(key, None)
+        # one render larger than the whole cache is served, not kept
+        with self._lock, contextlib.suppress(ValueError):
             self._items[key] = data
-            self.bytes += len(data) - (len(old) if old is not None else 0)
-            while self.bytes > self.max_bytes:
-                self.bytes -= len(self._items.popitem(last=False)[1])
         return data
 
 
