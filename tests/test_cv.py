@@ -456,7 +456,8 @@ def test_gpu_profile_code_path_runs_on_cpu(toy_release, tmp_path):
     assert {"composed, main model alone", "composed, companion alone"} <= set(doc["ablations"])
     history = json.loads((tmp_path / "run" / "fold_0" / "metrics.json").read_text())["companion"]["history"]
     assert [h["epoch"] for h in history] == [1, 2]
-    assert "| seconds | companion: best epoch | validation mAP | seconds |" in (tmp_path / "run" / "tables.md").read_text()
+    assert ("| seconds | companion: best epoch | epochs run | stopped by | validation mAP | seconds |"
+            in (tmp_path / "run" / "tables.md").read_text())
     assert "## Training per fold" in (tmp_path / "run" / "tables.md").read_text()
 
 

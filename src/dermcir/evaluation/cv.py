@@ -166,7 +166,8 @@ def run_cv(
     ``results.json`` says which ran (``folds_run``).
 
     ``time_budget`` (seconds, for the whole run): each fold gets an equal share of what is left when it starts, and
-    its training stops early when the next epoch would overrun it (see ``fit``'s ``deadline``).
+    its training stops early when the next epoch would overrun it (see ``fit``'s ``deadline``). Companions fitted in
+    workers stop by the end of the budget in the same way.
 
     ``companion_workers``: with a companion, fit it for every fold in this many CPU worker processes while the main
     models train (``CompanionPool``; for a GPU run, where the companion's small steps would otherwise spend the
