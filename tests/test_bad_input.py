@@ -118,8 +118,34 @@ def test_100kb_text(env, capsys):
     assert res.status_code == 400 and "the limit is 10,000" in res.json()["detail"]
     assert main(["search", "--index", str(root), "--text", huge]) == 2
     assert "the limit is 10,000" in capsys.readouterr().err
-    ok = "a" * MAX_TEXT_CHARS  # at the limit: accepted (the tokenizer keeps the first tokens)
-    assert searcher.search(text=ok, k=1).mode == "text"
+    # at the character limit it is still far more than the model reads: refused by its token count, not cut
+    with pytest.raises(ValueError, match="tokens long; the model reads at most"):
+        searcher.search(text="lesion " * (MAX_TEXT_CHARS // 7), k=1)
+    _still_serving(client)
+
+
+def test_a_text_longer_than_the_model_reads_is_refused_not_cut(env, capsys):
+    """The tokenizer would keep only the first max_text_tokens: the end of a description would change nothing."""
+    _tmp, root, searcher, client = env
+    limit = searcher.model.text_encoder.max_tokens
+    checklist = {"pigment_network": "atypical", "streaks": "irregular", "blue_whitish_veil": "present"}
+    fits = "ulcerated"
+    assert searcher.search(text=fits, checklist=checklist, k=1).mode == "text"
+    long = "ulcerated and bleeding nodule " * limit
+    with pytest.raises(ValueError, match=rf"tokens long; the model reads at most {limit} \(the checklist fields take "
+                                         r"\d+\): shorten the free text by at least \d+ tokens"):
+        searcher.search(text=long, checklist=checklist, k=1)
+    res = _post(client, encode(lesion()), text=long, k=1, **checklist)
+    assert res.status_code == 400 and f"the model reads at most {limit}" in res.json()["detail"]
+    assert main(["search", "--index", str(root), "--text", long]) == 2
+    err = capsys.readouterr().err
+    assert f"the model reads at most {limit}:" in err and "checklist" not in err  # no checklist given: not named
+    # just at the limit is accepted: the count includes the tokenizer's two special tokens, as the model reads them
+    words = "red " * (limit - 2)  # one token per word
+    assert len(searcher.model.text_encoder.tokenizer(words)["input_ids"]) == limit
+    assert searcher.search(text=words, k=1).mode == "text"
+    with pytest.raises(ValueError, match=f"{limit + 1} tokens long"):
+        searcher.search(text=words + "red", k=1)
     _still_serving(client)
 
 

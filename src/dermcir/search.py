@@ -33,8 +33,9 @@ from dermcir.index.case_index import load_version
 
 log = logging.getLogger(__name__)
 
-#: Longest accepted query text. The model reads only its first ``max_text_tokens`` tokens (96 ≈ 400 characters), so
-#: a longer text is almost surely a mistake (a pasted file) and is refused rather than silently cut.
+#: Longest accepted free text, checked before tokenizing (a pasted file). The real bound is the model's: a query
+#: text (checklist phrases + free text) longer than its ``max_text_tokens`` (96 by default, about 400 characters) is
+#: refused with the count, since the model would silently read only its first tokens (``CaseSearcher.search``).
 MAX_TEXT_CHARS = 10_000
 
 ImageInput = str | Path | bytes | np.ndarray
@@ -277,7 +278,8 @@ class CaseSearcher:
             image_name: how to call the image in error messages (e.g. an upload's file name).
 
         Raises:
-            QueryError: no image and no text, bad checklist fields or text, a bad ``k``.
+            QueryError: no image and no text, bad checklist fields or text, a text longer than the model reads
+                (its ``max_text_tokens``, checklist phrases included), a bad ``k``.
             dermcir.data.ImageError: an unreadable query image, named.
             EmptyIndexError: the index holds no cases.
         """
@@ -288,6 +290,8 @@ class CaseSearcher:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise QueryError(f"k must be a positive integer, got {k!r}")
         query_text = compose_text(text, checklist)
+        if query_text is not None:
+            self._check_text_fits(query_text, checklist)
         view = load_query_image(image, self.image_size, image_name) if image is not None else None
         if view is None and query_text is None:
             raise QueryError("a query needs an image, a text or checklist fields (all were empty)")
@@ -306,6 +310,22 @@ class CaseSearcher:
             query_maps,
             view if heatmaps else None,
         )
+
+    def _check_text_fits(self, query_text: str, checklist: Mapping[str, str] | None) -> None:
+        """Refuse a query text longer than the text encoder reads: the tokenizer would cut it, and the end of a
+        clinician's description would change nothing without a word (a full checklist takes 57 of 96 tokens)."""
+        encoder = self.model.text_encoder
+        with self._text_lock:  # the fast tokenizers are not safe to share between threads
+            n = len(encoder.tokenizer(query_text)["input_ids"])
+            rendered = render_report(validate_checklist(checklist)) if checklist else ""
+            from_checklist = len(encoder.tokenizer(rendered)["input_ids"]) - 2 if rendered else 0
+        if n > encoder.max_tokens:
+            part = f" (the checklist fields take {from_checklist})" if from_checklist else ""
+            raise QueryError(
+                f"the query text is {n} tokens long; the model reads at most {encoder.max_tokens}{part}: shorten the "
+                f"free text by at least {n - encoder.max_tokens} tokens (a token is about 4 characters), or it would "
+                "be cut without effect on the ranking"
+            )
 
     @torch.inference_mode()
     def _encode(
