@@ -46,3 +46,10 @@ def test_validate_checklist_rejects_unknown_names_and_values():
         validate_checklist({"colour": "brown"})
     with pytest.raises(ValueError, match="unknown value 'sometimes' for checklist field 'streaks'.*absent, regular"):
         validate_checklist({"streaks": "sometimes"})
+
+
+def test_a_checklist_field_given_twice_in_two_spellings_is_refused_not_resolved():
+    with pytest.raises(ValueError, match=r"checklist field 'streaks' is given twice \('Streaks' and 'streaks'\)"):
+        validate_checklist({"Streaks": "absent", "streaks": "irregular"})
+    with pytest.raises(ValueError, match="given twice"):  # even when both say the same
+        validate_checklist({"blue-whitish veil": "present", "Blue_Whitish_Veil": "present"})

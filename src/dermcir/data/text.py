@@ -55,10 +55,14 @@ def validate_checklist(fields: Mapping[str, str]) -> dict[str, str]:
         ValueError: naming the field or value and listing what is allowed.
     """
     clean: dict[str, str] = {}
+    spelled: dict[str, str] = {}  # key -> the name it was given as
     for name, value in fields.items():
         key = checklist_key(name)
         if key not in CHECKLIST_FIELDS:
             raise ValueError(f"unknown checklist field {name!r}; allowed fields: {', '.join(CHECKLIST_FIELDS)}")
+        if key in spelled:  # "Streaks" and "streaks": which one the clinician meant is not ours to guess
+            raise ValueError(f"checklist field {key!r} is given twice ({spelled[key]!r} and {name!r}); give it once")
+        spelled[key] = name
         allowed = CHECKLIST_FIELDS[key][1]
         val = str(value).strip().lower().replace("_", " ")
         if val not in allowed:
