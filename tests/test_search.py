@@ -393,3 +393,13 @@ def test_cli_demo_trains_once_indexes_and_serves(tmp_path, toy_release, monkeypa
     assert main(args) == 0  # an index it cannot open is built again as a new version; the old folder is kept
     assert len(trained) == 1 and len(open_index(tmp_path / "demo" / "index")) == 24 and manifest.is_file()
     assert main(["demo", "--data", str(tmp_path / "nowhere")]) == 2
+
+
+def test_a_query_beta_outside_0_to_1_is_refused(setup):
+    _ckpt, _root, cases, searcher = setup
+    both = {"image": cases[0].image, "text": "irregular streaks"}
+    ends = [searcher.search(**both, k=3, beta=b).results for b in (0, 1.0)]
+    assert all(len(r) == 3 for r in ends) and ends[0] != ends[1]  # the ends of the range are valid, and differ
+    for bad in (float("nan"), 7.0, -3, float("inf"), True, "0.5"):
+        with pytest.raises(ValueError, match="beta must be a number from 0 to 1"):
+            searcher.search(**both, k=3, beta=bad)

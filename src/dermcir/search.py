@@ -14,6 +14,7 @@ request, the attention heatmaps of the query and of the case.
 from __future__ import annotations
 
 import logging
+import numbers
 import threading
 import time
 from collections.abc import Mapping
@@ -289,6 +290,11 @@ class CaseSearcher:
         index = self._index  # one snapshot for the whole request
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise QueryError(f"k must be a positive integer, got {k!r}")
+        # as ModelConfig checks the model's own β: outside [0, 1] one term would count against the match, and NaN
+        # scores would leave no result at all
+        if beta is not None and (isinstance(beta, bool) or not isinstance(beta, numbers.Real)
+                                 or not 0.0 <= float(beta) <= 1.0):
+            raise QueryError(f"beta must be a number from 0 to 1 (the local term's weight), got {beta!r}")
         query_text = compose_text(text, checklist)
         if query_text is not None:
             self._check_text_fits(query_text, checklist)
