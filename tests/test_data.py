@@ -172,3 +172,101 @@ def test_a_large_16_bit_image_decodes_without_float64_copies():
         tracemalloc.stop()
     assert rgb.shape == (1500, 2000, 3) and rgb.dtype == np.uint8 and int(rgb.max()) == 255
     assert peak < 10 * 2000 * 1500, f"peak {peak / 1e6:.0f} MB while decoding a 3 MP 16-bit image"
+
+
+def _clinic_csv(tmp_path: Path, text: str, images: int = 3) -> Path:
+    for i in range(images):
+        synthetic_lesion(i, (90, 60, 40)).save(tmp_path / f"img{i}.jpg")
+    (tmp_path / "cases.csv").write_text(text, encoding="utf-8")
+    return tmp_path / "cases.csv"
+
+
+def test_case_csv_row_with_empty_diagnosis_is_left_out_and_named(tmp_path):
+    csv = _clinic_csv(tmp_path, "id,image,diagnosis\nA,img0.jpg,melanoma\nB,img1.jpg,\nC,img2.jpg,  \nB,img1.jpg,nevus\n")
+    cases, report = load_case_csv(csv)
+    # B's empty-diagnosis row does not claim the id: the later, usable row B is kept
+    assert [(c.case_id, c.diagnosis, c.category) for c in cases] == [("A", "melanoma", "melanoma"), ("B", "nevus", "nevus")]
+    assert report.skipped == [(f"{csv}:3", "empty diagnosis"), (f"{csv}:4", "empty diagnosis")]
+
+
+def test_case_csv_checklist_headers_follow_the_checklist_spelling(tmp_path, caplog):
+    csv = _clinic_csv(
+        tmp_path,
+        "id,image,diagnosis,Pigment_Network,blue whitish veil, Streaks ,Dots-And-Globules,notes\n"
+        "A,img0.jpg,melanoma,atypical,present,Irregular,regular,seen twice\n",
+    )
+    with caplog.at_level("WARNING", logger="dermcir"):
+        cases, report = load_case_csv(csv)
+    assert cases[0].fields == {"pigment_network": "atypical", "blue_whitish_veil": "present", "streaks": "irregular",
+                               "dots_and_globules": "regular"}
+    assert report.skipped == []
+    assert "column(s) ['notes'] ignored" in caplog.text  # not a checklist field: said, not silently dropped
+    (tmp_path / "twice.csv").write_text("id,image,diagnosis,pigment_network,Pigment Network\nA,img0.jpg,nevus,typical,\n")
+    with pytest.raises(ValueError, match=r"twice.csv: columns 'pigment_network' and 'Pigment Network' both name the "
+                                         r"checklist field 'pigment_network'"):
+        load_case_csv(tmp_path / "twice.csv")
+    (tmp_path / "same.csv").write_text("id,image,diagnosis,streaks,streaks\nA,img0.jpg,nevus,absent,irregular\n")
+    with pytest.raises(ValueError, match=r"same.csv:1: column\(s\) \['streaks'\] appear more than once"):
+        load_case_csv(tmp_path / "same.csv")  # pandas would have read the second one as 'streaks.1' and dropped it
+
+
+def test_case_csv_bad_checklist_values_leave_the_row_out_named_with_column_and_allowed_values(tmp_path):
+    csv = _clinic_csv(
+        tmp_path,
+        "id,image,diagnosis,streaks,blue_whitish_veil,pigmentation\n"
+        "A,img0.jpg,melanoma,irregluar,yes,\n"
+        "B,img1.jpg,nevus,regular,,Diffuse_Regular\n"
+        "C,img2.jpg,nevus,,,\n",
+    )
+    cases, report = load_case_csv(csv)
+    # spelling is normalised by the checklist's own rule; an empty cell is "not given"
+    assert [(c.case_id, c.fields) for c in cases] == [
+        ("B", {"streaks": "regular", "pigmentation": "diffuse regular"}), ("C", {})]
+    assert len(report.skipped) == 1
+    what, why = report.skipped[0]
+    assert what == f"{csv}:2"
+    assert "column 'streaks': unknown value 'irregluar'" in why and "allowed values: absent, regular, irregular" in why
+    assert "column 'blue_whitish_veil': unknown value 'yes'" in why and "allowed values: absent, present" in why
+
+
+def test_case_csv_trailing_commas_and_unreadable_files(tmp_path):
+    csv = _clinic_csv(tmp_path, "id,image,diagnosis,streaks\nA,img0.jpg,melanoma,irregular,\nB,img1.jpg,nevus,absent,\n")
+    cases, report = load_case_csv(csv)  # a spreadsheet export's trailing comma: an empty extra cell, not a shift
+    assert [(c.case_id, c.image.name, c.diagnosis, c.fields) for c in cases] == [
+        ("A", "img0.jpg", "melanoma", {"streaks": "irregular"}), ("B", "img1.jpg", "nevus", {"streaks": "absent"})]
+    assert report.skipped == []
+
+    expected = "expected a UTF-8 CSV with a header row: id, image, diagnosis"
+    (tmp_path / "extra.csv").write_text("id,image,diagnosis\nA,img0.jpg,melanoma\nB,img1.jpg,melanoma, in situ\n")
+    with pytest.raises(ValueError, match=r"extra.csv:3: 4 fields but the header has 3 \(id, image, diagnosis\)"):
+        load_case_csv(tmp_path / "extra.csv")
+    (tmp_path / "empty.csv").write_bytes(b"")
+    with pytest.raises(ValueError) as exc:
+        load_case_csv(tmp_path / "empty.csv")
+    assert str(exc.value).startswith(f"{tmp_path / 'empty.csv'}: empty file; {expected}")
+    (tmp_path / "latin1.csv").write_bytes("id,image,diagnosis\nA,img0.jpg,nævus\n".encode("latin-1"))
+    with pytest.raises(ValueError) as exc:
+        load_case_csv(tmp_path / "latin1.csv")
+    assert str(exc.value).startswith(f"{tmp_path / 'latin1.csv'}: not UTF-8 text (byte 0xe6")
+    assert expected in str(exc.value)
+    (tmp_path / "huge.csv").write_text("id,image,diagnosis\nA,img0.jpg," + "x" * 200_000 + "\n")
+    with pytest.raises(ValueError) as exc:  # what pandas calls a ParserError: the CSV reader gives up
+        load_case_csv(tmp_path / "huge.csv")
+    assert str(exc.value).startswith(f"{tmp_path / 'huge.csv'}:2: ") and expected in str(exc.value)
+
+
+def test_derm7pt_meta_that_is_not_a_csv_is_a_clear_error(tmp_path):
+    root = write_release(tmp_path / "r", _rows([("clark nevus", 2)]))
+    meta = root / "meta" / "meta.csv"
+    lines = meta.read_text().splitlines()
+    meta.write_text("\n".join([lines[0], *(line + "," for line in lines[1:])]) + "\n")  # trailing commas
+    cases, _ = load_derm7pt(root, min_cases=1)
+    assert [(c.case_id, c.diagnosis, c.image.name) for c in cases] == [("1", "clark nevus", "img000.jpg"),
+                                                                      ("2", "clark nevus", "img001.jpg")]
+    meta.write_bytes(b"")
+    with pytest.raises(ValueError) as exc:
+        load_derm7pt(root)
+    assert str(exc.value).startswith(f"{meta}: empty file; expected a UTF-8 CSV with a header row: case_num")
+    meta.write_bytes("\n".join(lines).encode() + "\n99,n\xe6vus".encode("latin-1"))
+    with pytest.raises(ValueError, match="not UTF-8 text"):
+        load_derm7pt(root)

@@ -6,16 +6,15 @@ is dropped silently.
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
-import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pandas as pd
-
 from dermcir.data.categories import category_of
-from dermcir.data.text import CHECKLIST_FIELDS, render_report
+from dermcir.data.text import CHECKLIST_FIELDS, checklist_key, render_report, validate_checklist
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +48,56 @@ class LoadReport:
         self.skipped.append((what, reason))
 
 
-def _fields_of(row: pd.Series) -> dict[str, str]:
-    out = {}
-    for key in CHECKLIST_FIELDS:
-        value = row.get(key)
-        if value is None or (isinstance(value, float) and math.isnan(value)) or not str(value).strip():
-            continue
-        out[key] = str(value).strip().lower()
-    return out
+_CASE_CSV = "a UTF-8 CSV with a header row: id, image, diagnosis[, category][, checklist fields]"
+_META_CSV = "a UTF-8 CSV with a header row: case_num, diagnosis, derm, ... (the Derm7pt meta file)"
+
+
+def _read_rows(path: Path, expected: str) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """The header and the data rows of a CSV file, each row with the file line it starts on.
+
+    Every field is a string, as written (an empty cell is ``""``). Blank lines are passed over. A row shorter than
+    the header is padded with empty cells; empty cells beyond the header (a trailing comma, as spreadsheets export
+    it) are dropped. Anything else that is not a plain CSV with a header row is a :class:`ValueError` that starts
+    with the file's path and says what was expected.
+    """
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        byte = exc.object[exc.start]
+        raise ValueError(f"{path}: not UTF-8 text (byte 0x{byte:02x} at offset {exc.start}); expected {expected}") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header: list[str] | None = None
+    rows: list[tuple[int, dict[str, str]]] = []
+    line = 1
+    try:
+        for fields in reader:
+            start, line = line, reader.line_num + 1
+            if not fields:  # a blank line
+                continue
+            if header is None:
+                header = [name.strip() for name in fields]
+                repeated = sorted({name for name in header if name and header.count(name) > 1})
+                if repeated:
+                    raise ValueError(f"{path}:{start}: column(s) {repeated} appear more than once in the header")
+                continue
+            extra = fields[len(header):]
+            if any(value.strip() for value in extra):
+                raise ValueError(
+                    f"{path}:{start}: {len(fields)} fields but the header has {len(header)} ({', '.join(header)}); "
+                    "a value holding a comma must be quoted"
+                )
+            fields = fields[: len(header)] + [""] * (len(header) - len(fields))
+            rows.append((start, dict(zip(header, fields))))
+    except csv.Error as exc:
+        raise ValueError(f"{path}:{reader.line_num}: {exc}; expected {expected}") from None
+    if header is None:
+        raise ValueError(f"{path}: empty file; expected {expected}")
+    return header, rows
+
+
+def _fields_of(row: dict[str, str]) -> dict[str, str]:
+    """The Derm7pt meta row's checklist fields, as written (a newer release's values are kept: the text reads words)."""
+    return {key: row[key].strip().lower() for key in CHECKLIST_FIELDS if row.get(key, "").strip()}
 
 
 def load_derm7pt(
@@ -75,20 +116,21 @@ def load_derm7pt(
 
     Raises:
         FileNotFoundError: ``root`` has no ``meta/meta.csv``.
-        ValueError: the meta file lacks a required column.
+        ValueError: the meta file is not a UTF-8 CSV with a header row, a row has more fields than the header, or
+            a required column is missing (the message starts with the file's path).
     """
     root = Path(root)
     meta = root / "meta" / "meta.csv"
     if not meta.is_file():
         raise FileNotFoundError(f"{meta}: not found; expected a Derm7pt release folder with meta/meta.csv and images/")
-    table = pd.read_csv(meta, dtype=str, keep_default_na=False)
-    missing = [c for c in ("case_num", "diagnosis", "derm") if c not in table.columns]
+    header, table = _read_rows(meta, _META_CSV)
+    missing = [c for c in ("case_num", "diagnosis", "derm") if c not in header]
     if missing:
-        raise ValueError(f"{meta}: missing column(s) {missing}; columns present: {list(table.columns)}")
+        raise ValueError(f"{meta}: missing column(s) {missing}; columns present: {header}")
     report = LoadReport(n_rows=len(table))
     cases = []
-    for i, row in table.iterrows():
-        what = f"{meta}:{i + 2} (case {row['case_num']})"
+    for line, row in table:
+        what = f"{meta}:{line} (case {row['case_num']})"
         try:
             category = category_of(row["diagnosis"])
         except ValueError as exc:
@@ -113,17 +155,49 @@ def load_case_csv(
     ``image`` paths are relative to ``image_root`` (default: the CSV's folder). ``category`` may be given as a column;
     otherwise it is derived from the diagnosis through the category table, and rows whose diagnosis is unknown use
     the diagnosis itself as their category.
+
+    Checklist columns are found by the checklist's spelling rule (:func:`~dermcir.data.text.checklist_key`:
+    ``Pigment Network`` and ``pigment-network`` are ``pigment_network``); other columns are ignored, with a warning
+    naming them. An empty checklist cell means "not given".
+
+    Rows that cannot be used are left out and named by ``file:row`` with the reason in the report: an empty or
+    repeated id, an empty diagnosis, a checklist value outside the field's allowed values (the reason names the
+    column and lists the allowed values; the row is left out rather than indexed with a text that says something
+    the clinic did not write, or without the finding it did write), an empty image column or a missing image file.
+
+    Raises:
+        FileNotFoundError: ``csv_path`` does not exist.
+        ValueError: the file is not a UTF-8 CSV with a header row, a row has more (non-empty) fields than the header,
+            a required column is missing, or two columns name the same checklist field (the message starts with
+            the file's path).
     """
     csv_path = Path(csv_path)
     base = Path(image_root) if image_root else csv_path.parent
-    table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
-    missing = [c for c in ("id", "image", "diagnosis") if c not in table.columns]
+    if not csv_path.is_file():
+        raise FileNotFoundError(f"{csv_path}: not found; expected {_CASE_CSV}")
+    header, table = _read_rows(csv_path, _CASE_CSV)
+    missing = [c for c in ("id", "image", "diagnosis") if c not in header]
     if missing:
-        raise ValueError(f"{csv_path}: missing column(s) {missing}; expected id,image,diagnosis[,category][,checklist]")
+        raise ValueError(f"{csv_path}: missing column(s) {missing}; expected {_CASE_CSV}; columns present: {header}")
+    checklist: dict[str, str] = {}  # checklist field -> the column that holds it
+    for name in header:
+        key = checklist_key(name)
+        if key not in CHECKLIST_FIELDS:
+            continue
+        if key in checklist:
+            raise ValueError(
+                f"{csv_path}: columns {checklist[key]!r} and {name!r} both name the checklist field {key!r}; keep one"
+            )
+        checklist[key] = name
+    ignored = [name for name in header if name and name not in ("id", "image", "diagnosis", "category")
+               and name not in checklist.values()]
+    if ignored:
+        log.warning("%s: column(s) %s ignored: not id, image, diagnosis, category or a checklist field (%s)",
+                    csv_path, ignored, ", ".join(CHECKLIST_FIELDS))
     report = LoadReport(n_rows=len(table))
     cases, seen = [], set()
-    for i, row in table.iterrows():
-        what = f"{csv_path}:{i + 2}"
+    for line, row in table:
+        what = f"{csv_path}:{line}"
         case_id = row["id"].strip()
         if not case_id:
             report.skip(what, "empty id")
@@ -131,19 +205,36 @@ def load_case_csv(
         if case_id in seen:
             report.skip(what, f"duplicate id {case_id!r}")
             continue
+        diagnosis = row["diagnosis"].strip().lower()
+        if not diagnosis:
+            report.skip(what, "empty diagnosis")
+            continue
+        fields, bad = {}, []
+        for key, column in checklist.items():
+            if not row[column].strip():
+                continue  # not given
+            try:
+                fields.update(validate_checklist({key: row[column]}))
+            except ValueError as exc:
+                bad.append(f"column {column!r}: {exc}")
+        if bad:
+            report.skip(what, "; ".join(bad))
+            continue
+        if not row["image"].strip():
+            report.skip(what, "empty image column")
+            continue
         image = base / row["image"].strip()
         if not image.is_file():
             report.skip(str(image), f"image file missing (row {what})")
             continue
-        diagnosis = row["diagnosis"].strip().lower()
-        category = row.get("category", "").strip().lower() if "category" in table.columns else ""
+        category = row.get("category", "").strip().lower()
         if not category:
             try:
                 category = category_of(diagnosis)
             except ValueError:
                 category = diagnosis
         seen.add(case_id)
-        cases.append(Case(case_id, image, diagnosis, category, _fields_of(row)))
+        cases.append(Case(case_id, image, diagnosis, category, fields))
     return _apply_threshold(cases, report, min_cases, None)
 
 
