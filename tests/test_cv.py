@@ -738,6 +738,10 @@ def test_prepare_caches_the_frozen_maps_a_profile_will_read(toy_release, tmp_pat
     ("val_fraction=0", "setting val_fraction=0: expected a number in (0, 1)"),
     ("dim=30", "setting dim=30: expected an integer >= 1 divisible by heads=4"),
     ('lr="fast"', "setting lr='fast': expected a finite number"),
+    ("views=0", "setting views=0: expected a whole number from 1 to 4 (identity, hflip, vflip, rot180)"),
+    ("views=-3", "setting views=-3: expected a whole number from 1 to 4"),
+    ("views=2.7", "setting views=2.7: expected a whole number from 1 to 4"),
+    ('views="x"', "setting views='x': expected a whole number from 1 to 4"),
 ])
 def test_impossible_model_and_training_settings_are_one_line_errors(toy_release, tmp_path, capsys, setting, says):
     """The composed model's settings are checked as the baselines' are (``dermcir.settings``); before, ``--set

@@ -56,7 +56,19 @@ def get_profile(name: str, **overrides) -> tuple[ModelConfig, TrainConfig, int]:
     if model_cfg.companion is not None and "companion" not in overrides:
         model_cfg.companion = dict(model_cfg.companion)  # a copy: the profile's own dict must never change
     train_cfg = replace(train_cfg, **{k: v for k, v in overrides.items() if k in t_fields})
-    return model_cfg, train_cfg, int(overrides.get("views", views))
+    return model_cfg, train_cfg, _check_views(overrides.get("views", views))
+
+
+def _check_views(views: object) -> int:
+    """The number of cached views (``--set views=N``): a whole number from 1 to the views the cache knows. Any other
+    value used to be sliced silently (0: no features at all; -3: one view; 9: four)."""
+    from dermcir.training.features import CachedFeatures  # here: the CLI parses settings without loading torch
+
+    known = len(CachedFeatures.VIEWS)
+    if isinstance(views, bool) or not isinstance(views, int) or not 1 <= views <= known:
+        raise ValueError(f"setting views={views!r}: expected a whole number from 1 to {known} "
+                         f"({', '.join(CachedFeatures.VIEWS)})")
+    return views
 
 
 def companion_training(main: TrainConfig) -> tuple[TrainConfig, int]:
