@@ -461,6 +461,35 @@ def test_gpu_profile_code_path_runs_on_cpu(toy_release, tmp_path):
     assert "## Training per fold" in (tmp_path / "run" / "tables.md").read_text()
 
 
+def test_a_companion_fitted_in_process_may_take_half_its_folds_share_of_the_budget(toy_release, tmp_path,
+                                                                                 monkeypatch):
+    """Without workers the companion trains first; a slow one must not leave its fold's main model no time."""
+    import time
+
+    from dermcir.evaluation import cv
+
+    shares = {"companion": [], "main": []}
+    real_companion, real_fit = cv.fit_companion, cv.fit
+
+    def recording_companion(*args, deadline=None, **kwargs):
+        shares["companion"].append(deadline - time.perf_counter())
+        return real_companion(*args, deadline=deadline, **kwargs)
+
+    def recording_fit(*args, deadline=None, **kwargs):
+        shares["main"].append(deadline - time.perf_counter())
+        return real_fit(*args, deadline=deadline, **kwargs)
+
+    monkeypatch.setattr(cv, "fit_companion", recording_companion)
+    monkeypatch.setattr(cv, "fit", recording_fit)
+    cases, _ = load_derm7pt(toy_release, min_cases=5)
+    settings = {**TINY, "epochs": 1, "patience": 1, "batch_size": 6, "refit_epochs": 1, "companion_epochs": 2}
+    run_cv(cases, tmp_path / "run", profile="gpu", n_folds=2, progress=False, companion_workers=0, time_budget=600,
+           **settings)
+    # fold 0 of 2: half of its half of the budget for the companion, then (nearly) its whole half for the main model
+    assert 0.8 * 150 < shares["companion"][0] <= 150 and 0.8 * 291 < shares["main"][0] <= 291
+    assert len(shares["companion"]) == len(shares["main"]) == 2
+
+
 def test_companions_fitted_in_cpu_workers_score_as_in_process(toy_release, tmp_path):
     """``companion_workers``: each fold's companion trains in a worker process while the main models train, and the
     run's figures and histories are those of fitting it in this process."""

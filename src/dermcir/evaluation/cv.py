@@ -127,6 +127,15 @@ def _start_companion_pool(model, companion, workers: int | None, folds: dict, sp
     return pool
 
 
+def _share_end(start: float, time_budget: float | None, folds_left: int, fraction: float = 0.97) -> float | None:
+    """When ``fraction`` of a fold's equal share of what is left of the budget ends, as a ``time.perf_counter()``
+    value (None without a budget). By default 3 % of the share is kept for the fold's final evaluation."""
+    if time_budget is None:
+        return None
+    now = time.perf_counter()
+    return now + fraction * (start + time_budget - now) / folds_left
+
+
 def _check_folds(only_folds: Sequence[int] | None, n_folds: int) -> list[int]:
     """The folds to run, sorted; all of them when ``only_folds`` is None or empty."""
     if isinstance(n_folds, bool) or not isinstance(n_folds, int | np.integer) or n_folds < 2:
@@ -275,15 +284,14 @@ def run_cv(
                 train_idx, val_idx = splits[fold]
                 log.info("fold %d: %d queries, %d database (%d train + %d validation)", fold, len(q), len(db),
                          len(train_idx), len(val_idx))
-                # in this process the companion goes first (it has no deadline), so that the main model's share
-                # of the time budget is what is really left
-                c_result = (fit_companion(model, companion, train_idx, val_idx, device, progress, refit_idx=db)
+                folds_left = sum(f >= fold for f in selected)
+                # in this process the companion goes first, so that the main model's share of the time budget is
+                # what is really left; it may take at most half the fold's share, so that a companion slower than
+                # expected (its small steps cost launch overhead on a GPU) cannot leave the main model nothing
+                c_result = (fit_companion(model, companion, train_idx, val_idx, device, progress, refit_idx=db,
+                                          deadline=_share_end(start, time_budget, folds_left, 0.5))
                             if pool is None else None)
-                deadline = None
-                if time_budget is not None:
-                    now = time.perf_counter()
-                    # an equal share of what is left; 3 % of it is kept for the fold's final evaluation
-                    deadline = now + 0.97 * (start + time_budget - now) / sum(f >= fold for f in selected)
+                deadline = _share_end(start, time_budget, folds_left)
                 result = fit(model, inputs, train_idx, val_idx, train_cfg, device, len(model_cfg.categories),
                              progress, refit_idx=db, deadline=deadline)
                 main_embeddings = _main_embeddings(model, inputs, db, q, device, train_cfg)
