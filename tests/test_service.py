@@ -227,6 +227,7 @@ def test_health_checklist_openapi_and_page(env):
     assert health["status"] == "ok" and health["cases"] == 9 and health["fingerprint"] == searcher.fingerprint
     spec = client.get("/checklist").json()
     assert spec["fields"]["streaks"]["values"] == list(CHECKLIST_FIELDS["streaks"][1])
+    assert spec["max_text_tokens"] == searcher.model.text_encoder.max_tokens and spec["max_text_chars"] == 10_000
     schema = client.get("/openapi.json").json()
     form = schema["paths"]["/search"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert {"image", "text", "k", *CHECKLIST_FIELDS} <= set(form["properties"])

@@ -308,6 +308,9 @@ def create_app(
         return {
             "fields": {k: {"label": phrase, "values": list(v)} for k, (phrase, v) in CHECKLIST_FIELDS.items()},
             "max_text_chars": MAX_TEXT_CHARS,
+            # the real bound on text: checklist phrases and free text together, in the model's tokens (about 4
+            # characters each); a longer query is a 400 that gives the count
+            "max_text_tokens": searcher.model.text_encoder.max_tokens,
             "max_upload_bytes": max_upload_bytes,
             "max_k": MAX_K,
             "notice": NOTICE,
