@@ -11,6 +11,7 @@ import sys
 import textwrap
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,8 @@ from dermcir.data.images import load_rgb
 from dermcir.index import (
     HEATMAP_SIZE,
     FingerprintMismatchError,
+    IndexExistsError,
+    NothingToIndexError,
     VectorParams,
     _store,
     add_cases,
@@ -356,3 +359,201 @@ def test_a_corrupt_index_file_is_named(tmp_path, hnsw_built, capsys, name, damag
     assert main(["search", "--index", str(root), "--text", "streaks absent"]) == 2  # one line, exit 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(path) in err and "corrupt or unreadable" in err
+
+
+# ---- rebuilding, version numbers, updates that add nothing, damaged records, the writer lock -------------------------
+def test_a_build_over_a_non_empty_index_is_refused_unless_overwrite(tmp_path, kit, fresh, monkeypatch):
+    ckpt, root, cases = fresh(4)
+    live = open_index(root)
+    new = make_cases(tmp_path / "new", 2, start=60)
+    import dermcir.index.build
+
+    real_encode = dermcir.index.build.encode_cases
+    monkeypatch.setattr(dermcir.index.build, "encode_cases", lambda *a, **k: pytest.fail("encoded before refusing"))
+    with pytest.raises(IndexExistsError, match=r"already holds an index of 4 cases .*--add.*--rebuild"):
+        build_index(new, ckpt, root, overwrite=False, **_opts(tmp_path, kit))
+    assert open_index(root).version == live.version
+    monkeypatch.setattr(dermcir.index.build, "encode_cases", real_encode)
+    update = build_index(new, ckpt, root, overwrite=True, **_opts(tmp_path, kit))  # on purpose: every case replaced
+    assert (update.added, update.removed, update.total) == (2, 4, 2)
+    assert open_index(root).case_ids == ["c060", "c061"] and (root / live.version).is_dir()  # kept for a rollback
+    remove_cases(root, ["c060", "c061"])  # an empty index may be built over without overwrite
+    assert build_index(cases, ckpt, root, overwrite=False, **_opts(tmp_path, kit)).removed == 0
+
+
+def test_a_damaged_index_is_not_rebuilt_without_overwrite(tmp_path, kit, fresh):
+    ckpt, root, cases = fresh(2)
+    (_store.current_version(root) / MANIFEST).write_text("{damaged")
+    with pytest.raises(IndexExistsError, match="cannot be read"):
+        build_index(cases, ckpt, root, overwrite=False, **_opts(tmp_path, kit))
+    update = build_index(cases, ckpt, root, **_opts(tmp_path, kit))
+    assert update.removed == 0 and len(open_index(root)) == 2  # how many it held is unknown
+
+
+def test_versions_past_999999_stay_readable_and_ordered(tmp_path, fresh):
+    _ckpt, root, _cases = fresh(6)
+    only = _store.current_version(root)
+    only.rename(root / "v999998-abcdef")
+    (root / "CURRENT").write_text("v999998-abcdef\n")
+    names = []
+    for case_id in ("c000", "c001", "c002", "c003"):
+        names.append(remove_cases(root, [case_id]).version)
+        assert open_index(root).version == names[-1]  # the pointer names a version every reader accepts
+    assert [n.split("-")[0] for n in names] == ["v999999", "v1000000", "v1000001", "v1000002"]
+    kept = sorted(p.name.split("-")[0] for p in root.iterdir() if p.name.startswith("v"))
+    assert kept == ["v1000000", "v1000001", "v1000002"]  # the oldest by number were collected, not by name
+    assert open_index(root).case_ids == ["c004", "c005"]
+
+
+def test_an_add_with_no_usable_case_is_an_error(tmp_path, kit, fresh):
+    _ckpt, root, cases = fresh(3)
+    live = open_index(root).version
+    broken = make_cases(tmp_path / "broken", 2, start=40)
+    for c in broken:
+        c.image.write_bytes(b"not an image")
+    with pytest.raises(NothingToIndexError, match=r"none of the 2 new cases had a usable image \(2 left out"):
+        add_cases(root, broken, **_opts(tmp_path, kit))
+    report = LoadReport()
+    report.skip("csv:2", "image file missing")  # the loader left every row out
+    with pytest.raises(NothingToIndexError, match="no usable case .*csv:2"):
+        add_cases(root, [], report=report, **_opts(tmp_path, kit))
+    with pytest.raises(NothingToIndexError):  # already indexed ones do not hide that the new one failed
+        add_cases(root, [cases[0], broken[0]], **_opts(tmp_path, kit))
+    assert add_cases(root, cases[:2], **_opts(tmp_path, kit)).added == 0  # only known ids: documented, not an error
+    assert open_index(root).version == live
+
+
+def _bad_records(records: list[dict]) -> dict[str, tuple[list, str]]:
+    no_key = [{k: v for k, v in r.items() if k != "diagnosis"} if i == 1 else r for i, r in enumerate(records)]
+    wrong_type = [dict(r, fields=["streaks"]) if i == 2 else r for i, r in enumerate(records)]
+    numeric_id = [dict(r, case_id=7) if i == 0 else r for i, r in enumerate(records)]
+    repeated = [dict(r, case_id="c000") if i == 2 else r for i, r in enumerate(records)]
+    return {
+        "missing_key": (no_key, "line 2: missing key(s) diagnosis"),
+        "not_an_object": ([*records[:2], ["c009"], *records[3:]], "line 3: expected a JSON object, got list"),
+        "wrong_type": (wrong_type, "line 3: 'fields' must be an object of strings"),
+        "numeric_id": (numeric_id, "line 1: 'case_id' must be a string"),
+        "repeated_id": (repeated, "line 3: case_id 'c000' repeats line 1"),
+    }
+
+
+@pytest.mark.parametrize("damage", ["missing_key", "not_an_object", "wrong_type", "numeric_id", "repeated_id"])
+def test_bad_case_records_are_refused_on_load(tmp_path, built, damage):
+    root = tmp_path / "index"
+    shutil.copytree(built[1], root)
+    path = _store.current_version(root) / CASES
+    records = [json.loads(line) for line in path.read_text().splitlines()][:4]
+    lines, reason = _bad_records(records)[damage]
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    manifest = path.parent / MANIFEST  # keep the counts consistent: only the records are wrong
+    doc = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**doc, "count": 4}))
+    vectors = path.parent / VECTORS
+    np.save(vectors, np.load(vectors)[:4])
+    np.save(path.parent / HEATMAPS, np.load(path.parent / HEATMAPS)[:4])
+    with pytest.raises(ValueError, match="corrupt or unreadable") as caught:
+        open_index(root)
+    assert str(path) in str(caught.value) and reason in str(caught.value)
+
+
+def test_two_overlapping_writers_keep_each_others_cases(tmp_path, kit, fresh, monkeypatch):
+    import dermcir.index.build
+
+    _ckpt, root, _cases = fresh(3)
+    first, second = make_cases(tmp_path / "a", 2, start=70), make_cases(tmp_path / "b", 2, start=80)
+    real_encode = dermcir.index.build.encode_cases
+    encoding = threading.Event()
+
+    def slow_encode(model, cases, *args, **kwargs):
+        if cases[0].case_id == "c070":
+            encoding.set()
+            time.sleep(1.0)  # the second writer starts (and, without the lock, reads the index) meanwhile
+        return real_encode(model, cases, *args, **kwargs)
+
+    monkeypatch.setattr(dermcir.index.build, "encode_cases", slow_encode)
+    errors = []
+
+    def writer(cases) -> None:
+        try:
+            add_cases(root, cases, **_opts(tmp_path, kit))
+        except Exception as exc:  # noqa: BLE001 - any failure is the test's finding
+            errors.append(repr(exc))
+
+    a = threading.Thread(target=writer, args=(first,))
+    a.start()
+    assert encoding.wait(30)
+    b = threading.Thread(target=writer, args=(second,))
+    b.start()
+    a.join()
+    b.join()
+    assert not errors, errors
+    assert sorted(open_index(root).case_ids) == ["c000", "c001", "c002", "c070", "c071", "c080", "c081"]
+
+
+def test_an_update_reports_its_own_version_not_a_later_writers(tmp_path, kit, fresh, monkeypatch):
+    import dermcir.index.build
+
+    _ckpt, root, _cases = fresh(4)
+    real_lock, others = dermcir.index.build.writer_lock, []
+
+    @contextmanager
+    def lock_then_another_writer(path, *args, **kwargs):
+        with real_lock(path, *args, **kwargs):
+            yield
+        if not others:  # another writer publishes as soon as the lock is released
+            others.append(None)
+            others[0] = remove_cases(root, ["c003"])
+
+    monkeypatch.setattr(dermcir.index.build, "writer_lock", lock_then_another_writer)
+    update = remove_cases(root, ["c001"])
+    assert update.version != others[0].version
+    ids = [json.loads(line)["case_id"] for line in (root / update.version / CASES).read_text().splitlines()]
+    assert ids == ["c000", "c002", "c003"]
+
+
+def test_an_unwritable_out_is_found_before_encoding(tmp_path, kit, monkeypatch):
+    import dermcir.index.build
+
+    monkeypatch.setattr(dermcir.index.build, "encode_cases", lambda *a, **k: pytest.fail("encoded before writing"))
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(OSError, match="afile"):  # cannot create a folder under a file (as root too)
+        build_index(make_cases(tmp_path / "i", 2), kit[0], tmp_path / "afile" / "index", **_opts(tmp_path, kit))
+
+
+def test_a_failed_build_into_a_new_folder_leaves_nothing(tmp_path, kit):
+    cases = make_cases(tmp_path / "images", 2)
+    for c in cases:
+        c.image.write_bytes(b"x")
+    with pytest.raises(NothingToIndexError):
+        build_index(cases, kit[0], tmp_path / "new" / "index", **_opts(tmp_path, kit))
+    assert not (tmp_path / "new").exists()
+
+
+def test_updates_of_a_mistyped_root_create_nothing(tmp_path, kit):
+    typo = tmp_path / "typo" / "runs" / "idx"
+    with pytest.raises(FileNotFoundError, match="no dermcir index here"):
+        remove_cases(typo, ["c001"])
+    with pytest.raises(FileNotFoundError, match="no dermcir index here"):
+        add_cases(typo, make_cases(tmp_path / "i", 1), **_opts(tmp_path, kit))
+    assert not (tmp_path / "typo").exists()
+
+
+def test_a_weights_file_for_the_checkpoint_folder_is_named(tmp_path, kit, fresh):
+    ckpt, root, cases = fresh(2)
+    weights = next(p for p in ckpt.iterdir() if p.suffix == ".safetensors")
+    expected = f"{weights}: is a file; expected a checkpoint folder"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        add_cases(root, make_cases(tmp_path / "more", 1, start=50), checkpoint=weights, progress=False)
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        build_index(cases, weights, tmp_path / "other", progress=False)
+
+
+def test_device_names_are_checked():
+    from dermcir.index import resolve_device
+
+    assert resolve_device("cpu").type == "cpu"
+    with pytest.raises(ValueError, match="device 'gpu' is not known; use auto, cpu, cuda or cuda:N"):
+        resolve_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda")

@@ -16,7 +16,15 @@ Example:
 
 from dermcir.index._encode import HEATMAP_SIZE, attention_heatmaps, encode_cases, resolve_device
 from dermcir.index._vectors import INDEX_KINDS, VectorParams
-from dermcir.index.build import IndexUpdate, add_cases, build_index, case_record, remove_cases
+from dermcir.index.build import (
+    IndexExistsError,
+    IndexUpdate,
+    NothingToIndexError,
+    add_cases,
+    build_index,
+    case_record,
+    remove_cases,
+)
 from dermcir.index.case_index import CaseIndex, EmptyIndexError, FingerprintMismatchError, Hit, open_index
 
 __all__ = [
@@ -26,7 +34,9 @@ __all__ = [
     "EmptyIndexError",
     "FingerprintMismatchError",
     "Hit",
+    "IndexExistsError",
     "IndexUpdate",
+    "NothingToIndexError",
     "VectorParams",
     "add_cases",
     "attention_heatmaps",

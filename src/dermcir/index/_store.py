@@ -4,7 +4,7 @@ Layout of an index root::
 
     INDEX_DIR/
       CURRENT             # one line: the name of the live version folder
-      v000002-3fa9c1/     # a complete version (see dermcir.index for its files)
+      v000002-3fa9c1/     # a complete version (see dermcir.index for its files); 6 or more digits, ordered as numbers
       v000003-b07d22/
       .lock               # held by the one writer at a time
       .tmp-*/             # a version being written (left behind only by a killed writer)
@@ -34,7 +34,15 @@ POINTER = "CURRENT"
 LOCK = ".lock"
 TMP_PREFIX = ".tmp-"
 KEEP_VERSIONS = 3
-_VERSION_RE = re.compile(r"^v(\d{6})-[0-9a-f]{6}$")
+# Six digits at least (zero-padded), more once there have been a million writes: versions are ordered by their number,
+# never by their name ("v1000000-..." sorts before "v999999-..." as text).
+_VERSION_RE = re.compile(r"^v(\d{6,})-[0-9a-f]{6}$")
+
+
+def version_number(name: str) -> int | None:
+    """The sequence number of a version folder's name, or ``None`` when the name is not a version's."""
+    m = _VERSION_RE.match(name)
+    return int(m.group(1)) if m else None
 
 
 def current_version(root: Path) -> Path | None:
@@ -66,11 +74,31 @@ def check_root(root: Path) -> None:
         )
 
 
-@contextmanager
-def writer_lock(root: Path) -> Iterator[None]:
-    """Hold the root's exclusive writer lock, so concurrent updates cannot lose each other's cases."""
+def require_index(root: Path) -> None:
+    """Refuse an update of a root that holds no published index, before anything is created there (a mistyped
+    ``--out`` must not leave a folder tree and a lock file behind).
+
+    Raises:
+        FileNotFoundError: no index under ``root``.
+        ValueError: ``root`` holds foreign files or a damaged ``CURRENT``.
+    """
     check_root(root)
-    root.mkdir(parents=True, exist_ok=True)
+    if not root.is_dir() or current_version(root) is None:
+        raise FileNotFoundError(f"{root}: no dermcir index here; build one first with `dermcir index`")
+
+
+@contextmanager
+def writer_lock(root: Path, create: bool = True) -> Iterator[None]:
+    """Hold the root's exclusive writer lock, so concurrent updates cannot lose each other's cases.
+
+    ``create``: make the root folder when it is missing (a build); an update passes ``False`` and calls
+    :func:`require_index` first, so that nothing is created for a root that holds no index.
+    """
+    check_root(root)
+    if create:
+        root.mkdir(parents=True, exist_ok=True)
+    elif not root.is_dir():
+        raise FileNotFoundError(f"{root}: no dermcir index here; build one first with `dermcir index`")
     with open(root / LOCK, "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
@@ -95,7 +123,7 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def _next_name(root: Path) -> str:
-    seqs = [int(m.group(1)) for p in root.iterdir() if (m := _VERSION_RE.match(p.name))]
+    seqs = [n for p in root.iterdir() if (n := version_number(p.name)) is not None]
     return f"v{max(seqs, default=0) + 1:06d}-{secrets.token_hex(3)}"
 
 
@@ -103,8 +131,9 @@ def _next_name(root: Path) -> str:
 def publish_version(root: Path) -> Iterator[Path]:
     """Yield an empty temporary folder to fill; on a clean exit it becomes the live version.
 
-    Must be called while holding :func:`writer_lock`. On any exception (including ``KeyboardInterrupt``) the
-    temporary folder is deleted and the live version is left as it was.
+    Must be called while holding :func:`writer_lock` (read the new version's name with :func:`current_version`
+    before releasing it). On any exception (including ``KeyboardInterrupt``) the temporary folder is deleted and the
+    live version is left as it was.
     """
     for stale in root.glob(f"{TMP_PREFIX}*"):  # left by a killed writer; we hold the lock, so nobody owns it
         log.info("removing %s left by an interrupted index write", stale)
@@ -139,7 +168,7 @@ def _swap_pointer(root: Path, name: str) -> None:
 
 def _collect_garbage(root: Path) -> None:
     live = current_version(root)
-    versions = sorted((p for p in root.iterdir() if _VERSION_RE.match(p.name)), key=lambda p: p.name)
+    versions = sorted((p for p in root.iterdir() if _VERSION_RE.match(p.name)), key=lambda p: version_number(p.name))
     for old in versions[:-KEEP_VERSIONS]:
         if old != live:
             shutil.rmtree(old, ignore_errors=True)

@@ -25,7 +25,9 @@ class VectorParams:
     # Build-time beam width. faiss's default (40) gave recall@10 0.81-0.91 on 10^6 synthetic clustered vectors; 100
     # gives 0.997 at ef_search 128 for a 1.8x longer build (docs/search.md, "Measured figures").
     ef_construction: int = 100
-    ef_search: int = 128  # query-time beam width (recall/latency trade-off; may be changed without rebuilding)
+    # Query-time beam width (recall/latency trade-off). Read from the manifest; --add/--remove keep it, so changing it
+    # takes a rebuild (only the graph's search parameter would change, but no command writes it alone).
+    ef_search: int = 128
 
     def __post_init__(self) -> None:
         if self.kind not in INDEX_KINDS:

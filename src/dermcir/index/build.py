@@ -24,7 +24,7 @@ from dermcir.checkpoint import fingerprint, load_checkpoint
 from dermcir.data.cache import file_digest
 from dermcir.data.cases import Case, LoadReport
 from dermcir.index._encode import HEATMAP_SIZE, EncodedCases, encode_cases, resolve_device
-from dermcir.index._store import check_root, current_version, publish_version, writer_lock
+from dermcir.index._store import LOCK, check_root, current_version, publish_version, require_index, writer_lock
 from dermcir.index._vectors import VectorParams, build_vector_index, extend_vector_index, write_vector_index
 from dermcir.index.case_index import (
     CASES,
@@ -35,11 +35,21 @@ from dermcir.index.case_index import (
     VECTORS,
     CaseIndex,
     load_version,
+    read_manifest,
     write_records,
 )
 from dermcir.models import ComposedRetrievalModel
 
 log = logging.getLogger(__name__)
+
+
+class IndexExistsError(ValueError):
+    """A build without ``overwrite`` into a folder that already holds a non-empty index (``dermcir index`` without
+    ``--add`` or ``--rebuild``): it would have replaced every indexed case."""
+
+
+class NothingToIndexError(ValueError):
+    """Cases were given but none could be used (missing or unreadable images): nothing was built or added."""
 
 
 @dataclass
@@ -49,7 +59,7 @@ class IndexUpdate:
     root: Path
     version: str
     added: int
-    removed: int
+    removed: int  # cases dropped; for a build over an existing index, every case of the version it replaced
     total: int
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file or case id, reason)
 
@@ -132,6 +142,14 @@ def _encode(
     report: LoadReport,
     progress: bool,
 ) -> tuple[ComposedRetrievalModel, EncodedCases]:
+    _check_ids(cases)
+    if model is None:
+        model = load_checkpoint(checkpoint, resolve_device(device))
+    encoded = encode_cases(model, cases, batch_size, cache_dir, report, progress)
+    return model, encoded
+
+
+def _check_ids(cases: Sequence[Case]) -> None:
     dupes = sorted(i for i, n in Counter(c.case_id for c in cases).items() if n > 1)
     if dupes:
         raise ValueError(f"case ids must be unique; repeated: {', '.join(dupes[:10])}")
@@ -143,10 +161,53 @@ def _encode(
                 f"case id {case.case_id!r} (image {case.image}) cannot be used: '.' and '..' are path steps in a URL, "
                 "so the web page could not show the case; give it another id"
             )
-    if model is None:
-        model = load_checkpoint(checkpoint, resolve_device(device))
-    encoded = encode_cases(model, cases, batch_size, cache_dir, report, progress)
-    return model, encoded
+
+
+def _check_checkpoint_folder(checkpoint: Path) -> None:
+    """A weights file given instead of its folder (``--checkpoint runs/model/model.safetensors``) is named as such."""
+    if checkpoint.exists() and not checkpoint.is_dir():
+        raise ValueError(
+            f"{checkpoint}: is a file; expected a checkpoint folder (the one holding config.json and model.safetensors"
+            f", e.g. {checkpoint.parent})"
+        )
+
+
+def _nothing_usable(cases: Sequence[Case], report: LoadReport, what: str = "") -> str:
+    # ``cases`` is empty when the loader already left every row out (missing image files): say so, not "0 cases"
+    head = f"none of the {len(cases)} {what}cases had a usable image" if cases else "no usable case"
+    if report.skipped:
+        first, why = report.skipped[0]
+        head += f" ({len(report.skipped)} left out, e.g. {first}: {why})"
+    return head
+
+
+def _live_count(root: Path) -> tuple[str, int] | None:
+    """(version, number of cases) of the live version under ``root``, or ``None`` when there is none.
+
+    Raises:
+        ValueError: the live version cannot be read (the message names the file).
+    """
+    folder = current_version(root) if root.is_dir() else None
+    if folder is None:
+        return None
+    return folder.name, int(read_manifest(folder)["count"])
+
+
+def _refuse_existing(root: Path) -> None:
+    try:
+        live = _live_count(root)
+    except (OSError, ValueError) as exc:
+        raise IndexExistsError(
+            f"{root}: holds an index whose live version cannot be read ({exc}); pass --rebuild (overwrite=True) to "
+            "replace it with a new version"
+        ) from None
+    if live is not None and live[1] > 0:
+        version, count = live
+        raise IndexExistsError(
+            f"{root}: already holds an index of {count} cases (version {version}); building would replace them all. "
+            "Add cases with `dermcir index --add`, or pass --rebuild (overwrite=True) to replace the index "
+            "(the replaced version stays on disk for a while: docs/search.md, 'Going back to a previous version')"
+        )
 
 
 def _rows_of(encoded: EncodedCases) -> _Rows:
@@ -164,41 +225,90 @@ def build_index(
     cache_dir: Path | None = None,
     report: LoadReport | None = None,
     progress: bool = True,
+    overwrite: bool = True,
 ) -> IndexUpdate:
     """Encode ``cases`` with the checkpoint's model and publish them as a new index version under ``out``.
 
-    An index already under ``out`` stays live and untouched until the new version is complete.
+    An index already under ``out`` stays live and untouched until the new version is complete; the new version then
+    replaces it as a whole (``IndexUpdate.removed`` counts its cases). The writer lock is taken before anything is
+    encoded, so an ``out`` that cannot be written is found at once, and concurrent writers wait.
 
     Args:
         cases: the cases to index (ids must be unique).
         checkpoint: the checkpoint folder; the index records its fingerprint and path.
         out: the index root folder (created if needed; must be empty or an index).
         params: vector-search settings (exact inner product by default).
-        model: the checkpoint's model, already loaded (saves loading it again).
+        model: the checkpoint's model, already loaded (saves loading it again). Trusted: it is not checked against
+            ``checkpoint``, whose fingerprint the index records, so pass only the model loaded from that checkpoint.
         device: where to encode; ``"auto"`` uses CUDA when present.
         batch_size: images per encoder pass.
         cache_dir: the preprocessing cache (default ``$DERMCIR_CACHE``).
         report: collects the files left out and why.
         progress: show a progress bar.
+        overwrite: replace a non-empty index already under ``out``; ``False`` refuses to (what ``dermcir index``
+            does without ``--rebuild``).
 
     Raises:
-        ValueError: no case had a usable image, repeated ids, or ``out`` holds foreign files.
+        NothingToIndexError: no case had a usable image.
+        IndexExistsError: ``out`` holds a non-empty (or unreadable) index and ``overwrite`` is false.
+        ValueError: repeated ids, or ``out`` holds foreign files.
+        OSError: ``out`` cannot be written (found before any image is encoded).
     """
     out, checkpoint, params = Path(out), Path(checkpoint), params or VectorParams()
     report = report if report is not None else LoadReport()
+    _check_ids(cases)  # these are refused before anything is created or encoded
+    _check_checkpoint_folder(checkpoint)
     check_root(out)  # a mistyped --out is refused now, not after every image has been encoded
-    model, encoded = _encode(cases, checkpoint, model, device, batch_size, cache_dir, report, progress)
-    if not encoded.cases:
-        # ``cases`` is empty when the loader already left every row out (missing image files): say so, not "0 cases"
-        head = f"none of the {len(cases)} cases had a usable image" if cases else "no usable case"
-        if report.skipped:
-            what, why = report.skipped[0]
-            head += f" ({len(report.skipped)} left out, e.g. {what}: {why})"
-        raise ValueError(f"{head}; nothing to index")
-    rows = _rows_of(encoded)
-    with writer_lock(out), publish_version(out) as folder:
-        _write(folder, _manifest(model, checkpoint, params, len(rows.records)), rows, params)
-    return IndexUpdate(out, current_version(out).name, len(rows.records), 0, len(rows.records), report.skipped)
+    if not overwrite:
+        _refuse_existing(out)
+    created = _first_missing(out)
+    try:
+        with writer_lock(out):  # creates the folder: one that cannot be written is found before encoding
+            if not overwrite:
+                _refuse_existing(out)  # again: another writer may have built one meanwhile
+            try:
+                previous = _live_count(out)
+            except (OSError, ValueError):
+                previous = None  # a damaged index being rebuilt: how many cases it held is unknown
+            model, encoded = _encode(cases, checkpoint, model, device, batch_size, cache_dir, report, progress)
+            if not encoded.cases:
+                raise NothingToIndexError(f"{_nothing_usable(cases, report)}; nothing to index")
+            rows = _rows_of(encoded)
+            with publish_version(out) as folder:
+                _write(folder, _manifest(model, checkpoint, params, len(rows.records)), rows, params)
+            version = current_version(out).name  # read under the lock: another writer may publish right after
+    except BaseException:
+        if created is not None:
+            _remove_empty(out, created)
+        raise
+    removed = previous[1] if previous else 0
+    if removed:
+        log.info("replaced version %s of %s (%d cases) by %s", previous[0], out, removed, version)
+    return IndexUpdate(out, version, len(rows.records), removed, len(rows.records), report.skipped)
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The topmost folder of ``path`` that does not exist yet (what ``mkdir(parents=True)`` will create)."""
+    missing = None
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing = folder
+    return missing
+
+
+def _remove_empty(root: Path, top: Path) -> None:
+    """Undo a failed build's folder creation: the lock file, then the empty folders up to ``top``."""
+    try:
+        if {p.name for p in root.iterdir()} - {LOCK}:
+            return  # something else was written there meanwhile: leave it
+        (root / LOCK).unlink(missing_ok=True)
+        for folder in (root, *root.parents):
+            folder.rmdir()
+            if folder == top:
+                break
+    except OSError:
+        pass
 
 
 def _current(root: Path) -> CaseIndex:
@@ -230,19 +340,26 @@ def add_cases(
         root: the index root.
         cases: the cases to add.
         checkpoint: the model's checkpoint (default: the one recorded in the index); its fingerprint must match.
-        model: that checkpoint's model, already loaded.
-        replace: re-encode cases whose id is already indexed; otherwise they are skipped and reported.
+        model: that checkpoint's model, already loaded. Trusted: only the checkpoint's fingerprint is checked, so pass
+            only the model loaded from it.
+        replace: re-encode cases whose id is already indexed; otherwise they are skipped and reported (and when every
+            given case is already indexed, nothing is published and that is not an error).
         device, batch_size, cache_dir, report, progress: as for :func:`build_index`.
 
     Raises:
         FingerprintMismatchError: the checkpoint is not the model that encoded the index.
-        FileNotFoundError: no index under ``root``.
+        FileNotFoundError: no index under ``root`` (nothing is created there).
+        NothingToIndexError: cases to add were given (or the loader left every row out) but none had a usable image.
     """
     root = Path(root)
     report = report if report is not None else LoadReport()
-    with writer_lock(root):  # held from reading to publishing, so a concurrent update cannot be lost
+    if checkpoint is not None:
+        _check_checkpoint_folder(Path(checkpoint))
+    require_index(root)  # before the lock: a mistyped root must not be created
+    with writer_lock(root, create=False):  # held from reading to publishing, so a concurrent update cannot be lost
         index = _current(root)
         checkpoint = Path(checkpoint or index.manifest["checkpoint"])
+        _check_checkpoint_folder(checkpoint)
         index.require_fingerprint(fingerprint(checkpoint), f"checkpoint {checkpoint}")
         known = {c.case_id for c in cases} & set(index.case_ids)
         if not replace:
@@ -252,6 +369,8 @@ def add_cases(
         if cases:
             model, encoded = _encode(cases, checkpoint, model, device, batch_size, cache_dir, report, progress)
         if not cases or not encoded.cases:  # nothing usable: keep the live version rather than publish a copy
+            if cases or not known:  # new cases were given and all were left out, or none was given at all
+                raise NothingToIndexError(f"{_nothing_usable(cases, report, 'new ')}; nothing was added to {root}")
             log.info("no case to add to %s", root)
             return IndexUpdate(root, index.version, 0, 0, len(index), report.skipped)
         old = _existing_rows(index)
@@ -264,21 +383,22 @@ def add_cases(
             extend_vector_index(graph, encoded.vectors)
         with publish_version(root) as folder:
             _write(folder, _manifest(model, checkpoint, index.params, len(rows.records)), rows, index.params, graph)
+        version = current_version(root).name  # read under the lock: another writer may publish right after
     log.info("added %d case(s) (%d replaced) to %s", len(encoded.cases), len(replaced), root)
-    return IndexUpdate(
-        root, current_version(root).name, len(encoded.cases), len(replaced), len(rows.records), report.skipped
-    )
+    return IndexUpdate(root, version, len(encoded.cases), len(replaced), len(rows.records), report.skipped)
 
 
 def remove_cases(root: str | Path, case_ids: Iterable[str]) -> IndexUpdate:
     """Remove cases by id without re-encoding anything.
 
     Raises:
+        FileNotFoundError: no index under ``root`` (nothing is created there).
         ValueError: an id is not in the index (nothing is removed then).
     """
     root = Path(root)
     case_ids = list(dict.fromkeys(case_ids))
-    with writer_lock(root):
+    require_index(root)  # before the lock: a mistyped root must not be created
+    with writer_lock(root, create=False):
         index = _current(root)
         indexed = set(index.case_ids)
         unknown = [i for i in case_ids if i not in indexed]
@@ -290,5 +410,6 @@ def remove_cases(root: str | Path, case_ids: Iterable[str]) -> IndexUpdate:
         rows = old.take(keep)
         with publish_version(root) as folder:
             _write(folder, {**index.manifest}, rows, index.params)
+        version = current_version(root).name  # read under the lock: another writer may publish right after
     log.info("removed %d case(s) from %s", len(drop), root)
-    return IndexUpdate(root, current_version(root).name, 0, len(drop), len(rows.records))
+    return IndexUpdate(root, version, 0, len(drop), len(rows.records))

@@ -209,16 +209,54 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
+#: the keys of one ``cases.jsonl`` record (see :func:`dermcir.index.case_record`); every value is a string except
+#: ``fields``, an object of strings
+RECORD_KEYS = ("case_id", "image", "diagnosis", "category", "fields", "text", "sha1")
+
+
+def _record_problem(record: Any, seen: dict[str, int]) -> str | None:
+    """What is wrong with one parsed line of ``cases.jsonl``, or ``None``."""
+    if not isinstance(record, dict):
+        return f"expected a JSON object, got {type(record).__name__}"
+    missing = [key for key in RECORD_KEYS if key not in record]
+    if missing:
+        return f"missing key(s) {', '.join(missing)}"
+    for key in RECORD_KEYS:
+        value = record[key]
+        if key == "fields":
+            if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+                return f"'fields' must be an object of strings, got {value!r}"
+        elif not isinstance(value, str):
+            return f"{key!r} must be a string, got {value!r}"
+    if not record["case_id"]:
+        return "empty case_id"
+    if record["case_id"] in seen:
+        return f"case_id {record['case_id']!r} repeats line {seen[record['case_id']]}"
+    return None
+
+
 def read_records(path: Path) -> list[dict[str, Any]]:
+    """The case records of a version, each checked (keys, types, unique ids) so that a hand-edited or damaged file is
+    refused when loading, naming the file and the line, rather than failing in the middle of a search."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found; the index version is incomplete")
-    records = []
+    records: list[dict[str, Any]] = []
+    seen: dict[str, int] = {}  # case_id -> line
+    number = 0
     with open(path, encoding="utf-8") as fh:
         try:
             for number, line in enumerate(fh, start=1):
-                if line.strip():
-                    records.append(json.loads(line))
-        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+                if not line.strip():
+                    continue
+                record = json.loads(line)
+                problem = _record_problem(record, seen)
+                if problem:
+                    raise _corrupt(path, ValueError(f"line {number}: {problem}"))
+                seen[record["case_id"]] = number
+                records.append(record)
+        except UnicodeDecodeError as exc:  # raised while reading the line after the last one parsed
+            raise _corrupt(path, ValueError(f"line {number + 1}: {exc}")) from None
+        except json.JSONDecodeError as exc:
             raise _corrupt(path, ValueError(f"line {number}: {exc}")) from None
     return records
 
