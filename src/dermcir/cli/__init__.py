@@ -31,10 +31,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.handler(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:  # user errors: one clear line, no traceback (but with -v)
+    except (ValueError, OSError) as exc:  # user errors: one clear line, no traceback (but with -v)
+        # OSError: a path that cannot be read or written (a PermissionError on --out, a folder given for a file, ...)
         logging.getLogger("dermcir").debug("%s failed", args.command, exc_info=True)
-        print(f"dermcir {args.command}: error: {exc}", file=sys.stderr)
+        print(f"dermcir {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+
+
+def _one_line(exc: Exception) -> str:
+    """The error as one line, naming the path of an operating-system error ("PATH: Permission denied")."""
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        target = f" -> {exc.filename2}" if exc.filename2 is not None else ""
+        return f"{exc.filename}{target}: {exc.strerror}"
+    text = str(exc).strip() or type(exc).__name__
+    return " ".join(text.splitlines())
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from dermcir.cli._types import positive, whole
+from dermcir.cli._types import device, positive, whole
 
 log = logging.getLogger("dermcir.cli")
 # faiss reports at INFO every optimised build it could not load, which is noise on the command line.
@@ -50,6 +50,11 @@ def _register_index(sub: argparse._SubParsersAction) -> None:
         help="keep categories with at least this many cases (default 50 for a Derm7pt release, 1 for a CSV)",
     )
     p.add_argument("--add", action="store_true", help="add the --data cases to the existing index")
+    p.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="replace an existing non-empty index by one of the --data cases alone (without it, that is refused)",
+    )
     p.add_argument("--replace", action="store_true", help="with --add: re-encode cases whose id is already indexed")
     p.add_argument("--remove", nargs="+", metavar="ID", help="remove these case ids from the index")
     # Build-only options default to None so that giving one with --add/--remove can be refused (an update keeps the
@@ -63,7 +68,8 @@ def _register_index(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ef-construction", type=whole(1), help="HNSW build beam width (default 100)")
     p.add_argument("--ef-search", type=whole(1), help="HNSW search beam width (default 128)")
     p.add_argument("--batch-size", type=whole(1), default=32, help="images per encoder pass")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    # default None so that --remove, which encodes nothing, can refuse it
+    p.add_argument("--device", type=device, help="auto (CUDA when present; the default), cpu, cuda or cuda:N")
     p.add_argument("--cache", type=Path, default=None, help="preprocessing cache (default $DERMCIR_CACHE)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _threads_arg(p)
@@ -89,9 +95,9 @@ def _register_search(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("-k", type=whole(1), default=10, help="how many cases to return")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
-    p.add_argument("--heatmaps", action="store_true", help="include attention heatmaps (with --json)")
+    p.add_argument("--heatmaps", action="store_true", help="include attention heatmaps (needs --json)")
     p.add_argument("--checkpoint", type=Path, help="checkpoint folder (default: the one the index was built with)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    p.add_argument("--device", type=device, default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     _threads_arg(p)
     p.set_defaults(handler=cmd_search)
 
@@ -101,7 +107,7 @@ def _register_serve(sub: argparse._SubParsersAction) -> None:
     _serve_args(p)
     p.add_argument("--index", required=True, type=Path, help="the index folder")
     p.add_argument("--checkpoint", type=Path, help="checkpoint folder (default: the one the index was built with)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    p.add_argument("--device", type=device, default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     p.set_defaults(handler=cmd_serve)
 
 
@@ -186,6 +192,11 @@ def _load_cases(data: Path, image_root: Path | None, min_cases: int | None):
     if csv is not None:
         cases, report = load_case_csv(csv, image_root, min_cases=min_cases or 1)
     elif data.is_dir():
+        if image_root is not None:  # a release's image paths are relative to its own images/ folder
+            raise ValueError(
+                f"--image-root applies to a CSV of cases; {data} is a Derm7pt release, whose images are read from "
+                "its images/ folder"
+            )
         cases, report = load_derm7pt(data, min_cases=50 if min_cases is None else min_cases)
     else:
         raise FileNotFoundError(
@@ -216,6 +227,8 @@ def cmd_index(args: argparse.Namespace) -> int:
             "--replace works only with --add (it re-encodes cases already in the index); without --add the index "
             "would be rebuilt from the --data cases alone"
         )
+    if args.rebuild and (args.add or args.remove):
+        raise ValueError("--rebuild is for building an index anew; it does not go with --add or --remove")
     vector_options = {
         "kind": args.kind,
         "hnsw_m": args.hnsw_m,
@@ -232,13 +245,28 @@ def cmd_index(args: argparse.Namespace) -> int:
     if args.remove:
         if args.add or args.data:
             raise ValueError("--remove takes only --out and the ids; run --add separately")
+        ignored = {
+            "--checkpoint": args.checkpoint,
+            "--image-root": args.image_root,
+            "--min-cases": args.min_cases,
+            "--device": args.device,
+        }  # (--batch-size, --cache and --quiet are accepted, so that one set of options serves every update)
+        named = [option for option, value in ignored.items() if value is not None]
+        if named:
+            raise ValueError(f"{', '.join(named)}: not used by --remove, which encodes nothing (it takes --out and ids)")
         _print_update("removed", remove_cases(args.out, args.remove))
         return 0
     if args.data is None:
         raise ValueError("--data is required to build or add (a Derm7pt folder or a CSV of cases)")
+    if args.add:  # before the cases are loaded: a mistyped --out is named at once
+        from dermcir.index._store import require_index
+
+        require_index(args.out)
+    elif args.checkpoint is None:
+        raise ValueError("--checkpoint is required to build an index")
     cases, report = _load_cases(args.data, args.image_root, args.min_cases)
     common = {
-        "device": args.device,
+        "device": args.device or "auto",
         "batch_size": args.batch_size,
         "cache_dir": args.cache,
         "report": report,
@@ -248,19 +276,25 @@ def cmd_index(args: argparse.Namespace) -> int:
         update = add_cases(args.out, cases, checkpoint=args.checkpoint, replace=args.replace, **common)
         _print_update("added", update)
         return 0
-    if args.checkpoint is None:
-        raise ValueError("--checkpoint is required to build an index")
     params = VectorParams(**given)
-    _print_update("indexed", build_index(cases, args.checkpoint, args.out, params=params, **common))
+    update = build_index(cases, args.checkpoint, args.out, params=params, overwrite=args.rebuild, **common)
+    _print_update("rebuilt" if update.removed else "indexed", update)
     return 0
 
 
 def _parse_checklist(pairs: list[str]) -> dict[str, str]:
-    out = {}
+    from dermcir.data.text import checklist_key
+
+    out: dict[str, str] = {}
+    given: dict[str, str] = {}  # normalised field -> the pair that gave it
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"--checklist {pair!r}: expected FIELD=VALUE, e.g. pigment_network=atypical")
+        field = checklist_key(key)
+        if field in given:  # keeping the last one would search with a value the user may not have meant
+            raise ValueError(f"--checklist gives {field} twice ({given[field]!r} and {pair!r}); give each field once")
+        given[field] = pair
         out[key.strip()] = value
     return out
 
@@ -270,6 +304,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     from dermcir.search import CaseSearcher
 
     checklist = _parse_checklist(args.checklist)
+    if args.heatmaps and not args.json:  # the table has no room for them
+        raise ValueError("--heatmaps needs --json (the table output does not show heatmaps)")
     if args.image is None and not (args.text or "").strip() and not checklist:
         raise ValueError("give --image, --text or --checklist (or an image with text for a composed query)")
     if args.image is not None and not args.image.is_file():
@@ -343,7 +379,7 @@ def _demo_checkpoint(cases, folder: Path, cache: Path | None) -> Path:
 def _demo_index(cases, checkpoint: Path, folder: Path, cache: Path | None) -> None:
     """Reuse the demo's index when it was built by this checkpoint, adding any case it lacks; otherwise build it."""
     from dermcir.checkpoint import fingerprint
-    from dermcir.index import add_cases, build_index, open_index
+    from dermcir.index import NothingToIndexError, add_cases, build_index, open_index
 
     try:
         index = open_index(folder)
@@ -358,7 +394,10 @@ def _demo_index(cases, checkpoint: Path, folder: Path, cache: Path | None) -> No
         known = set(index.case_ids)
         new = [c for c in cases if c.case_id not in known]
         if new:
-            add_cases(folder, new, checkpoint=checkpoint, cache_dir=cache)
+            try:
+                add_cases(folder, new, checkpoint=checkpoint, cache_dir=cache)
+            except NothingToIndexError as exc:  # e.g. unreadable images, left out of the first build too
+                log.warning("no new case could be added to %s: %s", folder, exc)
         log.info("reusing the index in %s (%d cases)", folder, len(open_index(folder)))
         return
-    build_index(cases, checkpoint, folder, cache_dir=cache)
+    build_index(cases, checkpoint, folder, cache_dir=cache, overwrite=True)  # on purpose: see above

@@ -1,0 +1,154 @@
+"""`dermcir index | search` mistakes: each is refused with one line (exit 2) naming what is wrong, before any work.
+
+Synthetic images and a tiny random checkpoint only (tests/searchkit.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dermcir.cli import main
+from dermcir.index import open_index
+
+from .conftest import write_release
+from .searchkit import make_cases, make_index, one_torch_thread, write_case_csv  # noqa: F401 (fixture)
+
+
+@pytest.fixture
+def small(tmp_path):
+    """(checkpoint, index root, cases) of a 4-case index, and a CSV of 2 other cases beside it."""
+    ckpt, root, cases = make_index(tmp_path, 4)
+    csv = write_case_csv(tmp_path / "new" / "cases.csv", make_cases(tmp_path / "new", 2, start=60))
+    return ckpt, root, cases, csv
+
+
+def _index(tmp_path, *args: str) -> list[str]:
+    return ["index", "--cache", str(tmp_path / "cache"), "--quiet", *args]
+
+
+def _one_error(capsys) -> str:
+    err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_building_over_an_index_needs_rebuild(tmp_path, small, capsys):
+    ckpt, root, _cases, csv = small
+    live = open_index(root).version
+    build = _index(tmp_path, "--checkpoint", str(ckpt), "--data", str(csv), "--out", str(root))
+    assert main(build) == 2  # forgot --add: every case would have been replaced
+    err = _one_error(capsys)
+    assert f"{root}: already holds an index of 4 cases" in err and "--add" in err and "--rebuild" in err
+    assert open_index(root).version == live and len(open_index(root)) == 4
+    assert main([*build, "--rebuild"]) == 0
+    assert f"version {open_index(root).version}: +2 -4, 2 cases" in capsys.readouterr().out
+    assert (root / live).is_dir()  # the replaced version stays: going back is rewriting CURRENT (docs/search.md)
+    (root / "CURRENT").write_text(live + "\n")
+    assert open_index(root).version == live and len(open_index(root)) == 4
+    assert main(_index(tmp_path, "--out", str(root), "--remove", "c000")) == 0  # the next write starts from it
+    assert "-1, 3 cases" in capsys.readouterr().out
+    assert main([*build, "--rebuild", "--add"]) == 2
+    assert "--rebuild" in _one_error(capsys)
+
+
+@pytest.mark.parametrize("bad", ["gpu", "cuda:x", "cuda"])
+def test_a_device_is_checked_while_parsing(tmp_path, capsys, bad):
+    if bad == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(SystemExit) as code:
+        main(["search", "--index", str(tmp_path / "nowhere"), "--text", "streaks absent", "--device", bad])
+    assert code.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --device:" in err and "Traceback" not in err
+    assert ("CUDA is not available" if bad == "cuda" else "expected auto, cpu, cuda or cuda:N") in err
+
+
+def test_a_weights_file_given_as_the_checkpoint_is_named(tmp_path, small, capsys):
+    ckpt, root, _cases, csv = small
+    weights = next(p for p in ckpt.iterdir() if p.suffix == ".safetensors")
+    assert main(_index(tmp_path, "--out", str(root), "--add", "--data", str(csv), "--checkpoint", str(weights))) == 2
+    assert f"{weights}: is a file; expected a checkpoint folder" in _one_error(capsys)
+
+
+def test_an_unwritable_out_is_one_line_before_encoding(tmp_path, small, capsys, monkeypatch):
+    import dermcir.index.build
+
+    ckpt, _root, _cases, csv = small
+    monkeypatch.setattr(dermcir.index.build, "encode_cases", lambda *a, **k: pytest.fail("encoded before writing"))
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / "afile" / "index"
+    assert main(_index(tmp_path, "--checkpoint", str(ckpt), "--data", str(csv), "--out", str(out))) == 2
+    assert f"{out}: Not a directory" in _one_error(capsys)
+
+
+def test_an_os_error_is_one_line_naming_the_path(tmp_path, small, capsys, monkeypatch):
+    import dermcir.index.build
+
+    _ckpt, root, _cases, _csv = small
+
+    def denied(*_args, **_kwargs):
+        raise PermissionError(13, "Permission denied", str(root / ".lock"))
+
+    monkeypatch.setattr(dermcir.index.build, "writer_lock", denied)
+    assert main(_index(tmp_path, "--out", str(root), "--remove", "c001")) == 2
+    assert _one_error(capsys).endswith(f"error: {root / '.lock'}: Permission denied")
+
+
+def test_a_checklist_field_given_twice_is_refused(tmp_path, capsys):
+    args = ["search", "--index", str(tmp_path / "index"), "--checklist", "streaks=absent", "Streaks=irregular"]
+    assert main(args) == 2
+    err = _one_error(capsys)
+    assert "--checklist gives streaks twice ('streaks=absent' and 'Streaks=irregular')" in err
+
+
+def test_updates_of_a_mistyped_out_create_nothing(tmp_path, small, capsys):
+    _ckpt, _root, _cases, csv = small
+    typo = tmp_path / "typo" / "runs" / "idx"
+    for update in (["--remove", "c001"], ["--add", "--data", str(csv)]):
+        assert main(_index(tmp_path, "--out", str(typo), *update)) == 2
+        assert f"{typo}: no dermcir index here" in _one_error(capsys)
+    assert not (tmp_path / "typo").exists()
+
+
+def test_remove_refuses_the_options_it_would_ignore(tmp_path, small, capsys):
+    _ckpt, root, _cases, _csv = small
+    given = ["--checkpoint", "x", "--image-root", "y", "--min-cases", "3", "--device", "cpu"]
+    assert main(_index(tmp_path, "--out", str(root), "--remove", "c001", *given)) == 2
+    assert "--checkpoint, --image-root, --min-cases, --device: not used by --remove" in _one_error(capsys)
+    assert len(open_index(root)) == 4
+
+
+def test_heatmaps_without_json_are_refused(tmp_path, small, capsys):
+    _ckpt, root, _cases, _csv = small
+    assert main(["search", "--index", str(root), "--text", "streaks absent", "--heatmaps"]) == 2
+    assert "--heatmaps needs --json" in _one_error(capsys)
+
+
+def test_image_root_with_a_derm7pt_release_is_refused(tmp_path, small, capsys):
+    ckpt = small[0]
+    release = write_release(tmp_path / "release", [])
+    out = tmp_path / "index7"
+    args = _index(tmp_path, "--checkpoint", str(ckpt), "--data", str(release), "--out", str(out))
+    assert main([*args, "--image-root", str(tmp_path)]) == 2
+    assert "--image-root applies to a CSV of cases" in _one_error(capsys)
+    assert not out.exists()
+
+
+def test_an_add_with_no_usable_case_exits_2(tmp_path, small, capsys):
+    _ckpt, root, _cases, _csv = small
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "missing.csv").write_text("id,image,diagnosis\nz1,nope1.png,melanoma\nz2,nope2.png,nevus\n")
+    assert main(_index(tmp_path, "--out", str(root), "--add", "--data", str(tmp_path / "m" / "missing.csv"))) == 2
+    assert "no usable case (2 left out" in _one_error(capsys)
+    assert len(open_index(root)) == 4
+
+
+def test_the_demo_index_tolerates_new_cases_it_cannot_read(tmp_path, small):
+    from dermcir.cli.search import _demo_index
+
+    ckpt, root, cases, _csv = small
+    broken = make_cases(tmp_path / "broken", 1, start=90)
+    broken[0].image.write_bytes(b"not an image")  # left out of the first build, so "new" on every run
+    _demo_index([*cases, *broken], ckpt, root, tmp_path / "cache")
+    assert len(open_index(root)) == 4
