@@ -557,3 +557,24 @@ def test_device_names_are_checked():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+def test_a_version_collected_while_being_opened_is_retried(tmp_path, fresh, monkeypatch):
+    from dermcir.index import case_index
+
+    _ckpt, root, _cases = fresh(3)
+    old = _store.current_version(root)
+    remove_cases(root, ["c001"])
+    new = _store.current_version(root)
+    (root / "CURRENT").write_text(old.name + "\n")  # a reader resolves the pointer to the old version ...
+    real_load, calls = case_index.load_version, []
+
+    def load_version(folder):
+        calls.append(folder.name)
+        if len(calls) == 1:  # ... a writer publishes and collects it while faiss reads it: looks corrupt
+            (root / "CURRENT").write_text(new.name + "\n")
+            raise ValueError(f"{folder / HNSW}: corrupt or unreadable FAISS index")
+        return real_load(folder)
+
+    monkeypatch.setattr(case_index, "load_version", load_version)
+    assert open_index(root).version == new.name and calls == [old.name, new.name]

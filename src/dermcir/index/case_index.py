@@ -145,7 +145,9 @@ def open_index(root: str | Path) -> CaseIndex:
             )
         try:
             return load_version(folder)
-        except FileNotFoundError:
+        except (FileNotFoundError, ValueError):
+            # A file removed by garbage collection while being read can also look damaged (faiss reads a file that is
+            # unlinked half-way); only a version that is still the live one is really missing or corrupt.
             if current_version(root) == folder:
                 raise
     raise FileNotFoundError(f"{root}: the index kept changing while being opened; try again")
