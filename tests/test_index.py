@@ -175,7 +175,7 @@ def test_failed_write_leaves_previous_version_live(tmp_path, monkeypatch, kit, f
     with pytest.raises(OSError, match="No space left"):
         add_cases(root, make_cases(tmp_path / "more", 2, start=20), **_opts(tmp_path, kit))
     with pytest.raises(OSError):
-        build_index(cases, ckpt, root, **_opts(tmp_path, kit))
+        build_index(cases, ckpt, root, overwrite=True, **_opts(tmp_path, kit))
     monkeypatch.undo()
     after = open_index(root)
     assert after.version == live.version and after.case_ids == live.case_ids
@@ -198,7 +198,8 @@ def test_killed_build_leaves_previous_version_live(tmp_path, kit, fresh):
             return real(path, arr, **kw)
         np.save = save
         cases = [Case(f"k{{i}}", Path(p), "nevus", "nevus") for i, p in enumerate({[str(c.image) for c in cases]!r})]
-        build_index(cases, {str(ckpt)!r}, {str(root)!r}, cache_dir=Path({str(tmp_path / "cache")!r}), progress=False)
+        build_index(cases, {str(ckpt)!r}, {str(root)!r}, cache_dir=Path({str(tmp_path / "cache")!r}), progress=False,
+                    overwrite=True)
     """)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
@@ -386,7 +387,7 @@ def test_a_damaged_index_is_not_rebuilt_without_overwrite(tmp_path, kit, fresh):
     (_store.current_version(root) / MANIFEST).write_text("{damaged")
     with pytest.raises(IndexExistsError, match="cannot be read"):
         build_index(cases, ckpt, root, overwrite=False, **_opts(tmp_path, kit))
-    update = build_index(cases, ckpt, root, **_opts(tmp_path, kit))
+    update = build_index(cases, ckpt, root, overwrite=True, **_opts(tmp_path, kit))
     assert update.removed == 0 and len(open_index(root)) == 2  # how many it held is unknown
 
 

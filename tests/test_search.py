@@ -201,7 +201,7 @@ def test_a_version_from_another_model_is_not_switched_to(tmp_path, caplog):
     _ckpt, root, cases = make_index(tmp_path, 4)
     searcher = CaseSearcher(root)
     other = make_checkpoint(tmp_path / "other", seed=2)
-    build_index(cases, other, root, cache_dir=tmp_path / "cache", progress=False)
+    build_index(cases, other, root, cache_dir=tmp_path / "cache", progress=False, overwrite=True)
     with caplog.at_level(logging.ERROR):
         response = searcher.search(image=cases[0].image, k=2)
     assert response.index_version == searcher.index.version != open_index(root).version
@@ -234,7 +234,8 @@ def test_an_unloadable_new_version_is_not_switched_to(tmp_path, caplog, damage):
         assert searcher.case("c003")["case_id"] == "c003"
     assert len(caplog.records) == 1 and good in caplog.text
     assert "cannot be loaded" in caplog.text or "CURRENT" in caplog.text
-    build_index(cases[:2], ckpt, root, model=searcher.model, cache_dir=tmp_path / "cache", progress=False)
+    build_index(cases[:2], ckpt, root, model=searcher.model, cache_dir=tmp_path / "cache", progress=False,
+                overwrite=True)
     assert searcher.search(image=cases[0].image, k=5).index_size == 2  # a newer good version is switched to
 
 

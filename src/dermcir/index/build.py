@@ -225,7 +225,7 @@ def build_index(
     cache_dir: Path | None = None,
     report: LoadReport | None = None,
     progress: bool = True,
-    overwrite: bool = True,
+    overwrite: bool = False,
 ) -> IndexUpdate:
     """Encode ``cases`` with the checkpoint's model and publish them as a new index version under ``out``.
 
@@ -245,8 +245,8 @@ def build_index(
         cache_dir: the preprocessing cache (default ``$DERMCIR_CACHE``).
         report: collects the files left out and why.
         progress: show a progress bar.
-        overwrite: replace a non-empty index already under ``out``; ``False`` refuses to (what ``dermcir index``
-            does without ``--rebuild``).
+        overwrite: replace a non-empty index already under ``out`` (``dermcir index --rebuild``); by default a
+            build refuses to, as ``dermcir index`` does without ``--rebuild``, since it would replace every case.
 
     Raises:
         NothingToIndexError: no case had a usable image.
