@@ -674,8 +674,10 @@ def test_companions_in_workers_stop_at_the_runs_deadline_even_when_refitted_here
     finally:
         pool.close(terminate=True)
     assert [r.stopped_by for r in results] == ["time budget", "time budget"]
-    assert all(r.epochs_run >= 2 for r in results)
-    assert finished < deadline + 5  # an epoch and a refit of this toy take well under a second
+    # fold 1 is refitted here after the deadline: the two epochs fit always runs, then its refit
+    assert results[0].epochs_run >= 2 and results[1].epochs_run == 2
+    # without the deadline these would run for hours; the slack is for a loaded machine (the refit's 10 epochs)
+    assert finished < deadline + 60
     assert "stopped by time budget" in (tmp_path / "companion.log").read_text()
 
 
