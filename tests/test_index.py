@@ -35,6 +35,7 @@ from dermcir.index import (
     remove_cases,
 )
 from dermcir.index.case_index import CASES, HEATMAPS, HNSW, MANIFEST, VECTORS
+from dermcir.models import ComposedRetrievalModel
 
 from .searchkit import make_cases, make_checkpoint, make_index, one_torch_thread  # noqa: F401 (fixture)
 
@@ -159,6 +160,24 @@ def test_other_model_is_refused_for_updates(tmp_path, fresh):
     other = make_checkpoint(tmp_path / "other", seed=1)
     with pytest.raises(FingerprintMismatchError, match="not the model that encoded index"):
         add_cases(root, make_cases(tmp_path / "m", 1, start=9), checkpoint=other, progress=False)
+
+
+def test_a_model_handed_in_must_be_the_checkpoints_own(tmp_path, kit, fresh):
+    """``model=`` saves loading the checkpoint again; a model of another checkpoint would have been encoded with and
+    recorded under this checkpoint's fingerprint."""
+    ckpt, root, _cases = fresh(3)
+    other_ckpt = make_checkpoint(tmp_path / "other", seed=1)
+    other = load_checkpoint(other_ckpt)
+    new = make_cases(tmp_path / "m", 1, start=9)
+    with pytest.raises(ValueError, match=r"model= is the model of another checkpoint \(fingerprint "):
+        add_cases(root, new, model=other, cache_dir=tmp_path / "cache", progress=False)
+    with pytest.raises(ValueError, match="model= is the model of another checkpoint"):
+        build_index(new, ckpt, tmp_path / "index2", model=other, cache_dir=tmp_path / "cache", progress=False)
+    unloaded = ComposedRetrievalModel(other.config, pretrained=False)  # built in memory, never saved: nothing says which it is
+    with pytest.raises(ValueError, match="model= is a model not loaded with load_checkpoint"):
+        add_cases(root, new, model=unloaded, cache_dir=tmp_path / "cache", progress=False)
+    assert len(open_index(root)) == 3 and not (tmp_path / "index2").exists()
+    assert add_cases(root, new, model=kit[1], cache_dir=tmp_path / "cache", progress=False).added == 1
 
 
 def test_failed_write_leaves_previous_version_live(tmp_path, monkeypatch, kit, fresh):

@@ -143,6 +143,9 @@ def load_checkpoint(ckpt_dir: str | Path, device: str | torch.device = "cpu") ->
     missing = [k for k in missing if not _is_frozen(k, (*frozen, *_SHARED))]
     if missing or unexpected:
         raise ValueError(f"{weights}: does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    # which checkpoint this model is: an index that is handed the model itself checks it against the checkpoint whose
+    # fingerprint it records (``build_index``/``add_cases`` with ``model=``)
+    model.checkpoint_fingerprint = fingerprint(ckpt_dir)
     return model.to(device).eval()
 
 

@@ -145,8 +145,24 @@ def _encode(
     _check_ids(cases)
     if model is None:
         model = load_checkpoint(checkpoint, resolve_device(device))
+    else:
+        _check_model_is(model, checkpoint)
     encoded = encode_cases(model, cases, batch_size, cache_dir, report, progress)
     return model, encoded
+
+
+def _check_model_is(model: ComposedRetrievalModel, checkpoint: Path) -> None:
+    """A model handed in (``model=``, to save loading it again) must be the one ``checkpoint`` holds: the index
+    records that checkpoint's fingerprint, so vectors of another model would be served as its own."""
+    expected = fingerprint(checkpoint)
+    got = getattr(model, "checkpoint_fingerprint", None)
+    if got != expected:
+        what = (f"the model of another checkpoint (fingerprint {got[:12]})" if got
+                else "a model not loaded with load_checkpoint")
+        raise ValueError(
+            f"model= is {what}, not that of {checkpoint} (fingerprint {expected[:12]}); pass "
+            "load_checkpoint(checkpoint), or leave model out"
+        )
 
 
 def _check_ids(cases: Sequence[Case]) -> None:
@@ -238,8 +254,8 @@ def build_index(
         checkpoint: the checkpoint folder; the index records its fingerprint and path.
         out: the index root folder (created if needed; must be empty or an index).
         params: vector-search settings (exact inner product by default).
-        model: the checkpoint's model, already loaded (saves loading it again). Trusted: it is not checked against
-            ``checkpoint``, whose fingerprint the index records, so pass only the model loaded from that checkpoint.
+        model: the checkpoint's model, already loaded with ``load_checkpoint`` (saves loading it again); another
+            model is refused, since the index records ``checkpoint``'s fingerprint.
         device: where to encode; ``"auto"`` uses CUDA when present.
         batch_size: images per encoder pass.
         cache_dir: the preprocessing cache (default ``$DERMCIR_CACHE``).
@@ -340,8 +356,7 @@ def add_cases(
         root: the index root.
         cases: the cases to add.
         checkpoint: the model's checkpoint (default: the one recorded in the index); its fingerprint must match.
-        model: that checkpoint's model, already loaded. Trusted: only the checkpoint's fingerprint is checked, so pass
-            only the model loaded from it.
+        model: that checkpoint's model, already loaded with ``load_checkpoint``; another model is refused.
         replace: re-encode cases whose id is already indexed; otherwise they are skipped and reported (and when every
             given case is already indexed, nothing is published and that is not an error).
         device, batch_size, cache_dir, report, progress: as for :func:`build_index`.
