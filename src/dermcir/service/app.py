@@ -144,7 +144,8 @@ class _JpegCache:
 def _parse_k(raw: Any) -> int:
     text = str(raw).strip()
     # ASCII digits only: int() would also take "+5", "1_0" and other scripts' digits, which no form means as k
-    if not (text.isascii() and text.isdigit()):
+    # (and no more digits than MAX_K has: int() refuses strings past 4,300 digits with an error of its own)
+    if not (text.isascii() and text.isdigit()) or len(text.lstrip("0")) > len(str(MAX_K)):
         raise QueryError(f"k must be an integer from 1 to {MAX_K}, got {text[:20]!r}")
     k = int(text)
     if not 1 <= k <= MAX_K:
