@@ -149,6 +149,19 @@ def test_a_text_longer_than_the_model_reads_is_refused_not_cut(env, capsys):
     _still_serving(client)
 
 
+def test_a_checklist_longer_than_the_model_reads_is_told_to_give_fewer_fields(env, monkeypatch):
+    """With no free text to shorten (a model trained with a small max_text_tokens), the advice is about the fields."""
+    _tmp, _root, searcher, _client = env
+    monkeypatch.setattr(searcher.model.text_encoder, "max_tokens", 20)
+    checklist = {"pigment_network": "atypical", "streaks": "irregular", "blue_whitish_veil": "present",
+                 "dots_and_globules": "irregular"}
+    with pytest.raises(ValueError, match=r"the model reads at most 20 \(the checklist fields take \d+\): give fewer "
+                                         "checklist fields"):
+        searcher.search(checklist=checklist, k=1)
+    with pytest.raises(ValueError, match="give fewer checklist fields"):  # free text does not change the advice
+        searcher.search(checklist=checklist, text="ulcerated", k=1)
+
+
 def test_unknown_checklist_values(env, capsys):
     _tmp, root, searcher, client = env
     with pytest.raises(ValueError, match="unknown value 'wavy' for checklist field 'streaks'; allowed values: absent"):

@@ -327,10 +327,13 @@ class CaseSearcher:
             from_checklist = len(encoder.tokenizer(rendered)["input_ids"]) - 2 if rendered else 0
         if n > encoder.max_tokens:
             part = f" (the checklist fields take {from_checklist})" if from_checklist else ""
+            # what to cut: the free text, unless there is none or the checklist alone is too long
+            fix = ("give fewer checklist fields" if from_checklist + 2 >= encoder.max_tokens
+                   else f"shorten the free text by at least {n - encoder.max_tokens} tokens (a token is about 4 "
+                        "characters)")
             raise QueryError(
-                f"the query text is {n} tokens long; the model reads at most {encoder.max_tokens}{part}: shorten the "
-                f"free text by at least {n - encoder.max_tokens} tokens (a token is about 4 characters), or it would "
-                "be cut without effect on the ranking"
+                f"the query text is {n} tokens long; the model reads at most {encoder.max_tokens}{part}: {fix}, or "
+                "it would be cut without effect on the ranking"
             )
 
     @torch.inference_mode()
