@@ -78,6 +78,8 @@ function previewFailed() {
   hint.hidden = false;
 }
 
+const FORM_ROOM_BYTES = 64 * 1024;  // a search form's parts besides the image: at most ~40 kB of text, ~2 kB else
+
 function megabytes(bytes) { return (bytes / (1024 * 1024)).toFixed(1) + " MB"; }
 
 function refuseFile(message) {
@@ -93,10 +95,11 @@ function chooseFile(file) {
     refuseFile(`${file.name} is not an image (${file.type})`);
     return;
   }
-  // the service would refuse it with a 413 only after the whole upload; say so before sending anything
-  if (state.maxUploadBytes && file.size > state.maxUploadBytes) {
-    refuseFile(`${file.name} is ${megabytes(file.size)}; this service takes images up to ` +
-      megabytes(state.maxUploadBytes));
+  // the service would refuse it with a 413 only after the whole upload; say so before sending anything. Its limit is
+  // on the whole form, so room is kept for the rest of it (the text, up to 10,000 characters, and the fields).
+  const maxImageBytes = state.maxUploadBytes && state.maxUploadBytes - FORM_ROOM_BYTES;
+  if (maxImageBytes && file.size > maxImageBytes) {
+    refuseFile(`${file.name} is ${megabytes(file.size)}; this service takes images up to ${megabytes(maxImageBytes)}`);
     return;
   }
   if (state.fileRefused) setStatus("");  // the refusal is answered by this choice
