@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,45 +52,66 @@ class LoadReport:
 _CASE_CSV = "a UTF-8 CSV with a header row: id, image, diagnosis[, category][, checklist fields]"
 _META_CSV = "a UTF-8 CSV with a header row: case_num, diagnosis, derm, ... (the Derm7pt meta file)"
 
+#: csv's field size limit is process-wide; loaders raise it to the file's length while they read, one at a time.
+_FIELD_LIMIT_LOCK = threading.Lock()
+
 
 def _read_rows(path: Path, expected: str) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
     """The header and the data rows of a CSV file, each row with the file line it starts on.
 
-    Every field is a string, as written (an empty cell is ``""``). Blank lines are passed over. A row shorter than
-    the header is padded with empty cells; empty cells beyond the header (a trailing comma, as spreadsheets export
-    it) are dropped. Anything else that is not a plain CSV with a header row is a :class:`ValueError` that starts
-    with the file's path and says what was expected.
+    Every field is a string, as written (an empty cell is ``""``). Blank lines, and rows whose cells are all blank
+    (whitespace, or only commas as a spreadsheet exports an empty row), are passed over. A row shorter than the header
+    is padded with empty cells; empty cells beyond the header (a trailing comma, as spreadsheets export it) are
+    dropped. A cell may be as long as the file (csv's default limit of 131,072 characters is lifted while reading).
+    Anything else that is not a plain CSV with a header row is a :class:`ValueError` that starts with the file's path
+    and line and says what was expected; among them a quoted field that is never closed (which would otherwise take
+    in every row after it) and text after a quoted field's closing quote.
     """
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         byte = exc.object[exc.start]
         raise ValueError(f"{path}: not UTF-8 text (byte 0x{byte:02x} at offset {exc.start}); expected {expected}") from None
-    reader = csv.reader(io.StringIO(text, newline=""))
+    # strict: a quote left open is an error at the end of the file, not a field that swallows every later row
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     header: list[str] | None = None
     rows: list[tuple[int, dict[str, str]]] = []
     line = 1
-    try:
-        for fields in reader:
-            start, line = line, reader.line_num + 1
-            if not fields:  # a blank line
-                continue
-            if header is None:
-                header = [name.strip() for name in fields]
-                repeated = sorted({name for name in header if name and header.count(name) > 1})
-                if repeated:
-                    raise ValueError(f"{path}:{start}: column(s) {repeated} appear more than once in the header")
-                continue
-            extra = fields[len(header):]
-            if any(value.strip() for value in extra):
+    with _FIELD_LIMIT_LOCK:
+        limit = csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
+        try:
+            for fields in reader:
+                start, line = line, reader.line_num + 1
+                if not any(value.strip() for value in fields):  # a blank line, or a row of blank cells
+                    continue
+                if header is None:
+                    header = [name.strip() for name in fields]
+                    repeated = sorted({name for name in header if name and header.count(name) > 1})
+                    if repeated:
+                        raise ValueError(f"{path}:{start}: column(s) {repeated} appear more than once in the header")
+                    continue
+                extra = fields[len(header):]
+                if any(value.strip() for value in extra):
+                    raise ValueError(
+                        f"{path}:{start}: {len(fields)} fields but the header has {len(header)} ({', '.join(header)}); "
+                        "a value holding a comma must be quoted"
+                    )
+                fields = fields[: len(header)] + [""] * (len(header) - len(fields))
+                rows.append((start, dict(zip(header, fields))))
+        except csv.Error as exc:
+            if "unexpected end of data" in str(exc):
                 raise ValueError(
-                    f"{path}:{start}: {len(fields)} fields but the header has {len(header)} ({', '.join(header)}); "
-                    "a value holding a comma must be quoted"
-                )
-            fields = fields[: len(header)] + [""] * (len(header) - len(fields))
-            rows.append((start, dict(zip(header, fields))))
-    except csv.Error as exc:
-        raise ValueError(f"{path}:{reader.line_num}: {exc}; expected {expected}") from None
+                    f"{path}:{line}: a quoted field in the row that starts on this line is never closed (the file "
+                    f"ends inside it); expected {expected}"
+                ) from None
+            if "expected after" in str(exc):
+                raise ValueError(
+                    f"{path}:{reader.line_num}: text after the closing quote of a quoted field (in the row that starts "
+                    f"on line {line}); a quote inside a quoted value is written twice (\"\"); expected {expected}"
+                ) from None
+            raise ValueError(f"{path}:{reader.line_num}: {exc}; expected {expected}") from None
+        finally:
+            csv.field_size_limit(limit)
     if header is None:
         raise ValueError(f"{path}: empty file; expected {expected}")
     return header, rows
