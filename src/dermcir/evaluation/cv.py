@@ -108,7 +108,9 @@ def _start_companion_pool(model, companion, workers: int | None, folds: dict, sp
                           device: torch.device, wall_deadline: float | None = None):
     """A ``CompanionPool`` already fitting every fold's companion (logging into the fold's ``companion.log``) when
     the model has a companion and ``workers`` (None: ``default_workers``) is not 0; otherwise None.
-    ``wall_deadline`` (a ``time.time()`` value): when the companions must stop training (a run's time budget)."""
+    ``wall_deadline`` (a ``time.time()`` value): when the last companions must stop training (a run's time budget).
+    With fewer workers than folds the jobs run in waves, and each wave gets an equal part of the time up to it: a
+    queued fold must not start at the deadline and overrun it."""
     if workers is None:
         workers = default_workers(device, len(folds)) if companion is not None else 0
     if workers == 0:
@@ -116,14 +118,18 @@ def _start_companion_pool(model, companion, workers: int | None, folds: dict, sp
     if companion is None:
         log.warning("companion_workers=%d ignored: the model has no companion", workers)
         return None
+    workers = min(workers, len(folds))
     try:
-        pool = CompanionPool(model, companion, min(workers, len(folds)))
+        pool = CompanionPool(model, companion, workers)
     except Exception as exc:  # noqa: BLE001 — e.g. a sandbox without process semaphores: the run fits in-process
         log.warning("companions: no CPU worker pool (%s: %s); fitted in this process instead, fold by fold",
                     type(exc).__name__, exc)
         return None
-    for fold, (db, _) in folds.items():  # they train on the host while the main models train on the device
-        pool.submit(fold, *splits[fold], db, out_dir / f"fold_{fold}" / "companion.log", wall_deadline)
+    now, waves = time.time(), math.ceil(len(folds) / workers)
+    # they train on the host while the main models train on the device; the pool runs its jobs in this order
+    for position, (fold, (db, _)) in enumerate(folds.items()):
+        wave_end = None if wall_deadline is None else now + (position // workers + 1) / waves * (wall_deadline - now)
+        pool.submit(fold, *splits[fold], db, out_dir / f"fold_{fold}" / "companion.log", wave_end)
     return pool
 
 
@@ -176,7 +182,8 @@ def run_cv(
 
     ``time_budget`` (seconds, for the whole run): each fold gets an equal share of what is left when it starts, and
     its training stops early when the next epoch would overrun it (see ``fit``'s ``deadline``). Companions fitted in
-    workers stop by the end of the budget in the same way.
+    workers stop by the end of the budget in the same way (in waves, when there are fewer workers than folds); every
+    training runs at least two epochs and its refit, whatever the budget.
 
     ``companion_workers``: with a companion, fit it for every fold in this many CPU worker processes while the main
     models train (``CompanionPool``; for a GPU run, where the companion's small steps would otherwise spend the
