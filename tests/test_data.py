@@ -211,23 +211,44 @@ def test_case_csv_checklist_headers_follow_the_checklist_spelling(tmp_path, capl
         load_case_csv(tmp_path / "same.csv")  # pandas would have read the second one as 'streaks.1' and dropped it
 
 
-def test_case_csv_bad_checklist_values_leave_the_row_out_named_with_column_and_allowed_values(tmp_path):
+def test_case_csv_bad_checklist_values_leave_the_field_out_not_the_case_and_are_reported(tmp_path, caplog):
     csv = _clinic_csv(
         tmp_path,
-        "id,image,diagnosis,streaks,blue_whitish_veil,pigmentation\n"
-        "A,img0.jpg,melanoma,irregluar,yes,\n"
-        "B,img1.jpg,nevus,regular,,Diffuse_Regular\n"
-        "C,img2.jpg,nevus,,,\n",
+        "id,image,diagnosis,streaks,blue_whitish_veil,pigmentation,Location,sex\n"
+        "A,img0.jpg,melanoma,irregluar,yes,,left forearm,M\n"
+        "B,img1.jpg,nevus,regular,,Diffuse_Regular,back,f\n"
+        "C,img2.jpg,nevus,,,,Left Forearm,female\n"
+        "D,img9.jpg,nevus,irregluar,,,,\n",  # left out whole (no image): its bad field is not reported as well
     )
-    cases, report = load_case_csv(csv)
-    # spelling is normalised by the checklist's own rule; an empty cell is "not given"
+    with caplog.at_level("WARNING", logger="dermcir"):
+        cases, report = load_case_csv(csv)
+    # the biopsy-confirmed cases are kept; a bad value is left out of its case ("not given"), never guessed; spelling
+    # is normalised by the checklist's own rule; M and F in the sex column are male and female
     assert [(c.case_id, c.fields) for c in cases] == [
-        ("B", {"streaks": "regular", "pigmentation": "diffuse regular"}), ("C", {})]
-    assert len(report.skipped) == 1
-    what, why = report.skipped[0]
-    assert what == f"{csv}:2"
-    assert "column 'streaks': unknown value 'irregluar'" in why and "allowed values: absent, regular, irregular" in why
-    assert "column 'blue_whitish_veil': unknown value 'yes'" in why and "allowed values: absent, present" in why
+        ("A", {"sex": "male"}),
+        ("B", {"streaks": "regular", "pigmentation": "diffuse regular", "location": "back", "sex": "female"}),
+        ("C", {"sex": "female"}),
+    ]
+    assert cases[0].text == "Patient: male."
+    assert report.skipped == [(f"{tmp_path / 'img9.jpg'}", f"image file missing (row {csv}:5)")]
+    assert [what for what, _ in report.fields_left_out] == [f"{csv}:2"] * 3 + [f"{csv}:4"]
+    reasons = [why for _, why in report.fields_left_out]
+    assert reasons[0].startswith("case 'A': column 'streaks': unknown value 'irregluar'")
+    assert "allowed values: absent, regular, irregular" in reasons[0] and "the case is kept without it" in reasons[0]
+    assert "column 'blue_whitish_veil': unknown value 'yes'" in reasons[1] and "allowed values: absent, present" in reasons[1]
+    assert "column 'Location': unknown value 'left forearm'" in reasons[2] and "upper limbs" in reasons[2]
+    assert reasons[3].startswith("case 'C': column 'Location': unknown value 'Left Forearm'")
+    # one warning per column, with the count, the allowed values and the first rows: not silently
+    assert f"{csv}: column 'Location': 2 value(s) outside the allowed values (abdomen, " in caplog.text
+    assert "row 2 'left forearm', row 4 'Left Forearm'" in caplog.text
+    assert f"{csv}: column 'streaks': 1 value(s)" in caplog.text
+
+
+def test_case_csv_fields_left_out_of_cases_under_the_threshold_are_not_reported(tmp_path):
+    csv = _clinic_csv(tmp_path, "id,image,diagnosis,sex\nA,img0.jpg,melanoma,x\nB,img1.jpg,nevus,y\nC,img2.jpg,nevus,\n")
+    cases, report = load_case_csv(csv, min_cases=2)
+    assert [c.case_id for c in cases] == ["B", "C"] and report.dropped_categories == {"melanoma": 1}
+    assert [what for what, _ in report.fields_left_out] == [f"{csv}:3"]
 
 
 def test_unclosed_quotes_are_an_error_naming_the_row_not_swallowed_rows(tmp_path):

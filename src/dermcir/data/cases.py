@@ -1,7 +1,7 @@
 """Case collections: the Derm7pt release loader and the generic ``id,image,diagnosis,...`` CSV loader.
 
-Both produce :class:`Case` records and a :class:`LoadReport` that names every row or file left out and why; nothing
-is dropped silently.
+Both produce :class:`Case` records and a :class:`LoadReport` that names every row or file left out and why, and every
+checklist value left out of a kept case; nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -43,6 +43,10 @@ class LoadReport:
     n_rows: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (row or file, reason)
     dropped_categories: dict[str, int] = field(default_factory=dict)  # category -> cases, below threshold
+    #: (``file:row``, reason) for each checklist value left out of a case that was kept: the case's text reads the
+    #: field as not given. The reason names the case, the column, the value and the allowed values. These rows are
+    #: not in ``skipped``, which lists only what was left out whole.
+    fields_left_out: list[tuple[str, str]] = field(default_factory=list)
 
     def skip(self, what: str, reason: str) -> None:
         log.warning("skipping %s: %s", what, reason)
@@ -54,6 +58,9 @@ _META_CSV = "a UTF-8 CSV with a header row: case_num, diagnosis, derm, ... (the 
 
 #: csv's field size limit is process-wide; loaders raise it to the file's length while they read, one at a time.
 _FIELD_LIMIT_LOCK = threading.Lock()
+
+#: Common spellings of a checklist value that mean one allowed value and nothing else: field -> {spelling: value}.
+_SPELLINGS = {"sex": {"m": "male", "f": "female"}}
 
 
 def _read_rows(path: Path, expected: str) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
@@ -182,10 +189,15 @@ def load_case_csv(
     ``Pigment Network`` and ``pigment-network`` are ``pigment_network``); other columns are ignored, with a warning
     naming them. An empty checklist cell means "not given".
 
-    Rows that cannot be used are left out and named by ``file:row`` with the reason in the report: an empty or
-    repeated id, an empty diagnosis, a checklist value outside the field's allowed values (the reason names the
-    column and lists the allowed values; the row is left out rather than indexed with a text that says something
-    the clinic did not write, or without the finding it did write), an empty image column or a missing image file.
+    Rows that cannot be used are left out and named by ``file:row`` with the reason in the report's ``skipped``: an
+    empty or repeated id, an empty diagnosis, an empty image column or a missing image file.
+
+    A checklist value outside the field's allowed values (a typo such as ``irregluar``, free text in a ``Location``
+    column) leaves that field out of the case, not the case: the case is kept and its text reads the field as not
+    given, rather than saying something the clinic did not write. Each such field is listed in the report's
+    ``fields_left_out`` as (``file:row``, reason naming the case, the column, the value and the allowed values), and
+    one warning per column says how many and shows the first few. Values are compared in lower case with ``_`` read
+    as a space; ``M`` and ``F`` in the ``sex`` column read as ``male`` and ``female``.
 
     Raises:
         FileNotFoundError: ``csv_path`` does not exist.
@@ -218,6 +230,7 @@ def load_case_csv(
                     csv_path, ignored, ", ".join(CHECKLIST_FIELDS))
     report = LoadReport(n_rows=len(table))
     cases, seen = [], set()
+    left_out: list[tuple[str, str, str, str, str]] = []  # (case id, file:row, column, value, reason)
     for line, row in table:
         what = f"{csv_path}:{line}"
         case_id = row["id"].strip()
@@ -233,15 +246,14 @@ def load_case_csv(
             continue
         fields, bad = {}, []
         for key, column in checklist.items():
-            if not row[column].strip():
+            value = row[column].strip()
+            if not value:
                 continue  # not given
+            value = _SPELLINGS.get(key, {}).get(value.lower(), value)
             try:
-                fields.update(validate_checklist({key: row[column]}))
+                fields.update(validate_checklist({key: value}))
             except ValueError as exc:
-                bad.append(f"column {column!r}: {exc}")
-        if bad:
-            report.skip(what, "; ".join(bad))
-            continue
+                bad.append((column, value, f"case {case_id!r}: column {column!r}: {exc}"))
         if not row["image"].strip():
             report.skip(what, "empty image column")
             continue
@@ -257,7 +269,22 @@ def load_case_csv(
                 category = diagnosis
         seen.add(case_id)
         cases.append(Case(case_id, image, diagnosis, category, fields))
-    return _apply_threshold(cases, report, min_cases, None)
+        left_out.extend((case_id, what, column, value, reason) for column, value, reason in bad)
+    cases, report = _apply_threshold(cases, report, min_cases, None)
+    kept = {c.case_id for c in cases}
+    left_out = [item for item in left_out if item[0] in kept]  # not the fields of a case under the threshold
+    report.fields_left_out = [(what, f"{reason}; the case is kept without it") for _, what, _, _, reason in left_out]
+    by_column: dict[str, list[tuple[str, str]]] = {}
+    for _, what, column, value, _ in left_out:
+        by_column.setdefault(column, []).append((what.rsplit(":", 1)[1], value))
+    for column, found in by_column.items():
+        allowed = CHECKLIST_FIELDS[checklist_key(column)][1]
+        examples = ", ".join(f"row {row} {value!r}" for row, value in found[:5]) + (", ..." if len(found) > 5 else "")
+        log.warning(
+            "%s: column %r: %d value(s) outside the allowed values (%s) left out of their cases, which are kept "
+            "without them: %s", csv_path, column, len(found), ", ".join(allowed), examples,
+        )
+    return cases, report
 
 
 def _apply_threshold(
