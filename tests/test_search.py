@@ -308,6 +308,24 @@ def test_cli_index_from_a_clinic_csv_then_add_and_remove(tmp_path, capsys):
     assert "holds 2 CSV files" in capsys.readouterr().err
 
 
+def test_cli_index_summary_names_checklist_values_left_out_of_kept_cases(tmp_path, capsys):
+    ckpt = make_checkpoint(tmp_path / "ckpt")
+    cases = make_cases(tmp_path / "archive", 3)
+    csv = write_case_csv(tmp_path / "archive" / "cases.csv", cases)
+    text = csv.read_text().splitlines()
+    column = text[0].split(",").index("streaks")
+    row = text[2].split(",")
+    row[column] = "irregluar"  # a typo: the case is kept without this field, and the summary says so
+    csv.write_text("\n".join([*text[:2], ",".join(row), *text[3:]]) + "\n")
+    args = ["index", "--checkpoint", str(ckpt), "--cache", str(tmp_path / "cache"), "--quiet", "--out",
+            str(tmp_path / "index"), "--data", str(csv)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "+3 -0, 3 cases; checklist values left out of kept cases 1: " in printed
+    assert f"{csv}:3" in printed and "'irregluar'" in printed
+    assert "streaks" not in open_index(tmp_path / "index").record(cases[1].case_id)["fields"]
+
+
 def test_cli_index_summary_lists_missing_images_and_skipped_rows(tmp_path, capsys):
     ckpt = make_checkpoint(tmp_path / "ckpt")
     cases = make_cases(tmp_path / "archive", 4)

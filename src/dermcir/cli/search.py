@@ -206,15 +206,23 @@ def _load_cases(data: Path, image_root: Path | None, min_cases: int | None):
     return cases, report
 
 
-def _print_update(what: str, update) -> None:
+def _print_update(what: str, update, fields_left_out: list[tuple[str, str]] = ()) -> None:
+    """One summary line: what changed, the rows and images left out (the first five of each list), and the checklist
+    values left out of cases that were kept (a clinic CSV's values outside a field's allowed ones)."""
     skipped = (
         f"; skipped {len(update.skipped)}: " + "; ".join(f"{w} ({r})" for w, r in update.skipped[:5])
         if update.skipped
         else ""
     )
+    fields = (
+        f"; checklist values left out of kept cases {len(fields_left_out)}: "
+        + "; ".join(f"{w} ({r})" for w, r in fields_left_out[:5])
+        if fields_left_out
+        else ""
+    )
     print(
         f"{what}: {update.root} version {update.version}: +{update.added} -{update.removed}, "
-        f"{update.total} cases{skipped}"
+        f"{update.total} cases{skipped}{fields}"
     )
 
 
@@ -274,11 +282,11 @@ def cmd_index(args: argparse.Namespace) -> int:
     }
     if args.add:
         update = add_cases(args.out, cases, checkpoint=args.checkpoint, replace=args.replace, **common)
-        _print_update("added", update)
+        _print_update("added", update, report.fields_left_out)
         return 0
     params = VectorParams(**given)
     update = build_index(cases, args.checkpoint, args.out, params=params, overwrite=args.rebuild, **common)
-    _print_update("rebuilt" if update.removed else "indexed", update)
+    _print_update("rebuilt" if update.removed else "indexed", update, report.fields_left_out)
     return 0
 
 
