@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -11,7 +12,7 @@ import sys
 import textwrap
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -598,3 +599,104 @@ def test_a_version_collected_while_being_opened_is_retried(tmp_path, fresh, monk
 
     monkeypatch.setattr(case_index, "load_version", load_version)
     assert open_index(root).version == new.name and calls == [old.name, new.name]
+
+
+# ---- waiting writers, a failed first build's clean-up, going back to a previous version, a bad byte -----------------
+class _Waiting(logging.Handler):
+    """Sets ``event`` when a writer says it waits for another one (the message writer_lock logs before blocking)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.event, self.messages = threading.Event(), []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "waiting for another writer" in record.getMessage():
+            self.messages.append(record.getMessage())
+            self.event.set()
+
+
+@pytest.fixture
+def waiting():
+    handler, logger = _Waiting(), logging.getLogger("dermcir.index._store")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+def test_a_writer_that_must_wait_says_so(tmp_path, fresh, waiting):
+    _ckpt, root, _cases = fresh(3)
+    done = []
+    with _store.writer_lock(root):  # a build or an update in progress
+        t = threading.Thread(target=lambda: done.append(remove_cases(root, ["c001"])), daemon=True)
+        t.start()
+        assert waiting.event.wait(30), "the waiting update logged nothing"
+        assert not done  # it waits, and said so first
+    t.join(30)
+    assert waiting.messages == [f"waiting for another writer of {root} (a build or an update is in progress)"]
+    assert done and open_index(root).case_ids == ["c000", "c002"]
+
+
+def test_a_writer_waiting_on_a_removed_lock_file_locks_the_new_one(tmp_path, waiting):
+    root, inside = tmp_path / "idx", threading.Event()
+    first = ExitStack()
+    first.enter_context(_store.writer_lock(root))
+
+    def waiter() -> None:
+        with _store.writer_lock(root):
+            inside.set()
+
+    t = threading.Thread(target=waiter, daemon=True)
+    t.start()
+    try:
+        waiting.event.wait(10)  # the waiter holds the first .lock open and waits to lock it
+        (root / ".lock").unlink()  # what a failed first build's clean-up does, under its lock
+        with _store.writer_lock(root):  # a third writer, arriving now, locks the new .lock at once
+            first.close()
+            # Locking the unlinked file would let the waiter in now, beside the third writer.
+            assert not inside.wait(1.0), "two writers held the lock at once"
+    finally:
+        first.close()  # no-op when released above
+    t.join(30)
+    assert inside.is_set() and waiting.event.is_set()
+
+
+def test_a_failed_first_build_does_not_strand_a_build_waiting_on_it(tmp_path, kit, monkeypatch, waiting):
+    import dermcir.index.build
+
+    out = tmp_path / "new" / "index"
+    bad = make_cases(tmp_path / "bad", 1, start=90)
+    bad[0].image.write_bytes(b"x")
+    good = make_cases(tmp_path / "good", 2)
+    real_encode = dermcir.index.build.encode_cases
+    encoding = threading.Event()
+
+    def slow_encode(model, cases, *args, **kwargs):
+        if cases[0].case_id == "c090":  # the failing build holds the lock until the other one waits on it
+            encoding.set()
+            waiting.event.wait(10)
+        return real_encode(model, cases, *args, **kwargs)
+
+    monkeypatch.setattr(dermcir.index.build, "encode_cases", slow_encode)
+    results: dict[str, object] = {}
+
+    def builder(name, cases) -> None:
+        try:
+            results[name] = build_index(cases, kit[0], out, **_opts(tmp_path, kit))
+        except Exception as exc:  # noqa: BLE001 - any failure is the test's finding
+            results[name] = exc
+
+    a = threading.Thread(target=builder, args=("failing", bad), daemon=True)
+    a.start()
+    assert encoding.wait(30)
+    b = threading.Thread(target=builder, args=("good", good), daemon=True)
+    b.start()
+    a.join(60)
+    b.join(60)
+    assert isinstance(results["failing"], NothingToIndexError), results
+    assert not isinstance(results["good"], Exception), results["good"]  # was: No such file or directory .tmp-...
+    assert waiting.event.is_set()  # the good build did wait on the failing one's lock file
+    assert open_index(out).case_ids == ["c000", "c001"]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith("v")) == [".lock", "CURRENT"]

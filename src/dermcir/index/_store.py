@@ -14,6 +14,10 @@ is replaced with ``os.replace`` (atomic on POSIX), so a reader sees either the o
 A writer that fails or is killed leaves at most a ``.tmp-*`` folder, which the next writer removes. The last
 :data:`KEEP_VERSIONS` versions are kept so that a reader that resolved the pointer just before a swap can still open
 the version it was given.
+
+Writers take an exclusive ``flock`` on ``.lock``. A failed first build removes ``.lock`` and the folder it created
+while still holding the lock; a writer that was waiting on that (now unlinked) file notices, after getting the lock,
+that ``.lock`` is no longer the file it locked, and starts again (re-creating the folder for a build).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 log = logging.getLogger(__name__)
 
@@ -92,19 +97,89 @@ def writer_lock(root: Path, create: bool = True) -> Iterator[None]:
     """Hold the root's exclusive writer lock, so concurrent updates cannot lose each other's cases.
 
     ``create``: make the root folder when it is missing (a build); an update passes ``False`` and calls
-    :func:`require_index` first, so that nothing is created for a root that holds no index.
+    :func:`require_index` first, so that nothing is created for a root that holds no index. When another writer holds
+    the lock, an INFO message says so before waiting (a build holds it for its whole encoding). Readers never wait.
+
+    Raises:
+        FileNotFoundError: ``create`` is false and the root is not (or no longer) a folder.
     """
     check_root(root)
-    if create:
-        root.mkdir(parents=True, exist_ok=True)
-    elif not root.is_dir():
-        raise FileNotFoundError(f"{root}: no dermcir index here; build one first with `dermcir index`")
-    with open(root / LOCK, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+    fh = _acquire(root, create)
+    try:
+        yield
+    finally:
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()
+
+
+def _acquire(root: Path, create: bool) -> IO[str]:
+    """Open and lock ``root/.lock``; return the open file once it is locked and still the file at that path."""
+    waited = False
+    while True:
+        if create:
+            root.mkdir(parents=True, exist_ok=True)
+        elif not root.is_dir():
+            raise FileNotFoundError(f"{root}: no dermcir index here; build one first with `dermcir index`")
         try:
-            yield
-        finally:
+            fh = open(root / LOCK, "a")  # noqa: SIM115 - returned locked; writer_lock closes it
+        except FileNotFoundError:  # the folder was removed (a failed first build cleaning up) since it was checked
+            if create:
+                continue
+            raise FileNotFoundError(f"{root}: no dermcir index here; build one first with `dermcir index`") from None
+        try:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not waited:
+                    log.info("waiting for another writer of %s (a build or an update is in progress)", root)
+                    waited = True
+                fcntl.flock(fh, fcntl.LOCK_EX)
+            if _is_lock_file(fh, root):
+                return fh
+            # A failed first build unlinked .lock (and perhaps the folder) while this writer waited on it: locking
+            # that orphaned file excludes nobody, so start again with the file now at root/.lock.
+            log.debug("%s was replaced while waiting for it; locking again", root / LOCK)
             fcntl.flock(fh, fcntl.LOCK_UN)
+        except BaseException:
+            fh.close()
+            raise
+        fh.close()
+
+
+def _is_lock_file(fh: IO[str], root: Path) -> bool:
+    """Whether the open, locked ``fh`` is still the file at ``root/.lock`` (not one unlinked meanwhile)."""
+    try:
+        there = os.stat(root / LOCK)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fh.fileno())
+    return (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino)
+
+
+def remove_created(root: Path, top: Path) -> None:
+    """Undo a failed first build's folder creation: ``.lock``, then the empty folders from ``root`` up to ``top``.
+
+    Must be called while holding :func:`writer_lock` (a writer waiting on the lock file then notices it was removed
+    and starts again). Nothing is removed when ``root`` holds anything else (another writer's files).
+    """
+    try:
+        if {p.name for p in root.iterdir()} - {LOCK}:
+            return
+        (root / LOCK).unlink(missing_ok=True)
+        remove_empty_folders(root, top)
+    except OSError:
+        pass
+
+
+def remove_empty_folders(root: Path, top: Path) -> None:
+    """Remove ``root`` and its parents up to ``top`` while they are empty (a folder in use is left alone)."""
+    for folder in (root, *root.parents):
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (another writer created something there) or already gone
+            return
+        if folder == top:
+            return
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -142,7 +217,10 @@ def publish_version(root: Path) -> Iterator[Path]:
         else:  # a .tmp-CURRENT-* file from a pointer swap cut short
             stale.unlink(missing_ok=True)
     tmp = root / f"{TMP_PREFIX}{secrets.token_hex(4)}"
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{root}: the index folder was removed while this write ran; nothing was written") from None
     try:
         yield tmp
         _fsync_tree(tmp)

@@ -24,7 +24,15 @@ from dermcir.checkpoint import fingerprint, load_checkpoint
 from dermcir.data.cache import file_digest
 from dermcir.data.cases import Case, LoadReport
 from dermcir.index._encode import HEATMAP_SIZE, EncodedCases, encode_cases, resolve_device
-from dermcir.index._store import LOCK, check_root, current_version, publish_version, require_index, writer_lock
+from dermcir.index._store import (
+    check_root,
+    current_version,
+    publish_version,
+    remove_created,
+    remove_empty_folders,
+    require_index,
+    writer_lock,
+)
 from dermcir.index._vectors import VectorParams, build_vector_index, extend_vector_index, write_vector_index
 from dermcir.index.case_index import (
     CASES,
@@ -277,25 +285,31 @@ def build_index(
     check_root(out)  # a mistyped --out is refused now, not after every image has been encoded
     if not overwrite:
         _refuse_existing(out)
-    created = _first_missing(out)
+    created, locked = _first_missing(out), False
     try:
         with writer_lock(out):  # creates the folder: one that cannot be written is found before encoding
-            if not overwrite:
-                _refuse_existing(out)  # again: another writer may have built one meanwhile
+            locked = True
             try:
-                previous = _live_count(out)
-            except (OSError, ValueError):
-                previous = None  # a damaged index being rebuilt: how many cases it held is unknown
-            model, encoded = _encode(cases, checkpoint, model, device, batch_size, cache_dir, report, progress)
-            if not encoded.cases:
-                raise NothingToIndexError(f"{_nothing_usable(cases, report)}; nothing to index")
-            rows = _rows_of(encoded)
-            with publish_version(out) as folder:
-                _write(folder, _manifest(model, checkpoint, params, len(rows.records)), rows, params)
-            version = current_version(out).name  # read under the lock: another writer may publish right after
+                if not overwrite:
+                    _refuse_existing(out)  # again: another writer may have built one meanwhile
+                try:
+                    previous = _live_count(out)
+                except (OSError, ValueError):
+                    previous = None  # a damaged index being rebuilt: how many cases it held is unknown
+                model, encoded = _encode(cases, checkpoint, model, device, batch_size, cache_dir, report, progress)
+                if not encoded.cases:
+                    raise NothingToIndexError(f"{_nothing_usable(cases, report)}; nothing to index")
+                rows = _rows_of(encoded)
+                with publish_version(out) as folder:
+                    _write(folder, _manifest(model, checkpoint, params, len(rows.records)), rows, params)
+                version = current_version(out).name  # read under the lock: another writer may publish right after
+            except BaseException:
+                if created is not None:  # still under the lock: a writer waiting on .lock sees it go and retries
+                    remove_created(out, created)
+                raise
     except BaseException:
-        if created is not None:
-            _remove_empty(out, created)
+        if created is not None and not locked:  # the lock was never taken: remove only folders made, if empty
+            remove_empty_folders(out, created)
         raise
     removed = previous[1] if previous else 0
     if removed:
@@ -311,20 +325,6 @@ def _first_missing(path: Path) -> Path | None:
             break
         missing = folder
     return missing
-
-
-def _remove_empty(root: Path, top: Path) -> None:
-    """Undo a failed build's folder creation: the lock file, then the empty folders up to ``top``."""
-    try:
-        if {p.name for p in root.iterdir()} - {LOCK}:
-            return  # something else was written there meanwhile: leave it
-        (root / LOCK).unlink(missing_ok=True)
-        for folder in (root, *root.parents):
-            folder.rmdir()
-            if folder == top:
-                break
-    except OSError:
-        pass
 
 
 def _current(root: Path) -> CaseIndex:
