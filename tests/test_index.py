@@ -700,3 +700,21 @@ def test_a_failed_first_build_does_not_strand_a_build_waiting_on_it(tmp_path, ki
     assert waiting.event.is_set()  # the good build did wait on the failing one's lock file
     assert open_index(out).case_ids == ["c000", "c001"]
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith("v")) == [".lock", "CURRENT"]
+
+
+def test_going_back_to_a_previous_version_survives_the_next_write(tmp_path, fresh):
+    _ckpt, root, _cases = fresh(4)
+    v1 = _store.current_version(root).name
+    remove_cases(root, ["c000"])
+    remove_cases(root, ["c001"])  # two wrong updates
+    (root / "CURRENT").write_text(v1 + "\n")  # going back, as docs/search.md describes
+    v4 = remove_cases(root, ["c003"]).version
+    versions = sorted(p.name for p in root.iterdir() if p.name.startswith("v"))
+    assert v1 in versions and len(versions) == 4  # the restored version stays: this write can be undone too
+    (root / "CURRENT").write_text(v1 + "\n")
+    assert open_index(root).case_ids == ["c000", "c001", "c002", "c003"]
+    (root / "CURRENT").write_text(v4 + "\n")
+    v5 = remove_cases(root, ["c002"]).version
+    kept = sorted(p.name for p in root.iterdir() if p.name.startswith("v"))
+    assert kept == [versions[2], v4, v5]  # then the restored and the abandoned ones go, as other old versions do
+    assert open_index(root).case_ids == ["c000", "c001"]

@@ -11,9 +11,10 @@ Layout of an index root::
 
 A reader resolves ``CURRENT`` once and reads that folder, which is never modified after it is published; the pointer
 is replaced with ``os.replace`` (atomic on POSIX), so a reader sees either the old or the new version, never a mix.
-A writer that fails or is killed leaves at most a ``.tmp-*`` folder, which the next writer removes. The last
-:data:`KEEP_VERSIONS` versions are kept so that a reader that resolved the pointer just before a swap can still open
-the version it was given.
+A writer that fails or is killed leaves at most a ``.tmp-*`` folder, which the next writer removes. The
+:data:`KEEP_VERSIONS` highest-numbered versions are kept, and so is the version that was live before the latest swap
+(after ``CURRENT`` was pointed back at an older version by hand, that is the restored one), so that a reader that
+resolved the pointer just before a swap can still open the version it was given and the latest write can be undone.
 
 Writers take an exclusive ``flock`` on ``.lock``. A failed first build removes ``.lock`` and the folder it created
 while still holding the lock; a writer that was waiting on that (now unlinked) file notices, after getting the lock,
@@ -216,6 +217,10 @@ def publish_version(root: Path) -> Iterator[Path]:
             shutil.rmtree(stale, ignore_errors=True)
         else:  # a .tmp-CURRENT-* file from a pointer swap cut short
             stale.unlink(missing_ok=True)
+    try:
+        before = current_version(root)  # kept by the garbage collection, so that this write can be undone
+    except ValueError:  # a damaged CURRENT being replaced by a rebuild
+        before = None
     tmp = root / f"{TMP_PREFIX}{secrets.token_hex(4)}"
     try:
         tmp.mkdir()
@@ -231,7 +236,7 @@ def publish_version(root: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("index %s now at version %s", root, final.name)
-    _collect_garbage(root)
+    _collect_garbage(root, before)
 
 
 def _swap_pointer(root: Path, name: str) -> None:
@@ -244,9 +249,12 @@ def _swap_pointer(root: Path, name: str) -> None:
     _fsync_dir(root)
 
 
-def _collect_garbage(root: Path) -> None:
-    live = current_version(root)
+def _collect_garbage(root: Path, before: Path | None = None) -> None:
+    """Remove old versions: keep the :data:`KEEP_VERSIONS` highest-numbered ones, the live one, and ``before`` (the
+    version that was live before the latest swap; after going back by hand to an older version, it is the restored
+    one, which is not among the highest numbers)."""
+    keep = {current_version(root), before}
     versions = sorted((p for p in root.iterdir() if _VERSION_RE.match(p.name)), key=lambda p: version_number(p.name))
     for old in versions[:-KEEP_VERSIONS]:
-        if old != live:
+        if old not in keep:
             shutil.rmtree(old, ignore_errors=True)
