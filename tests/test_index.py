@@ -718,3 +718,16 @@ def test_going_back_to_a_previous_version_survives_the_next_write(tmp_path, fres
     kept = sorted(p.name for p in root.iterdir() if p.name.startswith("v"))
     assert kept == [versions[2], v4, v5]  # then the restored and the abandoned ones go, as other old versions do
     assert open_index(root).case_ids == ["c000", "c001"]
+
+
+def test_a_bad_byte_in_the_case_records_is_named_by_its_line(tmp_path, built):
+    root = tmp_path / "index"
+    shutil.copytree(built[1], root)
+    path = _store.current_version(root) / CASES
+    lines = path.read_bytes().splitlines(keepends=True)
+    assert len(lines) == 12 and len(b"".join(lines)) < 8192  # one read of a text file would decode them all
+    lines[9] = lines[9].replace(b'"diagnosis": "', b'"diagnosis": "\xff', 1)
+    path.write_bytes(b"".join(lines))
+    with pytest.raises(ValueError, match="corrupt or unreadable") as caught:
+        open_index(root)
+    assert f"{path}: corrupt or unreadable (line 10: 'utf-8' codec can't decode byte 0xff" in str(caught.value)

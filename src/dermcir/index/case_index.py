@@ -244,22 +244,22 @@ def read_records(path: Path) -> list[dict[str, Any]]:
         raise FileNotFoundError(f"{path}: not found; the index version is incomplete")
     records: list[dict[str, Any]] = []
     seen: dict[str, int] = {}  # case_id -> line
-    number = 0
-    with open(path, encoding="utf-8") as fh:
-        try:
-            for number, line in enumerate(fh, start=1):
+    # Read as bytes and decode each line: a text file is decoded in chunks, so a bad byte would be reported while an
+    # earlier line is being read, under that line's number.
+    with open(path, "rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
                 if not line.strip():
                     continue
                 record = json.loads(line)
-                problem = _record_problem(record, seen)
-                if problem:
-                    raise _corrupt(path, ValueError(f"line {number}: {problem}"))
-                seen[record["case_id"]] = number
-                records.append(record)
-        except UnicodeDecodeError as exc:  # raised while reading the line after the last one parsed
-            raise _corrupt(path, ValueError(f"line {number + 1}: {exc}")) from None
-        except json.JSONDecodeError as exc:
-            raise _corrupt(path, ValueError(f"line {number}: {exc}")) from None
+            except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+                raise _corrupt(path, ValueError(f"line {number}: {exc}")) from None
+            problem = _record_problem(record, seen)
+            if problem:
+                raise _corrupt(path, ValueError(f"line {number}: {problem}"))
+            seen[record["case_id"]] = number
+            records.append(record)
     return records
 
 
