@@ -599,13 +599,11 @@ def test_a_companion_pool_that_cannot_be_made_falls_back_to_fitting_in_process(t
     assert [t["companion_best_epoch"] in (1, 2) for t in doc["training"]] == [True, True]
 
 
-def test_closing_a_companion_pool_on_failure_stops_its_running_jobs(toy_release, tmp_path):
-    import signal
-    import time
-
+def _model_with_an_endless_companion(toy_release):
+    """A tiny gpu-profile model, its companion's inputs with settings that would train for hours (no early stop),
+    and the case indices: (model, (inputs, settings), indices)."""
     from dermcir.data.cache import preprocess_cases
     from dermcir.models import ComposedRetrievalModel
-    from dermcir.training.companion_pool import CompanionPool
     from dermcir.training.pipeline import prepare_companion, prepare_inputs
     from dermcir.training.profiles import get_profile
 
@@ -617,10 +615,18 @@ def test_closing_a_companion_pool_on_failure_stops_its_running_jobs(toy_release,
     cpu = torch.device("cpu")
     inputs = prepare_inputs(model, cases, images, cfg, views, cpu, progress=False)
     c_inputs, c_cfg = prepare_companion(model, cases, images, cfg, cpu, progress=False, main_inputs=inputs)
-    endless = replace(c_cfg, epochs=100_000, patience=100_000)  # a job that would run for hours
-    pool = CompanionPool(model, (c_inputs, endless), workers=1)
+    return model, (c_inputs, replace(c_cfg, epochs=100_000, patience=100_000)), np.arange(len(cases))
+
+
+def test_closing_a_companion_pool_on_failure_stops_its_running_jobs(toy_release, tmp_path):
+    import signal
+    import time
+
+    from dermcir.training.companion_pool import CompanionPool
+
+    model, endless, idx = _model_with_an_endless_companion(toy_release)
+    pool = CompanionPool(model, endless, workers=1)
     assert pool.started()
-    idx = np.arange(len(cases))
     pool.submit(0, idx[::2], idx[1::2], idx, tmp_path / "companion.log")
     for _ in range(600):  # until the job is running (its first epoch is logged)
         if "epoch 1 " in ((tmp_path / "companion.log").read_text() if (tmp_path / "companion.log").exists() else ""):
@@ -645,23 +651,11 @@ def test_companions_in_workers_stop_at_the_runs_deadline_even_when_refitted_here
     the in-process refit of a failed job, so a run with a time budget never waits past it for companions."""
     import time
 
-    from dermcir.data.cache import preprocess_cases
-    from dermcir.models import ComposedRetrievalModel
     from dermcir.training.companion_pool import CompanionPool
-    from dermcir.training.pipeline import prepare_companion, prepare_inputs
-    from dermcir.training.profiles import get_profile
 
-    cases, _ = load_derm7pt(toy_release, min_cases=5)
-    model_cfg, cfg, views = get_profile("gpu", **TINY)
-    cases, images = preprocess_cases(cases, model_cfg.image_size, None, progress=False)
-    model_cfg.categories = sorted({c.category for c in cases})
-    model = ComposedRetrievalModel(model_cfg)
+    model, endless, idx = _model_with_an_endless_companion(toy_release)
     cpu = torch.device("cpu")
-    inputs = prepare_inputs(model, cases, images, cfg, views, cpu, progress=False)
-    c_inputs, c_cfg = prepare_companion(model, cases, images, cfg, cpu, progress=False, main_inputs=inputs)
-    endless = replace(c_cfg, epochs=100_000, patience=100_000)  # hours without a deadline
-    pool = CompanionPool(model, (c_inputs, endless), workers=1)
-    idx = np.arange(len(cases))
+    pool = CompanionPool(model, endless, workers=1)
     blocker = tmp_path / "not_a_folder"
     blocker.write_text("a file where the worker's log folder should be")
     try:
