@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dermcir.checkpoint import fingerprint, load_checkpoint
+from dermcir.checkpoint import load_checkpoint
 from dermcir.data.images import load_rgb, preprocess
 from dermcir.data.text import render_report, validate_checklist
 from dermcir.index import CaseIndex, Hit, attention_heatmaps, open_index, resolve_device
@@ -186,7 +186,7 @@ class CaseSearcher:
         index = open_index(self.root)
         self.checkpoint = Path(checkpoint or index.manifest["checkpoint"])
         self.model = load_checkpoint(self.checkpoint, resolve_device(device))
-        self.fingerprint = fingerprint(self.checkpoint)
+        self.fingerprint = self.model.checkpoint_fingerprint  # computed by load_checkpoint
         index.require_fingerprint(self.fingerprint, f"checkpoint {self.checkpoint}")
         self.auto_reload = auto_reload
         self._index = index
@@ -323,9 +323,11 @@ class CaseSearcher:
         encoder = self.model.text_encoder
         with self._text_lock:  # the fast tokenizers are not safe to share between threads
             n = len(encoder.tokenizer(query_text)["input_ids"])
-            rendered = render_report(validate_checklist(checklist)) if checklist else ""
-            from_checklist = len(encoder.tokenizer(rendered)["input_ids"]) - 2 if rendered else 0
         if n > encoder.max_tokens:
+            # the checklist's share, for the message only (compose_text has validated the checklist already)
+            rendered = render_report(validate_checklist(checklist)) if checklist else ""
+            with self._text_lock:
+                from_checklist = len(encoder.tokenizer(rendered)["input_ids"]) - 2 if rendered else 0
             part = f" (the checklist fields take {from_checklist})" if from_checklist else ""
             # what to cut: the free text, unless there is none or the checklist alone is too long
             fix = ("give fewer checklist fields" if from_checklist + 2 >= encoder.max_tokens

@@ -108,7 +108,7 @@ def _manifest(model: ComposedRetrievalModel, checkpoint: Path, params: VectorPar
     c = model.config
     return {
         "format_version": FORMAT_VERSION,
-        "fingerprint": fingerprint(checkpoint),
+        "fingerprint": model.checkpoint_fingerprint,  # the checkpoint's: set by load_checkpoint, checked for model=
         "checkpoint": str(Path(checkpoint).resolve()),
         "model": {
             "backbone": c.backbone,
@@ -150,7 +150,6 @@ def _encode(
     report: LoadReport,
     progress: bool,
 ) -> tuple[ComposedRetrievalModel, EncodedCases]:
-    _check_ids(cases)
     if model is None:
         model = load_checkpoint(checkpoint, resolve_device(device))
     else:
@@ -368,6 +367,7 @@ def add_cases(
     """
     root = Path(root)
     report = report if report is not None else LoadReport()
+    _check_ids(cases)
     if checkpoint is not None:
         _check_checkpoint_folder(Path(checkpoint))
     require_index(root)  # before the lock: a mistyped root must not be created

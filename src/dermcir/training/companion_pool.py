@@ -78,8 +78,8 @@ def _local_deadline(wall_deadline: float | None) -> float | None:
     return None if wall_deadline is None else time.perf_counter() + (wall_deadline - time.time())
 
 
-def _fit_job(train_idx: np.ndarray, val_idx: np.ndarray, refit_idx: np.ndarray | None, log_path: str,
-             wall_deadline: float | None = None) -> bytes:
+def _fit_job(train_idx: np.ndarray, val_idx: np.ndarray, refit_idx: np.ndarray | None,
+             wall_deadline: float | None, log_path: str) -> bytes:
     """Fit the worker's companion on one fold; returns the pickled ``(heads' weights, FitResult)``."""
     model: ComposedRetrievalModel = _WORKER["model"]
     model.load_state_dict(_WORKER["initial"], strict=False)  # every job starts where the main process's companion did
@@ -142,7 +142,7 @@ class CompanionPool:
         args = (np.asarray(train_idx), np.asarray(val_idx), None if refit_idx is None else np.asarray(refit_idx),
                 wall_deadline)
         try:
-            future = self._pool.submit(_fit_job, *args[:3], str(log_path), wall_deadline)
+            future = self._pool.submit(_fit_job, *args, str(log_path))
         except Exception as exc:  # noqa: BLE001 — a broken pool refuses new jobs: collect fits this fold here
             future = Future()
             future.set_exception(exc)
