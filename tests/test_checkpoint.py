@@ -156,3 +156,48 @@ def test_template_version_mismatch_is_refused(tmp_path):
 def test_missing_checkpoint_names_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json: not found"):
         load_checkpoint(tmp_path)
+
+
+def test_preprocess_version_is_recorded_and_a_mismatch_refused(tmp_path):
+    save_checkpoint(tiny(), tmp_path / "ckpt", frozen=())
+    path = tmp_path / "ckpt" / "config.json"
+    meta = json.loads(path.read_text())
+    assert meta["preprocess_version"] == "border-v1"
+    del meta["preprocess_version"]  # written before it was recorded: that preprocessing was the only one
+    path.write_text(json.dumps(meta))
+    load_checkpoint(tmp_path / "ckpt")
+    meta["preprocess_version"] = "border-v0"
+    path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="preprocessing 'border-v0'"):
+        load_checkpoint(tmp_path / "ckpt")
+
+
+def test_a_folder_that_is_not_a_checkpoint_is_never_replaced(tmp_path):
+    runs = tmp_path / "runs"
+    (runs / "index").mkdir(parents=True)
+    (runs / "results.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"runs: holds index, results.json, so it is not a checkpoint folder"):
+        save_checkpoint(tiny(), runs, frozen=())
+    assert sorted(p.name for p in runs.iterdir()) == ["index", "results.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]  # no temporary folder left either
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        save_checkpoint(tiny(), tmp_path / "file", frozen=())
+    # a checkpoint folder with its training logs is a checkpoint: it is replaced
+    save_checkpoint(tiny(), tmp_path / "ckpt", frozen=())
+    (tmp_path / "ckpt" / "train.log").write_text("log")
+    save_checkpoint(tiny(), tmp_path / "ckpt", frozen=())
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_a_checkpoint_gets_a_plain_writes_permissions(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        save_checkpoint(tiny(), tmp_path / "ckpt", frozen=())
+    finally:
+        os.umask(old)
+    mode = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "ckpt", *(tmp_path / "ckpt").iterdir())}
+    assert mode == {"ckpt": 0o755, "config.json": 0o644, "model.safetensors": 0o644}

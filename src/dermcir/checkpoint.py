@@ -21,12 +21,41 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from dermcir.config import ModelConfig, from_dict
+from dermcir.data.cache import PREPROCESS_VERSION
 from dermcir.data.text import TEMPLATE_VERSION
+from dermcir.files import current_umask, fsync_path
 from dermcir.models import ComposedRetrievalModel
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 FORMAT_VERSION = 1
+#: What a checkpoint folder may hold besides its two files: the training run's logs (``dermcir train``). A folder
+#: holding anything else is not replaced by a new checkpoint (``check_checkpoint_target``).
+CHECKPOINT_LOGS = ("train.log", "train.failed.log")
+
+
+def check_checkpoint_target(out_dir: str | Path) -> None:
+    """Refuse to write a checkpoint over a folder that is not one.
+
+    Saving replaces the whole folder, so ``--out runs`` where ``--out runs/model`` was meant would delete earlier
+    runs and indexes. Training calls this before it starts, so the slip costs nothing.
+
+    Raises:
+        ValueError: ``out_dir`` is a file, or a folder holding anything but a checkpoint's files and logs.
+    """
+    out_dir = Path(out_dir)
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise ValueError(f"{out_dir}: is a file; a checkpoint is written as a folder")
+    allowed = {WEIGHTS, CONFIG, *CHECKPOINT_LOGS}
+    others = sorted(p.name for p in out_dir.iterdir() if p.name not in allowed or not p.is_file())
+    if others:
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise ValueError(
+            f"{out_dir}: holds {shown}, so it is not a checkpoint folder, and writing a checkpoint replaces the whole "
+            f"folder; give a new or a checkpoint folder (e.g. {out_dir / 'model'})"
+        )
 
 
 def state_digest(module: torch.nn.Module) -> str:
@@ -48,16 +77,20 @@ def save_checkpoint(
 
     Args:
         model: the trained model.
-        out_dir: the checkpoint folder; an existing one is replaced only once the new one is complete.
+        out_dir: the checkpoint folder; an existing one is replaced only once the new one is complete. A folder
+            that holds more than a checkpoint's files and logs is refused (``check_checkpoint_target``).
         frozen: submodules (dotted names) saved by reference (source + digest) instead of by value.
         extra: more JSON-serialisable metadata (training config, metrics, ...).
     """
     out_dir = Path(out_dir)
+    check_checkpoint_target(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
              if not _is_frozen(k, (*frozen, *_SHARED))}
     meta = {
         "format_version": FORMAT_VERSION,
+        # how images were decoded and de-bordered for training; search must prepare its images the same way
+        "preprocess_version": PREPROCESS_VERSION,
         "model": {**model.config.__dict__, "mean": list(model.config.mean), "std": list(model.config.std)},
         "frozen": {name: state_digest(model.get_submodule(name)) for name in frozen},
         **(extra or {}),
@@ -68,11 +101,20 @@ def save_checkpoint(
     try:
         save_file(state, str(tmp / WEIGHTS))
         (tmp / CONFIG).write_text(json.dumps(meta, indent=2))
+        # mkdtemp makes the folder owner-only and safetensors the weights 0600: give them a plain write's
+        # permissions, or a service or an index run under another account could not read the model
+        mask = current_umask()
+        os.chmod(tmp, 0o777 & ~mask)
+        for name in (WEIGHTS, CONFIG):
+            os.chmod(tmp / name, 0o666 & ~mask)
+            fsync_path(tmp / name)  # on the disk before the renames below make them the checkpoint
+        fsync_path(tmp)
         if out_dir.exists():  # a folder cannot be replaced by one rename: move the old one aside first
             shutil.rmtree(old, ignore_errors=True)
             os.replace(out_dir, old)
             moved_old = True
         os.replace(tmp, out_dir)
+        fsync_path(out_dir.parent)  # the renames are on the disk before the old checkpoint is deleted
     except BaseException:
         if moved_old and not out_dir.exists():  # stopped between the two renames: the old checkpoint goes back
             os.replace(old, out_dir)
@@ -122,6 +164,12 @@ def load_checkpoint(ckpt_dir: str | Path, device: str | torch.device = "cpu") ->
             f"{ckpt_dir}: trained with text template {config.template_version!r}, this dermcir renders "
             f"{TEMPLATE_VERSION!r}; retrain or install the matching dermcir version"
         )
+    preprocess = meta.get("preprocess_version", _LEGACY_PREPROCESS)
+    if preprocess != PREPROCESS_VERSION:
+        raise ValueError(
+            f"{ckpt_dir}: trained on images prepared by preprocessing {preprocess!r}, this dermcir prepares them by "
+            f"{PREPROCESS_VERSION!r}; retrain or install the matching dermcir version"
+        )
     frozen = meta.get("frozen", {})
     # Frozen parts come from their pretrained source; everything else is overwritten by the saved weights below.
     model = ComposedRetrievalModel(config, pretrained=bool(frozen))
@@ -148,6 +196,9 @@ def load_checkpoint(ckpt_dir: str | Path, device: str | torch.device = "cpu") ->
     model.checkpoint_fingerprint = fingerprint(ckpt_dir)
     return model.to(device).eval()
 
+
+#: The preprocessing of checkpoints written before it was recorded: the only one there was then.
+_LEGACY_PREPROCESS = "border-v1"
 
 #: Top-level modules that a checkpoint written before head sets existed (``ModelConfig.members``) stores directly.
 _LEGACY_HEAD_MODULES = ("text_proj.", "text_context.", "levels.")

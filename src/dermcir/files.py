@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import IO, Any
 
 
-def _umask() -> int:
+def current_umask() -> int:
     # Linux reports it without changing it; setting it to read it would, for an instant, give files that another
     # thread creates meanwhile (a service, the feature cache's writers) the permissions 0666
     try:
@@ -39,13 +39,31 @@ def atomic_write(path: str | Path, binary: bool = False) -> Iterator[IO]:
         if hasattr(os, "fchmod"):
             # mkstemp creates the file 0600; the result should have the permissions a plain write would give it,
             # or others sharing the folder (a team's runs, a shared cache) could not read it
-            os.fchmod(fd, 0o666 & ~_umask())
+            os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as fh:
             yield fh
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def fsync_path(path: str | Path) -> None:
+    """Flush a file's or a folder's contents to the disk (a folder: its entries, i.e. the renames into it).
+
+    Without it a rename can reach the disk before the data it points to, so after a power loss the new name may hold
+    a zero-length file. Where a folder cannot be opened for it (not POSIX), this does nothing.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        if Path(path).is_dir():
+            return
+        raise
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
