@@ -53,6 +53,24 @@ def test_a_preprocessing_change_misses_the_feature_cache(three_cases, tmp_path, 
         torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
 
 
+def test_a_change_of_the_feature_code_or_of_timm_misses_the_feature_cache(three_cases, tmp_path, monkeypatch):
+    """The same weights and pixels give other maps when the code that runs the backbone changes; the key has the
+    cache's own format and timm's version for that."""
+    import timm
+
+    model = _model()
+    cases, images = preprocess_cases(three_cases, 64, tmp_path, progress=False)
+    CachedFeatures.build(model, cases, images, cache_dir=tmp_path, progress=False)
+    seen = set((tmp_path / "features").glob("*.safetensors"))
+    monkeypatch.setattr(CachedFeatures, "FORMAT", "maps-v2")
+    CachedFeatures.build(model, cases, images, cache_dir=tmp_path, progress=False)
+    assert len(set((tmp_path / "features").glob("*.safetensors")) - seen) == 3
+    seen = set((tmp_path / "features").glob("*.safetensors"))
+    monkeypatch.setattr(timm, "__version__", "0.0.1")
+    CachedFeatures.build(model, cases, images, cache_dir=tmp_path, progress=False)
+    assert len(set((tmp_path / "features").glob("*.safetensors")) - seen) == 3
+
+
 @pytest.mark.parametrize("grid", [None, 3, 6, 32])
 def test_a_grid_the_cached_maps_cannot_match_search_with_is_refused(three_cases, tmp_path, grid):
     cases, images = preprocess_cases(three_cases, 64, tmp_path, progress=False)

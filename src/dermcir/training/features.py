@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import timm
 import torch
 from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
@@ -56,6 +57,10 @@ class CachedFeatures:
     """
 
     VIEWS = ("identity", "hflip", "vflip", "rot180")
+    #: Part of every entry's key with timm's version: the same weights give other maps when the code that runs
+    #: them changes (the levels tapped, the pooling into the cache, timm's implementation of the backbone). Raise
+    #: it with any such change here, so that training never reads maps that search no longer computes.
+    FORMAT = "maps-v1"
     CACHE_GRID = 16
 
     device = torch.device("cpu")  # the maps stay in host memory; batches are copied to the training device
@@ -77,9 +82,12 @@ class CachedFeatures:
         pixels = [hashlib.sha1(np.ascontiguousarray(image)).hexdigest() for image in images]
         if len(pixels) != len(cases):
             raise ValueError(f"{len(cases)} cases but {len(pixels)} images; preprocess_cases gives one per case")
+        if not cases:
+            raise ValueError("no cases to compute backbone features for (every image was left out?)")
         views = []
         for view in cls.VIEWS[:n_views]:
-            keys = [settings_key(digest, images.shape[1:], cfg.backbone, weights, cfg.image_size, cls.CACHE_GRID, view)
+            keys = [settings_key(digest, images.shape[1:], cfg.backbone, weights, cfg.image_size, cls.CACHE_GRID, view,
+                                 cls.FORMAT, timm.__version__)
                     for digest in pixels]
             # A cache that cannot be read or written costs time, never the run (as for the image cache): a damaged
             # entry is computed again, and maps that cannot be saved are kept in memory for this run.
