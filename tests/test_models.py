@@ -79,7 +79,7 @@ def test_ensemble_members_average_unit_descriptors_and_keep_eq9():
         via = model.encode_query(IMAGES, TEXTS) @ model.encode_target(IMAGES[::-1].copy()).T
     torch.testing.assert_close(via, direct, rtol=1e-5, atol=1e-5)
     assert model.encode_target(IMAGES).shape == (4, model.embedding_dim) == (4, 6 * 32)
-    with pytest.raises(ValueError, match="members must be at least 1"):
+    with pytest.raises(ValueError, match="setting members=0: expected an integer >= 1"):
         tiny(members=0)
 
 
@@ -116,7 +116,8 @@ def test_companion_adds_its_weighted_score_and_keeps_one_inner_product():
 @pytest.mark.parametrize(("settings", "message"), [
     ({"companion": {"beta": 1.0}}, r"setting\(s\) \['beta'\] cannot differ"),
     ({"companion": {"dim": 8}, "companion_weight": 1.0}, "companion_weight must lie strictly between 0 and 1"),
-    ({"companion": ["dim"]}, "companion must be a dict"),
+    ({"companion": ["dim"]}, r"setting companion=\['dim'\]: expected a dict or null"),
+    ({"companion": {"dim": 30, "heads": 4}}, "companion: setting dim=30: expected an integer >= 1 divisible by heads=4"),
 ])
 def test_bad_companion_settings_are_named(settings, message):
     with pytest.raises(ValueError, match=message):

@@ -48,9 +48,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         self.mean, self.std = tuple(self.mean), tuple(self.std)  # JSON gives lists
-        check_companion(self)
-        # members is checked where the model is built (ComposedRetrievalModel), companion_weight by check_companion
+        # companion_weight and the companion's own settings by check_companion, after the main model's
         check_settings(self, {
+            "members": (lambda v: v >= 1, "an integer >= 1"),
             "image_size": (lambda v: v >= 32, "an integer >= 32 (the backbones' last map has stride 32)"),
             "grid": (lambda v: v is None or v >= 1, "null or an integer >= 1"),
             "dim": (lambda v: v >= 1 and v % self.heads == 0, f"an integer >= 1 divisible by heads={self.heads}"),
@@ -62,6 +62,7 @@ class ModelConfig:
             "beta": (lambda v: 0 <= v <= 1, "a number in [0, 1] (the local term's weight in Eq. 9)"),
             "max_text_tokens": (lambda v: v >= 1, "an integer >= 1"),
         })
+        check_companion(self)
 
 
 #: What a companion may set differently from its main model: the heads only. The backbone kind, the input size and
@@ -83,6 +84,10 @@ def check_companion(config: ModelConfig) -> None:
                          f"may set {sorted(COMPANION_FIELDS)}")
     if not 0.0 < config.companion_weight < 1.0:
         raise ValueError(f"companion_weight must lie strictly between 0 and 1, got {config.companion_weight}")
+    try:  # its settings as a model of its own, now rather than when the companion is built after preprocessing
+        dataclasses.replace(config, **config.companion, companion=None)
+    except ValueError as exc:
+        raise ValueError(f"companion: {exc}") from None
 
 
 @dataclass

@@ -56,7 +56,22 @@ def get_profile(name: str, **overrides) -> tuple[ModelConfig, TrainConfig, int]:
     if model_cfg.companion is not None and "companion" not in overrides:
         model_cfg.companion = dict(model_cfg.companion)  # a copy: the profile's own dict must never change
     train_cfg = replace(train_cfg, **{k: v for k, v in overrides.items() if k in t_fields})
+    _check_frozen_grids(name, model_cfg)
     return model_cfg, train_cfg, _check_views(overrides.get("views", views))
+
+
+def _check_frozen_grids(name: str, model_cfg: ModelConfig) -> None:
+    """The grid of each model that trains on cached frozen-backbone maps (the cpu profile's, a companion's), checked
+    now, before any image is read, rather than when the cache is built."""
+    from dermcir.training.features import CachedFeatures, _check_grid
+
+    if name == "cpu":
+        _check_grid(model_cfg.grid, CachedFeatures.CACHE_GRID)
+    if model_cfg.companion is not None:
+        try:
+            _check_grid(model_cfg.companion.get("grid", model_cfg.grid), CachedFeatures.CACHE_GRID)
+        except ValueError as exc:
+            raise ValueError(f"companion: {exc}") from None
 
 
 def _check_views(views: object) -> int:
