@@ -91,10 +91,12 @@ def test_cv_says_when_unreadable_images_leave_too_few_cases(toy_release, tmp_pat
 
 def test_rows_the_loader_left_out_are_in_the_run_records(tmp_path, caplog):
     """A missing image file or an unknown diagnosis is listed in results.json, cv.log and the checkpoint, as an
-    unreadable image is, not only on the console; each once, in the log and on the console."""
+    unreadable image is, not only on the console; each once, in the log and on the console. So is a category that
+    --min-cases leaves out."""
     rows = [{"diagnosis": ["clark nevus", "melanoma (in situ)"][i % 2]} for i in range(12)]
     rows[3]["_no_image"] = True
     rows.append({"diagnosis": "something new"})
+    rows += [{"diagnosis": "seborrheic keratosis"}] * 2  # under --min-cases 4
     release = write_release(tmp_path / "release_v0", rows)
     (release / "images" / "SYN" / "img005.jpg").write_bytes(b"not an image at all")  # left out by preprocessing
     sets = [a for k, v in {**TINY, "epochs": 1, "batch_size": 4, "refit_epochs": 0}.items() for a in ("--set", f"{k}={v}")]
@@ -107,6 +109,11 @@ def test_rows_the_loader_left_out_are_in_the_run_records(tmp_path, caplog):
     for log in (tmp_path / "run" / "cv.log", tmp_path / "ckpt" / "train.log"):
         text = log.read_text()
         assert [text.count(f"skipping {what}: {why}") for what, why in skipped] == [1, 1, 1]
+        assert text.count("categories left out (fewer than 4 cases or not selected): "
+                          "{'benign keratosis-like': 2}") == 1
+    dropped = {"min_cases": 4, "categories": {"benign keratosis-like": 2}}
+    for record in (tmp_path / "run" / "results.json", tmp_path / "ckpt" / "config.json"):
+        assert json.loads(record.read_text())["categories_left_out"] == dropped
     console = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert [sum(what in line for line in console) for what, _ in skipped] == [2, 2, 2]  # once by cv, once by train
 
@@ -188,6 +195,28 @@ def test_a_failed_training_keeps_its_log_and_the_previous_checkpoint(toy_release
     failed = (tmp_path / "ckpt" / "train.failed.log").read_text()
     assert "run stopped by RuntimeError: the device fell over" in failed and "Traceback" in failed
     assert {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir() if p.name != "train.failed.log"} == before
+    # a save that fails (a full disk) ends the failed run's log too: it ran after the log was closed
+    import dermcir.checkpoint
+
+    monkeypatch.undo()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(dermcir.checkpoint, "save_file", full_disk)
+    assert main(args) == 2
+    failed = (tmp_path / "ckpt" / "train.failed.log").read_text()
+    assert "run stopped by OSError: [Errno 28] No space left on device" in failed and "Traceback" in failed
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir() if p.name != "train.failed.log"} == before
+
+
+def test_train_refuses_an_out_folder_that_is_not_a_checkpoint_before_it_trains(toy_release, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    (runs / "cv_cpu").mkdir(parents=True)
+    (runs / "cv_cpu" / "results.json").write_text("{}")
+    assert main(["train", "--data", str(toy_release), "--min-cases", "5", "--out", str(runs), "--quiet"]) == 2
+    assert "runs: holds cv_cpu, so it is not a checkpoint folder" in capsys.readouterr().err
+    assert [p.relative_to(runs).as_posix() for p in sorted(runs.rglob("*"))] == ["cv_cpu", "cv_cpu/results.json"]
 
 
 def test_gpu_profile_checkpoint_holds_its_trained_companion(toy_release, tmp_path):
@@ -405,7 +434,13 @@ def test_bad_settings_are_one_line_errors(toy_release, tmp_path, capsys):
     # the profile is chosen by name, never overridden: a cpu model trained as the gpu profile trains is neither
     for command in (["train", "--out", str(tmp_path)], ["cv", "--out", str(tmp_path)], ["prepare"]):
         assert main([*command, "--data", str(toy_release), "--min-cases", "5", "--set", "profile=gpu"]) == 2
-        assert "--set 'profile=gpu': choose the profile with --profile" in capsys.readouterr().err
+        assert "--set 'profile=gpu': use --profile cpu|gpu" in capsys.readouterr().err
+    # what a command passes by name, an option sets: a --set copy was a TypeError traceback (seed) or went unchecked
+    for pair, says in (("seed=1", "use --seed"), ("cache_dir=/tmp/x", "use --cache"), ("device=cuda", "use CUDA_VIS"),
+                       ("progress=false", "use --quiet"), ("load_report=1", "not a setting")):
+        for command in (["train", "--out", str(tmp_path / "ckpt")], ["cv", "--out", str(tmp_path / "run")]):
+            assert main([*command, "--data", str(toy_release), "--min-cases", "5", "--set", pair]) == 2
+            assert f"--set {pair!r}: {says}" in capsys.readouterr().err
     from dermcir.training.profiles import get_profile
 
     with pytest.raises(ValueError, match="profile='gpu': a profile is chosen by its name"):
@@ -761,6 +796,16 @@ def test_prepare_caches_the_frozen_maps_a_profile_will_read(toy_release, tmp_pat
     assert len(list((cache / "features").glob("*.safetensors"))) == features * 24
 
 
+def test_prepare_says_when_no_image_is_usable(toy_release, tmp_path, capsys):
+    """A release checked out without its Git LFS contents: every image is a pointer file (was an IndexError)."""
+    for image in (toy_release / "images").rglob("*.jpg"):
+        image.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n")
+    rc = main(["prepare", "--data", str(toy_release), "--min-cases", "5", "--cache", str(tmp_path / "cache"),
+               "--quiet", "--set", "image_size=64"])
+    assert rc == 2
+    assert "none of the 24 cases has a usable image (each is listed above)" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("setting", "says"), [
     ("epochs=-3", "setting epochs=-3: expected an integer >= 1"),
     ("beta=2", "setting beta=2: expected a number in [0, 1]"),
@@ -771,13 +816,29 @@ def test_prepare_caches_the_frozen_maps_a_profile_will_read(toy_release, tmp_pat
     ("views=-3", "setting views=-3: expected a whole number from 1 to 4"),
     ("views=2.7", "setting views=2.7: expected a whole number from 1 to 4"),
     ('views="x"', "setting views='x': expected a whole number from 1 to 4"),
+    ("members=0", "setting members=0: expected an integer >= 1"),
+    ("grid=3", "grid=3: a model on cached backbone features (the cpu profile, a companion) needs a grid that divides 16"),
 ])
 def test_impossible_model_and_training_settings_are_one_line_errors(toy_release, tmp_path, capsys, setting, says):
     """The composed model's settings are checked as the baselines' are (``dermcir.settings``); before, ``--set
     epochs=-3`` ran to the end and wrote results of an untrained model."""
     assert main(["cv", "--data", str(toy_release), "--out", str(tmp_path / "run"), "--min-cases", "5",
-                 "--set", setting]) == 2
+                 "--cache", str(tmp_path / "cache"), "--set", setting]) == 2
     assert says in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()  # before any image was read
+
+
+@pytest.mark.parametrize(("setting", "says"), [
+    ('companion={"dim": -4}', "companion: setting dim=-4: expected an integer >= 1 divisible by heads=8"),
+    ('companion={"grid": 3}', "companion: grid=3: a model on cached backbone features"),
+    ('companion={"members": 0}', "companion: setting members=0: expected an integer >= 1"),
+])
+def test_a_companions_impossible_settings_are_refused_before_any_image_is_read(toy_release, tmp_path, capsys,
+                                                                              setting, says):
+    assert main(["cv", "--data", str(toy_release), "--out", str(tmp_path / "run"), "--min-cases", "5",
+                 "--profile", "gpu", "--cache", str(tmp_path / "cache"), "--set", setting]) == 2
+    assert says in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()
     assert not (tmp_path / "run").exists()  # refused before anything was prepared or written
 
 

@@ -112,11 +112,19 @@ def test_load_rgb_modes(tmp_path):
         "cmyk.jpg": Image.fromarray(rgb).convert("CMYK"),
         "alpha.png": Image.fromarray(np.dstack([rgb, np.full((20, 30), 128, np.uint8)]), "RGBA"),
         "deep.png": Image.fromarray(rgb[..., 0].astype(np.uint16) * 257),
+        "float.tif": Image.fromarray(rgb[..., 0].astype(np.float32) * 4.0),  # mode F: read-only from Pillow
     }
     for name, img in cases.items():
         img.save(tmp_path / name)
         out = load_rgb(tmp_path / name)
         assert out.shape == (20, 30, 3) and out.dtype == np.uint8, name
+        if name in ("deep.png", "float.tif"):  # one channel of 16 or 32 bits, scaled to its maximum
+            np.testing.assert_allclose(out[..., 1], rgb[..., 0] * (255 / rgb[..., 0].max()), atol=1, err_msg=name)
+    with_nan = rgb[..., 0].astype(np.float32)
+    with_nan[0, :3] = (np.nan, np.inf, -np.inf)
+    Image.fromarray(with_nan).save(tmp_path / "nan.tif")
+    out = load_rgb(tmp_path / "nan.tif")
+    assert out[0, :3, 0].tolist() == [0, 0, 0] and out[1:, :, 0].max() > 200
     with pytest.raises(ImageError, match="nothere.jpg: file not found"):
         load_rgb(tmp_path / "nothere.jpg")
 
@@ -345,3 +353,18 @@ def test_derm7pt_meta_that_is_not_a_csv_is_a_clear_error(tmp_path):
     meta.write_bytes("\n".join(lines).encode() + "\n99,n\xe6vus".encode("latin-1"))
     with pytest.raises(ValueError, match="not UTF-8 text"):
         load_derm7pt(root)
+
+
+def test_derm7pt_case_numbers_must_be_there_and_unique_and_cells_are_stripped(tmp_path):
+    """A repeated case number used to pass the loader and fail indexing later, naming no row; a space around the
+    image path was reported as a missing file that is there."""
+    rows = [{"diagnosis": "clark nevus"} for _ in range(5)]
+    rows[1]["case_num"] = " "
+    rows[2]["case_num"] = "1"  # the first row's number again
+    release = write_release(tmp_path / "release_v0", rows)
+    meta = release / "meta" / "meta.csv"
+    meta.write_text(meta.read_text().replace("SYN/img004.jpg", " SYN/img004.jpg "))
+    cases, report = load_derm7pt(release, min_cases=1)
+    assert [c.case_id for c in cases] == ["1", "4", "5"]
+    assert cases[-1].image == release / "images" / "SYN" / "img004.jpg"
+    assert report.skipped == [(f"{meta}:3", "empty case_num"), (f"{meta}:4 (case 1)", "duplicate case_num '1'")]

@@ -81,7 +81,8 @@ def build_data(
 ) -> tuple[BaselineData, LoadReport]:
     """Preprocess the cases' images at the method's size and gather labels and metadata. The report returned lists
     the rows ``load_report`` (the loader's, left unchanged) left out, then the images preprocessing left out."""
-    report = LoadReport(n_rows=len(cases), skipped=list(load_report.skipped) if load_report is not None else [])
+    report = load_report.copy() if load_report is not None else LoadReport()
+    report.n_rows = len(cases)
     kept, images = preprocess_cases(cases, baseline.config.image_size, cache_dir, report, progress)
     if report.skipped:
         log.warning("%d row(s) or case(s) left out: %s", len(report.skipped),
@@ -174,7 +175,7 @@ def _document(
         "display_name": baseline.display_name, "profile": baseline.profile, "device": str(baseline.device),
         "n_cases": n_cases, "n_folds": n_folds, "seed": seed, "settings": baseline.settings,
         "deviations": baseline.deviations, "seconds": total_s, "seconds_prepare": prepare_s,
-        "skipped": [list(s) for s in report.skipped],
+        "skipped": [list(s) for s in report.skipped], "categories_left_out": report.categories_left_out(),
     }
     variants = {
         key: build_results(f"{baseline.name}:{key}", rows[key], display_name=f"{baseline.display_name} [{key}]",

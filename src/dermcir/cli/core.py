@@ -54,14 +54,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_cv)
 
 
+#: Names the commands pass to the run by name, besides ``--set``'s settings: the option that sets each (None: not
+#: settable). ``--set seed=1`` reached ``train_on_cases`` twice (a TypeError traceback), and ``--set device=...``
+#: was taken as the function's argument without being checked as a setting.
+_OWN_OPTIONS = {
+    "profile": "--profile cpu|gpu", "seed": "--seed", "n_folds": "--folds", "cache_dir": "--cache or $DERMCIR_CACHE",
+    "progress": "--quiet", "device": "CUDA_VISIBLE_DEVICES= to run on the CPU", "out_dir": "--out",
+    "time_budget": "--time-budget", "only_folds": "--only-fold", "companion_workers": "--companion-workers",
+    "load_report": None, "cases": None, "method": "--method",
+}
+
+
 def _overrides(pairs: list[str]) -> dict:
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
             raise ValueError(f"--set {pair!r}: expected KEY=VALUE")
-        if key.strip() == "profile":  # train_on_cases and run_cv take it by name; get_profile refuses it too
-            raise ValueError(f"--set {pair!r}: choose the profile with --profile cpu|gpu")
+        if key.strip() in _OWN_OPTIONS:  # the commands pass these by name, so a --set copy would collide
+            option = _OWN_OPTIONS[key.strip()]
+            raise ValueError(f"--set {pair!r}: " + (f"use {option}" if option else "not a setting"))
         try:
             out[key.strip()] = json.loads(value)
         except json.JSONDecodeError:
@@ -91,7 +103,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     cases, _ = _load(args)
     model_cfg, train_cfg, views = get_profile(args.profile, **_overrides(args.set))
+    n_loaded = len(cases)
     cases, images = preprocess_cases(cases, model_cfg.image_size, args.cache, progress=not args.quiet)
+    if not cases:  # e.g. a release checked out without its Git LFS contents
+        raise ValueError(f"{args.data}: none of the {n_loaded} cases has a usable image (each is listed above)")
     if args.profile == "cpu" or model_cfg.companion is not None:  # cached frozen-backbone maps
         from dermcir.data import category_counts
 

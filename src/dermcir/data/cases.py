@@ -13,6 +13,7 @@ import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from dermcir.data.categories import category_of
 from dermcir.data.text import CHECKLIST_FIELDS, checklist_key, render_report, validate_checklist
@@ -43,10 +44,20 @@ class LoadReport:
     n_rows: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (row or file, reason)
     dropped_categories: dict[str, int] = field(default_factory=dict)  # category -> cases, below threshold
+    min_cases: int | None = None  # the threshold that decided ``dropped_categories``
     #: (``file:row``, reason) for each checklist value left out of a case that was kept: the case's text reads the
     #: field as not given. The reason names the case, the column, the value and the allowed values. These rows are
     #: not in ``skipped``, which lists only what was left out whole.
     fields_left_out: list[tuple[str, str]] = field(default_factory=list)
+
+    def copy(self) -> LoadReport:
+        """A copy that a run can add to (what preprocessing leaves out) and leave the caller's report as it was."""
+        return LoadReport(n_rows=self.n_rows, skipped=list(self.skipped), dropped_categories=dict(self.dropped_categories),
+                          min_cases=self.min_cases, fields_left_out=list(self.fields_left_out))
+
+    def categories_left_out(self) -> dict[str, Any]:
+        """What the category threshold left out, for a run's records: ``{"min_cases", "categories": {name: n}}``."""
+        return {"min_cases": self.min_cases, "categories": dict(self.dropped_categories)}
 
     def skip(self, what: str, reason: str) -> None:
         log.warning("skipping %s: %s", what, reason)
@@ -157,22 +168,32 @@ def load_derm7pt(
     if missing:
         raise ValueError(f"{meta}: missing column(s) {missing}; columns present: {header}")
     report = LoadReport(n_rows=len(table))
-    cases = []
+    cases, seen = [], set()
     for line, row in table:
-        what = f"{meta}:{line} (case {row['case_num']})"
+        case_id = row["case_num"].strip()
+        what = f"{meta}:{line} (case {case_id})"
+        # a case number names the case in search results and in an index, so it must be there and be unique
+        if not case_id:
+            report.skip(f"{meta}:{line}", "empty case_num")
+            continue
+        if case_id in seen:
+            report.skip(what, f"duplicate case_num {case_id!r}")
+            continue
+        seen.add(case_id)
         try:
             category = category_of(row["diagnosis"])
         except ValueError as exc:
             report.skip(what, str(exc))
             continue
-        image = root / "images" / row["derm"]
-        if not row["derm"].strip():
+        derm = row["derm"].strip()  # a stray space would name a file that is not there
+        if not derm:
             report.skip(what, "empty 'derm' image column")
             continue
+        image = root / "images" / derm
         if not image.is_file():
             report.skip(str(image), f"image file missing (row {what})")
             continue
-        cases.append(Case(row["case_num"], image, row["diagnosis"].strip().lower(), category, _fields_of(row)))
+        cases.append(Case(case_id, image, row["diagnosis"].strip().lower(), category, _fields_of(row)))
     return _apply_threshold(cases, report, min_cases, categories)
 
 
@@ -298,6 +319,7 @@ def _apply_threshold(
             raise ValueError(f"categories {sorted(unknown)} not present; present: {sorted(counts)}")
         keep &= set(categories)
     report.dropped_categories = {cat: n for cat, n in counts.items() if cat not in keep}
+    report.min_cases = min_cases
     if report.dropped_categories:
         log.info("categories left out (fewer than %d cases or not selected): %s", min_cases, report.dropped_categories)
     return [c for c in cases if c.category in keep], report

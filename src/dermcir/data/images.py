@@ -69,7 +69,10 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # float32 and in place: a small upload may declare up to MAX_PIXELS 16-bit pixels, and float64 temporaries
         # of that size took about 1 GB (a uniform 6300x6300 PNG is 92 kB)
-        arr = np.asarray(img, dtype=np.float32)
+        # np.array, not asarray: a float image ("F") needs no conversion, and asarray returned Pillow's read-only
+        # buffer, which the scaling below cannot write (every float TIFF was refused as corrupt)
+        arr = np.array(img, dtype=np.float32)
+        np.nan_to_num(arr, copy=False, nan=0.0, posinf=0.0, neginf=0.0)  # a float image may hold NaN or inf
         hi = float(arr.max()) if arr.size else 1.0
         arr *= 255.0 / (hi if hi > 0 else 1.0)
         gray = np.clip(arr, 0, 255, out=arr).astype(np.uint8)

@@ -208,8 +208,8 @@ def run_cv(
     out_dir.mkdir(parents=True, exist_ok=True)
     device = device or default_device()
     # a copy: the caller's report stays as the loader left it
-    report = LoadReport(skipped=list(load_report.skipped) if load_report is not None else [])
-    with run_log(out_dir / "cv.log", left_out=report.skipped):
+    report = load_report.copy() if load_report is not None else LoadReport()
+    with run_log(out_dir / "cv.log", left_out=report.skipped, categories_left_out=report.categories_left_out()):
         cases, images = preprocess_cases(cases, model_cfg.image_size, cache_dir, report, progress)  # logs its skips
         _check_enough(cases, n_folds, len(report.skipped))
         labels = np.array([c.category for c in cases])
@@ -330,7 +330,8 @@ def run_cv(
         METHOD, rows, profile=profile, beta=model_cfg.beta, n_cases=len(cases), n_folds=n_folds, seed=seed,
         device=device_name(device),
         categories=category_counts(cases), seconds=time.perf_counter() - start, prepare_seconds=prep_seconds,
-        time_budget=time_budget, training=training, skipped=report.skipped, folds_run=selected,
+        time_budget=time_budget, training=training, skipped=report.skipped,
+        categories_left_out=report.categories_left_out(), folds_run=selected,
         protocol=PROTOCOLS["composed"],
         ablations={name: build_results(name, r, protocol=PROTOCOLS[name]) for name, r in ablations.items()},
     )

@@ -9,11 +9,12 @@ import tempfile
 from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from dermcir.checkpoint import save_checkpoint
+from dermcir.checkpoint import check_checkpoint_target, save_checkpoint
 from dermcir.config import TrainConfig
 from dermcir.data.cache import preprocess_cases
 from dermcir.data.cases import Case, LoadReport, category_counts
@@ -101,18 +102,24 @@ def fit_companion(
 
 
 @contextmanager
-def run_log(path: Path, append: bool = False, left_out: Sequence[tuple[str, str]] = ()):
+def run_log(path: Path, append: bool = False, left_out: Sequence[tuple[str, str]] = (),
+            categories_left_out: dict[str, Any] | None = None):
     """Copy this package's log records into ``path`` for the duration of a run (after what it holds: ``append``).
 
     ``left_out``: (row or file, reason) pairs left out before the run began (the loader's), written first, in the
     loader's words. They go into the file only: the loader logged each one already, so the console shows every row
-    once. A run that raises ends its file with the error and its traceback.
+    once. ``categories_left_out`` (``LoadReport.categories_left_out``): the categories the loader's threshold left
+    out, written after them when there are any. A run that raises ends its file with the error and its traceback.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, mode="a" if append else "w")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     for what, why in left_out:
         handler.handle(log.makeRecord(log.name, logging.WARNING, __file__, 0, "skipping %s: %s", (what, why), None))
+    if categories_left_out and categories_left_out["categories"]:
+        handler.handle(log.makeRecord(
+            log.name, logging.INFO, __file__, 0, "categories left out (fewer than %s cases or not selected): %s",
+            (categories_left_out["min_cases"], categories_left_out["categories"]), None))
     root = logging.getLogger("dermcir")
     root.addHandler(handler)
     old_level = root.level
@@ -146,10 +153,11 @@ def train_on_cases(
     out_dir = Path(out_dir)
     device = device or default_device()
     model_cfg, train_cfg, views = get_profile(profile, **overrides)
-    report = LoadReport(skipped=list(load_report.skipped) if load_report is not None else [])  # the caller's unchanged
+    check_checkpoint_target(out_dir)  # before the training, not after it: saving replaces the whole folder
+    report = load_report.copy() if load_report is not None else LoadReport()  # the caller's stays unchanged
     tmp_log = Path(tempfile.mkdtemp()) / "train.log"
     try:
-        with run_log(tmp_log, left_out=report.skipped):
+        with run_log(tmp_log, left_out=report.skipped, categories_left_out=report.categories_left_out()):
             # preprocessing logs what it leaves out
             cases, images = preprocess_cases(cases, model_cfg.image_size, cache_dir, report, progress)
             if len(cases) < 4:
@@ -168,14 +176,17 @@ def train_on_cases(
                      result.seconds)
             companion = prepare_companion(model, cases, images, train_cfg, device, cache_dir, progress, inputs)
             companion_result = fit_companion(model, companion, train_idx, val_idx, device, progress, refit_idx=idx)
-        # the train config is what decided whether the backbone trained (``fit`` reads its profile), so it decides
-        # what the checkpoint stores by reference
-        save_checkpoint(model.cpu(), out_dir, frozen=frozen_parts(train_cfg.profile, model), extra={
-            "train": train_cfg.__dict__, "best_epoch": result.best_epoch, "val_mAP": result.best_val_map,
-            "history": result.history, "n_cases": len(cases), "skipped": report.skipped,
-            **({"companion": {"best_epoch": companion_result.best_epoch, "val_mAP": companion_result.best_val_map,
-                              "history": companion_result.history}} if companion_result is not None else {}),
-        })
+            # inside the log: a save that fails (a full disk) ends train.failed.log with its error
+            # the train config is what decided whether the backbone trained (``fit`` reads its profile), so it
+            # decides what the checkpoint stores by reference
+            save_checkpoint(model.cpu(), out_dir, frozen=frozen_parts(train_cfg.profile, model), extra={
+                "train": train_cfg.__dict__, "best_epoch": result.best_epoch, "val_mAP": result.best_val_map,
+                "history": result.history, "n_cases": len(cases), "skipped": report.skipped,
+                "categories_left_out": report.categories_left_out(),
+                **({"companion": {"best_epoch": companion_result.best_epoch,
+                                  "val_mAP": companion_result.best_val_map,
+                                  "history": companion_result.history}} if companion_result is not None else {}),
+            })
     except BaseException:
         # the failed run's log is kept beside what the folder holds (a previous checkpoint stays whole)
         try:
