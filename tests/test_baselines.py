@@ -481,3 +481,46 @@ def test_computed_and_cached_backbone_maps_give_the_same_features(tmp_path: Path
     assert computed["top"].flags["C_CONTIGUOUS"]
     np.testing.assert_array_equal(pooled_features(backbone, computed["top"][0], cpu),
                                   pooled_features(backbone, loaded["top"][0], cpu))
+
+
+def test_other_weights_under_the_same_file_name_miss_the_backbone_map_cache(tmp_path: Path) -> None:
+    """The cache was keyed by the weights file's path: new weights saved there were served the old weights' maps."""
+    from dermcir.baselines._features import backbone_maps
+
+    images = np.random.default_rng(0).integers(0, 255, (2, SIZE, SIZE, 3), dtype=np.uint8)
+    cpu = torch.device("cpu")
+    backbone = build_backbone("lite0", pretrained=False)
+    first = backbone_maps(backbone, images, 1, ("top",), cpu, cache_dir=tmp_path, progress=False)["top"]
+    with torch.no_grad():
+        for p in backbone.parameters():
+            p.mul_(0.5)
+    again = backbone_maps(backbone, images, 1, ("top",), cpu, cache_dir=tmp_path, progress=False)["top"]
+    assert not np.array_equal(again, first)
+    assert len(list((tmp_path / "baselines").iterdir())) == 2
+
+
+def test_a_baseline_refuses_categories_with_fewer_cases_than_folds_before_its_features(tmp_path: Path) -> None:
+    """As the composed run does: before, a category missing from a fold's database gave NaN average precision,
+    left out of the mean without a word, and bare NaN in results.json; no usable image at all was a numpy error."""
+    cases = _toy_cases(tmp_path)
+    for case in cases[7:12]:  # the second category keeps one readable image
+        case.image.write_bytes(b"damaged")
+    with pytest.raises(ValueError, match=r"categories with fewer usable cases than the 3 folds: \{'[a-z -]+': 1\} "
+                                         r"\(5 rows were left out, each listed above and in log.txt\)"):
+        run_baseline_cv("snf-dca", cases, tmp_path / "run", n_folds=3, cache_dir=tmp_path / "cache",
+                        **TINY["snf-dca"])
+    assert not (tmp_path / "cache" / "baselines").exists()  # stopped before the backbone's maps
+    for case in cases:
+        case.image.write_bytes(b"damaged")
+    with pytest.raises(ValueError, match="no usable cases: all 18 rows were left out"):
+        run_baseline_cv("resnet50-cossim", cases, tmp_path / "run", n_folds=3, cache_dir=tmp_path / "cache",
+                        **TINY["resnet50-cossim"])
+
+
+def test_resnet_cossim_records_the_number_of_categories_it_trained_on(toy: BaselineData) -> None:
+    assert "the Derm7pt categories instead" in create_baseline("resnet50-cossim", "cpu", **TINY["resnet50-cossim"]).deviations
+    assert "; 3 Derm7pt categories instead" in _prepared("resnet50-cossim", toy).deviations
+    two = create_baseline("resnet50-cossim", "cpu", **TINY["resnet50-cossim"])
+    keep = toy.labels != CATEGORIES[2]
+    two.prepare(BaselineData(toy.images[keep], toy.labels[keep], toy.metadata[keep], toy.cache_dir, 0, progress=False))
+    assert "; 2 Derm7pt categories instead" in two.deviations

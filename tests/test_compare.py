@@ -15,6 +15,7 @@ from dermcir.evaluation.compare import (
     PAPER_ROWS,
     chart_series,
     load_results,
+    mark_other_splits,
     measured_rows,
     write_comparison,
 )
@@ -150,3 +151,20 @@ def test_compare_command(runs: list[Path], tmp_path: Path, capsys: pytest.Captur
     assert str(out) in capsys.readouterr().out
     assert main(["compare", str(tmp_path / "missing"), "--out", str(out)]) == 2
     assert "no results.json" in capsys.readouterr().err
+
+
+def test_a_run_on_another_split_is_shown_apart_with_its_split(tmp_path: Path, caplog) -> None:
+    """A run with another seed, fold count or set of cases sat among the protocol's rows, unmarked."""
+    split = {"n_cases": 888, "n_folds": 3, "seed": 0}
+    runs = [_write_run(tmp_path / "a", "composed", 3.0, **split),
+            _write_run(tmp_path / "b", "snf-dca", 2.0, **split),
+            _write_run(tmp_path / "c", "dahnet", 1.0, **{**split, "seed": 7})]
+    with caplog.at_level("WARNING"):
+        md_path, _ = write_comparison(runs, tmp_path / "comparison.md")
+    seed_part, other_part = md_path.read_text().split("another split or set of cases than the rows above")
+    assert "| composed |" in seed_part and "| snf-dca |" in seed_part and "| dahnet |" not in seed_part
+    assert "| dahnet |" in other_part and "888 cases, 3 folds, seed 7" in other_part
+    assert "888 cases, 3 folds, seed 0" in seed_part
+    assert "c ran on 888 cases, 3 folds, seed 7, not on 888 cases, 3 folds, seed 0 as the other runs did" in caplog.text
+    rows = mark_other_splits([r for run in runs for r in measured_rows(load_results(run), run.name)])
+    assert [r.seed_protocol for r in rows] == [True, True, False]

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dermcir.baselines._nets import SplitBackbone
+from dermcir.checkpoint import state_digest
 from dermcir.data.cache import read_entry, settings_key, write_entry
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ def content_key(images: np.ndarray) -> str:
 @torch.inference_mode()
 def backbone_maps(
     backbone: SplitBackbone, images: np.ndarray, n_views: int, levels: Sequence[str], device: torch.device,
-    batch_size: int = 32, cache_dir: Path | None = None, weights_id: str = "", progress: bool = True,
+    batch_size: int = 32, cache_dir: Path | None = None, progress: bool = True,
 ) -> dict[str, np.ndarray]:
     """The frozen backbone's maps of every image under the first ``n_views`` symmetries.
 
@@ -52,7 +53,6 @@ def backbone_maps(
         device: where to run.
         batch_size: images per forward pass.
         cache_dir: where to cache the result (``None``: no cache).
-        weights_id: names the weights, so that other weights miss the cache.
         progress: show a progress bar.
 
     Returns:
@@ -61,7 +61,8 @@ def backbone_maps(
     unknown = [lv for lv in levels if lv not in LEVELS]
     if unknown:
         raise ValueError(f"unknown level(s) {unknown}; expected a subset of {list(LEVELS)}")
-    key = settings_key(content_key(images), backbone.name, weights_id, n_views, images.shape, "maps-v1")
+    # the weights by their content, not by their file's name: other weights at the same path miss the cache
+    key = settings_key(content_key(images), backbone.name, state_digest(backbone), n_views, images.shape, "maps-v2")
     paths = {lv: (cache_dir / "baselines" / f"{lv}-{key}.npy") if cache_dir else None for lv in levels}
     if all(p is not None for p in paths.values()):
         # a cache that cannot be read or written costs time, never the run: a damaged entry is computed again
@@ -121,8 +122,8 @@ def cosine_scores(queries: np.ndarray, database: np.ndarray) -> np.ndarray:
 
 def frozen_features(
     backbone: SplitBackbone, images: np.ndarray, device: torch.device, batch_size: int = 32,
-    cache_dir: Path | None = None, weights_id: str = "", progress: bool = True,
+    cache_dir: Path | None = None, progress: bool = True,
 ) -> np.ndarray:
     """The frozen ImageNet penultimate features of every image (view 0 only), ``(N, D)`` float32."""
-    maps = backbone_maps(backbone, images, 1, ("top",), device, batch_size, cache_dir, weights_id, progress)
+    maps = backbone_maps(backbone, images, 1, ("top",), device, batch_size, cache_dir, progress)
     return pooled_features(backbone, maps["top"][0], device, batch_size)

@@ -19,7 +19,7 @@ from dermcir.baselines._base import Baseline, BaselineData, create_baseline
 from dermcir.baselines._metadata import metadata_onehot
 from dermcir.data.cache import default_cache_dir, preprocess_cases
 from dermcir.data.cases import Case, LoadReport
-from dermcir.data.folds import stratified_folds
+from dermcir.data.folds import check_enough_per_category, stratified_folds
 from dermcir.evaluation.results import build_results, fold_row, format_row
 from dermcir.files import write_json_atomic
 
@@ -141,6 +141,9 @@ def _run(
     log.info("%s (%s profile, device %s): %d cases, %d folds, seed %d; settings %s", baseline.name,
              baseline.profile, baseline.device, len(cases), n_folds, seed, baseline.settings)
     data, report = build_data(baseline, cases, cache_dir, seed, load_report, progress)
+    # as the composed model's run does, before the feature step: a category missing from a fold's database would
+    # leave its queries without an answer (NaN average precision), silently left out of the mean
+    check_enough_per_category(data.labels, n_folds, len(report.skipped), "log.txt")
     baseline.prepare(data)
     prepare_s = time.perf_counter() - start
     log.info("prepared in %.1f s", prepare_s)

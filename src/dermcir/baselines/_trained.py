@@ -80,11 +80,8 @@ class TrainedBaseline(Baseline):
         if not self.config.train_backbone:
             self.maps = backbone_maps(
                 self._backbone(), data.images, self.config.n_views, self.levels, self.device,
-                self.config.batch_size, data.cache_dir, self._weights_id(), data.progress,
+                self.config.batch_size, data.cache_dir, data.progress,
             )
-
-    def _weights_id(self) -> str:
-        return f"{self.config.backbone_weights}|{self.config.pretrained}"
 
     def _backbone(self) -> SplitBackbone:
         return build_backbone(self.config.backbone, self.config.backbone_weights, self.config.pretrained)

@@ -198,8 +198,7 @@ class MaskRcnnFusion(Baseline):
         self.data = data
         handcrafted, crops = self._handcrafted(data)
         backbone = build_backbone(self.config.backbone, self.config.backbone_weights, self.config.pretrained)
-        deep = frozen_features(backbone, crops, self.device, self.config.batch_size, data.cache_dir,
-                               f"{self.config.backbone_weights}|{self.config.pretrained}", data.progress)
+        deep = frozen_features(backbone, crops, self.device, self.config.batch_size, data.cache_dir, data.progress)
         self.blocks = {**handcrafted, "deep": deep}
         cfg = self.config
         self.weights = {**{b: cfg.handcrafted_weight for b in HANDCRAFTED_BLOCKS}, "deep": cfg.deep_weight}

@@ -83,7 +83,10 @@ class ResNet50CosSim(TrainedBaseline):
         what = "ResNet50" if self.config.backbone == "resnet50" else "EfficientNet-Lite0 (no ResNet50 weights offline)"
         how = ("whole network fine-tuned" if self.config.train_backbone
                else "only the last conv stage and the classifier trained, on cached frozen maps (CPU budget)")
-        return f"{what}; {how}; 3 Derm7pt categories instead of the original's diagnosis classes."
+        # the classes are the categories this run trained on (``prepare``), however many the data gave
+        classes = getattr(self, "classes", None)
+        trained = f"{len(classes)} Derm7pt categories" if classes else "the Derm7pt categories"
+        return f"{what}; {how}; {trained} instead of the original's diagnosis classes."
 
     def build_head(self, backbone: SplitBackbone, n_classes: int) -> nn.Module:
         return ClassifierHead(backbone.tail, backbone.out_channels, n_classes, self.config.dropout)

@@ -10,7 +10,10 @@ carries its true checklist values.
 
 Nodes of a fold's networks are its database and query cases together (SNF is transductive; no query label is
 read). Image features: the frozen ImageNet penultimate features of EfficientNet-Lite0, or of the ``backbone``
-setting's CNN (224 px on ``cpu``, 448 px on ``gpu``), z-scored and reduced by PCA fitted on the database.
+setting's CNN (224 px on ``cpu``, 448 px on ``gpu``), z-scored and reduced by PCA fitted on the database. snfpy's
+affinity step then z-scores every column of each channel over all the fold's nodes, database and queries (no label
+is read): like the graph itself, that normalisation is transductive, and on the image channel it also whitens the
+PCA components.
 """
 
 from __future__ import annotations
@@ -46,7 +49,8 @@ log = logging.getLogger(__name__)
 class SnfConfig(BackboneConfig):
     """SNF-DCA settings (the backbone gives the image features)."""
 
-    image_pca: int = 64  # image features are z-scored and reduced to this many components (fitted on the database)
+    image_pca: int = 64  # image features are z-scored and reduced to this many components (fitted on the database);
+    # the affinity step z-scores them again over all the fold's nodes (the module's docstring)
     k: int = 20  # neighbours of the affinity kernel and of SNF's local graph (snfpy's K)
     mu: float = 0.5  # width of the affinity kernel (snfpy's mu)
     t: int = 20  # SNF iterations
@@ -96,6 +100,7 @@ def fuse_networks(channels: list[np.ndarray], k: int, mu: float, t: int) -> np.n
     n = len(channels[0])
     k = max(1, min(k, n - 1))
     with _snfpy_compat():
+        # normalize=True: each column z-scored over all nodes given (database + queries), as SNF's authors do
         affinities = snf.make_affinity(*channels, metric="sqeuclidean", K=k, mu=mu, normalize=True)
         if len(channels) == 1:
             return np.asarray(affinities)
@@ -164,8 +169,7 @@ class SnfDca(Baseline):
         self.data = data
         backbone = build_backbone(self.config.backbone, self.config.backbone_weights, self.config.pretrained)
         self.features = frozen_features(
-            backbone, data.images, self.device, self.config.batch_size, data.cache_dir,
-            f"{self.config.backbone_weights}|{self.config.pretrained}", data.progress,
+            backbone, data.images, self.device, self.config.batch_size, data.cache_dir, data.progress,
         )
 
     def _image_channel(self, db_idx: np.ndarray, nodes: np.ndarray) -> np.ndarray:

@@ -19,6 +19,21 @@ def stratified_folds(labels: Sequence[str], n_folds: int = 5, seed: int = 0) -> 
     return [(db, q) for db, q in skf.split(np.zeros(len(labels)), labels)]
 
 
+def check_enough_per_category(labels: Sequence[str], n_folds: int, n_skipped: int, records: str) -> None:
+    """Every category needs a case in every fold (a query of a category absent from the database has no answer, and
+    one absent from a fold leaves the split short); say so plainly when left-out rows or images took that away.
+
+    ``records``: where the left-out rows are listed (the run's log), for the message.
+    """
+    if not len(labels):
+        raise ValueError(f"no usable cases: all {n_skipped} rows were left out (each is listed above, and in {records})")
+    categories, counts = np.unique(np.asarray(labels), return_counts=True)
+    few = {str(c): int(n) for c, n in zip(categories, counts, strict=True) if n < n_folds}
+    if few:
+        raise ValueError(f"categories with fewer usable cases than the {n_folds} folds: {few} ({n_skipped} rows were "
+                         f"left out, each listed above and in {records}); every fold needs a query of every category")
+
+
 def validation_split(
     indices: np.ndarray, labels: Sequence[str], fraction: float = 0.15, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:

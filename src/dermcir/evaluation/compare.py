@@ -64,10 +64,31 @@ class MeasuredRow:
     fold_map: tuple[float, ...]
     setting: str  # profile, device and time, as far as the run recorded them
     main: bool = True  # the run's own row (not one of its variants or ablations)
+    split: str = "?"  # the cases and folds it ran on: "N cases, F folds, seed S"
+    other_split: bool = False  # not the split most of the compared runs used (``mark_other_splits``)
 
     @property
     def seed_protocol(self) -> bool:
-        return EASIER_TASK_MARK not in self.protocol
+        return EASIER_TASK_MARK not in self.protocol and not self.other_split
+
+
+def mark_other_splits(rows: Sequence[MeasuredRow]) -> list[MeasuredRow]:
+    """Mark the rows whose split (cases, folds, seed) differs from the one most runs used.
+
+    Their figures are on other queries and databases, so they are shown apart and left out of the chart, with a
+    warning: a run with ``--seed 7`` or another ``--min-cases`` used to sit among the protocol's rows unmarked.
+    """
+    splits = [r.split for r in rows if r.main]
+    common = max(splits, key=splits.count) if splits else None
+    marked = []
+    for r in rows:
+        if r.split != common:
+            if r.main:
+                log.warning("%s ran on %s, not on %s as the other runs did: shown apart, as not comparable",
+                            r.run, r.split, common)
+            r = dataclasses.replace(r, other_split=True)
+        marked.append(r)
+    return marked
 
 
 def load_results(run_dir: str | Path) -> dict[str, Any]:
@@ -127,19 +148,23 @@ def _setting(doc: dict[str, Any]) -> str:
     return ", ".join(parts) or "n/a"
 
 
-def _row(doc: dict[str, Any], run: str, fallback_name: str, setting: str) -> MeasuredRow:
+def _split(doc: dict[str, Any]) -> str:
+    return f"{doc.get('n_cases', '?')} cases, {doc.get('n_folds', '?')} folds, seed {doc.get('seed', '?')}"
+
+
+def _row(doc: dict[str, Any], run: str, fallback_name: str, setting: str, split: str = "?") -> MeasuredRow:
     return MeasuredRow(
         name=str(doc.get("display_name") or doc.get("method") or fallback_name), run=run,
         protocol=str(doc.get("protocol", "image + text query, image-only database (the seed's protocol)")),
         mean={m: float(doc["mean"][m]) for m in METRICS}, std={m: float(doc["std"][m]) for m in METRICS},
-        fold_map=tuple(float(f["mAP"]) for f in doc["folds"]), setting=setting,
+        fold_map=tuple(float(f["mAP"]) for f in doc["folds"]), setting=setting, split=split,
     )
 
 
 def measured_rows(doc: dict[str, Any], run: str) -> list[MeasuredRow]:
     """The run's main row, then one per entry of its ``variants`` and ``ablations``."""
-    setting = _setting(doc)
-    rows = [_row(doc, run, run, setting)]
+    setting, split = _setting(doc), _split(doc)  # variants and ablations ran on their run's split
+    rows = [_row(doc, run, run, setting, split)]
     for group in ("variants", "ablations"):
         for key, sub in (doc.get(group) or {}).items():
             if not isinstance(sub, dict) or "mean" not in sub or "folds" not in sub:
@@ -147,7 +172,7 @@ def measured_rows(doc: dict[str, Any], run: str) -> list[MeasuredRow]:
                 continue
             _check_doc(sub, f"{run} {group}[{key}]")
             name = sub.get("display_name") or f"{doc.get('display_name') or doc.get('method') or run} [{key}]"
-            rows.append(dataclasses.replace(_row(sub | {"display_name": name}, run, key, setting), main=False))
+            rows.append(dataclasses.replace(_row(sub | {"display_name": name}, run, key, setting, split), main=False))
     return rows
 
 
@@ -166,9 +191,11 @@ def comparison_markdown(rows: Sequence[MeasuredRow], chart_name: str | None, tit
     for p in PAPER_ROWS:
         lines.append(f"| {p.table} | {p.name} | " + " | ".join(_cell(p.mean, p.std, m) for m in METRICS) + " |")
     seed = [r for r in rows if r.seed_protocol]
-    easier = [r for r in rows if not r.seed_protocol]
+    easier = [r for r in rows if EASIER_TASK_MARK in r.protocol and not r.other_split]
+    other = [r for r in rows if r.other_split]
     sections = [("Measured here: the seed's protocol", seed),
-                ("Measured here: metadata on the database side too (easier task, not comparable)", easier)]
+                ("Measured here: metadata on the database side too (easier task, not comparable)", easier),
+                ("Measured here: another split or set of cases than the rows above (not comparable)", other)]
     for heading, group in sections:
         if not group:
             continue
@@ -178,7 +205,7 @@ def comparison_markdown(rows: Sequence[MeasuredRow], chart_name: str | None, tit
         for r in group:
             cells = " | ".join(_cell(r.mean, r.std, m) for m in METRICS)
             folds = " / ".join(f"{v:.1f}" for v in r.fold_map)
-            lines.append(f"| {r.name} | {r.protocol} | {cells} | {folds} | {r.setting} | {r.run} |")
+            lines.append(f"| {r.name} | {r.protocol} | {cells} | {folds} | {r.split}; {r.setting} | {r.run} |")
     if chart_name:
         lines += ["", f"![The four metrics (± std): the paper rows that have numbers and each run's main row]({chart_name})"]
     return "\n".join(lines) + "\n"
@@ -235,7 +262,8 @@ def write_comparison(
         raise ValueError(f"--out {out}: expected a Markdown file name ending in .md")
     if not run_dirs:
         raise ValueError("no run folders given; pass at least one RUN_DIR with a results.json")
-    rows = [row for run in run_dirs for row in measured_rows(load_results(run), Path(run).name or str(run))]
+    rows = mark_other_splits(
+        [row for run in run_dirs for row in measured_rows(load_results(run), Path(run).name or str(run))])
     png = out.with_suffix(".png")
     # Main rows only: a readable chart; variants and ablations are in the table.
     bar_chart([r for r in rows if r.seed_protocol and r.main], png, title)

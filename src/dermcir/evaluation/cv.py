@@ -21,7 +21,7 @@ import torch
 from dermcir.config import to_json
 from dermcir.data.cache import preprocess_cases
 from dermcir.data.cases import Case, LoadReport, category_counts
-from dermcir.data.folds import stratified_folds, validation_split
+from dermcir.data.folds import check_enough_per_category, stratified_folds, validation_split
 from dermcir.evaluation.report import PAPER_ROWS, write_retrieval_figure, write_tables
 from dermcir.evaluation.results import build_results, fold_row
 from dermcir.files import write_json_atomic
@@ -158,16 +158,6 @@ def _check_folds(only_folds: Sequence[int] | None, n_folds: int) -> list[int]:
     return sorted(int(f) for f in only_folds)
 
 
-def _check_enough(cases: Sequence[Case], n_folds: int, n_skipped: int) -> None:
-    """Every category needs a case in every fold; say so plainly when left-out images took that away."""
-    if not cases:
-        raise ValueError(f"no usable cases: all {n_skipped} rows were left out (each is listed above, and in cv.log)")
-    few = {c: n for c, n in category_counts(cases).items() if n < n_folds}
-    if few:
-        raise ValueError(f"categories with fewer usable cases than the {n_folds} folds: {few} ({n_skipped} rows were "
-                         f"left out, each listed above and in cv.log); every fold needs a query of every category")
-
-
 def run_cv(
     cases: Sequence[Case], out_dir: str | Path, profile: str = "cpu", n_folds: int = 5, seed: int = 0,
     cache_dir: Path | None = None, progress: bool = True, device: torch.device | None = None,
@@ -211,7 +201,7 @@ def run_cv(
     report = load_report.copy() if load_report is not None else LoadReport()
     with run_log(out_dir / "cv.log", left_out=report.skipped, categories_left_out=report.categories_left_out()):
         cases, images = preprocess_cases(cases, model_cfg.image_size, cache_dir, report, progress)  # logs its skips
-        _check_enough(cases, n_folds, len(report.skipped))
+        check_enough_per_category([c.category for c in cases], n_folds, len(report.skipped), "cv.log")
         labels = np.array([c.category for c in cases])
         model_cfg.categories = list(category_counts(cases))
         seed_everything(seed)  # the heads' initial weights too: the same seed gives the same run
