@@ -296,6 +296,38 @@ def test_main_fit_and_companion_fit_each_change_only_their_own_weights(toy_relea
     assert changed and all(k.startswith("companion.heads.") for k in changed)  # never its frozen backbone
 
 
+def test_the_refit_goes_on_from_the_best_epochs_whole_training_state(toy_release):
+    """Weights, category proxies and Adam moments: a run that went on past its best epoch refits as one that stopped
+    there. Before, the refit trained the best weights against the proxies and moments of the later epochs. One batch
+    per epoch, no dropout and one view, so that nothing else differs between the two runs."""
+    import copy
+
+    from dermcir.training.trainer import describe_all, fit, query_embeddings, target_embeddings
+
+    cpu = torch.device("cpu")
+    model, inputs, cfg, n = _toy_inputs(toy_release, epochs=10, patience=50, refit_epochs=2, views=1,
+                                        token_dropout=0.0, batch_size=64, head_lr=3e-2)
+    idx = np.arange(n)
+    start = copy.deepcopy(model.state_dict())
+
+    def refit_after(epochs: int):
+        model.load_state_dict(start)
+        torch.manual_seed(0)  # the proxies' initial values
+        result = fit(model, inputs, idx[::2], idx[1::2], replace(cfg, epochs=epochs), cpu, 3, progress=False,
+                     refit_idx=idx)
+        # the embeddings, not the weights: a parameter whose gradient is only rounding noise (an attention key's
+        # bias, to which softmax is blind) moves by Adam's full step either way and changes no output
+        out = describe_all(model, inputs, idx, cpu, kinds=("target", "composed"))
+        return result.best_epoch, (target_embeddings(out["target"]), query_embeddings(out["composed"], 0.6))
+
+    best, went_on = refit_after(10)
+    assert best < 10  # else the two runs below would be the same run
+    same_best, stopped = refit_after(best)
+    assert same_best == best
+    for a, b in zip(went_on, stopped, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
 def test_fit_stops_at_its_deadline_and_says_why(toy_release):
     import time
 

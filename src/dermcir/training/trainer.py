@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import random
@@ -187,7 +188,8 @@ def fit(
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda step: min(1.0, (step + 1) / steps_per_epoch))
     gen = torch.Generator().manual_seed(cfg.seed)
     select = selection_keys(cfg.select_by)  # an unknown setting fails here, before any training
-    best = (-1.0, -1, None, float("nan"))  # (selection score, epoch, weights, validation mAP)
+    # (selection score, epoch, weights, validation mAP, the losses' category proxies, the optimiser's state)
+    best = (-1.0, -1, None, float("nan"), None, None)
     history: list[dict] = []
     start = time.perf_counter()
     bar = tqdm(range(cfg.epochs), desc="train", disable=not progress, leave=False)
@@ -234,7 +236,8 @@ def fit(
         bar.set_postfix(loss=f"{loss:.3f}", val_mAP=f"{val_map:.1f}")
         score = float(np.mean([val.get(k, float("nan")) for k in select]))  # NaN without validation queries
         if score > best[0]:
-            best = (score, epoch + 1, trainable_state(model, train_backbone), val_map)
+            best = (score, epoch + 1, trainable_state(model, train_backbone), val_map,
+                    {k: v.detach().clone() for k, v in loss_fns.state_dict().items()}, copy.deepcopy(optim.state_dict()))
         elif epoch + 1 - best[1] >= cfg.patience:
             stopped_by = "patience"
             log.info("early stop at epoch %d (best %d, val mAP %.2f)", epoch + 1, best[1], best[3])
@@ -251,6 +254,10 @@ def fit(
     bar.close()
     if best[2] is not None:
         model.load_state_dict(best[2], strict=False)
+        # the refit goes on from the best epoch's whole training state: with the heads, the category proxies they
+        # were trained against and Adam's moments, not those of the up to ``patience`` epochs after it
+        loss_fns.load_state_dict(best[4])
+        optim.load_state_dict(best[5])
     if refit_idx is not None and cfg.refit_epochs > 0:
         for _ in range(cfg.refit_epochs):
             run_epoch(refit_idx)
