@@ -4,7 +4,7 @@
   views (identity, horizontal flip) for augmentation; only the text layers, cross-modal transformers and mask heads
   train, as two independently initialised head sets whose descriptors are averaged (small heads on frozen features
   vary a lot from seed to seed; see docs/method.md). Sized for the whole 5-fold benchmark in under 20 minutes on 2
-  idle CPU cores.
+  idle CPU cores (16–20 min measured on one machine; 25 min on a 1.4 times slower one: docs/method.md).
 * ``gpu``: the backbone fine-tuned end to end at 512 px with the seed's optimiser settings, native-resolution maps,
   device-resident images and augmentation, bf16 autocast; plus a companion (``ModelConfig.companion``): the cpu
   profile's heads over a frozen copy of the backbone, trained as the cpu profile trains, its score joined with
