@@ -201,3 +201,24 @@ def test_a_checkpoint_gets_a_plain_writes_permissions(tmp_path):
         os.umask(old)
     mode = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "ckpt", *(tmp_path / "ckpt").iterdir())}
     assert mode == {"ckpt": 0o755, "config.json": 0o644, "model.safetensors": 0o644}
+
+
+def test_a_file_system_that_refuses_fsync_on_a_folder_still_saves(tmp_path, monkeypatch):
+    """Some network and FUSE file systems answer fsync on a folder with EINVAL: folder syncs are best effort."""
+    import errno
+    import os
+
+    real = os.fsync
+
+    def no_folder_fsync(fd):
+        import stat
+
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", no_folder_fsync)
+    save_checkpoint(tiny(), tmp_path / "ckpt", frozen=())
+    save_checkpoint(tiny(), tmp_path / "ckpt", frozen=())  # replacing one too
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    load_checkpoint(tmp_path / "ckpt")

@@ -473,6 +473,10 @@ def test_bad_settings_are_one_line_errors(toy_release, tmp_path, capsys):
         for command in (["train", "--out", str(tmp_path / "ckpt")], ["cv", "--out", str(tmp_path / "run")]):
             assert main([*command, "--data", str(toy_release), "--min-cases", "5", "--set", pair]) == 2
             assert f"--set {pair!r}: {says}" in capsys.readouterr().err
+    # a baseline's device is a setting of its own: it passes (and is checked by the baseline)
+    assert main(["cv", "--method", "snf-dca", "--data", str(toy_release), "--min-cases", "5", "--out",
+                 str(tmp_path / "b"), "--set", "device=nowhere"]) == 2
+    assert "setting device='nowhere'" in capsys.readouterr().err
     from dermcir.training.profiles import get_profile
 
     with pytest.raises(ValueError, match="profile='gpu': a profile is chosen by its name"):

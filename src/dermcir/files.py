@@ -52,7 +52,8 @@ def fsync_path(path: str | Path) -> None:
     """Flush a file's or a folder's contents to the disk (a folder: its entries, i.e. the renames into it).
 
     Without it a rename can reach the disk before the data it points to, so after a power loss the new name may hold
-    a zero-length file. Where a folder cannot be opened for it (not POSIX), this does nothing.
+    a zero-length file. For a folder this is best effort: where it cannot be opened (not POSIX) or its file system
+    refuses the call, nothing happens.
     """
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -62,6 +63,11 @@ def fsync_path(path: str | Path) -> None:
         raise
     try:
         os.fsync(fd)
+    except OSError:
+        # some file systems (network, FUSE) refuse fsync on a folder; the data itself was flushed, and a save
+        # must not fail for that
+        if not Path(path).is_dir():
+            raise
     finally:
         os.close(fd)
 

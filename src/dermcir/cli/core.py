@@ -56,7 +56,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 #: Names the commands pass to the run by name, besides ``--set``'s settings: the option that sets each (None: not
 #: settable). ``--set seed=1`` reached ``train_on_cases`` twice (a TypeError traceback), and ``--set device=...``
-#: was taken as the function's argument without being checked as a setting.
+#: was taken as the function's argument without being checked as a setting (a baseline has ``device`` as a
+#: setting of its own, which passes).
 _OWN_OPTIONS = {
     "profile": "--profile cpu|gpu", "seed": "--seed", "n_folds": "--folds", "cache_dir": "--cache or $DERMCIR_CACHE",
     "progress": "--quiet", "device": "CUDA_VISIBLE_DEVICES= to run on the CPU", "out_dir": "--out",
@@ -65,13 +66,15 @@ _OWN_OPTIONS = {
 }
 
 
-def _overrides(pairs: list[str]) -> dict:
+def _overrides(pairs: list[str], settings: tuple[str, ...] = ()) -> dict:
+    """``--set KEY=VALUE`` pairs as a dict (values read as JSON where they parse). ``settings``: names in
+    ``_OWN_OPTIONS`` that are settings of the method at hand (a baseline's ``device``), so they pass."""
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
             raise ValueError(f"--set {pair!r}: expected KEY=VALUE")
-        if key.strip() in _OWN_OPTIONS:  # the commands pass these by name, so a --set copy would collide
+        if key.strip() in _OWN_OPTIONS and key.strip() not in settings:  # passed by name: a --set copy collides
             option = _OWN_OPTIONS[key.strip()]
             raise ValueError(f"--set {pair!r}: " + (f"use {option}" if option else "not a setting"))
         try:
@@ -146,6 +149,6 @@ def cmd_cv(args: argparse.Namespace) -> int:
 
         doc = run_baseline_cv(args.method, cases, args.out, n_folds=args.folds, seed=args.seed, profile=args.profile,
                               cache_dir=args.cache, progress=not args.quiet, load_report=report,
-                              **_overrides(args.set))
+                              **_overrides(args.set, settings=("device",)))  # a baseline's own setting
     print(json.dumps({"out": str(args.out), "mean": doc["mean"], "std": doc["std"]}, indent=2))
     return 0
