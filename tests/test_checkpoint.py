@@ -186,6 +186,7 @@ def test_a_folder_that_is_not_a_checkpoint_is_never_replaced(tmp_path):
     # a checkpoint folder with its training logs is a checkpoint: it is replaced
     save_checkpoint(tiny(), tmp_path / "ckpt", frozen=())
     (tmp_path / "ckpt" / "train.log").write_text("log")
+    (tmp_path / "ckpt" / ".DS_Store").write_text("a file browser's")
     save_checkpoint(tiny(), tmp_path / "ckpt", frozen=())
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors"]
 

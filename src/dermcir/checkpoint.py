@@ -49,7 +49,9 @@ def check_checkpoint_target(out_dir: str | Path) -> None:
     if not out_dir.is_dir():
         raise ValueError(f"{out_dir}: is a file; a checkpoint is written as a folder")
     allowed = {WEIGHTS, CONFIG, *CHECKPOINT_LOGS}
-    others = sorted(p.name for p in out_dir.iterdir() if p.name not in allowed or not p.is_file())
+    # hidden files (a file browser's .DS_Store) go with the old checkpoint; hidden folders and anything else do not
+    others = sorted(p.name for p in out_dir.iterdir()
+                    if not p.is_file() or (p.name not in allowed and not p.name.startswith(".")))
     if others:
         shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
         raise ValueError(
