@@ -75,7 +75,7 @@ class CachedFeatures:
     ) -> CachedFeatures:
         cache = (cache_dir or default_cache_dir()) / "features"
         cfg = model.config
-        _check_grid(cfg.grid, cls.CACHE_GRID)
+        check_cached_grid(cfg.grid, cls.CACHE_GRID)
         weights = state_digest(model.backbone)
         # the digest of the preprocessed pixels the backbone sees, not of the image file: a change of preprocessing
         # (its code, PREPROCESS_VERSION, the size) then misses this cache as it misses the image cache
@@ -145,7 +145,7 @@ class CachedFeatures:
         return [m[idx].to(device).float() for m in self.maps[0]]
 
 
-def _check_grid(grid: int | None, cache_grid: int) -> None:
+def check_cached_grid(grid: int | None, cache_grid: int) -> None:
     """Refuse a ``grid`` whose pooling of the cached maps would differ from pooling the native maps (search)."""
     if grid is None or not 1 <= grid <= cache_grid or cache_grid % grid:
         allowed = ", ".join(str(g) for g in range(1, cache_grid + 1) if cache_grid % g == 0)
@@ -157,7 +157,7 @@ def _check_grid(grid: int | None, cache_grid: int) -> None:
 
 
 def _check_sides(maps: Sequence[torch.Tensor], cache_grid: int, cfg) -> None:
-    """Refuse maps that pooling to ``cache_grid`` and then to ``cfg.grid`` would average unevenly (see ``_check_grid``)."""
+    """Refuse maps that pooling to ``cache_grid`` and then to ``cfg.grid`` would average unevenly (see ``check_cached_grid``)."""
     bad = sorted({m.shape[-1] for m in maps if m.shape[-1] > cache_grid and m.shape[-1] % cache_grid})
     if bad:
         raise ValueError(

@@ -63,13 +63,13 @@ def get_profile(name: str, **overrides) -> tuple[ModelConfig, TrainConfig, int]:
 def _check_frozen_grids(name: str, model_cfg: ModelConfig) -> None:
     """The grid of each model that trains on cached frozen-backbone maps (the cpu profile's, a companion's), checked
     now, before any image is read, rather than when the cache is built."""
-    from dermcir.training.features import CachedFeatures, _check_grid
+    from dermcir.training.features import CachedFeatures, check_cached_grid
 
     if name == "cpu":
-        _check_grid(model_cfg.grid, CachedFeatures.CACHE_GRID)
+        check_cached_grid(model_cfg.grid, CachedFeatures.CACHE_GRID)
     if model_cfg.companion is not None:
         try:
-            _check_grid(model_cfg.companion.get("grid", model_cfg.grid), CachedFeatures.CACHE_GRID)
+            check_cached_grid(model_cfg.companion.get("grid", model_cfg.grid), CachedFeatures.CACHE_GRID)
         except ValueError as exc:
             raise ValueError(f"companion: {exc}") from None
 

@@ -8,6 +8,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -148,6 +149,17 @@ def _autocast(device: torch.device, enabled: bool):
     return torch.autocast("cpu", enabled=False)
 
 
+class _BestEpoch(NamedTuple):
+    """The epoch early stopping keeps, with the whole training state the refit goes on from."""
+
+    score: float  # the selection score (``select_by``)
+    epoch: int
+    weights: dict[str, torch.Tensor] | None
+    val_map: float
+    losses: dict[str, torch.Tensor] | None  # the losses' category proxies
+    optimizer: dict[str, Any] | None  # Adam's state
+
+
 def fit(
     model: ComposedRetrievalModel, inputs: Inputs, train_idx: np.ndarray, val_idx: np.ndarray, cfg: TrainConfig,
     device: torch.device, n_categories: int, progress: bool = True, refit_idx: np.ndarray | None = None,
@@ -188,8 +200,7 @@ def fit(
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda step: min(1.0, (step + 1) / steps_per_epoch))
     gen = torch.Generator().manual_seed(cfg.seed)
     select = selection_keys(cfg.select_by)  # an unknown setting fails here, before any training
-    # (selection score, epoch, weights, validation mAP, the losses' category proxies, the optimiser's state)
-    best = (-1.0, -1, None, float("nan"), None, None)
+    best = _BestEpoch(-1.0, -1, None, float("nan"), None, None)
     history: list[dict] = []
     start = time.perf_counter()
     bar = tqdm(range(cfg.epochs), desc="train", disable=not progress, leave=False)
@@ -235,12 +246,13 @@ def fit(
                  t1 - t0, t2 - t1)
         bar.set_postfix(loss=f"{loss:.3f}", val_mAP=f"{val_map:.1f}")
         score = float(np.mean([val.get(k, float("nan")) for k in select]))  # NaN without validation queries
-        if score > best[0]:
-            best = (score, epoch + 1, trainable_state(model, train_backbone), val_map,
-                    {k: v.detach().clone() for k, v in loss_fns.state_dict().items()}, copy.deepcopy(optim.state_dict()))
-        elif epoch + 1 - best[1] >= cfg.patience:
+        if score > best.score:
+            best = _BestEpoch(score, epoch + 1, trainable_state(model, train_backbone), val_map,
+                              {k: v.detach().clone() for k, v in loss_fns.state_dict().items()},
+                              copy.deepcopy(optim.state_dict()))
+        elif epoch + 1 - best.epoch >= cfg.patience:
             stopped_by = "patience"
-            log.info("early stop at epoch %d (best %d, val mAP %.2f)", epoch + 1, best[1], best[3])
+            log.info("early stop at epoch %d (best %d, val mAP %.2f)", epoch + 1, best.epoch, best.val_map)
             break
         # The first epoch carries one-off costs (kernel selection, allocator warm-up): later ones estimate better.
         steady = history[1:] or history
@@ -249,21 +261,21 @@ def fit(
         if (deadline is not None and 2 <= epoch + 1 < cfg.epochs
                 and t2 + epoch_s + refit_share * train_s > deadline):
             stopped_by = "time budget"
-            log.info("time budget: stop at epoch %d (best %d, val mAP %.2f)", epoch + 1, best[1], best[3])
+            log.info("time budget: stop at epoch %d (best %d, val mAP %.2f)", epoch + 1, best.epoch, best.val_map)
             break
     bar.close()
-    if best[2] is not None:
-        model.load_state_dict(best[2], strict=False)
+    if best.weights is not None:
+        model.load_state_dict(best.weights, strict=False)
         # the refit goes on from the best epoch's whole training state: with the heads, the category proxies they
         # were trained against and Adam's moments, not those of the up to ``patience`` epochs after it
-        loss_fns.load_state_dict(best[4])
-        optim.load_state_dict(best[5])
+        loss_fns.load_state_dict(best.losses)
+        optim.load_state_dict(best.optimizer)
     if refit_idx is not None and cfg.refit_epochs > 0:
         for _ in range(cfg.refit_epochs):
             run_epoch(refit_idx)
         log.info("refit %d epochs on all %d database cases", cfg.refit_epochs, len(refit_idx))
     model.eval()
-    return FitResult(best[1], best[3], len(history), time.perf_counter() - start, history, stopped_by)
+    return FitResult(best.epoch, best.val_map, len(history), time.perf_counter() - start, history, stopped_by)
 
 
 def warm_up(model: ComposedRetrievalModel, inputs: Inputs, cfg: TrainConfig, device: torch.device,
