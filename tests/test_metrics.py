@@ -21,12 +21,15 @@ def naive_ap(scores, q, d):
 
 
 def naive_acc(scores, q, d, k):
-    good = 0
+    good, answerable = 0, 0
     for i in range(len(q)):
         rel = np.array([d[j] == q[i] for j in range(len(d))])
+        if not rel.any():  # no relevant item: left out, as mAP leaves it out
+            continue
+        answerable += 1
         order = sorted(range(len(d)), key=lambda j: (-scores[i][j], rel[j]))[:k]
         good += any(rel[j] for j in order)
-    return good / len(q)
+    return good / answerable
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -51,6 +54,43 @@ def test_ap_and_acc_match_naive_loop_with_ties(seed):
     np.testing.assert_allclose(average_precision(scores, q, d), naive_ap(scores, q, d), equal_nan=True)
     for k in (1, 2, 4):
         assert accuracy_at_k(scores, q, d, k) == pytest.approx(naive_acc(scores, q, d, k))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_ap_with_ties_is_at_most_sklearns_and_equal_on_tie_free_rows(seed):
+    # scikit-learn is the independent reference here: it scores a tied group at the group's precision, which the
+    # pessimistic order (tied irrelevant items first) can only lower
+    rng = np.random.default_rng(seed)
+    q, d = rng.integers(0, 3, 10), rng.integers(0, 3, 30)
+    scores = rng.integers(0, 4, size=(10, 30)).astype(float)
+    scores[:3] = rng.normal(size=(3, 30))  # three rows without ties
+    ours = average_precision(scores, q, d)
+    for i in range(10):
+        rel = d == q[i]
+        if not rel.any():
+            continue
+        reference = average_precision_score(rel, scores[i])
+        if i < 3:
+            assert ours[i] == pytest.approx(reference)
+        else:
+            assert ours[i] <= reference + 1e-12
+
+
+def test_tied_groups_by_hand():
+    # one relevant and one irrelevant item tied: both conventions give 1/2
+    assert average_precision(np.array([[1.0, 1.0]]), [0], [0, 1])[0] == pytest.approx(0.5)
+    assert average_precision_score([True, False], [1.0, 1.0]) == pytest.approx(0.5)
+    # two relevant items tied with one irrelevant: ours ranks the irrelevant first, (1/2 + 2/3) / 2; sklearn 2/3
+    assert average_precision(np.array([[1.0, 1.0, 1.0]]), [0], [0, 0, 1])[0] == pytest.approx((1 / 2 + 2 / 3) / 2)
+    assert average_precision_score([True, True, False], [1.0, 1.0, 1.0]) == pytest.approx(2 / 3)
+    assert accuracy_at_k(np.array([[1.0, 1.0, 1.0]]), [0], [0, 0, 1], 1) == 0.0
+
+
+def test_queries_without_a_relevant_item_are_left_out_of_every_figure():
+    q, d = np.array([0, 2]), np.array([0, 1, 1])  # nothing in the database shares query 1's category
+    scores = (q[:, None] == d[None, :]).astype(float)
+    assert retrieval_metrics(scores, q, d) == {"mAP": 100.0, "Acc@1": 100.0, "Acc@2": 100.0, "Acc@4": 100.0}
+    assert np.isnan(accuracy_at_k(np.zeros((1, 3)), [2], [0, 1, 1], 1))
 
 
 def test_constant_scores_are_not_rewarded():

@@ -2,9 +2,10 @@
 
 Conventions: ``scores[i, j]`` is how well database item ``j`` matches query ``i`` (higher is better); a database item
 is relevant to a query when their labels are equal. Ties are broken pessimistically for the query (a tied
-irrelevant item ranks above a tied relevant one) so that a constant scorer cannot look good; the tests compare with
-scikit-learn's ``average_precision_score`` (which averages over tied groups) on tie-free inputs and with a naive loop
-on tied ones.
+irrelevant item ranks above a tied relevant one) so that a constant scorer cannot look good. So on tie-free rows
+average precision equals scikit-learn's ``average_precision_score``, and on tied ones it is at most that (scikit-learn
+counts a tied group at the precision of the whole group). A query with no relevant database item is left out of every
+figure.
 """
 
 from __future__ import annotations
@@ -52,11 +53,17 @@ def mean_average_precision(scores: np.ndarray, query_labels: Sequence, db_labels
 
 
 def accuracy_at_k(scores: np.ndarray, query_labels: Sequence, db_labels: Sequence, k: int) -> float:
-    """Fraction of queries with at least one relevant item among the top ``k`` (Eq. 13–14)."""
+    """Fraction of queries with at least one relevant item among the top ``k`` (Eq. 13–14).
+
+    Over the queries mAP averages too (those with a relevant item in the database; NaN when none has one): a query
+    that cannot succeed would otherwise count as a miss here while mAP leaves it out."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     scores, relevant = _check(scores, query_labels, db_labels)
-    ranked = _ranked_relevance(scores, relevant)
+    answerable = relevant.any(axis=1)
+    if not answerable.any():
+        return float("nan")
+    ranked = _ranked_relevance(scores[answerable], relevant[answerable])
     return float(ranked[:, :k].any(axis=1).mean())
 
 
