@@ -389,6 +389,20 @@ def test_fit_rejects_an_unknown_selection_before_training(toy_release):
         fit(model, inputs, np.arange(0, n, 2), np.arange(1, n, 2), cfg, torch.device("cpu"), 3, progress=False)
 
 
+def test_fit_refuses_a_validation_split_that_cannot_give_a_figure(toy_release):
+    from dermcir.training.trainer import fit
+
+    model, inputs, cfg, n = _toy_inputs(toy_release)
+    labels = inputs.labels.numpy()
+    cpu = torch.device("cpu")
+    with pytest.raises(ValueError, match="no validation cases"):
+        fit(model, inputs, np.arange(n), np.arange(0), cfg, cpu, 3, progress=False)
+    lone = np.flatnonzero(labels == labels[0])  # validation: one category; training: the others only
+    rest = np.flatnonzero(labels != labels[0])
+    with pytest.raises(ValueError, match=f"none of the {len(lone)} validation cases has a category"):
+        fit(model, inputs, rest, lone, cfg, cpu, 3, progress=False)
+
+
 def test_batch_inputs_trim_padding_and_match_the_index(toy_release):
     _, inputs, _, _ = _toy_inputs(toy_release)
     idx = torch.tensor([3, 0, 5])

@@ -5,7 +5,9 @@ one-positive InfoNCE would push apart same-category cases it should pull togethe
 
 * a multi-positive InfoNCE over the batch (SupCon-style): for query ``i`` the positives are the batch targets of its
   category *other than its own image* (in the benchmark the query's own image is never in the database, so matching
-  it would teach a shortcut);
+  it would teach a shortcut). It is the "log of a sum" form, ``-log Σ_pos softmax``: it asks for the positives'
+  *total* share of the softmax, so a query is not pushed away from the same-category cases it scores lower (the
+  one-positive form would), while the pull goes mostly to the positives it already scores highest;
 * a normalised-softmax proxy term: one learned proxy per category, scored with the same Eq. 9 structure, which
   keeps rare categories (61 benign keratoses) represented in every step even when a batch has few of them.
 
@@ -39,21 +41,31 @@ class CategoryContrastiveLoss(nn.Module):
         """Args: query ``(B, E)`` φ_q, target ``(B, E)`` φ_t of the same cases, labels ``(B,)`` category ids."""
         if query.shape != target.shape or query.shape[0] != labels.shape[0]:
             raise ValueError(f"query {tuple(query.shape)}, target {tuple(target.shape)}, labels {tuple(labels.shape)}")
-        logits = query.float() @ target.float().T / self.temperature
+        # In float32 even under bf16 autocast (which would cast the products back to bf16): the fused score of
+        # three levels reaches ±3, the logits ±3/τ = ±30, where bf16 steps by 0.125.
+        with torch.autocast(query.device.type, enabled=False):
+            return self._losses(query.float(), target.float(), labels)
+
+    def _losses(self, query: torch.Tensor, target: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = query @ target.T / self.temperature
         same = labels[:, None] == labels[None, :]
         own = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
-        logits = logits.masked_fill(own, float("-inf"))
+        logits = logits.masked_fill(own, float("-inf"))  # a batch has two cases at least: no row is all -inf
         positives = same & ~own
         has_pos = positives.any(dim=1)
         log_all = torch.logsumexp(logits, dim=1)
-        log_pos = torch.logsumexp(logits.masked_fill(~positives, float("-inf")), dim=1)
+        # The lowest finite value, not -inf, outside the positives: a row without positives then has a finite
+        # logsumexp, whose gradient is finite and zeroed by the torch.where below (an all -inf row's is NaN, and
+        # would reach the weights if anything but masked_fill's backward stood in between). exp() of it is 0 as
+        # exp(-inf) is, so rows with positives get the same values.
+        log_pos = torch.logsumexp(logits.masked_fill(~positives, torch.finfo(logits.dtype).min), dim=1)
         # Rows without a positive in the batch are left out by weight, not by indexing: no host sync on the GPU.
         per_row = torch.where(has_pos, log_all - log_pos, torch.zeros_like(log_all))
         contrastive = per_row.sum() / has_pos.sum().clamp(min=1)
 
         proxy_t, proxy_q = self._proxy_vectors()
         proxy = 0.5 * (
-            F.cross_entropy(query.float() @ proxy_t.T / self.temperature, labels)
-            + F.cross_entropy(target.float() @ proxy_q.T / self.temperature, labels)
+            F.cross_entropy(query @ proxy_t.float().T / self.temperature, labels)
+            + F.cross_entropy(target @ proxy_q.float().T / self.temperature, labels)
         )
         return {"contrastive": contrastive, "proxy": proxy, "total": contrastive + self.proxy_weight * proxy}

@@ -75,11 +75,15 @@ def _variants(desc_q: dict, beta: float) -> dict[str, torch.Tensor]:
 def _main_embeddings(
     model: ComposedRetrievalModel, inputs, db: np.ndarray, q: np.ndarray, device: torch.device, train_cfg,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The main model's target embeddings of the database and every ablation's query embeddings."""
+    """The main model's target embeddings of the database and every ablation's query embeddings.
+
+    In float32 whatever ``train_cfg.amp`` says, as the index and search encode: the figures reported are those of the
+    vectors search would use (bf16 descriptors move scores by up to ~2e-3, enough to swap close neighbours).
+    Validation during training may stay in bf16; it only picks the epoch."""
     fixed, beta = train_cfg.full_batches, model.config.beta
-    target = target_embeddings(describe_all(model, inputs, db, device, amp=train_cfg.amp, kinds=("target",),
+    target = target_embeddings(describe_all(model, inputs, db, device, amp=False, kinds=("target",),
                                             full_batches=fixed)["target"])
-    return target, _variants(describe_all(model, inputs, q, device, amp=train_cfg.amp, full_batches=fixed), beta)
+    return target, _variants(describe_all(model, inputs, q, device, amp=False, full_batches=fixed), beta)
 
 
 def _with_companion(

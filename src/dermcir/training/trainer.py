@@ -179,6 +179,7 @@ def fit(
     """
     from tqdm.auto import tqdm
 
+    _check_validation(inputs, train_idx, val_idx)
     seed_everything(cfg.seed)
     model.to(device)
     train_backbone = cfg.profile == "gpu"
@@ -278,9 +279,22 @@ def fit(
     return FitResult(best.epoch, best.val_map, len(history), time.perf_counter() - start, history, stopped_by)
 
 
+def _check_validation(inputs: Inputs, train_idx: np.ndarray, val_idx: np.ndarray) -> None:
+    """Early stopping needs a validation figure: validation cases, and one at least whose category the training
+    cases have (otherwise mAP is NaN every epoch, no epoch is ever kept and patience ends the run unnoticed)."""
+    if len(val_idx) == 0:
+        raise ValueError("no validation cases: early stopping picks the epoch on a validation split "
+                         "(TrainConfig.val_fraction)")
+    labels = inputs.labels.cpu().numpy()
+    if not np.isin(labels[np.asarray(val_idx)], labels[np.asarray(train_idx)]).any():
+        raise ValueError(f"none of the {len(val_idx)} validation cases has a category the {len(train_idx)} training "
+                         f"cases have, so no validation figure can be computed")
+
+
 def warm_up(model: ComposedRetrievalModel, inputs: Inputs, cfg: TrainConfig, device: torch.device,
             n_categories: int) -> float:
-    """One training step's forward and backward and one evaluation batch, with nothing kept; returns the seconds.
+    """One training step's forward and backward and one evaluation batch (two on CUDA with ``cfg.amp``: validation's
+    bf16 and the final evaluation's float32), with nothing kept; returns the seconds.
 
     On the GPU the first use of each batch shape pays one-off kernel preparation (tens of seconds for the fine-tuned
     backbone at 512 px). Paying it before the first fold keeps every fold's timing, and its share of a time budget,
@@ -299,7 +313,10 @@ def warm_up(model: ComposedRetrievalModel, inputs: Inputs, cfg: TrainConfig, dev
         loss = _member_loss(model.heads[0], loss_fn, maps, tok, pad, y, model.config.beta)
     loss.backward()
     model.zero_grad(set_to_none=True)
-    describe_all(model, inputs, np.arange(len(inputs.labels))[:128], device, amp=cfg.amp, full_batches=True)
+    first = np.arange(len(inputs.labels))[:128]
+    describe_all(model, inputs, first, device, amp=cfg.amp, full_batches=True)  # validation's batches
+    if cfg.amp and device.type == "cuda":  # the benchmark's final evaluation runs in float32: other kernels
+        describe_all(model, inputs, first, device, amp=False, full_batches=True)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     model.load_state_dict(state, strict=False)
