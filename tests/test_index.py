@@ -177,6 +177,9 @@ def test_a_model_handed_in_must_be_the_checkpoints_own(tmp_path, kit, fresh):
     unloaded = ComposedRetrievalModel(other.config, pretrained=False)  # built in memory, never saved: nothing says which it is
     with pytest.raises(ValueError, match="model= is a model not loaded with load_checkpoint"):
         add_cases(root, new, model=unloaded, cache_dir=tmp_path / "cache", progress=False)
+    own = load_checkpoint(ckpt).train()  # batch norm in training mode: a vector would depend on its batch
+    with pytest.raises(ValueError, match=r"is in training mode; call model.eval\(\)"):
+        add_cases(root, new, model=own, cache_dir=tmp_path / "cache", progress=False)
     assert len(open_index(root)) == 3 and not (tmp_path / "index2").exists()
     assert add_cases(root, new, model=kit[1], cache_dir=tmp_path / "cache", progress=False).added == 1
 

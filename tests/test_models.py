@@ -139,7 +139,28 @@ def test_one_pass_training_modes_equal_separate_descriptions():
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5, msg=f"mode {mode}")
 
 
-def test_query_modes_and_target_independence():
+@pytest.mark.parametrize("variant", [{}, {"members": 2}, {"companion": {"dim": 16, "heads": 2}, "companion_weight": 0.3}])
+@pytest.mark.parametrize("mode", ["composed", "image-only", "text-only"])
+@pytest.mark.parametrize("beta", [0.0, 0.6, 1.0])
+def test_every_query_mode_and_beta_is_eq9_as_one_inner_product(variant, mode, beta):
+    torch.manual_seed(0)
+    model = tiny(**variant).eval()
+    other = IMAGES[::-1].copy()
+    images, texts = {"composed": (IMAGES, TEXTS), "image-only": (IMAGES, None), "text-only": (None, TEXTS)}[mode]
+    with torch.no_grad():
+        tok, pad = model.text_features(TEXTS) if texts is not None else (None, None)
+        direct = []
+        for m in [model] + ([model.companion] if model.companion is not None else []):
+            dq = m.describe_query(m.image_features(images) if images is not None else None, tok, pad)
+            dt = m.describe_target(m.image_features(other))
+            direct.append(fused_similarity(dq.locals, dt.locals, dq.globals, dt.globals, beta))
+        w = model.config.companion_weight
+        expected = direct[0] if len(direct) == 1 else (1 - w) * direct[0] + w * direct[1]
+        via = model.encode_query(images, texts, beta=beta) @ model.encode_target(other).T
+    torch.testing.assert_close(via, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_query_modes_differ_and_image_only_is_the_weighted_target():
     model = tiny().eval()
     with torch.no_grad():
         composed = model.encode_query(IMAGES, TEXTS)
@@ -169,12 +190,12 @@ def test_masks_are_spatial_distributions():
         torch.testing.assert_close(m.sum(dim=(2, 3)), torch.ones(4, 3))
 
 
-def test_loss_excludes_own_image_and_uses_all_positives():
+def test_loss_parts_lonely_rows_and_shape_errors():
+    # (the own image and the positives are checked against a naive loop in the next test)
     loss_fn = CategoryContrastiveLoss(2, 2, 4, 0.5, temperature=1.0, proxy_weight=0.0)
     v = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
     out = loss_fn(v, v, torch.tensor([0, 1, 0, 1]))
     assert set(out) == {"contrastive", "proxy", "total"}
-    assert out["contrastive"] > 0
     lonely = CategoryContrastiveLoss(4, 2, 4, 0.5, proxy_weight=0.0)(v, v, torch.tensor([0, 1, 2, 3]))
     assert lonely["contrastive"] == 0  # no query has a positive: nothing to pull together, and no NaN
     with pytest.raises(ValueError, match="labels"):
@@ -232,3 +253,37 @@ def test_bert_loads_a_local_folder(tmp_path):
 def test_train_config_defaults_follow_the_seed():
     cfg = TrainConfig()
     assert (cfg.lr, cfg.weight_decay, cfg.epochs, cfg.patience) == (1e-4, 1e-5, 100, 30)
+
+
+def test_loss_logits_stay_float32_under_bf16_autocast():
+    torch.manual_seed(0)
+    loss_fn = CategoryContrastiveLoss(3, 2, 4, 0.5)
+    q, t = torch.randn(6, 8), torch.randn(6, 8)
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = loss_fn(q, t, y)
+    outside = loss_fn(q, t, y)
+    assert inside["total"].dtype == torch.float32
+    torch.testing.assert_close(inside["total"], outside["total"])  # bf16 logits moved it by ~1e-2
+
+
+def test_images_must_be_uint8_and_are_never_changed():
+    model = tiny().eval()
+    floats = IMAGES.astype(np.float32)
+    with pytest.raises(ValueError, match="uint8 array .* got torch.float32"):
+        model.normalize(floats)
+    np.testing.assert_array_equal(floats, IMAGES)  # untouched
+    pixels = torch.from_numpy(IMAGES.copy())
+    before = pixels.clone()
+    model.normalize(pixels)
+    assert torch.equal(pixels, before)
+    # a flipped view (negative strides) is taken as it is
+    torch.testing.assert_close(model.normalize(IMAGES[:, ::-1]), model.normalize(IMAGES[:, ::-1].copy()))
+
+
+def test_text_must_be_a_list_and_fusion_layers_at_least_one():
+    model = tiny().eval()
+    with pytest.raises(TypeError, match="list of strings"):
+        model.encode_query(texts="pigment network atypical")
+    with pytest.raises(ValueError, match="fusion_layers=0: expected an integer >= 1"):
+        tiny(fusion_layers=0)

@@ -29,7 +29,9 @@ class ModelConfig:
     heads: int = 4  # attention heads of the cross-modal transformer
     fusion_layers: int = 1  # cross-modal transformer layers per level
     text_layers: int = 1  # trainable self-attention layers over the (frozen) text tokens, shared by the levels
-    token_dropout: float = 0.0  # dropout on projected image tokens in training: keeps the image path from memorising
+    # training-time dropout on the projected image features (elementwise, not whole tokens; targets and queries
+    # alike): keeps the image path from memorising the cases
+    token_dropout: float = 0.0
     n_masks: int = 8  # k spatial attention masks per level (Eq. 6)
     beta: float = 0.6  # weight of the local term in Eq. 9
     # Independently initialised and trained head sets over the same frozen encoders; their unit descriptors are
@@ -55,7 +57,9 @@ class ModelConfig:
             "grid": (lambda v: v is None or v >= 1, "null or an integer >= 1"),
             "dim": (lambda v: v >= 1 and v % self.heads == 0, f"an integer >= 1 divisible by heads={self.heads}"),
             "heads": (lambda v: v >= 1, "an integer >= 1"),
-            "fusion_layers": (lambda v: v >= 0, "an integer >= 0"),
+            # without a cross-modal layer the text never reaches the image: composed queries would equal
+            # image-only ones and every text-only query the same (at first zero) vector
+            "fusion_layers": (lambda v: v >= 1, "an integer >= 1 (the layers that inject the text)"),
             "text_layers": (lambda v: v >= 0, "an integer >= 0"),
             "token_dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
             "n_masks": (lambda v: v >= 1, "an integer >= 1"),

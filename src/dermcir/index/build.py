@@ -170,6 +170,8 @@ def _check_model_is(model: ComposedRetrievalModel, checkpoint: Path) -> None:
             f"model= is {what}, not that of {checkpoint} (fingerprint {expected[:12]}); pass "
             "load_checkpoint(checkpoint), or leave model out"
         )
+    if model.training:  # batch norm and dropout would make each stored vector depend on the rest of its batch
+        raise ValueError(f"model= (of {checkpoint}) is in training mode; call model.eval() before indexing with it")
 
 
 def _check_ids(cases: Sequence[Case]) -> None:

@@ -116,8 +116,8 @@ class HeadSet(nn.Module):
     ) -> tuple[Descriptors, Descriptors, Descriptors]:
         """Target, composed-query and text-only-query descriptors of one batch in a single pass (masks left out).
 
-        Equal to three :meth:`describe` calls, but cheaper: the image is projected once for the target and the
-        composed query, and the "no image" token rides along with the image tokens through the cross-modal layers.
+        Equal to three :meth:`describe` calls in evaluation mode (in training the target and the composed query share
+        one draw of the token dropout), but cheaper: the image is projected once for the target and the composed query, and the "no image" token rides along with the image tokens through the cross-modal layers.
         That is exact because those layers have no attention among visual tokens: each visual token attends to the
         text on its own, and the norms and feed-forward act per token.
         """

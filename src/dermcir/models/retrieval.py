@@ -87,10 +87,15 @@ class ComposedRetrievalModel(nn.Module):
     # ---- inputs -------------------------------------------------------------------------------------------------
     def normalize(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
         """uint8 ``(B, H, W, 3)`` preprocessed images → normalised float ``(B, 3, H, W)`` on the model's device."""
+        if isinstance(images, np.ndarray):
+            images = np.ascontiguousarray(images)  # a flipped view (negative strides) cannot become a tensor as is
         x = torch.as_tensor(images, device=self._mean.device)
-        if x.ndim != 4 or x.shape[-1] != 3:
-            raise ValueError(f"images must be a uint8 array of shape (batch, height, width, 3), got {tuple(x.shape)}")
-        x = x.permute(0, 3, 1, 2).float().div_(255.0)
+        if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != torch.uint8:
+            raise ValueError(f"images must be a uint8 array of shape (batch, height, width, 3), got {x.dtype} "
+                             f"{tuple(x.shape)} (preprocessed images are uint8 pixels 0-255; a float image would "
+                             f"be scaled wrongly)")
+        # out of place: as_tensor shares the caller's memory, which must never change
+        x = x.permute(0, 3, 1, 2).float() / 255.0
         return (x - self._mean) / self._std
 
     def image_features(self, images: torch.Tensor | np.ndarray) -> list[torch.Tensor]:
@@ -110,6 +115,8 @@ class ComposedRetrievalModel(nn.Module):
 
     def text_features(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token embeddings ``(B, T, E)`` and padding mask ``(B, T)`` of the query texts."""
+        if isinstance(texts, str):  # iterating it would give one query per character
+            raise TypeError("texts must be a list of strings (one per query), not a single string")
         for i, t in enumerate(texts):
             if not isinstance(t, str) or not t.strip():
                 raise ValueError(f"text {i} is empty; give a description or use an image-only query")
@@ -141,7 +148,10 @@ class ComposedRetrievalModel(nn.Module):
 
     # ---- the two public encoders --------------------------------------------------------------------------------
     def encode_target(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """``φ_t`` of preprocessed uint8 images ``(B, H, W, 3)`` → ``(B, embedding_dim)``."""
+        """``φ_t`` of preprocessed uint8 images ``(B, H, W, 3)`` → ``(B, embedding_dim)``.
+
+        Call it on a model in evaluation mode (``load_checkpoint`` returns one): in training mode, batch norm and
+        dropout make a vector depend on the rest of its batch (training passes through here on purpose)."""
         return self.encode_target_with_masks(images)[0]
 
     def encode_target_with_masks(self, images: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, list[torch.Tensor]]:
