@@ -11,8 +11,12 @@ A worker holds a CPU copy of the companion at its initial weights and the fold-i
 tokens, labels); each job resets it, runs ``fit`` exactly as ``fit_companion`` does and returns the heads' weights.
 A job that fails (or a worker that dies) is fitted again in the calling process, so a run never loses a fold to it.
 
-What crosses between processes is plain ``pickle`` bytes (tensors serialised into them), not torch's shared-memory
+What crosses between processes is plain ``pickle`` data (tensors serialised into it), not torch's shared-memory
 tensor passing, which would hold one file descriptor per tensor (several hundred per worker) against the host's limit.
+The workers' start-up data (~150 MB: the companion, cached maps, text tokens) goes through a file in a private
+temporary folder, not through the spawn pipe: the parent writes a spawned child's arguments into that pipe while the
+child is still importing torch, so each worker's start-up would block the calling process for a whole import (about
+10 s per worker measured here), one worker after the other, inside the run's time budget.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import logging
 import multiprocessing
 import os
 import pickle
+import shutil
+import tempfile
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -60,10 +66,11 @@ def default_workers(device: torch.device, jobs: int, cores: int | None = None) -
     return max(0, min(jobs, ((cores or host_cores()) - 2) // 2))
 
 
-def _init_worker(payload: bytes, threads: int) -> None:
+def _init_worker(payload: str, threads: int) -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = ""  # a worker trains on the host only; never a second CUDA context
     torch.set_num_threads(threads)
-    companion, inputs, train_cfg, n_categories = pickle.loads(payload)  # bytes from our own process, never a file
+    with open(payload, "rb") as fh:  # written by the calling process into its own private (0700) temporary folder
+        companion, inputs, train_cfg, n_categories = pickle.load(fh)
     _WORKER.update(model=companion, initial=trainable_state(companion, train_backbone=False), inputs=inputs,
                    cfg=train_cfg, n_categories=n_categories)
 
@@ -101,6 +108,10 @@ class CompanionPool:
     (which drives the GPU).
     """
 
+    #: Seconds :meth:`collect` waits past a job's deadline before giving up on its worker (the job itself stops
+    #: training by the deadline; this covers handing its weights back on a loaded host).
+    GRACE = 30.0
+
     def __init__(self, model: ComposedRetrievalModel, companion: tuple[Inputs, object], workers: int,
                  threads: int | None = None) -> None:
         if model.companion is None:
@@ -114,12 +125,21 @@ class CompanionPool:
         self.threads = threads or min(4, max(1, (host_cores() - 2) // workers))
         cpu = torch.device("cpu")
         worker_copy = copy.deepcopy(model.companion).to(cpu)  # the main model's (shared) text encoder stays put
-        payload = pickle.dumps((worker_copy, inputs.on(cpu), train_cfg, len(model.config.categories)))
-        self._pool = ProcessPoolExecutor(
-            max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
-            initargs=(payload, self.threads))
+        self._payload_dir = tempfile.mkdtemp(prefix="dermcir-companions-")  # removed by close()
+        try:
+            payload = os.path.join(self._payload_dir, "start.pkl")
+            with open(payload, "wb") as fh:
+                pickle.dump((worker_copy, inputs.on(cpu), train_cfg, len(model.config.categories)), fh,
+                            protocol=pickle.HIGHEST_PROTOCOL)
+            self._pool = ProcessPoolExecutor(
+                max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                initargs=(payload, self.threads))
+        except BaseException:
+            shutil.rmtree(self._payload_dir, ignore_errors=True)
+            raise
         self._ping = self._pool.submit(_ready)  # first in the queue: answered as soon as one worker has started
         self._jobs: dict[int, tuple[Future, tuple]] = {}
+        self._abandoned = False  # a job given up on (it overran): close() must stop it rather than wait for it
         log.info("companions: %d CPU worker process(es), %d thread(s) each", workers, self.threads)
 
     def started(self, timeout: float = 120.0) -> bool:
@@ -148,12 +168,28 @@ class CompanionPool:
             future.set_exception(exc)
         self._jobs[fold] = (future, args)
 
+    def ready(self, fold: int) -> bool:
+        """Whether ``fold``'s job has ended (its companion can be collected without waiting)."""
+        return self._jobs[fold][0].done()
+
     def collect(self, fold: int, device: torch.device, progress: bool = False) -> FitResult:
         """Wait for ``fold``'s companion and load its weights into ``model.companion``. A job that failed is fitted
-        again here, from the same initial weights, and the failure is logged."""
+        again here, from the same initial weights, and the failure is logged.
+
+        A job with a ``wall_deadline`` is waited for until :attr:`GRACE` seconds after it (it stops training by
+        then); one still running later (a hung worker) is given up on and fitted here too, so that the run's
+        results are never held back past its time budget by a worker."""
         future, (train_idx, val_idx, refit_idx, wall_deadline) = self._jobs.pop(fold)
+        timeout = None if wall_deadline is None else max(0.0, wall_deadline - time.time()) + self.GRACE
         try:
-            state, result = pickle.loads(future.result())  # bytes from our own worker, never a file
+            state, result = pickle.loads(future.result(timeout=timeout))  # bytes from our own worker, never a file
+        except FutureTimeout:
+            self._abandoned = True
+            log.warning("fold %d: the companion's CPU worker has not answered %.0f s after the deadline; fitting it "
+                        "in this process", fold, self.GRACE)
+            self.model.companion.load_state_dict(self.initial, strict=False)
+            return fit_companion(self.model, self.companion, train_idx, val_idx, device, progress, refit_idx,
+                                 deadline=_local_deadline(wall_deadline))
         except Exception as exc:  # noqa: BLE001 — any failure in the worker: the fold is fitted here instead
             log.warning("fold %d: the companion's CPU worker failed (%s: %s); fitting it in this process",
                         fold, type(exc).__name__, exc)
@@ -166,9 +202,11 @@ class CompanionPool:
     def close(self, terminate: bool = False) -> None:
         """Shut the workers down; ``terminate``: stop running jobs too (the run is failing or was interrupted, so
         waiting minutes for companions nobody will collect would only delay the error)."""
+        terminate = terminate or self._abandoned
         processes = []
         if terminate:  # ProcessPoolExecutor has no public way to stop running jobs before Python 3.14
             processes = list((getattr(self._pool, "_processes", None) or {}).values())
         self._pool.shutdown(wait=not terminate, cancel_futures=True)
         for process in processes:
             process.terminate()
+        shutil.rmtree(self._payload_dir, ignore_errors=True)
