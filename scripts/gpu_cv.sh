@@ -3,15 +3,18 @@
 #
 # Usage: bash scripts/gpu_cv.sh RUN_DIR [extra `dermcir cv` options, e.g. --time-budget 480]
 #   RUN_DIR gets the usual cv outputs. With $BUNDLE set (the device's $OUT), the log is written straight into $BUNDLE,
-#   so that a command stopped by the device's time limit still returns it; after the run, the run folder is packed
-#   into $BUNDLE/cv_gpu.tgz and its results.json and tables.md are copied there (the device returns at most 8 files).
+#   so that a command stopped by the device's time limit still returns it; while the run goes, its results.json and
+#   tables.md (rewritten after every finished fold) are copied there every 10 s, so a run stopped part-way still
+#   returns its finished folds; after the run, the run folder is packed into $BUNDLE/cv_gpu.tgz and the final
+#   results.json and tables.md are copied there (the device returns at most 8 files).
 # Order: the benchmark first, then its bundle, then the CUDA-only tests (GPU_TESTS=1, the default; at most
 # TESTS_TIMEOUT seconds, default 90, into gpu_tests.log beside the log). So the tests can never cost the benchmark
 # its time, and when the device's limit cuts them short the benchmark's results are already in the bundle.
 # Time: DEVICE_LIMIT (seconds the device call may run, default 600: its `limit_s`, which is less than timeout_s when
-# the session has less device time left) sets the defaults: CV_TIMEOUT = DEVICE_LIMIT - 50 (time left for the bundle),
-# --time-budget = DEVICE_LIMIT - 120 unless given (preparation before the budget's clock, start-up, the companions'
-# collection), and the tests get only what is left before DEVICE_LIMIT (skipped under 30 s).
+# the session has less device time left) sets the defaults, counted from this script's start (the checks before the
+# benchmark take their share): CV_TIMEOUT = what is left of DEVICE_LIMIT - 50 (time left for the bundle),
+# --time-budget = what is left of DEVICE_LIMIT - 120 unless given (preparation before the budget's clock, start-up,
+# the companions' collection), and the tests get only what is left before DEVICE_LIMIT (skipped under 30 s).
 # RUN_DIR must not hold an earlier run: a run cut short would otherwise bundle the earlier run's results as its own.
 # The GPU image has torch, timm, transformers, scikit-learn, pandas, matplotlib but not our PyPI weight packages and
 # no network, so the package runs from src/ (no pip install) with the weights from gpu_payload/.
@@ -31,9 +34,9 @@ if [ -n "$(ls -A "$RUN_DIR" 2>/dev/null)" ]; then
 fi
 mkdir -p "$RUN_DIR"
 DEVICE_LIMIT="${DEVICE_LIMIT:-600}"
-CV_TIMEOUT="${CV_TIMEOUT:-$(( DEVICE_LIMIT - 50 ))}"
-BUDGET=()
-case " ${*:2} " in *" --time-budget"*) ;; *) BUDGET=(--time-budget "$(( DEVICE_LIMIT - 120 ))") ;; esac
+GIVEN_TIMEOUT="${CV_TIMEOUT:-}"
+OWN_BUDGET=1
+case " ${*:2} " in *" --time-budget"*) OWN_BUDGET=0 ;; esac
 PY="${PYTHON:-$(command -v python || command -v python3)}"
 LOG_DIR="${BUNDLE:-$(dirname "$RUN_DIR")}"
 mkdir -p "$LOG_DIR"
@@ -44,13 +47,27 @@ export PYTHONUNBUFFERED=1
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
   "$PY" -c "import torch, timm, transformers; print('torch', torch.__version__, 'timm', timm.__version__, 'transformers', transformers.__version__)"
   start=$(date +%s)
+  left=$(( DEVICE_LIMIT - (start - script_start) ))  # the checks above took their share of the device call
   # CV_TIMEOUT (seconds; 0 = none) stops a run that overruns, so that the bundle below is still written; -k: KILL
   # what ignores the TERM (e.g. a process stuck in a driver call) 15 s later
+  CV_TIMEOUT="${GIVEN_TIMEOUT:-$(( left - 50 ))}"
+  BUDGET=()
+  [ "$OWN_BUDGET" = 1 ] && BUDGET=(--time-budget "$(( left - 120 ))")
+  echo "gpu_cv.sh: ${left} s of DEVICE_LIMIT=${DEVICE_LIMIT} left; CV_TIMEOUT=${CV_TIMEOUT} ${BUDGET[*]}"
+  if [ -n "${BUNDLE:-}" ]; then  # the finished folds' figures reach the bundle while the run goes
+    ( while sleep 10; do
+        for f in results.json tables.md; do
+          [ -f "$RUN_DIR/$f" ] && cp -f "$RUN_DIR/$f" "$BUNDLE/.$f" && mv -f "$BUNDLE/.$f" "$BUNDLE/$f"
+        done
+      done ) >/dev/null 2>&1 &  # not into tee's pipe, which would then stay open until its last sleep ends
+    mirror=$!
+  fi
   timeout -k 15 "$CV_TIMEOUT" "$PY" -m dermcir cv --data gpu_payload/release --profile gpu --out "$RUN_DIR" --quiet \
     --set backbone_weights='"gpu_payload/lite0_fp16.safetensors"' \
     --set text_encoder='"bert"' --set text_weights='"gpu_payload/minilm"' \
     --companion-workers "${COMPANION_WORKERS:-5}" "${BUDGET[@]}" "${@:2}"
   rc=$?
+  [ -n "${mirror:-}" ] && kill "$mirror" 2>/dev/null
   echo "dermcir cv exit $rc after $(( $(date +%s) - start )) s"
   [ -f "$RUN_DIR/tables.md" ] && cat "$RUN_DIR/tables.md"
   exit $rc

@@ -59,6 +59,35 @@ def test_cv_writes_results_tables_and_figure(toy_release, tmp_path):
         assert json.loads((tmp_path / "run" / f"fold_{f}" / "metrics.json").read_text())["epochs_run"] >= 1
 
 
+def test_a_run_stopped_part_way_keeps_its_finished_folds(toy_release, tmp_path, monkeypatch):
+    """results.json and tables.md are rewritten after every fold: a run stopped later (a device's time limit, an
+    error in fold 1) still holds fold 0's figures, marked as not ended."""
+    from dermcir.evaluation import cv
+
+    real_fit, calls = cv.fit, []
+
+    def failing_second_fold(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("stopped in fold 1")
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(cv, "fit", failing_second_fold)
+    cases, _ = load_derm7pt(toy_release, min_cases=5)
+    with pytest.raises(RuntimeError, match="stopped in fold 1"):
+        run_cv(cases, tmp_path / "run", profile="cpu", n_folds=3, progress=False, **FAST)
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["complete"] is False and saved["folds_run"] == [0] and [r["fold"] for r in saved["folds"]] == [0]
+    assert saved["mean"]["mAP"] == saved["folds"][0]["mAP"]
+    assert "The run had not ended when this was written: 1 of 3 folds were done (fold 0)" in (
+        tmp_path / "run" / "tables.md").read_text()
+    assert (tmp_path / "run" / "retrievals.png").exists()
+    monkeypatch.setattr(cv, "fit", real_fit)
+    doc = run_cv(cases, tmp_path / "whole", profile="cpu", n_folds=3, progress=False, **FAST)
+    assert doc["complete"] is True and doc["folds_run"] == [0, 1, 2]
+    assert doc["folds"][0]["mAP"] == saved["folds"][0]["mAP"]  # the same fold, finished earlier
+
+
 def test_tables_name_the_runs_own_beta(tmp_path):
     """The main row of Table 2 was labelled beta=0.6 whatever β the run used (e.g. ``--set beta=0.3``)."""
     from dermcir.evaluation.report import write_tables
@@ -682,6 +711,37 @@ def test_a_companion_pool_that_cannot_be_made_falls_back_to_fitting_in_process(t
         doc = run_cv(cases, tmp_path / "run", profile="gpu", n_folds=2, progress=False, companion_workers=2, **settings)
     assert "no CPU worker pool (OSError: [Errno 38] Function not implemented)" in caplog.text
     assert [t["companion_best_epoch"] in (1, 2) for t in doc["training"]] == [True, True]
+
+
+def test_a_worker_that_never_answers_is_given_up_on_after_the_deadline(toy_release, tmp_path, caplog):
+    """A hung worker must not hold the run's results past its time budget: ``collect`` waits until GRACE seconds
+    after the job's deadline, then fits the companion here; ``close`` then stops the pool instead of waiting."""
+    import time
+    from concurrent.futures import Future
+    from pathlib import Path
+
+    from dermcir.training.companion_pool import CompanionPool
+
+    model, (c_inputs, c_cfg), idx = _model_with_an_endless_companion(toy_release)
+    pool = CompanionPool(model, (c_inputs, replace(c_cfg, epochs=5)), workers=1)
+    payload_dir = pool._payload_dir
+    pool.GRACE = 2.0
+    try:
+        assert pool.started() and (Path(payload_dir) / "start.pkl").is_file()
+        deadline = time.time() + 1
+        pool.submit(0, idx[::2], idx[1::2], idx, tmp_path / "companion.log", deadline)
+        never = Future()  # stands in for a job whose worker hangs
+        pool._jobs[0] = (never, pool._jobs[0][1])
+        assert not pool.ready(0)
+        with caplog.at_level("WARNING", logger="dermcir"):
+            before = time.time()
+            result = pool.collect(0, torch.device("cpu"))
+        assert deadline + 2.0 - 0.5 <= time.time() and time.time() - before < 60
+        assert "has not answered 2 s after the deadline; fitting it in this process" in caplog.text
+        assert result.epochs_run == 2 and result.stopped_by == "time budget"
+    finally:
+        pool.close()  # gives up on the hung job: must not wait for it
+    assert not Path(payload_dir).exists()  # the start-up file goes with the pool
 
 
 def _model_with_an_endless_companion(toy_release):

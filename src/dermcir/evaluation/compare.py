@@ -142,7 +142,8 @@ def _setting(doc: dict[str, Any]) -> str:
     if doc.get("profile"):
         parts.append(f"{doc['profile']} profile" + (f" on {doc['device']}" if doc.get("device") else ""))
     if partial := partial_folds(doc):
-        parts.append(f"only folds {', '.join(map(str, partial))} of {doc.get('n_folds', '?')}")
+        stopped = " (the run had not ended)" if doc.get("complete") is False else ""
+        parts.append(f"only folds {', '.join(map(str, partial))} of {doc.get('n_folds', '?')}{stopped}")
     if isinstance(doc.get("seconds"), int | float):
         parts.append(f"{doc['seconds']:.0f} s")
     return ", ".join(parts) or "n/a"

@@ -277,7 +277,36 @@ def run_cv(
                               "history": c_result.history}} if c_result is not None else {}),
         })
 
-    waiting: list[tuple] = []  # folds whose companion a worker is still fitting
+    def write_results(complete: bool) -> dict[str, Any]:
+        """``results.json`` and ``tables.md`` of the folds finished so far (atomically replaced; ``complete``: the
+        run has ended), so that a run stopped part-way (a device's time limit) still leaves every finished fold's
+        figures; ``retrievals.png`` once, with the first finished fold."""
+        doc = build_results(
+            METHOD, rows, profile=profile, beta=model_cfg.beta, n_cases=len(cases), n_folds=n_folds, seed=seed,
+            device=device_name(device),
+            categories=category_counts(cases), seconds=time.perf_counter() - start, prepare_seconds=prep_seconds,
+            time_budget=time_budget, training=training, skipped=report.skipped,
+            categories_left_out=report.categories_left_out(),
+            folds_run=selected if complete else [r["fold"] for r in rows], complete=complete,
+            protocol=PROTOCOLS["composed"],
+            ablations={name: build_results(name, r, protocol=PROTOCOLS[name]) for name, r in ablations.items()},
+        )
+        write_json_atomic(out_dir / "results.json", doc)
+        write_tables(doc, out_dir / "tables.md", PAPER_ROWS)
+        if len(examples) == 1 or (complete and not (out_dir / "retrievals.png").exists()):
+            write_retrieval_figure(examples[0], cases, images, labels, out_dir / "retrievals.png")
+        return doc
+
+    def collect_and_finish(fold: int, main_embeddings, result) -> None:
+        with run_log(out_dir / f"fold_{fold}" / "train.log", append=True):
+            c_result = pool.collect(fold, device, progress)
+            log.info("companion: best epoch %d of %d (stopped by %s), validation mAP %.2f, %.0f s (fold %d)",
+                     c_result.best_epoch, c_result.epochs_run, c_result.stopped_by, c_result.best_val_map,
+                     c_result.seconds, fold)
+            finish_fold(fold, main_embeddings, result, c_result)
+        write_results(complete=False)
+
+    waiting: list[tuple] = []  # folds whose companion a worker is still fitting, in fold order
     try:
         for fold, (db, q) in folds.items():
             with run_log(out_dir / f"fold_{fold}" / "train.log"):
@@ -298,6 +327,7 @@ def run_cv(
                 main_embeddings = _main_embeddings(model, inputs, db, q, device, train_cfg)
                 if pool is None:
                     finish_fold(fold, main_embeddings, result, c_result)
+                    write_results(complete=False)
                 else:
                     # logged now, so that a run stopped while its companions are still fitting keeps these figures
                     # (they are the ablation "composed, main model alone" of the finished run)
@@ -306,31 +336,18 @@ def run_cv(
                     log.info("fold %d, main model alone (its companion not yet collected): %s", fold,
                              {k: round(v, 2) for k, v in alone.items()})
                     waiting.append((fold, main_embeddings, result))
-        for fold, main_embeddings, result in waiting:
-            with run_log(out_dir / f"fold_{fold}" / "train.log", append=True):
-                c_result = pool.collect(fold, device, progress)
-                log.info("companion: best epoch %d of %d (stopped by %s), validation mAP %.2f, %.0f s (fold %d)",
-                         c_result.best_epoch, c_result.epochs_run, c_result.stopped_by, c_result.best_val_map,
-                         c_result.seconds, fold)
-                finish_fold(fold, main_embeddings, result, c_result)
+            # folds whose companion is already back are finished (and written) now, in fold order, not after
+            # the last main model: a run stopped later keeps them
+            while waiting and pool.ready(waiting[0][0]):
+                collect_and_finish(*waiting.pop(0))
+        while waiting:
+            collect_and_finish(*waiting.pop(0))
+        doc = write_results(complete=True)
     except BaseException:  # an error or an interrupt: stop the workers' jobs rather than wait for them
         if pool is not None:
             pool.close(terminate=True)
         raise
     if pool is not None:
         pool.close()
-
-    doc = build_results(
-        METHOD, rows, profile=profile, beta=model_cfg.beta, n_cases=len(cases), n_folds=n_folds, seed=seed,
-        device=device_name(device),
-        categories=category_counts(cases), seconds=time.perf_counter() - start, prepare_seconds=prep_seconds,
-        time_budget=time_budget, training=training, skipped=report.skipped,
-        categories_left_out=report.categories_left_out(), folds_run=selected,
-        protocol=PROTOCOLS["composed"],
-        ablations={name: build_results(name, r, protocol=PROTOCOLS[name]) for name, r in ablations.items()},
-    )
-    write_json_atomic(out_dir / "results.json", doc)
-    write_tables(doc, out_dir / "tables.md", PAPER_ROWS)
-    write_retrieval_figure(examples[0], cases, images, labels, out_dir / "retrievals.png")
     log.info("cv done in %.0f s: %s", doc["seconds"], {k: round(v, 1) for k, v in doc["mean"].items()})
     return doc

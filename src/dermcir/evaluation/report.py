@@ -33,8 +33,12 @@ def write_tables(doc: dict[str, Any], path: Path, paper_rows: dict = PAPER_ROWS)
     lines = [f"# Results: {doc['method']}, {doc['n_folds']}-fold, {doc['n_cases']} cases, seed {doc['seed']}", ""]
     if partial := partial_folds(doc):
         folds = ", ".join(map(str, partial))
-        note = (f"Only folds {folds} of {doc['n_folds']} ran: every mean below is over those folds, "
-                "not over the whole benchmark.")
+        if doc.get("complete") is False:  # written after each fold; a run stopped part-way leaves this
+            note = (f"The run had not ended when this was written: {len(partial)} of {doc['n_folds']} folds were "
+                    f"done (fold {folds}), and every mean below is over those only.")
+        else:
+            note = (f"Only folds {folds} of {doc['n_folds']} ran: every mean below is over those folds, "
+                    "not over the whole benchmark.")
         lines += [note, ""]
     lines += ["## Table 1: comparison (percent, mean ± std over folds)", "", _HEADER]
     lines += [format_row(n, m, s) for n, (m, s) in paper_rows.items()]
