@@ -293,7 +293,7 @@ def run_cv(
         )
         write_json_atomic(out_dir / "results.json", doc)
         write_tables(doc, out_dir / "tables.md", PAPER_ROWS)
-        if len(examples) == 1 or (complete and not (out_dir / "retrievals.png").exists()):
+        if len(examples) == 1 and not complete:  # every run's last write follows a fold's own
             write_retrieval_figure(examples[0], cases, images, labels, out_dir / "retrievals.png")
         return doc
 
