@@ -50,6 +50,10 @@ export PYTHONUNBUFFERED=1
   left=$(( DEVICE_LIMIT - (start - script_start) ))  # the checks above took their share of the device call
   # CV_TIMEOUT (seconds; 0 = none) stops a run that overruns, so that the bundle below is still written; -k: KILL
   # what ignores the TERM (e.g. a process stuck in a driver call) 15 s later
+  if [ -z "$GIVEN_TIMEOUT" ] && [ "$left" -lt 180 ]; then  # below that the budget (left - 120) trains nothing
+    echo "gpu_cv.sh: only ${left} s of DEVICE_LIMIT=${DEVICE_LIMIT} left; the benchmark needs 180 s at least" >&2
+    exit 2
+  fi
   CV_TIMEOUT="${GIVEN_TIMEOUT:-$(( left - 50 ))}"
   BUDGET=()
   [ "$OWN_BUDGET" = 1 ] && BUDGET=(--time-budget "$(( left - 120 ))")
@@ -67,7 +71,11 @@ export PYTHONUNBUFFERED=1
     --set text_encoder='"bert"' --set text_weights='"gpu_payload/minilm"' \
     --companion-workers "${COMPANION_WORKERS:-5}" "${BUDGET[@]}" "${@:2}"
   rc=$?
-  [ -n "${mirror:-}" ] && kill "$mirror" 2>/dev/null
+  if [ -n "${mirror:-}" ]; then  # stopped, and any copy it had begun removed (the device returns 8 files at most)
+    kill "$mirror" 2>/dev/null
+    wait "$mirror" 2>/dev/null
+    rm -f "$BUNDLE/.results.json" "$BUNDLE/.tables.md"
+  fi
   echo "dermcir cv exit $rc after $(( $(date +%s) - start )) s"
   [ -f "$RUN_DIR/tables.md" ] && cat "$RUN_DIR/tables.md"
   exit $rc

@@ -152,3 +152,39 @@ def test_the_demo_index_tolerates_new_cases_it_cannot_read(tmp_path, small):
     broken[0].image.write_bytes(b"not an image")  # left out of the first build, so "new" on every run
     _demo_index([*cases, *broken], ckpt, root, tmp_path / "cache")
     assert len(open_index(root)) == 4
+
+
+def test_sigterm_ends_a_command_through_its_clean_up(monkeypatch):
+    """``timeout`` and ``kill`` send SIGTERM, which by default ends Python at once: no ``finally``, no worker stopped,
+    no temporary file removed. While a command runs it is a SystemExit instead, and the handler before it comes back."""
+    import os
+    import signal
+
+    from dermcir import cli
+
+    before = signal.getsignal(signal.SIGTERM)
+    seen = {}
+
+    def handler(args):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+        finally:
+            seen["cleaned up"] = True
+
+    monkeypatch.setattr(cli, "build_parser", lambda: _Parser(handler))
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["anything"])
+    assert stopped.value.code == 128 + signal.SIGTERM and seen == {"cleaned up": True}
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+class _Parser:
+    """Stands in for the argument parser: every command runs ``handler``."""
+
+    def __init__(self, handler):
+        self.handler = handler
+
+    def parse_args(self, argv):
+        import argparse
+
+        return argparse.Namespace(command="anything", verbose=False, handler=self.handler)

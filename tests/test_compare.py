@@ -88,6 +88,13 @@ def test_a_partial_run_says_which_folds_it_averages(tmp_path: Path) -> None:
     full = build_results("composed", _rows(3.0, n_folds=5), profile="cpu", n_folds=5, folds_run=[0, 1, 2, 3, 4])
     assert measured_rows(partial, "one")[0].setting == "cpu profile, only folds 1, 2 of 5"
     assert measured_rows(full, "all")[0].setting == "cpu profile"
+    # its means are over two folds' queries: another split, shown apart from (and not charted with) whole runs
+    assert measured_rows(partial, "one")[0].split == "? cases, 5 folds, seed ?, folds 1, 2 only"
+    assert measured_rows(full, "all")[0].split == "? cases, 5 folds, seed ?"
+    rows = mark_other_splits(measured_rows(full, "all") + measured_rows(partial, "one"))
+    assert [r.seed_protocol for r in rows] == [True, False]
+    cut = build_results("composed", _rows(3.0, n_folds=1), profile="gpu", n_folds=5, folds_run=[0], complete=False)
+    assert measured_rows(cut, "cut")[0].setting == "gpu profile, only folds 0 of 5 (the run had not ended)"
 
 
 def test_only_the_two_known_paper_rows_have_numbers() -> None:

@@ -717,31 +717,58 @@ def test_a_worker_that_never_answers_is_given_up_on_after_the_deadline(toy_relea
     """A hung worker must not hold the run's results past its time budget: ``collect`` waits until GRACE seconds
     after the job's deadline, then fits the companion here; ``close`` then stops the pool instead of waiting."""
     import time
-    from concurrent.futures import Future
     from pathlib import Path
 
     from dermcir.training.companion_pool import CompanionPool
 
-    model, (c_inputs, c_cfg), idx = _model_with_an_endless_companion(toy_release)
-    pool = CompanionPool(model, (c_inputs, replace(c_cfg, epochs=5)), workers=1)
-    payload_dir = pool._payload_dir
+    model, endless, idx = _model_with_an_endless_companion(toy_release)
+    pool = CompanionPool(model, endless, workers=1)
+    payload_dir = Path(pool._payload_dir)
     pool.GRACE = 2.0
+    workers = []
     try:
-        assert pool.started() and (Path(payload_dir) / "start.pkl").is_file()
+        assert pool.started() and (payload_dir / "start.pkl").is_file()
+        pool.submit(0, idx[::2], idx[1::2], idx, tmp_path / "companion.log")  # no deadline: it never ends
+        workers = list(pool._pool._processes.values())
         deadline = time.time() + 1
-        pool.submit(0, idx[::2], idx[1::2], idx, tmp_path / "companion.log", deadline)
-        never = Future()  # stands in for a job whose worker hangs
-        pool._jobs[0] = (never, pool._jobs[0][1])
+        future, (train, val, refit, _) = pool._jobs[0]
+        pool._jobs[0] = (future, (train, val, refit, deadline))  # the deadline the hung job ignores
         assert not pool.ready(0)
         with caplog.at_level("WARNING", logger="dermcir"):
-            before = time.time()
-            result = pool.collect(0, torch.device("cpu"))
-        assert deadline + 2.0 - 0.5 <= time.time() and time.time() - before < 60
+            result = pool.collect(0, torch.device("cpu"))  # fitted here: two epochs (the deadline has passed)
+        assert time.time() >= deadline + 2.0 - 0.5
         assert "has not answered 2 s after the deadline; fitting it in this process" in caplog.text
         assert result.epochs_run == 2 and result.stopped_by == "time budget"
+        before = time.time()
+        pool.close()  # the job given up on still runs: close must stop it, not wait for it
+        assert time.time() - before < 30
+        for _ in range(200):
+            if all(process.exitcode is not None for process in workers):
+                break
+            time.sleep(0.1)
+        assert all(process.exitcode is not None for process in workers)
+    finally:  # should the test fail, no endless job may outlive it
+        for process in workers:
+            process.kill()
+        pool.close(terminate=True)
+    assert not payload_dir.exists()  # the start-up file goes with the pool
+
+
+def test_a_failed_job_is_not_ready_so_its_refit_waits_for_the_main_models(toy_release, tmp_path):
+    from dermcir.training.companion_pool import CompanionPool
+
+    model, (c_inputs, c_cfg), idx = _model_with_an_endless_companion(toy_release)
+    pool = CompanionPool(model, (c_inputs, replace(c_cfg, epochs=1)), workers=1)
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the worker's log folder should be")
+    try:
+        pool.submit(0, idx[::2], idx[1::2], idx, blocker / "companion.log")  # fails: it cannot write its log
+        pool.submit(1, idx[1::2], idx[::2], idx, tmp_path / "fold_1" / "companion.log")
+        for future, _ in pool._jobs.values():
+            future.exception(timeout=300)  # both ended, one of them failed
+        assert (pool.ready(0), pool.ready(1)) == (False, True)
     finally:
-        pool.close()  # gives up on the hung job: must not wait for it
-    assert not Path(payload_dir).exists()  # the start-up file goes with the pool
+        pool.close()
 
 
 def _model_with_an_endless_companion(toy_release):

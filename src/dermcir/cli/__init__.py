@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 
 from dermcir.cli import compare as _compare
 from dermcir.cli import core as _core
@@ -29,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    previous = _exit_on_sigterm()
     try:
         return int(args.handler(args) or 0)
     except (ValueError, OSError) as exc:  # user errors: one clear line, no traceback (but with -v)
@@ -36,6 +39,23 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("dermcir").debug("%s failed", args.command, exc_info=True)
         print(f"dermcir {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm():
+    """Make SIGTERM (``timeout``, ``kill``, a batch system's stop) a ``SystemExit``, so that a stopped command still
+    runs its clean-up: worker processes stopped, temporary files removed, the run's log ended with why it stopped.
+    Python's default for SIGTERM ends the process at once. Returns the previous handler (None: not installed, as
+    outside the main thread, where signals cannot be handled)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    return signal.signal(signal.SIGTERM, stop)
 
 
 def _one_line(exc: Exception) -> str:

@@ -150,7 +150,10 @@ def _setting(doc: dict[str, Any]) -> str:
 
 
 def _split(doc: dict[str, Any]) -> str:
-    return f"{doc.get('n_cases', '?')} cases, {doc.get('n_folds', '?')} folds, seed {doc.get('seed', '?')}"
+    split = f"{doc.get('n_cases', '?')} cases, {doc.get('n_folds', '?')} folds, seed {doc.get('seed', '?')}"
+    if partial := partial_folds(doc):  # its means are over those folds' queries only: not comparable with a whole run
+        split += f", folds {', '.join(map(str, partial))} only"
+    return split
 
 
 def _row(doc: dict[str, Any], run: str, fallback_name: str, setting: str, split: str = "?") -> MeasuredRow:

@@ -169,8 +169,10 @@ class CompanionPool:
         self._jobs[fold] = (future, args)
 
     def ready(self, fold: int) -> bool:
-        """Whether ``fold``'s job has ended (its companion can be collected without waiting)."""
-        return self._jobs[fold][0].done()
+        """Whether ``fold``'s job has ended well (its companion can be collected at once, without a refit here). A
+        failed job is not ready: its refit in this process waits until the main models have trained, as before."""
+        future = self._jobs[fold][0]
+        return future.done() and not future.cancelled() and future.exception() is None
 
     def collect(self, fold: int, device: torch.device, progress: bool = False) -> FitResult:
         """Wait for ``fold``'s companion and load its weights into ``model.companion``. A job that failed is fitted
