@@ -185,16 +185,13 @@ class CompanionPool:
         timeout = None if wall_deadline is None else max(0.0, wall_deadline - time.time()) + self.GRACE
         try:
             state, result = pickle.loads(future.result(timeout=timeout))  # bytes from our own worker, never a file
-        except FutureTimeout:
-            self._abandoned = True
-            log.warning("fold %d: the companion's CPU worker has not answered %.0f s after the deadline; fitting it "
-                        "in this process", fold, self.GRACE)
-            self.model.companion.load_state_dict(self.initial, strict=False)
-            return fit_companion(self.model, self.companion, train_idx, val_idx, device, progress, refit_idx,
-                                 deadline=_local_deadline(wall_deadline))
-        except Exception as exc:  # noqa: BLE001 — any failure in the worker: the fold is fitted here instead
-            log.warning("fold %d: the companion's CPU worker failed (%s: %s); fitting it in this process",
-                        fold, type(exc).__name__, exc)
+        except Exception as exc:  # noqa: BLE001 — a failed or hung worker: the fold is fitted here instead
+            if isinstance(exc, FutureTimeout):
+                self._abandoned = True
+                why = f"has not answered {self.GRACE:.0f} s after the deadline"
+            else:
+                why = f"failed ({type(exc).__name__}: {exc})"
+            log.warning("fold %d: the companion's CPU worker %s; fitting it in this process", fold, why)
             self.model.companion.load_state_dict(self.initial, strict=False)
             return fit_companion(self.model, self.companion, train_idx, val_idx, device, progress, refit_idx,
                                  deadline=_local_deadline(wall_deadline))
