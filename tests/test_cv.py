@@ -411,9 +411,14 @@ def test_fit_keeps_the_epoch_its_selection_figure_prefers(toy_release, monkeypat
 
 
 def test_fit_rejects_an_unknown_selection_before_training(toy_release):
+    """The config refuses it when made (the CLI's path); fit checks again, since a config's fields can be set later."""
+    from dermcir.config import TrainConfig
     from dermcir.training.trainer import fit
 
-    model, inputs, cfg, n = _toy_inputs(toy_release, select_by="Acc@4")
+    with pytest.raises(ValueError, match="setting select_by='Acc@4': expected 'mAP' or 'all'"):
+        TrainConfig(select_by="Acc@4")
+    model, inputs, cfg, n = _toy_inputs(toy_release)
+    cfg.select_by = "Acc@4"
     with pytest.raises(ValueError, match="select_by must be one of"):
         fit(model, inputs, np.arange(0, n, 2), np.arange(1, n, 2), cfg, torch.device("cpu"), 3, progress=False)
 
@@ -955,6 +960,9 @@ def test_prepare_says_when_no_image_is_usable(toy_release, tmp_path, capsys):
     ('views="x"', "setting views='x': expected a whole number from 1 to 4"),
     ("members=0", "setting members=0: expected an integer >= 1"),
     ("grid=3", "grid=3: a model on cached backbone features (the cpu profile, a companion) needs a grid that divides 16"),
+    ('select_by="best"', "setting select_by='best': expected 'mAP' or 'all'"),
+    ('backbone="resnet"', "setting backbone='resnet': expected a registered backbone: lite0, swin_t"),
+    ('text_encoder="clip"', "setting text_encoder='clip': expected a registered text encoder: bert, minilm"),
 ])
 def test_impossible_model_and_training_settings_are_one_line_errors(toy_release, tmp_path, capsys, setting, says):
     """The composed model's settings are checked as the baselines' are (``dermcir.settings``); before, ``--set

@@ -12,6 +12,9 @@ from dermcir.settings import check_settings
 
 T = TypeVar("T")
 
+#: What early stopping may maximise (``TrainConfig.select_by``): validation mAP, or the mean of all four figures.
+SELECTION = {"mAP": ("mAP",), "all": ("mAP", "Acc@1", "Acc@2", "Acc@4")}
+
 
 @dataclass
 class ModelConfig:
@@ -51,7 +54,13 @@ class ModelConfig:
     def __post_init__(self) -> None:
         self.mean, self.std = tuple(self.mean), tuple(self.std)  # JSON gives lists
         # companion_weight and the companion's own settings by check_companion, after the main model's
+        # the registries fill when dermcir.models is imported; here, not at the top, since that package imports this one
+        from dermcir.models import list_backbones, list_text_encoders
+
         check_settings(self, {
+            "backbone": (lambda v: v in list_backbones(), f"a registered backbone: {', '.join(list_backbones())}"),
+            "text_encoder": (lambda v: v in list_text_encoders(),
+                             f"a registered text encoder: {', '.join(list_text_encoders())}"),
             "members": (lambda v: v >= 1, "an integer >= 1"),
             "image_size": (lambda v: v >= 32, "an integer >= 32 (the backbones' last map has stride 32)"),
             "grid": (lambda v: v is None or v >= 1, "null or an integer >= 1"),
@@ -136,6 +145,7 @@ class TrainConfig:
             "batch_size": (lambda v: v >= 2, "an integer >= 2 (the loss compares the cases of a batch)"),
             "val_fraction": (lambda v: 0 < v < 1, "a number in (0, 1)"),
             "refit_epochs": (lambda v: v >= 0, "an integer >= 0"),
+            "select_by": (lambda v: v in SELECTION, " or ".join(repr(k) for k in SELECTION)),
             "temperature": (lambda v: v > 0, "a number > 0"),
             "proxy_weight": (lambda v: v >= 0, "a number >= 0"),
             "companion_epochs": (lambda v: v is None or v >= 1, "null or an integer >= 1"),

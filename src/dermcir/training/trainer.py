@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dermcir.config import TrainConfig
+from dermcir.config import SELECTION, TrainConfig
 from dermcir.losses import CategoryContrastiveLoss
 from dermcir.metrics import retrieval_metrics
 from dermcir.models import ComposedRetrievalModel, Descriptors
@@ -352,10 +352,6 @@ def _member_loss(head: HeadSet, loss_fn: CategoryContrastiveLoss, maps: list[tor
     image_only = query_vector(target_desc.locals, target_desc.globals, beta)
     loss = loss_fn(composed, target, y)["total"]
     return loss + 0.5 * (loss_fn(text_only, target, y)["total"] + loss_fn(image_only, target, y)["total"])
-
-
-#: What early stopping may maximise (``TrainConfig.select_by``): validation mAP, or the mean of all four figures.
-SELECTION = {"mAP": ("mAP",), "all": ("mAP", "Acc@1", "Acc@2", "Acc@4")}
 
 
 def selection_keys(select_by: str) -> tuple[str, ...]:
