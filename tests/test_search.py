@@ -385,10 +385,11 @@ def test_cli_index_from_a_derm7pt_release(tmp_path, toy_release, capsys):
 
 
 def test_cli_demo_trains_once_indexes_and_serves(tmp_path, toy_release, monkeypatch, capsys):
+    import dermcir.cli.search
     import dermcir.service
     import dermcir.training
 
-    trained, served = [], []
+    trained, served, children = [], [], []
 
     def fake_train(cases, out_dir, profile="cpu", cache_dir=None, **kw):
         trained.append((len(cases), profile))
@@ -398,11 +399,18 @@ def test_cli_demo_trains_once_indexes_and_serves(tmp_path, toy_release, monkeypa
         served.append((host, port, app))
         on_ready(f"http://{host}:{port}/")
 
+    def in_process(fn, *args, threads=None, **kwargs):  # run_in_child itself: tests/test_waits.py
+        children.append((fn.__name__, threads))
+        return fn(*args, **kwargs)
+
     monkeypatch.setattr(dermcir.training, "train_on_cases", fake_train)
     monkeypatch.setattr(dermcir.service, "serve", fake_serve)
+    monkeypatch.setattr(dermcir.cli.search, "run_in_child", in_process)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # --threads below must not slow later tests
     args = ["demo", "--data", str(toy_release), "--out", str(tmp_path / "demo"), "--min-cases", "1", "--port", "8765"]
-    assert main(args) == 0
+    assert main([*args, "--threads", "1"]) == 0
     assert trained == [(24, "cpu")] and served[0][:2] == ("127.0.0.1", 8765)
+    assert children == [("fake_train", 1)]  # trained in a child process, with the threads asked for
     assert "open http://127.0.0.1:8765/" in capsys.readouterr().out
     version = open_index(tmp_path / "demo" / "index").version
     assert main(args) == 0  # second run: reuses the model and the index

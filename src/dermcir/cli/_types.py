@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import re
 from collections.abc import Callable
+
+from dermcir.cli._waits import wait_passively
 
 
 def whole(minimum: int) -> Callable[[str], int]:
@@ -55,7 +56,7 @@ def device(text: str) -> str:
         raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
     if name.startswith("cuda"):
         # torch is imported here, before the handler's _apply_threads: the same setting must be in place first
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        wait_passively()
         import torch
 
         if not torch.cuda.is_available():
