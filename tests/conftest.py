@@ -19,6 +19,21 @@ META_COLUMNS = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _wait_policy_left_as_found():
+    """The commands that serve queries set OMP_WAIT_POLICY=PASSIVE in this process (``dermcir.cli._waits``); left
+    set, every later test's child processes (companion workers, ``run_in_child``) would wait passively too."""
+    from dermcir.cli import _waits
+
+    before, set_here = os.environ.get(_waits.POLICY), _waits._set_here
+    yield
+    if before is None:
+        os.environ.pop(_waits.POLICY, None)
+    else:
+        os.environ[_waits.POLICY] = before
+    _waits._set_here = set_here
+
+
 def synthetic_lesion(seed: int, colour: tuple[int, int, int], size=(96, 64), border: int = 6) -> Image.Image:
     """A skin-coloured image with a coloured blob and a black scanner-like frame."""
     rng = np.random.default_rng(seed)

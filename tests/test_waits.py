@@ -9,7 +9,7 @@ import multiprocessing
 import os
 import time
 from concurrent.futures import Future
-from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 
 import pytest
 
@@ -68,22 +68,56 @@ def test_the_childs_error_is_raised_here(passive_set_here):
 
 
 def test_a_child_that_dies_is_an_error_not_a_wait():
-    with pytest.raises(BrokenProcessPool):
+    with pytest.raises(ChildProcessError, match=r"running _die stopped without a result \(exit code 3;"):
         run_in_child(_die)
 
 
-def test_an_interrupted_caller_stops_the_child(monkeypatch):
-    """Ctrl+C or SIGTERM while the child trains: the child is stopped, not left running or waited for."""
+def _sleep_then_clean_up(folder: str) -> None:
+    Path(folder, "started").touch()
+    try:
+        time.sleep(120)
+    finally:  # what a job's own clean-up does (train_on_cases: its failed log kept, its temporary folder removed)
+        Path(folder, "cleaned up").touch()
+
+
+def _wait_for(path: Path, seconds: float = 60) -> bool:
+    deadline = time.monotonic() + seconds
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return path.exists()
+
+
+def test_an_interrupted_caller_stops_the_child_after_its_clean_up(monkeypatch, tmp_path):
+    """Ctrl+C or SIGTERM while the child trains: the child is stopped, not left running or waited for, and its job's
+    clean-up runs first (on POSIX)."""
+    real_result = Future.result
 
     def interrupted(self, timeout=None):
-        deadline = time.monotonic() + 60
-        while not multiprocessing.active_children() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        if not (tmp_path / "started").exists():
+            return real_result(self, timeout)  # a TimeoutError while the child starts: the caller waits again
         raise KeyboardInterrupt
 
     monkeypatch.setattr(Future, "result", interrupted)
     start = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
-        run_in_child(time.sleep, 120)
+        run_in_child(_sleep_then_clean_up, str(tmp_path))
     assert time.monotonic() - start < 60
     assert not multiprocessing.active_children()
+    if os.name == "posix":
+        assert (tmp_path / "cleaned up").exists()
+
+
+def _orphan(folder: str) -> None:
+    """A parent killed outright: its child (the grandchild here) must stop by itself, after its clean-up."""
+    import threading
+
+    threading.Timer(2.0, os._exit, (9,)).start()  # "killed" while its job runs
+    run_in_child(_sleep_then_clean_up, folder)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the clean-up on SIGTERM is POSIX's")
+def test_a_child_whose_parent_dies_stops_by_itself(tmp_path):
+    with pytest.raises(ChildProcessError, match="exit code 9"):  # the dying parent as the grandchild's parent
+        run_in_child(_orphan, str(tmp_path))
+    assert _wait_for(tmp_path / "started")
+    assert _wait_for(tmp_path / "cleaned up", 30)  # well before its 120 s sleep would have ended

@@ -16,8 +16,11 @@ import logging
 import multiprocessing
 import os
 import signal
+import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, wait
+from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -52,24 +55,52 @@ def run_in_child(fn: Callable[..., T], *args: Any, threads: int | None = None, *
     """``fn(*args, **kwargs)`` in a fresh (spawned) process with the user's wait policy; its result or its exception.
 
     The child logs to this process's console as the ``dermcir`` command does, and uses ``threads`` torch threads
-    (None: torch's default). If this process stops (an error, Ctrl+C, SIGTERM), the child is stopped too; a child
-    that dies (killed, out of memory) is an error here, not a wait for ever.
+    (None: torch's default). If this process stops (an error, Ctrl+C, SIGTERM), the child is stopped too, and on
+    POSIX it runs its job's clean-up first (Windows ends it at once); if this process is killed outright, the child
+    stops by itself. A child that dies (killed, out of memory) is a ``ChildProcessError`` here, not a wait for ever.
+    As with any spawned process, a script calling this must guard its own top level with
+    ``if __name__ == "__main__":``, since the child imports the script's main module again.
     """
     context = multiprocessing.get_context("spawn")
-    with users_waits():  # the worker is started (and inherits the environment) at submit
-        pool = ProcessPoolExecutor(1, mp_context=context, initializer=_init_child,
-                                   initargs=(threads, logging.getLogger().getEffectiveLevel()))
-        future = pool.submit(fn, *args, **kwargs)
+    pool = future = None
+    processes: list = []
     try:
-        return future.result()
+        with users_waits():  # the worker is started (and inherits the environment) at submit
+            pool = ProcessPoolExecutor(1, mp_context=context, initializer=_init_child,
+                                       initargs=(threads, logging.getLogger().getEffectiveLevel()))
+            future = pool.submit(fn, *args, **kwargs)
+        # ProcessPoolExecutor has no public way to stop a running job before Python 3.14
+        processes = list((getattr(pool, "_processes", None) or {}).values())
+        while True:
+            try:  # in short waits: a wait without a timeout cannot be interrupted by Ctrl+C on Windows
+                return future.result(timeout=0.5)
+            except FutureTimeout:
+                continue
+            except BrokenProcessPool:
+                pool.shutdown(wait=True)  # its manager thread reaps the dead child: then its exit code is known
+                codes = ", ".join(str(p.exitcode) for p in processes)
+                raise ChildProcessError(
+                    f"the child process running {getattr(fn, '__name__', fn)} stopped without a result (exit code "
+                    f"{codes or 'unknown'}; killed, or out of memory?)"
+                ) from None
     finally:
-        # stop a child still running (this process is failing or was interrupted): ProcessPoolExecutor has no public
-        # way to stop a running job before Python 3.14
-        processes = list((getattr(pool, "_processes", None) or {}).values()) if not future.done() else []
-        pool.shutdown(wait=not processes, cancel_futures=True)
-        for process in processes:
+        if pool is not None:
+            if future is not None and not future.done():  # this process is failing or was interrupted: stop the job
+                _stop(future, processes)
+            # the executor's own thread joins the child (a second join here would race it for the exit status)
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _stop(future: Future, processes: list, grace: float = 30.0) -> None:
+    """Stop a running job: SIGTERM, a SystemExit in the job on POSIX, whose clean-up runs and whose worker then
+    ends with the executor; a job that has not ended ``grace`` seconds later (stuck outside Python) is killed."""
+    for process in processes:
+        if process.is_alive():
             process.terminate()
-            process.join()
+    if not wait([future], timeout=grace).done:
+        for process in processes:
+            if process.is_alive():
+                process.kill()
 
 
 def _init_child(threads: int | None, level: int) -> None:
@@ -78,10 +109,20 @@ def _init_child(threads: int | None, level: int) -> None:
     # here so that the job's own clean-up (its temporary log folder) runs
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _exit)
+    # a parent killed outright (SIGKILL, out of memory) cannot stop the child: the child watches for that itself
+    threading.Thread(target=_stop_when_orphaned, args=(multiprocessing.parent_process(),), daemon=True).start()
     if threads is not None:
         import torch
 
         torch.set_num_threads(threads)
+
+
+def _stop_when_orphaned(parent: multiprocessing.process.BaseProcess | None) -> None:
+    if parent is None:
+        return
+    parent.join()  # returns when the parent process has ended
+    # a real signal, which also ends a blocking wait in the main thread: a SystemExit in the job, clean-up included
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _exit(signum: int, frame: object) -> None:
