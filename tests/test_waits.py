@@ -111,7 +111,11 @@ def _orphan(folder: str) -> None:
     """A parent killed outright: its child (the grandchild here) must stop by itself, after its clean-up."""
     import threading
 
-    threading.Timer(2.0, os._exit, (9,)).start()  # "killed" while its job runs
+    def killed_while_the_job_runs() -> None:
+        _wait_for(Path(folder, "started"))
+        os._exit(9)
+
+    threading.Thread(target=killed_while_the_job_runs, daemon=True).start()
     run_in_child(_sleep_then_clean_up, folder)
 
 

@@ -53,10 +53,10 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         self.mean, self.std = tuple(self.mean), tuple(self.std)  # JSON gives lists
-        # companion_weight and the companion's own settings by check_companion, after the main model's
         # the registries fill when dermcir.models is imported; here, not at the top, since that package imports this one
         from dermcir.models import list_backbones, list_text_encoders
 
+        # companion_weight and the companion's own settings by check_companion, after the main model's
         check_settings(self, {
             "backbone": (lambda v: v in list_backbones(), f"a registered backbone: {', '.join(list_backbones())}"),
             "text_encoder": (lambda v: v in list_text_encoders(),
