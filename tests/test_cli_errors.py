@@ -178,6 +178,22 @@ def test_sigterm_ends_a_command_through_its_clean_up(monkeypatch):
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_ctrl_c_ends_a_command_with_one_line_and_code_130(monkeypatch, capsys):
+    from dermcir import cli
+
+    seen = {}
+
+    def handler(args):
+        try:
+            raise KeyboardInterrupt
+        finally:
+            seen["cleaned up"] = True
+
+    monkeypatch.setattr(cli, "build_parser", lambda: _Parser(handler))
+    assert cli.main(["anything"]) == 130
+    assert capsys.readouterr().err == "dermcir anything: interrupted\n" and seen == {"cleaned up": True}
+
+
 class _Parser:
     """Stands in for the argument parser: every command runs ``handler``."""
 

@@ -73,11 +73,26 @@ def test_a_child_that_dies_is_an_error_not_a_wait():
 
 
 def _sleep_then_clean_up(folder: str) -> None:
-    Path(folder, "started").touch()
+    Path(folder, "started").write_text(str(os.getpid()))
     try:
         time.sleep(120)
     finally:  # what a job's own clean-up does (train_on_cases: its failed log kept, its temporary folder removed)
         Path(folder, "cleaned up").touch()
+
+
+def _ended(pid: int, seconds: float = 30) -> bool:
+    """Whether process ``pid`` has ended within ``seconds`` (a zombie counts: a container's init may not reap it)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        stat = Path(f"/proc/{pid}/stat")
+        if stat.exists() and stat.read_text().rsplit(")", 1)[-1].split()[0] == "Z":
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def _wait_for(path: Path, seconds: float = 60) -> bool:
@@ -125,3 +140,4 @@ def test_a_child_whose_parent_dies_stops_by_itself(tmp_path):
         run_in_child(_orphan, str(tmp_path))
     assert _wait_for(tmp_path / "started")
     assert _wait_for(tmp_path / "cleaned up", 30)  # well before its 120 s sleep would have ended
+    assert _ended(int((tmp_path / "started").read_text()))  # and then ended: not left waiting for another job

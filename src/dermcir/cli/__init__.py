@@ -39,6 +39,10 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("dermcir").debug("%s failed", args.command, exc_info=True)
         print(f"dermcir {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl+C: the command's clean-up has run (finally blocks); no traceback (but with -v)
+        logging.getLogger("dermcir").debug("%s interrupted", args.command, exc_info=True)
+        print(f"dermcir {args.command}: interrupted", file=sys.stderr)
+        return 130  # the shell's code for a command ended by SIGINT
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -68,7 +68,7 @@ def run_in_child(fn: Callable[..., T], *args: Any, threads: int | None = None, *
         with users_waits():  # the worker is started (and inherits the environment) at submit
             pool = ProcessPoolExecutor(1, mp_context=context, initializer=_init_child,
                                        initargs=(threads, logging.getLogger().getEffectiveLevel()))
-            future = pool.submit(fn, *args, **kwargs)
+            future = pool.submit(_job, fn, args, kwargs)
         # ProcessPoolExecutor has no public way to stop a running job before Python 3.14
         processes = list((getattr(pool, "_processes", None) or {}).values())
         while True:
@@ -92,8 +92,8 @@ def run_in_child(fn: Callable[..., T], *args: Any, threads: int | None = None, *
 
 
 def _stop(future: Future, processes: list, grace: float = 30.0) -> None:
-    """Stop a running job: SIGTERM, a SystemExit in the job on POSIX, whose clean-up runs and whose worker then
-    ends with the executor; a job that has not ended ``grace`` seconds later (stuck outside Python) is killed."""
+    """Stop a running job: SIGTERM, a SystemExit in the job on POSIX, whose clean-up runs, after which the executor
+    ends the worker; a job that has not ended ``grace`` seconds later (stuck outside Python) is killed."""
     for process in processes:
         if process.is_alive():
             process.terminate()
@@ -101,6 +101,17 @@ def _stop(future: Future, processes: list, grace: float = 30.0) -> None:
         for process in processes:
             if process.is_alive():
                 process.kill()
+
+
+_job_ended = threading.Event()  # in the child: set once the job has returned or raised (its clean-up done)
+
+
+def _job(fn: Callable[..., T], args: tuple, kwargs: dict) -> T:
+    """The child's side of ``run_in_child``: ``fn``, and a note that it has ended for ``_stop_when_orphaned``."""
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        _job_ended.set()
 
 
 def _init_child(threads: int | None, level: int) -> None:
@@ -123,6 +134,10 @@ def _stop_when_orphaned(parent: multiprocessing.process.BaseProcess | None) -> N
     parent.join()  # returns when the parent process has ended
     # a real signal, which also ends a blocking wait in the main thread: a SystemExit in the job, clean-up included
     os.kill(os.getpid(), signal.SIGTERM)
+    # The executor's worker loop takes that SystemExit as the job's result and would wait for another job, for ever
+    # now that nobody will send one: once the job's clean-up is done, end the process.
+    _job_ended.wait(timeout=60)
+    os._exit(128 + signal.SIGTERM)
 
 
 def _exit(signum: int, frame: object) -> None:
