@@ -795,6 +795,37 @@ def _model_with_an_endless_companion(toy_release):
     return model, (c_inputs, replace(c_cfg, epochs=100_000, patience=100_000)), np.arange(len(cases))
 
 
+def _run_killed_while_its_companion_trains(toy_release, folder) -> None:
+    """A ``dermcir cv`` killed outright (SIGKILL) while a companion worker trains: writes the worker's pid, then dies."""
+    import os
+    import time
+    from pathlib import Path
+
+    from dermcir.training.companion_pool import CompanionPool
+
+    model, endless, idx = _model_with_an_endless_companion(toy_release)
+    pool = CompanionPool(model, endless, workers=1)
+    pool.submit(0, idx[::2], idx[1::2], idx, Path(folder) / "companion.log")  # no deadline: it never ends
+    while not (Path(folder) / "companion.log").exists():  # the job has begun
+        time.sleep(0.05)
+    Path(folder, "worker").write_text(str(next(iter(pool._pool._processes))))
+    os._exit(9)
+
+
+def test_companion_workers_end_when_their_run_is_killed_outright(toy_release, tmp_path):
+    """Left alone, the worker would train its endless job on and then wait for another job, for ever."""
+    import multiprocessing
+
+    from tests.test_waits import _ended
+
+    run = multiprocessing.get_context("spawn").Process(target=_run_killed_while_its_companion_trains,
+                                                       args=(toy_release, str(tmp_path)))
+    run.start()
+    run.join(120)
+    assert run.exitcode == 9
+    assert _ended(int((tmp_path / "worker").read_text()), 30)
+
+
 def test_closing_a_companion_pool_on_failure_stops_its_running_jobs(toy_release, tmp_path):
     import signal
     import time

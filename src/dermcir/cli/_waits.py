@@ -16,13 +16,14 @@ import logging
 import multiprocessing
 import os
 import signal
-import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, wait
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from typing import Any, TypeVar
+
+from dermcir import workers
 
 POLICY = "OMP_WAIT_POLICY"
 _set_here = False  # whether this process set POLICY itself (a user's own setting is never changed)
@@ -103,15 +104,12 @@ def _stop(future: Future, processes: list, grace: float = 30.0) -> None:
                 process.kill()
 
 
-_job_ended = threading.Event()  # in the child: set once the job has returned or raised (its clean-up done)
-
-
 def _job(fn: Callable[..., T], args: tuple, kwargs: dict) -> T:
-    """The child's side of ``run_in_child``: ``fn``, and a note that it has ended for ``_stop_when_orphaned``."""
+    """The child's side of ``run_in_child``: ``fn``, and a note that it has ended (``dermcir.workers``)."""
     try:
         return fn(*args, **kwargs)
     finally:
-        _job_ended.set()
+        workers.job_ended.set()
 
 
 def _init_child(threads: int | None, level: int) -> None:
@@ -121,23 +119,11 @@ def _init_child(threads: int | None, level: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _exit)
     # a parent killed outright (SIGKILL, out of memory) cannot stop the child: the child watches for that itself
-    threading.Thread(target=_stop_when_orphaned, args=(multiprocessing.parent_process(),), daemon=True).start()
+    workers.exit_with_parent()
     if threads is not None:
         import torch
 
         torch.set_num_threads(threads)
-
-
-def _stop_when_orphaned(parent: multiprocessing.process.BaseProcess | None) -> None:
-    if parent is None:
-        return
-    parent.join()  # returns when the parent process has ended
-    # a real signal, which also ends a blocking wait in the main thread: a SystemExit in the job, clean-up included
-    os.kill(os.getpid(), signal.SIGTERM)
-    # The executor's worker loop takes that SystemExit as the job's result and would wait for another job, for ever
-    # now that nobody will send one: once the job's clean-up is done, end the process.
-    _job_ended.wait(timeout=60)
-    os._exit(128 + signal.SIGTERM)
 
 
 def _exit(signum: int, frame: object) -> None:

@@ -39,6 +39,7 @@ import torch
 from dermcir.models import ComposedRetrievalModel
 from dermcir.training.pipeline import fit_companion, run_log
 from dermcir.training.trainer import FitResult, Inputs, fit, trainable_state
+from dermcir.workers import exit_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ def default_workers(device: torch.device, jobs: int, cores: int | None = None) -
 
 def _init_worker(payload: str, threads: int) -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = ""  # a worker trains on the host only; never a second CUDA context
+    exit_with_parent()  # a run killed outright (SIGKILL) must not leave its workers training and then waiting
     torch.set_num_threads(threads)
     with open(payload, "rb") as fh:  # written by the calling process into its own private (0700) temporary folder
         companion, inputs, train_cfg, n_categories = pickle.load(fh)
