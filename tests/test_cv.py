@@ -3,6 +3,7 @@
 import ast
 import json
 import logging
+import os
 import re
 from dataclasses import replace
 
@@ -806,24 +807,39 @@ def _run_killed_while_its_companion_trains(toy_release, folder) -> None:
     model, endless, idx = _model_with_an_endless_companion(toy_release)
     pool = CompanionPool(model, endless, workers=1)
     pool.submit(0, idx[::2], idx[1::2], idx, Path(folder) / "companion.log")  # no deadline: it never ends
-    while not (Path(folder) / "companion.log").exists():  # the job has begun
+    deadline = time.monotonic() + 120
+    while not (Path(folder) / "companion.log").exists() and time.monotonic() < deadline:  # the job has begun
         time.sleep(0.05)
     Path(folder, "worker").write_text(str(next(iter(pool._pool._processes))))
     os._exit(9)
 
 
-def test_companion_workers_end_when_their_run_is_killed_outright(toy_release, tmp_path):
-    """Left alone, the worker would train its endless job on and then wait for another job, for ever."""
+@pytest.mark.skipif(os.name != "posix", reason="checks on the worker's pid (os.kill(pid, 0) ends a process on Windows)")
+def test_companion_workers_end_when_their_run_is_killed_outright(toy_release, tmp_path, monkeypatch):
+    """Left alone, the worker would train its endless job on and then wait for another job, for ever, and the run's
+    start-up file (~150 MB for the real data) would stay in the temporary folder."""
+    import contextlib
     import multiprocessing
+    import signal
 
     from tests.test_waits import _ended
 
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # where the run's start-up folder goes
     run = multiprocessing.get_context("spawn").Process(target=_run_killed_while_its_companion_trains,
                                                        args=(toy_release, str(tmp_path)))
     run.start()
-    run.join(120)
-    assert run.exitcode == 9
-    assert _ended(int((tmp_path / "worker").read_text()), 30)
+    worker = None
+    try:
+        run.join(180)
+        assert run.exitcode == 9
+        worker = int((tmp_path / "worker").read_text())
+        assert _ended(worker, 30)
+        assert not list(tmp_path.glob("dermcir-companions-*"))
+    finally:  # should the test fail, neither process may outlive it
+        run.kill()
+        if worker is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker, signal.SIGKILL)
 
 
 def test_closing_a_companion_pool_on_failure_stops_its_running_jobs(toy_release, tmp_path):

@@ -57,6 +57,8 @@ def _exit_on_sigterm():
         return None
 
     def stop(signum, frame):
+        # once: a second SIGTERM (``kill`` repeated, a process group's) must not cut the clean-up short
+        signal.signal(signum, signal.SIG_IGN)
         raise SystemExit(128 + signum)
 
     return signal.signal(signal.SIGTERM, stop)

@@ -127,4 +127,6 @@ def _init_child(threads: int | None, level: int) -> None:
 
 
 def _exit(signum: int, frame: object) -> None:
+    # once: a second SIGTERM (the parent's after a group's, or systemd's) must not cut the clean-up short
+    signal.signal(signum, signal.SIG_IGN)
     raise SystemExit(128 + signum)

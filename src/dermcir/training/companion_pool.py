@@ -27,6 +27,7 @@ import multiprocessing
 import os
 import pickle
 import shutil
+import signal
 import tempfile
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -69,7 +70,9 @@ def default_workers(device: torch.device, jobs: int, cores: int | None = None) -
 
 def _init_worker(payload: str, threads: int) -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = ""  # a worker trains on the host only; never a second CUDA context
-    exit_with_parent()  # a run killed outright (SIGKILL) must not leave its workers training and then waiting
+    # a run killed outright (SIGKILL) must leave neither its workers training and then waiting, nor this start-up file
+    exit_with_parent(clean_up=lambda: shutil.rmtree(os.path.dirname(payload), ignore_errors=True))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches the whole process group; the run stops its workers
     torch.set_num_threads(threads)
     with open(payload, "rb") as fh:  # written by the calling process into its own private (0700) temporary folder
         companion, inputs, train_cfg, n_categories = pickle.load(fh)
