@@ -15,6 +15,7 @@ import threading
 from dermcir.cli import compare as _compare
 from dermcir.cli import core as _core
 from dermcir.cli import search as _search
+from dermcir.cli._waits import LOG_FORMAT, exit_once
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,9 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format=LOG_FORMAT)
     previous = _exit_on_sigterm()
     try:
         return int(args.handler(args) or 0)
@@ -55,13 +54,7 @@ def _exit_on_sigterm():
     outside the main thread, where signals cannot be handled)."""
     if threading.current_thread() is not threading.main_thread():
         return None
-
-    def stop(signum, frame):
-        # once: a second SIGTERM (``kill`` repeated, a process group's) must not cut the clean-up short
-        signal.signal(signum, signal.SIG_IGN)
-        raise SystemExit(128 + signum)
-
-    return signal.signal(signal.SIGTERM, stop)
+    return signal.signal(signal.SIGTERM, exit_once)
 
 
 def _one_line(exc: Exception) -> str:

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 from dermcir import workers
 
 POLICY = "OMP_WAIT_POLICY"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # the dermcir command's, in its child processes too
 _set_here = False  # whether this process set POLICY itself (a user's own setting is never changed)
 
 T = TypeVar("T")
@@ -113,11 +114,11 @@ def _job(fn: Callable[..., T], args: tuple, kwargs: dict) -> T:
 
 
 def _init_child(threads: int | None, level: int) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=level, format=LOG_FORMAT)
     # Ctrl+C reaches the whole process group: the parent stops the child itself, with SIGTERM, which is a SystemExit
     # here so that the job's own clean-up (its temporary log folder) runs
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _exit)
+    signal.signal(signal.SIGTERM, exit_once)
     # a parent killed outright (SIGKILL, out of memory) cannot stop the child: the child watches for that itself
     workers.exit_with_parent()
     if threads is not None:
@@ -126,7 +127,8 @@ def _init_child(threads: int | None, level: int) -> None:
         torch.set_num_threads(threads)
 
 
-def _exit(signum: int, frame: object) -> None:
-    # once: a second SIGTERM (the parent's after a group's, or systemd's) must not cut the clean-up short
+def exit_once(signum: int, frame: object) -> None:
+    """A signal handler that makes the signal a ``SystemExit`` (so ``finally`` blocks run), once: a second signal
+    (``kill`` repeated, a process group's, the parent's after a group's) must not cut the clean-up short."""
     signal.signal(signum, signal.SIG_IGN)
     raise SystemExit(128 + signum)
