@@ -86,6 +86,7 @@ def test_upload_search_grid_and_compare(page):
     page.set_input_files(
         "#image-input", files=[{"name": "lesion.png", "mimeType": "image/png", "buffer": encode(lesion())}]
     )
+    page.wait_for_function("() => document.getElementById('image-preview').naturalWidth > 0")
     assert page.locator("#image-preview").is_visible()
     page.select_option("#field-pigment_network", "atypical")
     page.fill("#text-input", "irregular streaks at the border")
@@ -293,6 +294,7 @@ def test_drop_an_image_onto_the_page(page):
                document.getElementById('drop-zone').dispatchEvent(new DragEvent('drop', {dataTransfer: dt})); }""",
         data,
     )
+    page.wait_for_function("() => document.getElementById('image-preview').naturalWidth > 0")
     assert page.locator("#image-preview").is_visible() and page.locator("#clear-image").is_visible()
     page.fill("#k-input", "3")
     page.click("#search-button")
