@@ -102,6 +102,21 @@ def test_a_checklist_field_given_twice_is_refused(tmp_path, capsys):
     assert "--checklist gives streaks twice ('streaks=absent' and 'Streaks=irregular')" in err
 
 
+@pytest.mark.parametrize(
+    ("pair", "expected"),
+    [
+        ("streak=irregular", "unknown checklist field 'streak'; allowed fields: pigment_network"),
+        ("streaks=wavy", "unknown value 'wavy' for checklist field 'streaks'; allowed values: absent, regular, irregular"),
+    ],
+)
+def test_a_mistyped_checklist_is_refused_before_the_index_is_opened(tmp_path, capsys, pair, expected):
+    # The index folder does not exist: an error about the checklist shows it was checked before anything was loaded.
+    assert main(["search", "--index", str(tmp_path / "no-such-index"), "--checklist", pair]) == 2
+    err = _one_error(capsys)
+    assert expected in err
+    assert "no-such-index" not in err
+
+
 def test_updates_of_a_mistyped_out_create_nothing(tmp_path, small, capsys):
     _ckpt, _root, _cases, csv = small
     typo = tmp_path / "typo" / "runs" / "idx"

@@ -290,7 +290,9 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def _parse_checklist(pairs: list[str]) -> dict[str, str]:
-    from dermcir.data.text import checklist_key
+    """``FIELD=VALUE`` pairs as a checked checklist, so that a mistyped field or value is refused at once, not after
+    the model has loaded (seconds)."""
+    from dermcir.data.text import checklist_key, validate_checklist
 
     out: dict[str, str] = {}
     given: dict[str, str] = {}  # normalised field -> the pair that gave it
@@ -303,7 +305,7 @@ def _parse_checklist(pairs: list[str]) -> dict[str, str]:
             raise ValueError(f"--checklist gives {field} twice ({given[field]!r} and {pair!r}); give each field once")
         given[field] = pair
         out[key.strip()] = value
-    return out
+    return validate_checklist(out)
 
 
 def cmd_search(args: argparse.Namespace) -> int:
