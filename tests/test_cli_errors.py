@@ -5,6 +5,9 @@ Synthetic images and a tiny random checkpoint only (tests/searchkit.py).
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -115,6 +118,19 @@ def test_a_mistyped_checklist_is_refused_before_the_index_is_opened(tmp_path, ca
     err = _one_error(capsys)
     assert expected in err
     assert "no-such-index" not in err
+
+
+def test_a_mistyped_query_is_refused_without_loading_torch(tmp_path):
+    # Loading torch and the model takes seconds; a clinician's typo should cost none of them. A child process,
+    # because this one has torch loaded already.
+    code = (
+        "import sys; from dermcir.cli import main; "
+        f"rc = main(['search', '--index', {str(tmp_path)!r}, '--checklist', 'streaks=wavy']); "
+        "print(rc, 'torch' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["2", "False"], (done.stdout, done.stderr)
+    assert "unknown value 'wavy' for checklist field 'streaks'" in done.stderr
 
 
 def test_updates_of_a_mistyped_out_create_nothing(tmp_path, small, capsys):

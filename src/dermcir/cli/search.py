@@ -309,9 +309,7 @@ def _parse_checklist(pairs: list[str]) -> dict[str, str]:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    _apply_threads(args)  # before the imports below load torch
-    from dermcir.search import CaseSearcher
-
+    # Mistakes in the query are refused before torch and the model load (seconds).
     checklist = _parse_checklist(args.checklist)
     if args.heatmaps and not args.json:  # the table has no room for them
         raise ValueError("--heatmaps needs --json (the table output does not show heatmaps)")
@@ -319,6 +317,9 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise ValueError("give --image, --text or --checklist (or an image with text for a composed query)")
     if args.image is not None and not args.image.is_file():
         raise FileNotFoundError(f"{args.image}: query image not found")
+    _apply_threads(args)  # before the import below loads torch
+    from dermcir.search import CaseSearcher
+
     searcher = CaseSearcher(args.index, checkpoint=args.checkpoint, device=args.device, auto_reload=False)
     response = searcher.search(image=args.image, text=args.text, checklist=checklist, k=args.k, heatmaps=args.heatmaps)
     if args.json:
