@@ -133,6 +133,27 @@ def test_a_mistyped_query_is_refused_without_loading_torch(tmp_path):
     assert "unknown value 'wavy' for checklist field 'streaks'" in done.stderr
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--replace", "--data", "x"], "--replace works only with --add"),
+        (["--add", "--kind", "flat", "--data", "x"], "--kind: only for building an index"),
+        (["--remove", "c001", "--checkpoint", "x"], "--checkpoint: not used by --remove"),
+        (["--data", "x"], "--checkpoint is required to build an index"),
+    ],
+)
+def test_a_mistyped_index_command_is_refused_without_loading_torch(tmp_path, options, message):
+    # As for search: option mistakes cost no torch import (seconds). A child process, because this one has torch.
+    code = (
+        "import sys; from dermcir.cli import main; "
+        f"rc = main(['index', '--out', {str(tmp_path / 'idx')!r}, *{options!r}]); "
+        "print(rc, 'torch' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["2", "False"], (done.stdout, done.stderr)
+    assert message in done.stderr
+
+
 def test_updates_of_a_mistyped_out_create_nothing(tmp_path, small, capsys):
     _ckpt, _root, _cases, csv = small
     typo = tmp_path / "typo" / "runs" / "idx"

@@ -226,9 +226,7 @@ def _print_update(what: str, update, fields_left_out: list[tuple[str, str]] = ()
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    _apply_threads(args)  # before the imports below load torch
-    from dermcir.index import VectorParams, add_cases, build_index, remove_cases
-
+    # Option mistakes are refused before torch and the index code load (seconds).
     if args.replace and not args.add:  # without --add this would rebuild the index from the new cases alone
         raise ValueError(
             "--replace works only with --add (it re-encodes cases already in the index); without --add the index "
@@ -261,16 +259,20 @@ def cmd_index(args: argparse.Namespace) -> int:
         named = [option for option, value in ignored.items() if value is not None]
         if named:
             raise ValueError(f"{', '.join(named)}: not used by --remove, which encodes nothing (it takes --out and ids)")
+    elif args.data is None:
+        raise ValueError("--data is required to build or add (a Derm7pt folder or a CSV of cases)")
+    elif not args.add and args.checkpoint is None:
+        raise ValueError("--checkpoint is required to build an index")
+    _apply_threads(args)  # before the imports below load torch
+    from dermcir.index import VectorParams, add_cases, build_index, remove_cases
+
+    if args.remove:
         _print_update("removed", remove_cases(args.out, args.remove))
         return 0
-    if args.data is None:
-        raise ValueError("--data is required to build or add (a Derm7pt folder or a CSV of cases)")
     if args.add:  # before the cases are loaded: a mistyped --out is named at once
         from dermcir.index._store import require_index
 
         require_index(args.out)
-    elif args.checkpoint is None:
-        raise ValueError("--checkpoint is required to build an index")
     cases, report = _load_cases(args.data, args.image_root, args.min_cases)
     common = {
         "device": args.device or "auto",
