@@ -120,17 +120,19 @@ def test_a_mistyped_checklist_is_refused_before_the_index_is_opened(tmp_path, ca
     assert "no-such-index" not in err
 
 
-def test_a_mistyped_query_is_refused_without_loading_torch(tmp_path):
-    # Loading torch and the model takes seconds; a clinician's typo should cost none of them. A child process,
-    # because this one has torch loaded already.
-    code = (
-        "import sys; from dermcir.cli import main; "
-        f"rc = main(['search', '--index', {str(tmp_path)!r}, '--checklist', 'streaks=wavy']); "
-        "print(rc, 'torch' in sys.modules)"
-    )
+def _refused_without_torch(argv: list[str]) -> str:
+    """Run ``dermcir ARGV`` in a child process (this one has torch loaded already); assert that it was refused (exit
+    status 2) with torch never imported, and return its stderr."""
+    code = f"import sys; from dermcir.cli import main; rc = main({argv!r}); print(rc, 'torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert done.stdout.split() == ["2", "False"], (done.stdout, done.stderr)
-    assert "unknown value 'wavy' for checklist field 'streaks'" in done.stderr
+    return done.stderr
+
+
+def test_a_mistyped_query_is_refused_without_loading_torch(tmp_path):
+    # Loading torch and the model takes seconds; a clinician's typo should cost none of them.
+    err = _refused_without_torch(["search", "--index", str(tmp_path), "--checklist", "streaks=wavy"])
+    assert "unknown value 'wavy' for checklist field 'streaks'" in err
 
 
 @pytest.mark.parametrize(
@@ -143,15 +145,7 @@ def test_a_mistyped_query_is_refused_without_loading_torch(tmp_path):
     ],
 )
 def test_a_mistyped_index_command_is_refused_without_loading_torch(tmp_path, options, message):
-    # As for search: option mistakes cost no torch import (seconds). A child process, because this one has torch.
-    code = (
-        "import sys; from dermcir.cli import main; "
-        f"rc = main(['index', '--out', {str(tmp_path / 'idx')!r}, *{options!r}]); "
-        "print(rc, 'torch' in sys.modules)"
-    )
-    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
-    assert done.stdout.split() == ["2", "False"], (done.stdout, done.stderr)
-    assert message in done.stderr
+    assert message in _refused_without_torch(["index", "--out", str(tmp_path / "idx"), *options])
 
 
 def test_updates_of_a_mistyped_out_create_nothing(tmp_path, small, capsys):
