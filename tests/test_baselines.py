@@ -326,6 +326,20 @@ def test_run_baseline_cv_writes_the_results_schema(tmp_path: Path) -> None:
     assert "fold 2" in (out / "log.txt").read_text()
 
 
+def test_a_run_is_refused_in_a_folder_that_holds_another_methods_results(tmp_path: Path) -> None:
+    # Rerunning the same method is safe (its files are replaced when it completes, below); another method's run would
+    # replace the composed run's results.json and leave that run's tables and fold folders beside it.
+    out = tmp_path / "run"
+    out.mkdir()
+    earlier = json.dumps({"method": "dermcir-composed", "complete": True})
+    (out / "results.json").write_text(earlier)
+    settings = {"n_folds": 3, "cache_dir": tmp_path / "cache", **TINY["maskrcnn-fusion"]}
+    with pytest.raises(ValueError, match="holds the results of an earlier dermcir-composed run .*a maskrcnn-fusion "
+                                         "run would replace them with its own"):
+        run_baseline_cv("maskrcnn-fusion", _toy_cases(tmp_path), out, **settings)
+    assert [(f.name, f.read_text()) for f in out.iterdir()] == [("results.json", earlier)]
+
+
 def test_a_failed_rerun_keeps_the_previous_runs_log_and_logs_its_error(tmp_path: Path, monkeypatch) -> None:
     cases, out = _toy_cases(tmp_path), tmp_path / "run"
     settings = {"n_folds": 3, "cache_dir": tmp_path / "cache", **TINY["maskrcnn-fusion"]}

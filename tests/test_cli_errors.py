@@ -5,6 +5,7 @@ Synthetic images and a tiny random checkpoint only (tests/searchkit.py).
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -146,6 +147,14 @@ def test_a_mistyped_query_is_refused_without_loading_torch(tmp_path):
 )
 def test_a_mistyped_index_command_is_refused_without_loading_torch(tmp_path, options, message):
     assert message in _refused_without_torch(["index", "--out", str(tmp_path / "idx"), *options])
+
+
+def test_a_benchmark_into_an_earlier_runs_folder_is_refused_without_loading_torch(tmp_path):
+    # The check reads one file; the run it prevents would overwrite the earlier figures after its first fold.
+    (tmp_path / "results.json").write_text(json.dumps({"method": "dermcir-composed"}))
+    err = _refused_without_torch(["cv", "--data", str(tmp_path / "release"), "--out", str(tmp_path)])
+    assert f"{tmp_path}: holds the results of an earlier dermcir-composed run" in err
+    assert [f.name for f in tmp_path.iterdir()] == ["results.json"]
 
 
 def test_updates_of_a_mistyped_out_create_nothing(tmp_path, small, capsys):

@@ -35,6 +35,37 @@ def test_folds_are_seeded_stratified_and_disjoint():
         assert not set(train) & set(val) and set(train) | set(val) == set(db) and not set(val) & set(q)
 
 
+@pytest.mark.parametrize(
+    ("earlier", "message"),
+    [
+        ({"method": "dermcir-composed", "complete": True}, "holds the results of an earlier dermcir-composed run"),
+        ({"method": "snf-dca"}, "holds the results of an earlier snf-dca run"),
+        ("{not json", "holds a results.json that is not a dermcir run's"),
+    ],
+)
+def test_a_run_is_refused_in_a_folder_that_holds_an_earlier_run(toy_release, tmp_path, earlier, message):
+    # A run rewrites results.json after every fold: in an earlier run's folder it would replace that run's figures
+    # before it finished, and a run that then failed would leave neither.
+    cases, _ = load_derm7pt(toy_release, min_cases=5)
+    out = tmp_path / "run"
+    out.mkdir()
+    files = {"results.json": earlier if isinstance(earlier, str) else json.dumps(earlier), "tables.md": "# earlier\n"}
+    for name, text in files.items():
+        (out / name).write_text(text)
+    with pytest.raises(ValueError, match=re.escape(f"{out}: {message} ({out / 'results.json'})")):
+        run_cv(cases, out, profile="cpu", n_folds=3, progress=False, **FAST)
+    assert {f.name: f.read_text() for f in out.iterdir()} == files  # nothing written, not even cv.log
+
+
+def test_a_run_is_refused_when_its_folder_is_a_file(toy_release, tmp_path):
+    cases, _ = load_derm7pt(toy_release, min_cases=5)
+    out = tmp_path / "run.txt"
+    out.write_text("notes")
+    with pytest.raises(ValueError, match="run.txt: is a file; a run writes its results into a folder"):
+        run_cv(cases, out, profile="cpu", n_folds=3, progress=False, **FAST)
+    assert out.read_text() == "notes"
+
+
 def test_cv_writes_results_tables_and_figure(toy_release, tmp_path):
     cases, _ = load_derm7pt(toy_release, min_cases=5)
     doc = run_cv(cases, tmp_path / "run", profile="cpu", n_folds=3, progress=False, **FAST)

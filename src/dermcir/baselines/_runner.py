@@ -20,7 +20,7 @@ from dermcir.baselines._metadata import metadata_onehot
 from dermcir.data.cache import default_cache_dir, preprocess_cases
 from dermcir.data.cases import Case, LoadReport
 from dermcir.data.folds import check_enough_per_category, stratified_folds
-from dermcir.evaluation.results import build_results, fold_row, format_row
+from dermcir.evaluation.results import build_results, check_run_folder, fold_row, format_row
 from dermcir.files import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -124,9 +124,11 @@ def run_baseline_cv(
         The ``results.json`` document.
 
     Raises:
-        ValueError: unknown method, profile or setting; too few cases for the folds.
+        ValueError: unknown method, profile or setting; too few cases for the folds; ``out_dir`` holds another
+            method's results (:func:`~dermcir.evaluation.results.check_run_folder`).
     """
     baseline = create_baseline(method, profile, **overrides)
+    check_run_folder(out_dir, baseline.name, reruns_replace_at_end=True)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with _log_to(out_dir / "log.txt"):

@@ -133,18 +133,25 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_cv(args: argparse.Namespace) -> int:
+    from dermcir.evaluation.results import COMPOSED_METHOD, check_run_folder
+
+    composed = args.method == "composed"
+    if not composed:
+        for option, value in (("--time-budget", args.time_budget), ("--only-fold", args.only_folds),
+                              ("--companion-workers", args.companion_workers)):
+            if value is not None:
+                raise ValueError(f"{option} applies to --method composed only")
+    # before the cases and torch load: an --out that holds an earlier run is refused in a fraction of a second
+    # (the run code checks again, for callers of the Python API)
+    check_run_folder(args.out, COMPOSED_METHOD if composed else args.method, reruns_replace_at_end=not composed)
     cases, report = _load(args)
-    if args.method == "composed":
+    if composed:
         from dermcir.evaluation.cv import run_cv
 
         doc = run_cv(cases, args.out, profile=args.profile, n_folds=args.folds, seed=args.seed, cache_dir=args.cache,
                      progress=not args.quiet, time_budget=args.time_budget, only_folds=args.only_folds,
                      companion_workers=args.companion_workers, load_report=report, **_overrides(args.set))
     else:
-        for option, value in (("--time-budget", args.time_budget), ("--only-fold", args.only_folds),
-                              ("--companion-workers", args.companion_workers)):
-            if value is not None:
-                raise ValueError(f"{option} applies to --method composed only")
         from dermcir.baselines import run_baseline_cv
 
         doc = run_baseline_cv(args.method, cases, args.out, n_folds=args.folds, seed=args.seed, profile=args.profile,
