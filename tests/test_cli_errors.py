@@ -157,6 +157,28 @@ def test_a_benchmark_into_an_earlier_runs_folder_is_refused_without_loading_torc
     assert [f.name for f in tmp_path.iterdir()] == ["results.json"]
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["search", "--index", "{tmp}/none", "--text", "streaks absent"], "{tmp}/none: no dermcir index here"),
+        (["serve", "--index", "{tmp}/none"], "{tmp}/none: no dermcir index here"),
+        (["index", "--out", "{tmp}/none", "--remove", "c001"], "{tmp}/none: no dermcir index here"),
+        (["index", "--out", "{tmp}/none", "--add", "--data", "{tmp}/cases.csv"], "{tmp}/none: no dermcir index here"),
+        (["index", "--out", "{tmp}", "--data", "{tmp}/cases.csv", "--checkpoint", "{tmp}/model"],
+         "{tmp}: holds files that are not part of a dermcir index (notes.txt)"),
+        (["index", "--out", "{tmp}/idx", "--data", "{tmp}/none", "--checkpoint", "{tmp}/model"],
+         "{tmp}/none: expected a Derm7pt release folder, a .csv file of cases"),
+        (["train", "--data", "{tmp}/none", "--profile", "cpu", "--out", "{tmp}/model"], "{tmp}/none/meta/meta.csv"),
+    ],
+)
+def test_a_folder_without_what_the_command_needs_is_refused_without_loading_torch(tmp_path, argv, message):
+    # an --index, --out or --data typo costs a fraction of a second, not the seconds of loading torch and the model
+    (tmp_path / "notes.txt").write_text("not an index")
+    err = _refused_without_torch([a.format(tmp=tmp_path) for a in argv])
+    assert message.format(tmp=tmp_path) in err
+    assert [f.name for f in tmp_path.iterdir()] == ["notes.txt"]  # nothing created
+
+
 def test_updates_of_a_mistyped_out_create_nothing(tmp_path, small, capsys):
     _ckpt, _root, _cases, csv = small
     typo = tmp_path / "typo" / "runs" / "idx"

@@ -123,9 +123,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    cases, report = _load(args)  # before the import below loads torch: a mistyped --data is named at once
     from dermcir.training import train_on_cases
 
-    cases, report = _load(args)
     ckpt = train_on_cases(cases, args.out, profile=args.profile, cache_dir=args.cache, progress=not args.quiet,
                           seed=args.seed, load_report=report, **_overrides(args.set))
     print(ckpt)

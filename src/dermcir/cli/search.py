@@ -263,17 +263,22 @@ def cmd_index(args: argparse.Namespace) -> int:
         raise ValueError("--data is required to build or add (a Derm7pt folder or a CSV of cases)")
     elif not args.add and args.checkpoint is None:
         raise ValueError("--checkpoint is required to build an index")
+    # The folders and the cases are read before torch loads too (the index code checks them again, for callers of
+    # the Python API): a mistyped --out or --data is named in a fraction of a second.
+    from dermcir.index._store import check_root, require_index
+
+    if args.add or args.remove:
+        require_index(args.out)
+    else:
+        check_root(args.out)
+    if not args.remove:
+        cases, report = _load_cases(args.data, args.image_root, args.min_cases)
     _apply_threads(args)  # before the imports below load torch
     from dermcir.index import VectorParams, add_cases, build_index, remove_cases
 
     if args.remove:
         _print_update("removed", remove_cases(args.out, args.remove))
         return 0
-    if args.add:  # before the cases are loaded: a mistyped --out is named at once
-        from dermcir.index._store import require_index
-
-        require_index(args.out)
-    cases, report = _load_cases(args.data, args.image_root, args.min_cases)
     common = {
         "device": args.device or "auto",
         "batch_size": args.batch_size,
@@ -310,6 +315,14 @@ def _parse_checklist(pairs: list[str]) -> dict[str, str]:
     return validate_checklist(out)
 
 
+def _require_live_index(root: Path) -> None:
+    """Refuse an ``--index`` that holds no index before torch and the model load (seconds); opening it checks the
+    rest."""
+    from dermcir.index._store import live_version
+
+    live_version(root)
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     # Mistakes in the query are refused before torch and the model load (seconds).
     checklist = _parse_checklist(args.checklist)
@@ -319,6 +332,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise ValueError("give --image, --text or --checklist (or an image with text for a composed query)")
     if args.image is not None and not args.image.is_file():
         raise FileNotFoundError(f"{args.image}: query image not found")
+    _require_live_index(args.index)
     _apply_threads(args)  # before the import below loads torch
     from dermcir.search import CaseSearcher
 
@@ -358,6 +372,7 @@ def _run_server(searcher, args: argparse.Namespace, banner: str) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    _require_live_index(args.index)
     _apply_threads(args)  # before the imports below load torch
     from dermcir.search import CaseSearcher
 

@@ -14,20 +14,26 @@ Example:
     888
 """
 
-from dermcir.index._encode import HEATMAP_SIZE, attention_heatmaps, encode_cases, resolve_device
-from dermcir.index._vectors import INDEX_KINDS, VectorParams
-from dermcir.index.build import (
-    IndexExistsError,
-    IndexUpdate,
-    NothingToIndexError,
-    add_cases,
-    build_index,
-    case_record,
-    remove_cases,
-)
-from dermcir.index.case_index import CaseIndex, EmptyIndexError, FingerprintMismatchError, Hit, open_index
+from __future__ import annotations
 
-__all__ = [
+import importlib
+from typing import Any
+
+# The public names, by the module that defines them. They load on first use (PEP 562) instead of here, because the
+# encoders import torch (seconds): so ``dermcir.index._store`` (folders and the CURRENT pointer, no torch) can be
+# imported alone, and the command line refuses an --index or --out that holds no index before anything loads.
+_MODULES = {
+    "dermcir.index._encode": ("HEATMAP_SIZE", "attention_heatmaps", "encode_cases", "resolve_device"),
+    "dermcir.index._vectors": ("INDEX_KINDS", "VectorParams"),
+    "dermcir.index.build": (
+        "IndexExistsError", "IndexUpdate", "NothingToIndexError", "add_cases", "build_index", "case_record",
+        "remove_cases",
+    ),
+    "dermcir.index.case_index": ("CaseIndex", "EmptyIndexError", "FingerprintMismatchError", "Hit", "open_index"),
+}
+_DEFINED_IN = {name: module for module, names in _MODULES.items() for name in names}
+
+__all__ = [  # the same names, written out for tools that read them without running this module
     "HEATMAP_SIZE",
     "INDEX_KINDS",
     "CaseIndex",
@@ -47,3 +53,17 @@ __all__ = [
     "remove_cases",
     "resolve_device",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _DEFINED_IN.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # found directly from now on
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+

@@ -80,6 +80,20 @@ def check_root(root: Path) -> None:
         )
 
 
+def live_version(root: Path) -> Path:
+    """The live version folder of an index root, for a reader (:func:`current_version` that refuses a root without
+    one).
+
+    Raises:
+        FileNotFoundError: no published index under ``root`` (e.g. a mistyped ``--index``).
+        ValueError: a damaged ``CURRENT``.
+    """
+    folder = current_version(root)
+    if folder is None:
+        raise FileNotFoundError(f"{root}: no dermcir index here (no CURRENT pointer); build one with `dermcir index`")
+    return folder
+
+
 def require_index(root: Path) -> None:
     """Refuse an update of a root that holds no published index, before anything is created there (a mistyped
     ``--out`` must not leave a folder tree and a lock file behind).

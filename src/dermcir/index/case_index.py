@@ -23,7 +23,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from dermcir.index._store import current_version
+from dermcir.index._store import current_version, live_version
 from dermcir.index._vectors import VectorParams, build_vector_index, read_vector_index, search_vectors
 
 log = logging.getLogger(__name__)
@@ -138,11 +138,7 @@ def open_index(root: str | Path) -> CaseIndex:
     """
     root = Path(root)
     for _attempt in range(3):  # a writer may publish and collect between resolving the pointer and opening it
-        folder = current_version(root)
-        if folder is None:
-            raise FileNotFoundError(
-                f"{root}: no dermcir index here (no CURRENT pointer); build one with `dermcir index`"
-            )
+        folder = live_version(root)
         try:
             return load_version(folder)
         except (FileNotFoundError, ValueError):
