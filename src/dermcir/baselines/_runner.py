@@ -128,7 +128,7 @@ def run_baseline_cv(
             method's results (:func:`~dermcir.evaluation.results.check_run_folder`).
     """
     baseline = create_baseline(method, profile, **overrides)
-    check_run_folder(out_dir, baseline.name, reruns_replace_at_end=True)
+    check_run_folder(out_dir, rerun_method=baseline.name)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with _log_to(out_dir / "log.txt"):

@@ -133,7 +133,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_cv(args: argparse.Namespace) -> int:
-    from dermcir.evaluation.results import COMPOSED_METHOD, check_run_folder
+    from dermcir.evaluation.results import check_run_folder
 
     composed = args.method == "composed"
     if not composed:
@@ -143,7 +143,7 @@ def cmd_cv(args: argparse.Namespace) -> int:
                 raise ValueError(f"{option} applies to --method composed only")
     # before the cases and torch load: an --out that holds an earlier run is refused in a fraction of a second
     # (the run code checks again, for callers of the Python API)
-    check_run_folder(args.out, COMPOSED_METHOD if composed else args.method, reruns_replace_at_end=not composed)
+    check_run_folder(args.out, rerun_method=None if composed else args.method)
     cases, report = _load(args)
     if composed:
         from dermcir.evaluation.cv import run_cv

@@ -23,7 +23,7 @@ from dermcir.data.cache import preprocess_cases
 from dermcir.data.cases import Case, LoadReport, category_counts
 from dermcir.data.folds import check_enough_per_category, stratified_folds, validation_split
 from dermcir.evaluation.report import PAPER_ROWS, write_retrieval_figure, write_tables
-from dermcir.evaluation.results import COMPOSED_METHOD, build_results, check_run_folder, fold_row
+from dermcir.evaluation.results import build_results, check_run_folder, fold_row
 from dermcir.files import write_json_atomic
 from dermcir.metrics import retrieval_metrics
 from dermcir.models import ComposedRetrievalModel
@@ -47,6 +47,7 @@ from dermcir.training.trainer import (
 )
 
 log = logging.getLogger(__name__)
+METHOD = "dermcir-composed"
 _DB = "image-only database (the seed's protocol)"
 #: What each ablation's query is (the database side never changes).
 PROTOCOLS = {
@@ -203,7 +204,7 @@ def run_cv(
                                         and 0 < time_budget < math.inf):
         raise ValueError(f"time_budget must be a finite number of seconds > 0 or None, got {time_budget!r}")
     model_cfg, train_cfg, views = get_profile(profile, seed=seed, **overrides)  # checks every setting
-    check_run_folder(out_dir, COMPOSED_METHOD)
+    check_run_folder(out_dir)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = device or default_device()
@@ -288,7 +289,7 @@ def run_cv(
         run has ended), so that a run stopped part-way (a device's time limit) still leaves every finished fold's
         figures; ``retrievals.png`` once, with the first finished fold."""
         doc = build_results(
-            COMPOSED_METHOD, rows, profile=profile, beta=model_cfg.beta, n_cases=len(cases), n_folds=n_folds, seed=seed,
+            METHOD, rows, profile=profile, beta=model_cfg.beta, n_cases=len(cases), n_folds=n_folds, seed=seed,
             device=device_name(device),
             categories=category_counts(cases), seconds=time.perf_counter() - start, prepare_seconds=prep_seconds,
             time_budget=time_budget, training=training, skipped=report.skipped,

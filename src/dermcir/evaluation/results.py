@@ -13,18 +13,18 @@ from dermcir.metrics import retrieval_metrics
 
 METRICS = ("mAP", "Acc@1", "Acc@2", "Acc@4")
 RESULTS = "results.json"
-COMPOSED_METHOD = "dermcir-composed"  # results.json's "method" for the composed model (baselines: their names)
 
 
-def check_run_folder(out_dir: str | Path, method: str, reruns_replace_at_end: bool = False) -> None:
+def check_run_folder(out_dir: str | Path, rerun_method: str | None = None) -> None:
     """Refuse to start a run in a folder whose earlier results it would overwrite.
 
     The composed model's run rewrites ``results.json`` (and ``tables.md``, ``cv.log``) as it goes, after every fold,
     so that a run cut short keeps its finished folds; in a folder that holds an earlier run it would replace that
-    run's figures before it finishes, and one that then failed would leave neither. Such a folder is refused, so it
-    costs seconds, not a run. A baseline's run (``reruns_replace_at_end``) replaces its ``results.json`` and log
-    only when it completes, so running the same method again in its own folder is safe; its folder is refused only
-    when it holds another method's results. This reads the disk only (no torch), so the command line checks it first.
+    run's figures before it finishes, and one that then failed would leave neither. So any earlier ``results.json``
+    is refused (``rerun_method`` None), which costs seconds, not a run. A baseline's run replaces its
+    ``results.json`` and log only when it completes, so running it again in its own folder is safe: it passes its
+    name as ``rerun_method``, and only another method's results are refused. This reads the disk only (no torch),
+    so the command line checks it first.
 
     Raises:
         ValueError: ``out_dir`` is a file, or holds results that the run would overwrite.
@@ -40,11 +40,11 @@ def check_run_folder(out_dir: str | Path, method: str, reruns_replace_at_end: bo
         earlier = doc["method"] if isinstance(doc, dict) and isinstance(doc.get("method"), str) else None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         earlier = None
-    if reruns_replace_at_end and earlier == method:
+    if rerun_method is not None and earlier == rerun_method:
         return
     what = f"the results of an earlier {earlier} run" if earlier else "a results.json that is not a dermcir run's"
     why = ("a new run rewrites results.json after every fold, so it would replace them before it finishes"
-           if not reruns_replace_at_end else f"a {method} run would replace them with its own")
+           if rerun_method is None else f"a {rerun_method} run would replace them with its own")
     raise ValueError(f"{out_dir}: holds {what} ({results}); {why}. Give a new output folder, or move the earlier "
                      "run away first")
 
