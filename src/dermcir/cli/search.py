@@ -247,6 +247,10 @@ def cmd_index(args: argparse.Namespace) -> int:
             f"{options}: only for building an index; --add and --remove keep the index's own vector-search settings "
             "(rebuild it without --add to change them)"
         )
+    # The folders and the cases are read before torch loads too (the index code checks them again, for callers of
+    # the Python API): a mistyped --out or --data is named in a fraction of a second.
+    from dermcir.index._store import check_root, require_index
+
     if args.remove:
         if args.add or args.data:
             raise ValueError("--remove takes only --out and the ids; run --add separately")
@@ -259,26 +263,24 @@ def cmd_index(args: argparse.Namespace) -> int:
         named = [option for option, value in ignored.items() if value is not None]
         if named:
             raise ValueError(f"{', '.join(named)}: not used by --remove, which encodes nothing (it takes --out and ids)")
-    elif args.data is None:
-        raise ValueError("--data is required to build or add (a Derm7pt folder or a CSV of cases)")
-    elif not args.add and args.checkpoint is None:
-        raise ValueError("--checkpoint is required to build an index")
-    # The folders and the cases are read before torch loads too (the index code checks them again, for callers of
-    # the Python API): a mistyped --out or --data is named in a fraction of a second.
-    from dermcir.index._store import check_root, require_index
-
-    if args.add or args.remove:
         require_index(args.out)
-    else:
-        check_root(args.out)
-    if not args.remove:
-        cases, report = _load_cases(args.data, args.image_root, args.min_cases)
-    _apply_threads(args)  # before the imports below load torch
-    from dermcir.index import VectorParams, add_cases, build_index, remove_cases
+        _apply_threads(args)  # before the import below loads torch
+        from dermcir.index import remove_cases
 
-    if args.remove:
         _print_update("removed", remove_cases(args.out, args.remove))
         return 0
+    if args.data is None:
+        raise ValueError("--data is required to build or add (a Derm7pt folder or a CSV of cases)")
+    if args.add:
+        require_index(args.out)
+    else:
+        if args.checkpoint is None:
+            raise ValueError("--checkpoint is required to build an index")
+        check_root(args.out)
+    cases, report = _load_cases(args.data, args.image_root, args.min_cases)
+    _apply_threads(args)  # before the imports below load torch
+    from dermcir.index import VectorParams, add_cases, build_index
+
     common = {
         "device": args.device or "auto",
         "batch_size": args.batch_size,

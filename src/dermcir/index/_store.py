@@ -90,8 +90,12 @@ def live_version(root: Path) -> Path:
     """
     folder = current_version(root)
     if folder is None:
-        raise FileNotFoundError(f"{root}: no dermcir index here (no CURRENT pointer); build one with `dermcir index`")
+        raise _no_index(root)
     return folder
+
+
+def _no_index(root: Path) -> FileNotFoundError:
+    return FileNotFoundError(f"{root}: no dermcir index here; build one first with `dermcir index`")
 
 
 def require_index(root: Path) -> None:
@@ -103,8 +107,7 @@ def require_index(root: Path) -> None:
         ValueError: ``root`` holds foreign files or a damaged ``CURRENT``.
     """
     check_root(root)
-    if not root.is_dir() or current_version(root) is None:
-        raise FileNotFoundError(f"{root}: no dermcir index here; build one first with `dermcir index`")
+    live_version(root)
 
 
 @contextmanager
@@ -134,13 +137,13 @@ def _acquire(root: Path, create: bool) -> IO[str]:
         if create:
             root.mkdir(parents=True, exist_ok=True)
         elif not root.is_dir():
-            raise FileNotFoundError(f"{root}: no dermcir index here; build one first with `dermcir index`")
+            raise _no_index(root)
         try:
             fh = open(root / LOCK, "a")  # noqa: SIM115 - returned locked; writer_lock closes it
         except FileNotFoundError:  # the folder was removed (a failed first build cleaning up) since it was checked
             if create:
                 continue
-            raise FileNotFoundError(f"{root}: no dermcir index here; build one first with `dermcir index`") from None
+            raise _no_index(root) from None
         try:
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)

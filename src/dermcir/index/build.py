@@ -27,6 +27,7 @@ from dermcir.index._encode import HEATMAP_SIZE, EncodedCases, encode_cases, reso
 from dermcir.index._store import (
     check_root,
     current_version,
+    live_version,
     publish_version,
     remove_created,
     remove_empty_folders,
@@ -329,10 +330,7 @@ def _first_missing(path: Path) -> Path | None:
 
 
 def _current(root: Path) -> CaseIndex:
-    folder = current_version(root)
-    if folder is None:
-        raise FileNotFoundError(f"{root}: no dermcir index here; build one first with `dermcir index`")
-    return load_version(folder)
+    return load_version(live_version(root))
 
 
 def _existing_rows(index: CaseIndex) -> _Rows:
