@@ -165,18 +165,59 @@ def test_a_benchmark_into_an_earlier_runs_folder_is_refused_without_loading_torc
         (["index", "--out", "{tmp}/none", "--remove", "c001"], "{tmp}/none: no dermcir index here"),
         (["index", "--out", "{tmp}/none", "--add", "--data", "{tmp}/cases.csv"], "{tmp}/none: no dermcir index here"),
         (["index", "--out", "{tmp}", "--data", "{tmp}/cases.csv", "--checkpoint", "{tmp}/model"],
-         "{tmp}: holds files that are not part of a dermcir index (notes.txt)"),
+         "{tmp}: holds files that are not part of a dermcir index (model, notes.txt)"),
         (["index", "--out", "{tmp}/idx", "--data", "{tmp}/none", "--checkpoint", "{tmp}/model"],
          "{tmp}/none: expected a Derm7pt release folder, a .csv file of cases"),
-        (["train", "--data", "{tmp}/none", "--profile", "cpu", "--out", "{tmp}/model"], "{tmp}/none/meta/meta.csv"),
+        (["index", "--out", "{tmp}/idx", "--data", "{tmp}/cases.csv", "--checkpoint", "{tmp}/nomodel"],
+         "{tmp}/nomodel/config.json: not found; a checkpoint folder holds config.json"),
+        (["index", "--out", "{tmp}/idx", "--data", "{tmp}/cases.csv", "--checkpoint", "{tmp}/notes.txt"],
+         "{tmp}/notes.txt: is a file; expected a checkpoint folder"),
+        (["train", "--data", "{tmp}/none", "--profile", "cpu", "--out", "{tmp}/new"], "{tmp}/none/meta/meta.csv"),
+        (["train", "--data", "{tmp}/none", "--out", "{tmp}"],
+         "{tmp}: holds model, notes.txt, so it is not a checkpoint folder"),
     ],
 )
 def test_a_folder_without_what_the_command_needs_is_refused_without_loading_torch(tmp_path, argv, message):
-    # an --index, --out or --data typo costs a fraction of a second, not the seconds of loading torch and the model
+    # an --index, --out, --checkpoint or --data typo costs a fraction of a second, not the seconds of loading torch
+    # and the model
     (tmp_path / "notes.txt").write_text("not an index")
+    (tmp_path / "model").mkdir()  # a checkpoint as far as the disk checks go, so that the other mistakes show
+    (tmp_path / "model" / "config.json").write_text(json.dumps({"model": {}}))
     err = _refused_without_torch([a.format(tmp=tmp_path) for a in argv])
     assert message.format(tmp=tmp_path) in err
-    assert [f.name for f in tmp_path.iterdir()] == ["notes.txt"]  # nothing created
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["model", "notes.txt"]  # nothing created
+    assert [f.name for f in (tmp_path / "model").iterdir()] == ["config.json"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--out", "{tmp}/model", "--set", "epochz=3"], "unknown setting(s) ['epochz']; model: ["),
+        (["train", "--out", "{tmp}/model", "--set", "epochs=0"], "setting epochs=0: expected an integer >= 1"),
+        (["cv", "--out", "{tmp}/run", "--set", "grid=5"], "grid=5: a model on cached backbone features"),
+        (["cv", "--out", "{tmp}/run", "--profile", "gpu", "--set", "backbone=resnet"],
+         "setting backbone='resnet': expected a registered backbone: lite0, swin_t"),
+        (["prepare", "--set", "views=9"], "setting views=9: expected a whole number from 1 to 4"),
+    ],
+)
+def test_a_mistyped_setting_is_refused_without_loading_torch(tmp_path, argv, message):
+    # every --set is checked (its name and value) before the cases, the model and torch load
+    release = tmp_path / "release"  # never read: the setting is refused first
+    err = _refused_without_torch([*[a.format(tmp=tmp_path) for a in argv], "--data", str(release),
+                                  "--cache", str(tmp_path / "cache")])
+    assert message in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_index_or_a_checkpoint_mistake_of_a_real_index_is_refused_without_loading_torch(tmp_path, small):
+    ckpt, root, _cases, csv = small
+    live = open_index(root).version
+    err = _refused_without_torch(["index", "--out", str(root), "--data", str(csv), "--checkpoint", str(ckpt)])
+    assert f"{root}: already holds an index of 4 cases" in err and "--rebuild" in err  # forgot --add
+    for command in (["search", "--text", "streaks absent"], ["serve"]):
+        err = _refused_without_torch([*command, "--index", str(root), "--checkpoint", str(tmp_path / "nomodel")])
+        assert f"{tmp_path / 'nomodel' / 'config.json'}: not found" in err
+    assert open_index(root).version == live and len(open_index(root)) == 4
 
 
 def test_updates_of_a_mistyped_out_create_nothing(tmp_path, small, capsys):

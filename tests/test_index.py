@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
@@ -62,19 +61,6 @@ def fresh(tmp_path: Path, kit):
 
 def _opts(tmp_path: Path, kit) -> dict:
     return {"model": kit[1], "cache_dir": tmp_path / "cache", "progress": False}
-
-
-def test_the_package_names_load_on_first_use_and_each_resolves():
-    # dermcir.index imports its modules lazily (so its torch-free store can be read alone): a name left out of, or
-    # misspelt in, its table would fail only when first used
-    import dermcir.index as package
-
-    assert sorted(package.__all__) == sorted(package._DEFINED_IN)
-    for name in package.__all__:
-        assert getattr(package, name) is getattr(importlib.import_module(package._DEFINED_IN[name]), name)
-        assert name in dir(package)
-    with pytest.raises(AttributeError, match="has no attribute 'open_indexes'"):
-        package.open_indexes  # noqa: B018
 
 
 def test_version_folder_holds_documented_files_and_no_pickles(built):

@@ -20,44 +20,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from dermcir.checkpoint_folder import CONFIG, WEIGHTS, check_checkpoint_target, read_config
 from dermcir.config import ModelConfig, from_dict
 from dermcir.data.cache import PREPROCESS_VERSION
 from dermcir.data.text import TEMPLATE_VERSION
 from dermcir.files import current_umask, fsync_path
 from dermcir.models import ComposedRetrievalModel
 
-WEIGHTS = "model.safetensors"
-CONFIG = "config.json"
 FORMAT_VERSION = 1
-#: What a checkpoint folder may hold besides its two files: the training run's logs (``dermcir train``). A folder
-#: holding anything else is not replaced by a new checkpoint (``check_checkpoint_target``).
-CHECKPOINT_LOGS = ("train.log", "train.failed.log")
-
-
-def check_checkpoint_target(out_dir: str | Path) -> None:
-    """Refuse to write a checkpoint over a folder that is not one.
-
-    Saving replaces the whole folder, so ``--out runs`` where ``--out runs/model`` was meant would delete earlier
-    runs and indexes. Training calls this before it starts, so the slip costs nothing.
-
-    Raises:
-        ValueError: ``out_dir`` is a file, or a folder holding anything but a checkpoint's files and logs.
-    """
-    out_dir = Path(out_dir)
-    if not out_dir.exists():
-        return
-    if not out_dir.is_dir():
-        raise ValueError(f"{out_dir}: is a file; a checkpoint is written as a folder")
-    allowed = {WEIGHTS, CONFIG, *CHECKPOINT_LOGS}
-    # hidden files (a file browser's .DS_Store) go with the old checkpoint; hidden folders and anything else do not
-    others = sorted(p.name for p in out_dir.iterdir()
-                    if not p.is_file() or (p.name not in allowed and not p.name.startswith(".")))
-    if others:
-        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
-        raise ValueError(
-            f"{out_dir}: holds {shown}, so it is not a checkpoint folder, and writing a checkpoint replaces the whole "
-            f"folder; give a new or a checkpoint folder (e.g. {out_dir / 'model'})"
-        )
 
 
 def state_digest(module: torch.nn.Module) -> str:
@@ -135,19 +105,6 @@ _SHARED = ("companion.text_encoder",)
 def _is_frozen(key: str, frozen) -> bool:
     """Whether a state-dict key belongs to one of the ``frozen`` submodules (dotted names, e.g. ``companion.backbone``)."""
     return any(key == name or key.startswith(name + ".") for name in frozen)
-
-
-def read_config(ckpt_dir: str | Path) -> dict[str, Any]:
-    path = Path(ckpt_dir) / CONFIG
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found; a checkpoint folder holds {CONFIG} and {WEIGHTS}")
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: not a readable checkpoint config (corrupt JSON: {exc})") from exc
-    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):  # a ValueError: the CLI names it
-        raise ValueError(f"{path}: expected a JSON object with the model's settings under \"model\"")  # noqa: TRY004
-    return meta
 
 
 def load_checkpoint(ckpt_dir: str | Path, device: str | torch.device = "cpu") -> ComposedRetrievalModel:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from dermcir.files import write_json_atomic
+from dermcir.models.registry import list_backbones, list_text_encoders
 from dermcir.settings import check_settings
 
 T = TypeVar("T")
@@ -53,9 +54,6 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         self.mean, self.std = tuple(self.mean), tuple(self.std)  # JSON gives lists
-        # the registries fill when dermcir.models is imported; here, not at the top, since that package imports this one
-        from dermcir.models import list_backbones, list_text_encoders
-
         # companion_weight and the companion's own settings by check_companion, after the main model's
         check_settings(self, {
             "backbone": (lambda v: v in list_backbones(), f"a registered backbone: {', '.join(list_backbones())}"),

@@ -84,6 +84,16 @@ def _overrides(pairs: list[str], settings: tuple[str, ...] = ()) -> dict:
     return out
 
 
+def _settings(args: argparse.Namespace) -> dict:
+    """``--set``'s settings, checked against ``--profile`` as the run will check them (names and values), before the
+    cases and torch load: a mistyped setting costs a fraction of a second, not the seconds of loading them."""
+    from dermcir.training.profiles import get_profile  # no torch
+
+    overrides = _overrides(args.set)
+    get_profile(args.profile, **overrides)
+    return overrides
+
+
 def _load(args: argparse.Namespace):
     """The release's cases and the loader's report (the rows it left out, for the run's own records)."""
     from dermcir.data import category_counts, load_derm7pt
@@ -99,13 +109,14 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
+    overrides = _settings(args)
+    cases, _ = _load(args)
     from dermcir.data.cache import preprocess_cases
     from dermcir.models import ComposedRetrievalModel
     from dermcir.training import get_profile, prepare_inputs
     from dermcir.training.pipeline import default_device, prepare_companion
 
-    cases, _ = _load(args)
-    model_cfg, train_cfg, views = get_profile(args.profile, **_overrides(args.set))
+    model_cfg, train_cfg, views = get_profile(args.profile, **overrides)
     n_loaded = len(cases)
     cases, images = preprocess_cases(cases, model_cfg.image_size, args.cache, progress=not args.quiet)
     if not cases:  # e.g. a release checked out without its Git LFS contents
@@ -123,11 +134,17 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    cases, report = _load(args)  # before the import below loads torch: a mistyped --data is named at once
+    from dermcir.checkpoint_folder import check_checkpoint_target
+
+    # before the import below loads torch: a mistyped --set, --out or --data is named at once (the training checks
+    # again, for callers of the Python API)
+    overrides = _settings(args)
+    check_checkpoint_target(args.out)
+    cases, report = _load(args)
     from dermcir.training import train_on_cases
 
     ckpt = train_on_cases(cases, args.out, profile=args.profile, cache_dir=args.cache, progress=not args.quiet,
-                          seed=args.seed, load_report=report, **_overrides(args.set))
+                          seed=args.seed, load_report=report, **overrides)
     print(ckpt)
     return 0
 
@@ -144,13 +161,14 @@ def cmd_cv(args: argparse.Namespace) -> int:
     # before the cases and torch load: an --out that holds an earlier run is refused in a fraction of a second
     # (the run code checks again, for callers of the Python API)
     check_run_folder(args.out, rerun_method=None if composed else args.method)
+    overrides = _settings(args) if composed else None  # a baseline checks its own settings (after torch loads)
     cases, report = _load(args)
     if composed:
         from dermcir.evaluation.cv import run_cv
 
         doc = run_cv(cases, args.out, profile=args.profile, n_folds=args.folds, seed=args.seed, cache_dir=args.cache,
                      progress=not args.quiet, time_budget=args.time_budget, only_folds=args.only_folds,
-                     companion_workers=args.companion_workers, load_report=report, **_overrides(args.set))
+                     companion_workers=args.companion_workers, load_report=report, **overrides)
     else:
         from dermcir.baselines import run_baseline_cv
 

@@ -249,7 +249,9 @@ def cmd_index(args: argparse.Namespace) -> int:
         )
     # The folders and the cases are read before torch loads too (the index code checks them again, for callers of
     # the Python API): a mistyped --out or --data is named in a fraction of a second.
+    from dermcir.checkpoint_folder import require_checkpoint
     from dermcir.index._store import check_root, require_index
+    from dermcir.index.case_index import refuse_existing_index
 
     if args.remove:
         if args.add or args.data:
@@ -277,6 +279,10 @@ def cmd_index(args: argparse.Namespace) -> int:
         if args.checkpoint is None:
             raise ValueError("--checkpoint is required to build an index")
         check_root(args.out)
+        if not args.rebuild:
+            refuse_existing_index(args.out)
+    if args.checkpoint is not None:  # (--add without it uses the index's own, checked when the index opens)
+        require_checkpoint(args.checkpoint)
     cases, report = _load_cases(args.data, args.image_root, args.min_cases)
     _apply_threads(args)  # before the imports below load torch
     from dermcir.index import VectorParams, add_cases, build_index
@@ -317,12 +323,15 @@ def _parse_checklist(pairs: list[str]) -> dict[str, str]:
     return validate_checklist(out)
 
 
-def _require_live_index(root: Path) -> None:
-    """Refuse an ``--index`` that holds no index before torch and the model load (seconds); opening it checks the
-    rest."""
+def _check_search_folders(args: argparse.Namespace) -> None:
+    """Refuse an ``--index`` that holds no index, or a ``--checkpoint`` that is no checkpoint, before torch and the
+    model load (seconds); opening them checks the rest."""
+    from dermcir.checkpoint_folder import require_checkpoint
     from dermcir.index._store import live_version
 
-    live_version(root)
+    live_version(args.index)
+    if args.checkpoint is not None:
+        require_checkpoint(args.checkpoint)
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -334,7 +343,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise ValueError("give --image, --text or --checklist (or an image with text for a composed query)")
     if args.image is not None and not args.image.is_file():
         raise FileNotFoundError(f"{args.image}: query image not found")
-    _require_live_index(args.index)
+    _check_search_folders(args)
     _apply_threads(args)  # before the import below loads torch
     from dermcir.search import CaseSearcher
 
@@ -374,7 +383,7 @@ def _run_server(searcher, args: argparse.Namespace, banner: str) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    _require_live_index(args.index)
+    _check_search_folders(args)
     _apply_threads(args)  # before the imports below load torch
     from dermcir.search import CaseSearcher
 

@@ -16,22 +16,22 @@ Example:
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from dermcir._lazy import lazy_exports
 
 # The public names, by the module that defines them. They load on first use (PEP 562) instead of here, because the
-# encoders import torch (seconds): so ``dermcir.index._store`` (folders and the CURRENT pointer, no torch) can be
-# imported alone, and the command line refuses an --index or --out that holds no index before anything loads.
+# encoders import torch (seconds): so ``dermcir.index._store`` (folders and the CURRENT pointer) and
+# ``dermcir.index.case_index`` (reading a version) can be imported alone, and the command line refuses an --index or
+# --out that holds no index, or a build over an existing one, before torch loads.
 _MODULES = {
     "dermcir.index._encode": ("HEATMAP_SIZE", "attention_heatmaps", "encode_cases", "resolve_device"),
     "dermcir.index._vectors": ("INDEX_KINDS", "VectorParams"),
     "dermcir.index.build": (
-        "IndexExistsError", "IndexUpdate", "NothingToIndexError", "add_cases", "build_index", "case_record",
-        "remove_cases",
+        "IndexUpdate", "NothingToIndexError", "add_cases", "build_index", "case_record", "remove_cases",
     ),
-    "dermcir.index.case_index": ("CaseIndex", "EmptyIndexError", "FingerprintMismatchError", "Hit", "open_index"),
+    "dermcir.index.case_index": (
+        "CaseIndex", "EmptyIndexError", "FingerprintMismatchError", "Hit", "IndexExistsError", "open_index",
+    ),
 }
-_DEFINED_IN = {name: module for module, names in _MODULES.items() for name in names}
 
 __all__ = [  # the same names, written out for tools that read them without running this module
     "HEATMAP_SIZE",
@@ -54,15 +54,4 @@ __all__ = [  # the same names, written out for tools that read them without runn
     "resolve_device",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    module = _DEFINED_IN.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # found directly from now on
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+_DEFINED_IN, __getattr__, __dir__ = lazy_exports(__name__, globals(), _MODULES)

@@ -21,6 +21,7 @@ import numpy as np
 
 from dermcir import __version__
 from dermcir.checkpoint import fingerprint, load_checkpoint
+from dermcir.checkpoint_folder import require_checkpoint
 from dermcir.data.cache import file_digest
 from dermcir.data.cases import Case, LoadReport
 from dermcir.index._encode import HEATMAP_SIZE, EncodedCases, encode_cases, resolve_device
@@ -43,18 +44,14 @@ from dermcir.index.case_index import (
     MANIFEST,
     VECTORS,
     CaseIndex,
+    live_count,
     load_version,
-    read_manifest,
+    refuse_existing_index,
     write_records,
 )
 from dermcir.models import ComposedRetrievalModel
 
 log = logging.getLogger(__name__)
-
-
-class IndexExistsError(ValueError):
-    """A build without ``overwrite`` into a folder that already holds a non-empty index (``dermcir index`` without
-    ``--add`` or ``--rebuild``): it would have replaced every indexed case."""
 
 
 class NothingToIndexError(ValueError):
@@ -189,15 +186,6 @@ def _check_ids(cases: Sequence[Case]) -> None:
             )
 
 
-def _check_checkpoint_folder(checkpoint: Path) -> None:
-    """A weights file given instead of its folder (``--checkpoint runs/model/model.safetensors``) is named as such."""
-    if checkpoint.exists() and not checkpoint.is_dir():
-        raise ValueError(
-            f"{checkpoint}: is a file; expected a checkpoint folder (the one holding config.json and model.safetensors"
-            f", e.g. {checkpoint.parent})"
-        )
-
-
 def _nothing_usable(cases: Sequence[Case], report: LoadReport, what: str = "") -> str:
     # ``cases`` is empty when the loader already left every row out (missing image files): say so, not "0 cases"
     head = f"none of the {len(cases)} {what}cases had a usable image" if cases else "no usable case"
@@ -205,35 +193,6 @@ def _nothing_usable(cases: Sequence[Case], report: LoadReport, what: str = "") -
         first, why = report.skipped[0]
         head += f" ({len(report.skipped)} left out, e.g. {first}: {why})"
     return head
-
-
-def _live_count(root: Path) -> tuple[str, int] | None:
-    """(version, number of cases) of the live version under ``root``, or ``None`` when there is none.
-
-    Raises:
-        ValueError: the live version cannot be read (the message names the file).
-    """
-    folder = current_version(root) if root.is_dir() else None
-    if folder is None:
-        return None
-    return folder.name, int(read_manifest(folder)["count"])
-
-
-def _refuse_existing(root: Path) -> None:
-    try:
-        live = _live_count(root)
-    except (OSError, ValueError) as exc:
-        raise IndexExistsError(
-            f"{root}: holds an index whose live version cannot be read ({exc}); pass --rebuild (overwrite=True) to "
-            "replace it with a new version"
-        ) from None
-    if live is not None and live[1] > 0:
-        version, count = live
-        raise IndexExistsError(
-            f"{root}: already holds an index of {count} cases (version {version}); building would replace them all. "
-            "Add cases with `dermcir index --add`, or pass --rebuild (overwrite=True) to replace the index "
-            "(the replaced version stays on disk for a while: docs/search.md, 'Going back to a previous version')"
-        )
 
 
 def _rows_of(encoded: EncodedCases) -> _Rows:
@@ -283,19 +242,19 @@ def build_index(
     out, checkpoint, params = Path(out), Path(checkpoint), params or VectorParams()
     report = report if report is not None else LoadReport()
     _check_ids(cases)  # these are refused before anything is created or encoded
-    _check_checkpoint_folder(checkpoint)
+    require_checkpoint(checkpoint)
     check_root(out)  # a mistyped --out is refused now, not after every image has been encoded
     if not overwrite:
-        _refuse_existing(out)
+        refuse_existing_index(out)
     created, locked = _first_missing(out), False
     try:
         with writer_lock(out):  # creates the folder: one that cannot be written is found before encoding
             locked = True
             try:
                 if not overwrite:
-                    _refuse_existing(out)  # again: another writer may have built one meanwhile
+                    refuse_existing_index(out)  # again: another writer may have built one meanwhile
                 try:
-                    previous = _live_count(out)
+                    previous = live_count(out)
                 except (OSError, ValueError):
                     previous = None  # a damaged index being rebuilt: how many cases it held is unknown
                 model, encoded = _encode(cases, checkpoint, model, device, batch_size, cache_dir, report, progress)
@@ -369,12 +328,12 @@ def add_cases(
     report = report if report is not None else LoadReport()
     _check_ids(cases)
     if checkpoint is not None:
-        _check_checkpoint_folder(Path(checkpoint))
+        require_checkpoint(Path(checkpoint))
     require_index(root)  # before the lock: a mistyped root must not be created
     with writer_lock(root, create=False):  # held from reading to publishing, so a concurrent update cannot be lost
         index = _current(root)
         checkpoint = Path(checkpoint or index.manifest["checkpoint"])
-        _check_checkpoint_folder(checkpoint)
+        require_checkpoint(checkpoint)
         index.require_fingerprint(fingerprint(checkpoint), f"checkpoint {checkpoint}")
         known = {c.case_id for c in cases} & set(index.case_ids)
         if not replace:

@@ -40,6 +40,11 @@ class EmptyIndexError(ValueError):
     """A search on an index that holds no cases."""
 
 
+class IndexExistsError(ValueError):
+    """A build without ``overwrite`` into a folder that already holds a non-empty index (``dermcir index`` without
+    ``--add`` or ``--rebuild``): it would have replaced every indexed case."""
+
+
 class FingerprintMismatchError(ValueError):
     """The model offered for searching or updating is not the one that encoded the index."""
 
@@ -205,6 +210,43 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     if missing:
         raise _corrupt(path, ValueError(f"missing key(s) {', '.join(missing)}"))
     return manifest
+
+
+def live_count(root: Path) -> tuple[str, int] | None:
+    """(version, number of cases) of the live version under ``root``, or ``None`` when there is none.
+
+    Raises:
+        ValueError: the live version cannot be read (the message names the file).
+    """
+    folder = current_version(root) if root.is_dir() else None
+    if folder is None:
+        return None
+    return folder.name, int(read_manifest(folder)["count"])
+
+
+def refuse_existing_index(root: Path) -> None:
+    """Refuse a build (without ``overwrite``) into ``root`` when it holds a non-empty or unreadable index.
+
+    Here, beside the manifest it reads, rather than in the builder: it needs no torch, so the command line runs it
+    before the model loads.
+
+    Raises:
+        IndexExistsError: the message says how many cases would be replaced and how to add or rebuild instead.
+    """
+    try:
+        live = live_count(root)
+    except (OSError, ValueError) as exc:
+        raise IndexExistsError(
+            f"{root}: holds an index whose live version cannot be read ({exc}); pass --rebuild (overwrite=True) to "
+            "replace it with a new version"
+        ) from None
+    if live is not None and live[1] > 0:
+        version, count = live
+        raise IndexExistsError(
+            f"{root}: already holds an index of {count} cases (version {version}); building would replace them all. "
+            "Add cases with `dermcir index --add`, or pass --rebuild (overwrite=True) to replace the index "
+            "(the replaced version stays on disk for a while: docs/search.md, 'Going back to a previous version')"
+        )
 
 
 #: the keys of one ``cases.jsonl`` record (see :func:`dermcir.index.case_record`); every value is a string except

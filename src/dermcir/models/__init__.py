@@ -1,11 +1,20 @@
 """Models: registries of backbones and text encoders, the per-level heads and the composed retrieval model."""
 
-from dermcir.models import backbones as _backbones  # noqa: F401  (registers the backbones)
-from dermcir.models import text_encoders as _text_encoders  # noqa: F401  (registers the text encoders)
-from dermcir.models.registry import create_backbone, create_text_encoder, list_backbones, list_text_encoders
-from dermcir.models.retrieval import QUERY_MODES, ComposedRetrievalModel, Descriptors
+from __future__ import annotations
 
-__all__ = [
+from dermcir._lazy import lazy_exports
+
+# The public names, by the module that defines them. They load on first use (PEP 562) instead of here, because the
+# model imports torch (seconds): so a config (which checks its backbone's name in the registry) can be built, and
+# the command line can check ``--set``, before torch loads.
+_MODULES = {
+    "dermcir.models.registry": ("create_backbone", "create_text_encoder", "list_backbones", "list_text_encoders"),
+    "dermcir.models.retrieval": ("QUERY_MODES", "ComposedRetrievalModel", "Descriptors"),
+}
+
+__all__ = [  # the same names, written out for tools that read them without running this module
     "QUERY_MODES", "ComposedRetrievalModel", "Descriptors", "create_backbone", "create_text_encoder",
     "list_backbones", "list_text_encoders",
 ]
+
+_DEFINED_IN, __getattr__, __dir__ = lazy_exports(__name__, globals(), _MODULES)

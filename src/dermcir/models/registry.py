@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from typing import Any
 
 _BACKBONES: dict[str, Callable[..., Any]] = {}
 _TEXT_ENCODERS: dict[str, Callable[..., Any]] = {}
+
+# The built-in builders, by name, with the module whose import registers each. Listed here so that a config's names
+# are checked without importing those modules (they import torch, timm and transformers: seconds); the first build of
+# a name imports its module. A test checks that the modules register exactly these names.
+BUILTIN_BACKBONES = {"lite0": "dermcir.models.backbones", "swin_t": "dermcir.models.backbones"}
+BUILTIN_TEXT_ENCODERS = {"minilm": "dermcir.models.text_encoders", "bert": "dermcir.models.text_encoders"}
 
 
 def register_backbone(name: str) -> Callable:
@@ -26,22 +33,30 @@ def register_text_encoder(name: str) -> Callable:
 
 
 def list_backbones() -> list[str]:
-    return sorted(_BACKBONES)
+    return sorted({*_BACKBONES, *BUILTIN_BACKBONES})
 
 
 def list_text_encoders() -> list[str]:
-    return sorted(_TEXT_ENCODERS)
+    return sorted({*_TEXT_ENCODERS, *BUILTIN_TEXT_ENCODERS})
+
+
+def _builder(name: str, registered: dict[str, Callable[..., Any]], builtin: dict[str, str]) -> Callable[..., Any] | None:
+    if name not in registered and name in builtin:
+        importlib.import_module(builtin[name])  # registers it
+    return registered.get(name)
 
 
 def create_backbone(name: str, weights: str | None = None, pretrained: bool = True, **kwargs: Any) -> Any:
     """Build a registered backbone. ``pretrained=False`` gives random weights (tests, or loading a checkpoint)."""
-    if name not in _BACKBONES:
+    build = _builder(name, _BACKBONES, BUILTIN_BACKBONES)
+    if build is None:
         raise ValueError(f"unknown backbone {name!r}; registered: {list_backbones()}")
-    return _BACKBONES[name](weights=weights, pretrained=pretrained, **kwargs)
+    return build(weights=weights, pretrained=pretrained, **kwargs)
 
 
 def create_text_encoder(name: str, weights: str | None = None, pretrained: bool = True, **kwargs: Any) -> Any:
     """Build a registered text encoder. ``pretrained=False`` gives random weights of the same architecture."""
-    if name not in _TEXT_ENCODERS:
+    build = _builder(name, _TEXT_ENCODERS, BUILTIN_TEXT_ENCODERS)
+    if build is None:
         raise ValueError(f"unknown text encoder {name!r}; registered: {list_text_encoders()}")
-    return _TEXT_ENCODERS[name](weights=weights, pretrained=pretrained, **kwargs)
+    return build(weights=weights, pretrained=pretrained, **kwargs)

@@ -21,6 +21,8 @@ from dermcir.checkpoint import state_digest
 from dermcir.data.cache import default_cache_dir, read_entry, settings_key, write_entry
 from dermcir.data.cases import Case
 from dermcir.models import ComposedRetrievalModel
+from dermcir.training import feature_layout
+from dermcir.training.feature_layout import check_cached_grid
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +58,12 @@ class CachedFeatures:
     grid divides :attr:`CACHE_GRID` and every map larger than it is a multiple of it; other settings are refused.
     """
 
-    VIEWS = ("identity", "hflip", "vflip", "rot180")
+    VIEWS = feature_layout.VIEWS
     #: Part of every entry's key with timm's version: the same weights give other maps when the code that runs
     #: them changes (the levels tapped, the pooling into the cache, timm's implementation of the backbone). Raise
     #: it with any such change here, so that training never reads maps that search no longer computes.
     FORMAT = "maps-v1"
-    CACHE_GRID = 16
+    CACHE_GRID = feature_layout.CACHE_GRID
 
     device = torch.device("cpu")  # the maps stay in host memory; batches are copied to the training device
 
@@ -144,17 +146,6 @@ class CachedFeatures:
                 out.append(stacked.to(device).float())
             return out
         return [m[idx].to(device).float() for m in self.maps[0]]
-
-
-def check_cached_grid(grid: int | None, cache_grid: int) -> None:
-    """Refuse a ``grid`` whose pooling of the cached maps would differ from pooling the native maps (search)."""
-    if grid is None or not 1 <= grid <= cache_grid or cache_grid % grid:
-        allowed = ", ".join(str(g) for g in range(1, cache_grid + 1) if cache_grid % g == 0)
-        raise ValueError(
-            f"grid={grid!r}: a model on cached backbone features (the cpu profile, a companion) needs a grid that "
-            f"divides {cache_grid} ({allowed}); its maps are cached pooled to {cache_grid}x{cache_grid}, and pooling "
-            f"those to another grid gives other maps than the index and search compute from the native ones"
-        )
 
 
 def _check_sides(maps: Sequence[torch.Tensor], cache_grid: int, cfg) -> None:

@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from dermcir.checkpoint import check_checkpoint_target, save_checkpoint
+from dermcir.checkpoint import save_checkpoint
+from dermcir.checkpoint_folder import check_checkpoint_target
 from dermcir.config import TrainConfig
 from dermcir.data.cache import preprocess_cases
 from dermcir.data.cases import Case, LoadReport, category_counts

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from dermcir.config import ModelConfig, TrainConfig
+from dermcir.training.feature_layout import VIEWS, check_cached_grid
 
 _CPU_MODEL = ModelConfig(grid=4, dim=64, token_dropout=0.3, members=2)
 #: The gpu profile's companion: the cpu profile's heads over the frozen backbone (``ModelConfig.companion``).
@@ -41,7 +42,11 @@ PROFILES: dict[str, tuple[ModelConfig, TrainConfig, int]] = {
 
 
 def get_profile(name: str, **overrides) -> tuple[ModelConfig, TrainConfig, int]:
-    """Fresh copies of a profile's configs; ``overrides`` may set any ``ModelConfig``/``TrainConfig`` field."""
+    """Fresh copies of a profile's configs; ``overrides`` may set any ``ModelConfig``/``TrainConfig`` field.
+
+    Every setting's name and value is checked here, without torch: the command line calls this before it loads the
+    cases and the model, so a mistyped ``--set`` is refused at once.
+    """
     if name not in PROFILES:
         raise ValueError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)}")
     if "profile" in overrides:  # the cpu model's settings trained as the gpu profile trains would be neither profile
@@ -63,13 +68,11 @@ def get_profile(name: str, **overrides) -> tuple[ModelConfig, TrainConfig, int]:
 def _check_frozen_grids(name: str, model_cfg: ModelConfig) -> None:
     """The grid of each model that trains on cached frozen-backbone maps (the cpu profile's, a companion's), checked
     now, before any image is read, rather than when the cache is built."""
-    from dermcir.training.features import CachedFeatures, check_cached_grid
-
     if name == "cpu":
-        check_cached_grid(model_cfg.grid, CachedFeatures.CACHE_GRID)
+        check_cached_grid(model_cfg.grid)
     if model_cfg.companion is not None:
         try:
-            check_cached_grid(model_cfg.companion.get("grid", model_cfg.grid), CachedFeatures.CACHE_GRID)
+            check_cached_grid(model_cfg.companion.get("grid", model_cfg.grid))
         except ValueError as exc:
             raise ValueError(f"companion: {exc}") from None
 
@@ -77,12 +80,10 @@ def _check_frozen_grids(name: str, model_cfg: ModelConfig) -> None:
 def _check_views(views: object) -> int:
     """The number of cached views (``--set views=N``): a whole number from 1 to the views the cache knows. Any other
     value used to be sliced silently (0: no features at all; -3: one view; 9: four)."""
-    from dermcir.training.features import CachedFeatures  # here: the CLI parses settings without loading torch
-
-    known = len(CachedFeatures.VIEWS)
+    known = len(VIEWS)
     if isinstance(views, bool) or not isinstance(views, int) or not 1 <= views <= known:
         raise ValueError(f"setting views={views!r}: expected a whole number from 1 to {known} "
-                         f"({', '.join(CachedFeatures.VIEWS)})")
+                         f"({', '.join(VIEWS)})")
     return views
 
 

@@ -1,0 +1,75 @@
+"""A checkpoint folder's layout and the checks that read only the disk (no torch).
+
+Kept apart from :mod:`dermcir.checkpoint`, which builds the model, so that the command line can refuse a mistyped
+``--checkpoint`` or ``--out`` in a fraction of a second instead of after torch loads (seconds).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+#: What a checkpoint folder may hold besides its two files: the training run's logs (``dermcir train``). A folder
+#: holding anything else is not replaced by a new checkpoint (``check_checkpoint_target``).
+CHECKPOINT_LOGS = ("train.log", "train.failed.log")
+
+
+def check_checkpoint_target(out_dir: str | Path) -> None:
+    """Refuse to write a checkpoint over a folder that is not one.
+
+    Saving replaces the whole folder, so ``--out runs`` where ``--out runs/model`` was meant would delete earlier
+    runs and indexes. Training calls this before it starts, so the slip costs nothing.
+
+    Raises:
+        ValueError: ``out_dir`` is a file, or a folder holding anything but a checkpoint's files and logs.
+    """
+    out_dir = Path(out_dir)
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise ValueError(f"{out_dir}: is a file; a checkpoint is written as a folder")
+    allowed = {WEIGHTS, CONFIG, *CHECKPOINT_LOGS}
+    # hidden files (a file browser's .DS_Store) go with the old checkpoint; hidden folders and anything else do not
+    others = sorted(p.name for p in out_dir.iterdir()
+                    if not p.is_file() or (p.name not in allowed and not p.name.startswith(".")))
+    if others:
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise ValueError(
+            f"{out_dir}: holds {shown}, so it is not a checkpoint folder, and writing a checkpoint replaces the whole "
+            f"folder; give a new or a checkpoint folder (e.g. {out_dir / 'model'})"
+        )
+
+
+def read_config(ckpt_dir: str | Path) -> dict[str, Any]:
+    """A checkpoint's ``config.json``, checked to be a JSON object with the model's settings under ``"model"``.
+
+    Raises:
+        FileNotFoundError: no ``config.json`` in ``ckpt_dir``. ValueError: it cannot be read as one.
+    """
+    path = Path(ckpt_dir) / CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; a checkpoint folder holds {CONFIG} and {WEIGHTS}")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not a readable checkpoint config (corrupt JSON: {exc})") from exc
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):  # a ValueError: the CLI names it
+        raise ValueError(f"{path}: expected a JSON object with the model's settings under \"model\"")  # noqa: TRY004
+    return meta
+
+
+def require_checkpoint(ckpt_dir: str | Path) -> dict[str, Any]:
+    """Refuse what is not a checkpoint folder before anything loads; returns its config (:func:`read_config`).
+
+    A weights file given instead of its folder (``--checkpoint runs/model/model.safetensors``) is named as such.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    if ckpt_dir.exists() and not ckpt_dir.is_dir():
+        raise ValueError(
+            f"{ckpt_dir}: is a file; expected a checkpoint folder (the one holding {CONFIG} and {WEIGHTS}, e.g. "
+            f"{ckpt_dir.parent})"
+        )
+    return read_config(ckpt_dir)

@@ -1,0 +1,48 @@
+"""The packages whose public names load on first use (``dermcir._lazy``), and what they let load without torch."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.parametrize("package_name", ["dermcir.index", "dermcir.models", "dermcir.training"])
+def test_the_package_names_load_on_first_use_and_each_resolves(package_name):
+    # a name left out of, or misspelt in, a package's table would fail only when first used
+    package = importlib.import_module(package_name)
+    assert sorted(package.__all__) == sorted(package._DEFINED_IN)
+    for name in package.__all__:
+        assert getattr(package, name) is getattr(importlib.import_module(package._DEFINED_IN[name]), name)
+        assert name in dir(package)
+    with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
+        package.no_such_name  # noqa: B018
+
+
+def test_the_builtin_encoder_names_are_the_ones_their_modules_register():
+    # configs check a backbone's name against the registry's list without importing the backbones; the list must
+    # be what importing them registers
+    from dermcir.models import backbones, registry, text_encoders
+
+    assert set(registry._BACKBONES) == set(registry.BUILTIN_BACKBONES)
+    assert set(registry._TEXT_ENCODERS) == set(registry.BUILTIN_TEXT_ENCODERS)
+    assert {backbones.__name__} == set(registry.BUILTIN_BACKBONES.values())
+    assert {text_encoders.__name__} == set(registry.BUILTIN_TEXT_ENCODERS.values())
+
+
+def test_configs_profiles_and_folder_checks_load_without_torch():
+    # what the command line runs before torch loads (so that a mistake costs a fraction of a second)
+    code = (
+        "import sys\n"
+        "from dermcir.training.profiles import get_profile\n"
+        "from dermcir.checkpoint_folder import require_checkpoint, check_checkpoint_target\n"
+        "from dermcir.index.case_index import refuse_existing_index\n"
+        "from dermcir.evaluation.results import check_run_folder\n"
+        "model_cfg, train_cfg, views = get_profile('gpu', epochs=3)\n"
+        "assert model_cfg.companion and train_cfg.epochs == 3\n"
+        "print('torch' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["False"], (done.stdout, done.stderr)
