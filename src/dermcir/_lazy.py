@@ -1,8 +1,9 @@
 """Packages whose public names load on first use (PEP 562).
 
-``dermcir.index`` and ``dermcir.training`` hold torch-free modules (an index's folders, the training profiles) beside
-modules that import torch, which takes seconds. Importing their names lazily lets the command line read the torch-free
-parts alone and refuse a mistyped folder or setting before torch loads.
+``dermcir.index``, ``dermcir.models`` and ``dermcir.training`` hold torch-free modules (an index's folders and
+manifest, the encoder registry, the training profiles) beside modules that import torch, which takes seconds.
+Importing their names lazily lets the command line read the torch-free parts alone and refuse a mistyped folder or
+setting before torch loads.
 """
 
 from __future__ import annotations

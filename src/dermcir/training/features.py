@@ -22,7 +22,6 @@ from dermcir.data.cache import default_cache_dir, read_entry, settings_key, writ
 from dermcir.data.cases import Case
 from dermcir.models import ComposedRetrievalModel
 from dermcir.training import feature_layout
-from dermcir.training.feature_layout import check_cached_grid
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +76,7 @@ class CachedFeatures:
     ) -> CachedFeatures:
         cache = (cache_dir or default_cache_dir()) / "features"
         cfg = model.config
-        check_cached_grid(cfg.grid, cls.CACHE_GRID)
+        feature_layout.check_cached_grid(cfg.grid, cls.CACHE_GRID)
         weights = state_digest(model.backbone)
         # the digest of the preprocessed pixels the backbone sees, not of the image file: a change of preprocessing
         # (its code, PREPROCESS_VERSION, the size) then misses this cache as it misses the image cache
