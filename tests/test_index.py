@@ -447,6 +447,16 @@ def test_an_add_with_no_usable_case_is_an_error(tmp_path, kit, fresh):
     assert open_index(root).version == live
 
 
+def test_an_add_whose_index_checkpoint_has_gone_names_it(tmp_path):
+    # without a checkpoint, add_cases encodes with the one the index records; one moved away since is named
+    ckpt, root, _cases = make_index(tmp_path, 3)
+    live = open_index(root).version
+    ckpt.rename(tmp_path / "moved")
+    with pytest.raises(FileNotFoundError, match=f"{ckpt / 'config.json'}: not found; a checkpoint folder holds"):
+        add_cases(root, make_cases(tmp_path / "new", 1, start=40), cache_dir=tmp_path / "cache", progress=False)
+    assert open_index(root).version == live and len(open_index(root)) == 3
+
+
 def _bad_records(records: list[dict]) -> dict[str, tuple[list, str]]:
     no_key = [{k: v for k, v in r.items() if k != "diagnosis"} if i == 1 else r for i, r in enumerate(records)]
     wrong_type = [dict(r, fields=["streaks"]) if i == 2 else r for i, r in enumerate(records)]

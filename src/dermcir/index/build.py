@@ -328,12 +328,14 @@ def add_cases(
     report = report if report is not None else LoadReport()
     _check_ids(cases)
     if checkpoint is not None:
-        require_checkpoint(Path(checkpoint))
+        require_checkpoint(checkpoint)
     require_index(root)  # before the lock: a mistyped root must not be created
     with writer_lock(root, create=False):  # held from reading to publishing, so a concurrent update cannot be lost
         index = _current(root)
-        checkpoint = Path(checkpoint or index.manifest["checkpoint"])
-        require_checkpoint(checkpoint)
+        if checkpoint is None:  # the index's own, which may have moved or gone since the index was built
+            checkpoint = index.manifest["checkpoint"]
+            require_checkpoint(checkpoint)
+        checkpoint = Path(checkpoint)
         index.require_fingerprint(fingerprint(checkpoint), f"checkpoint {checkpoint}")
         known = {c.case_id for c in cases} & set(index.case_ids)
         if not replace:
