@@ -109,14 +109,15 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    overrides = _settings(args)
+    from dermcir.training.profiles import get_profile  # no torch: a mistyped --set is refused before anything loads
+
+    model_cfg, train_cfg, views = get_profile(args.profile, **_overrides(args.set))
     cases, _ = _load(args)
     from dermcir.data.cache import preprocess_cases
     from dermcir.models import ComposedRetrievalModel
-    from dermcir.training import get_profile, prepare_inputs
+    from dermcir.training import prepare_inputs
     from dermcir.training.pipeline import default_device, prepare_companion
 
-    model_cfg, train_cfg, views = get_profile(args.profile, **overrides)
     n_loaded = len(cases)
     cases, images = preprocess_cases(cases, model_cfg.image_size, args.cache, progress=not args.quiet)
     if not cases:  # e.g. a release checked out without its Git LFS contents
