@@ -198,6 +198,14 @@ def test_a_folder_without_what_the_command_needs_is_refused_without_loading_torc
         (["cv", "--out", "{tmp}/run", "--profile", "gpu", "--set", "backbone=resnet"],
          "setting backbone='resnet': expected a registered backbone: lite0, swin_t"),
         (["prepare", "--set", "views=9"], "setting views=9: expected a whole number from 1 to 4"),
+        # a baseline's settings too (dermcir.baselines.configs), with the same words as create_baseline
+        (["cv", "--out", "{tmp}/run", "--method", "dahnet", "--set", "epochz=1"],
+         "dahnet (cpu profile): unknown setting(s) ['epochz'] for DahnetConfig"),
+        (["cv", "--out", "{tmp}/run", "--method", "snf-dca", "--profile", "gpu", "--set", "cross_fit=1"],
+         "snf-dca (gpu profile): setting cross_fit=1: expected an integer >= 2"),
+        (["cv", "--out", "{tmp}/run", "--method", "maskrcnn-fusion", "--set", "device=tpu"],
+         "setting device='tpu': expected 'auto' or a torch device"),
+        (["cv", "--out", "{tmp}/run", "--method", "resnet50-cossim", "--set", "seed=1"], "--set 'seed=1': use --seed"),
     ],
 )
 def test_a_mistyped_setting_is_refused_without_loading_torch(tmp_path, argv, message):

@@ -9,7 +9,8 @@ import sys
 import pytest
 
 
-@pytest.mark.parametrize("package_name", ["dermcir.index", "dermcir.models", "dermcir.training"])
+@pytest.mark.parametrize("package_name", ["dermcir.index", "dermcir.models", "dermcir.training",
+                                          "dermcir.baselines"])
 def test_the_package_names_load_on_first_use_and_each_resolves(package_name):
     # a name left out of, or misspelt in, a package's table would fail only when first used
     package = importlib.import_module(package_name)
@@ -32,6 +33,23 @@ def test_the_builtin_encoder_names_are_the_ones_their_modules_register():
     assert {text_encoders.__name__} == set(registry.BUILTIN_TEXT_ENCODERS.values())
 
 
+def test_the_builtin_baselines_are_the_ones_their_modules_register():
+    # the command line checks a baseline's settings against configs.py without importing the method; the tables
+    # there must be what importing the methods registers, and each method must run on its listed profiles
+    import dermcir.baselines
+    from dermcir.baselines import _base, configs
+
+    assert dermcir.baselines.list_baselines() == sorted(configs.BASELINE_NAMES)
+    assert set(configs.METHOD_MODULES) == set(configs.METHOD_PROFILES)
+    for name, module in configs.METHOD_MODULES.items():
+        importlib.import_module(module)
+        cls = _base._REGISTRY[name]
+        assert cls.__module__ == module and cls.profiles is configs.METHOD_PROFILES[name]
+        assert set(cls.profiles) == set(configs.PROFILES)
+        assert all(type(config) is cls.config_class for config in cls.profiles.values())
+    assert set(_base._REGISTRY) == set(configs.METHOD_MODULES)
+
+
 def test_configs_profiles_and_folder_checks_load_without_torch():
     # what the command line runs before torch loads (so that a mistake costs a fraction of a second)
     code = (
@@ -40,6 +58,8 @@ def test_configs_profiles_and_folder_checks_load_without_torch():
         "from dermcir.checkpoint_folder import require_checkpoint, check_checkpoint_target\n"
         "from dermcir.index.case_index import refuse_existing_index\n"
         "from dermcir.evaluation.results import check_run_folder\n"
+        "from dermcir.baselines.configs import baseline_config\n"
+        "assert baseline_config('dahnet', 'gpu', bits=32).train_backbone\n"
         "model_cfg, train_cfg, views = get_profile('gpu', epochs=3)\n"
         "assert model_cfg.companion and train_cfg.epochs == 3\n"
         "print('torch' in sys.modules)\n"

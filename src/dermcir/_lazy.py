@@ -1,7 +1,8 @@
 """Packages whose public names load on first use (PEP 562).
 
-``dermcir.index``, ``dermcir.models`` and ``dermcir.training`` hold torch-free modules (an index's folders and
-manifest, the encoder registry, the training profiles) beside modules that import torch, which takes seconds.
+``dermcir.index``, ``dermcir.models``, ``dermcir.training`` and ``dermcir.baselines`` hold torch-free modules (an
+index's folders and manifest, the encoder registry, the training profiles, the baselines' configs) beside modules
+that import torch, which takes seconds.
 Importing their names lazily lets the command line read the torch-free parts alone and refuse a mistyped folder or
 setting before torch loads.
 """

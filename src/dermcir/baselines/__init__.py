@@ -1,6 +1,7 @@
 """The seed paper's comparison methods, re-run on the same folds, images and metrics as the composed model.
 
-Each method is a registered :class:`Baseline` built by name with ``cpu`` or ``gpu`` profile settings:
+Each method is a registered :class:`Baseline` built by name with ``cpu`` or ``gpu`` profile settings (all of them
+in :mod:`dermcir.baselines.configs`, which needs no torch):
 
 - ``resnet50-cossim``: ResNet50-CosSim (Tschandl et al. 2019) — :mod:`dermcir.baselines.resnet_cossim`
 - ``snf-dca``: SNF-DCA (Wang et al. 2022) — :mod:`dermcir.baselines.snf_dca`
@@ -15,24 +16,25 @@ Example:
     >>> round(doc["mean"]["mAP"], 1)  # doctest: +SKIP
 """
 
-from dermcir.baselines import dahnet as _dahnet  # noqa: F401  (registers the method)
-from dermcir.baselines import maskrcnn_fusion as _maskrcnn_fusion  # noqa: F401
-from dermcir.baselines import resnet_cossim as _resnet_cossim  # noqa: F401
-from dermcir.baselines import snf_dca as _snf_dca  # noqa: F401
-from dermcir.baselines._base import (
-    IMAGE_ONLY_DATABASE,
-    METADATA_BOTH_SIDES,
-    PROFILES,
-    Baseline,
-    BaselineConfig,
-    BaselineData,
-    create_baseline,
-    list_baselines,
-    register_baseline,
-)
-from dermcir.baselines._runner import run_baseline_cv
+from __future__ import annotations
 
-__all__ = [
-    "IMAGE_ONLY_DATABASE", "METADATA_BOTH_SIDES", "PROFILES", "Baseline", "BaselineConfig", "BaselineData",
-    "create_baseline", "list_baselines", "register_baseline", "run_baseline_cv",
+from dermcir._lazy import lazy_exports
+
+# The public names, by the module that defines them. They load on first use (PEP 562) instead of here, because the
+# methods import torch (seconds): so the command line can check a baseline's settings (``configs``) before torch
+# loads. A method's module is imported, which registers it, when it is first built (``create_baseline``).
+_MODULES = {
+    "dermcir.baselines.configs": ("BASELINE_NAMES", "PROFILES", "BaselineConfig", "baseline_config"),
+    "dermcir.baselines._base": (
+        "IMAGE_ONLY_DATABASE", "METADATA_BOTH_SIDES", "Baseline", "BaselineData", "create_baseline", "list_baselines",
+        "register_baseline",
+    ),
+    "dermcir.baselines._runner": ("run_baseline_cv",),
+}
+
+__all__ = [  # the same names, written out for tools that read them without running this module
+    "BASELINE_NAMES", "IMAGE_ONLY_DATABASE", "METADATA_BOTH_SIDES", "PROFILES", "Baseline", "BaselineConfig",
+    "BaselineData", "baseline_config", "create_baseline", "list_baselines", "register_baseline", "run_baseline_cv",
 ]
+
+_DEFINED_IN, __getattr__, __dir__ = lazy_exports(__name__, globals(), _MODULES)

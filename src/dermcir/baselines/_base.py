@@ -1,8 +1,9 @@
-"""What every baseline shares: the per-run data, the method interface, the profile configs and the registry."""
+"""What every baseline shares: the per-run data, the method interface and the registry (configs: ``configs.py``)."""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -12,12 +13,9 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 import torch
 
-from dermcir.baselines._nets import ARCHITECTURES
-from dermcir.settings import Rule, check_settings
+from dermcir.baselines.configs import METHOD_MODULES, PROFILES, BaselineConfig, configure
 
 log = logging.getLogger(__name__)
-
-PROFILES = ("cpu", "gpu")
 
 #: Wording of the two retrieval settings. The seed's protocol gives the query image + text and the database images
 #: only; putting metadata on the database side as well is an easier task (shared/REFERENCE.md) and is labelled so.
@@ -56,103 +54,6 @@ class BaselineData:
             )
 
 
-def _is_device(name: str) -> bool:
-    if name == "auto":
-        return True
-    try:
-        torch.device(name)
-    except (RuntimeError, ValueError):
-        return False
-    return True
-
-
-@dataclass(frozen=True)
-class BaselineConfig:
-    """Settings shared by every method; each method extends it with its own fields.
-
-    Every config is checked when it is made (a profile, or ``create_baseline``'s overrides through
-    ``dataclasses.replace``): each setting's type from its annotation, then the ranges of :meth:`rules` and
-    :meth:`check_together`. A bad value is a ``ValueError`` naming the setting before any image is read; otherwise it
-    would surface as a traceback deep in a run, or as a finished run of nonsense (e.g. ``epochs=-3``).
-    """
-
-    image_size: int = 224  # square input side after border removal
-    device: str = "auto"  # "auto": CUDA when available, else CPU; or "cpu", "cuda", "cuda:1", ...
-    batch_size: int = 32  # images per forward pass (feature extraction and training)
-
-    def __post_init__(self) -> None:
-        check_settings(self, self.rules())
-        self.check_together()
-
-    def rules(self) -> dict[str, Rule]:
-        """Range checks, setting name -> rule; subclasses extend their parent's."""
-        return {
-            # the backbones' last map has stride 32; past the Derm7pt images' own size (768 x 512) upscaling only
-            # costs time and memory
-            "image_size": (lambda v: 32 <= v <= 1024, "an integer in 32..1024"),
-            "device": (_is_device, "'auto' or a torch device such as 'cpu', 'cuda' or 'cuda:1'"),
-            "batch_size": (lambda v: v >= 1, "an integer >= 1"),
-        }
-
-    def check_together(self) -> None:
-        """Checks that involve several settings; raise ``ValueError`` naming them."""
-
-
-@dataclass(frozen=True)
-class BackboneConfig(BaselineConfig):
-    """Settings of a method that runs an ImageNet CNN (:func:`dermcir.baselines._nets.build_backbone`)."""
-
-    backbone: str = "lite0"  # "lite0" (offline ImageNet weights) or "resnet50" (needs backbone_weights)
-    backbone_weights: str | None = None  # local checkpoint; None = lite0's offline ImageNet weights
-    pretrained: bool = True  # False = random weights (tests only)
-
-    def rules(self) -> dict[str, Rule]:
-        return super().rules() | {
-            "backbone": (lambda v: v in ARCHITECTURES, f"one of {list(ARCHITECTURES)}"),
-        }
-
-    def check_together(self) -> None:
-        super().check_together()
-        # Found here rather than when the backbone is built, which comes after preprocessing every image.
-        if self.backbone_weights is not None:
-            if not self.pretrained:
-                raise ValueError(f"setting backbone_weights={self.backbone_weights!r} with pretrained=False: random "
-                                 f"weights would be used and the file ignored; drop one of the two")
-            if not Path(self.backbone_weights).is_file():
-                raise ValueError(f"setting backbone_weights={self.backbone_weights!r}: expected an existing weights "
-                                 f"file (.safetensors/.pth)")
-        elif self.backbone == "resnet50" and self.pretrained:
-            raise ValueError("setting backbone='resnet50': expected backbone_weights=PATH too (a local ImageNet "
-                             "checkpoint; resnet50 has no offline weights), or the default backbone lite0")
-
-    @property
-    def backbone_label(self) -> str:
-        """How tables and deviations name the CNN actually used, e.g. ``EfficientNet-Lite0``."""
-        return BACKBONE_LABELS.get(self.backbone, (self.backbone, self.backbone))[0]
-
-    @property
-    def backbone_short(self) -> str:
-        """The same, short enough for a row's name, e.g. ``Lite0``."""
-        return BACKBONE_LABELS.get(self.backbone, (self.backbone, self.backbone))[1]
-
-
-#: Backbone -> (full name, short name) in rows and deviations: a row must name the CNN that actually ran.
-BACKBONE_LABELS = {"lite0": ("EfficientNet-Lite0", "Lite0"), "resnet50": ("ResNet50", "ResNet50")}
-
-
-C = TypeVar("C", bound=BaselineConfig)
-
-
-def with_overrides(config: C, **overrides: Any) -> C:
-    """A copy of ``config`` with ``overrides`` applied and checked; unknown names are an error that lists the known
-    ones, bad values an error that names the setting (:class:`BaselineConfig`)."""
-    known = {f.name for f in dataclasses.fields(config)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"unknown setting(s) {unknown} for {type(config).__name__}; known: {sorted(known)}")
-    return dataclasses.replace(config, **overrides)
-
-
 def resolve_device(name: str, profile: str) -> torch.device:
     """The torch device for a config's ``device``; the ``gpu`` profile refuses to fall back to a CPU silently."""
     if name == "auto":
@@ -170,7 +71,8 @@ def resolve_device(name: str, profile: str) -> torch.device:
 class Baseline(ABC):
     """A retrieval method run on the protocol's folds.
 
-    Subclasses set ``name`` and ``config_class``, implement :meth:`prepare` (work that does not depend on the fold,
+    Subclasses set ``name``, ``config_class`` and ``profiles`` (a built-in method's come from
+    :data:`dermcir.baselines.configs.METHOD_PROFILES`), implement :meth:`prepare` (work that does not depend on the fold,
     e.g. frozen features; may use a disk cache) and :meth:`fold_scores` (fit on the database indices, score the
     queries). ``fold_scores`` returns one ``(n_queries, n_database)`` score matrix per variant, higher = better; the
     first variant is the method's row on the seed's protocol.
@@ -240,8 +142,14 @@ def register_baseline(cls: B) -> B:
 
 
 def list_baselines() -> list[str]:
-    """Registered method names, sorted."""
-    return sorted(_REGISTRY)
+    """Method names: the built-in ones and any registered since, sorted."""
+    return sorted({*_REGISTRY, *METHOD_MODULES})
+
+
+def _registered(name: str) -> type[Baseline] | None:
+    if name not in _REGISTRY and name in METHOD_MODULES:
+        importlib.import_module(METHOD_MODULES[name])  # registers it
+    return _REGISTRY.get(name)
 
 
 def create_baseline(name: str, profile: str = "cpu", **overrides: Any) -> Baseline:
@@ -251,15 +159,10 @@ def create_baseline(name: str, profile: str = "cpu", **overrides: Any) -> Baseli
         >>> create_baseline("resnet50-cossim", "cpu", epochs=5).config.epochs
         5
     """
-    if name not in _REGISTRY:
+    cls = _registered(name)
+    if cls is None:
         raise ValueError(f"unknown method {name!r}; registered baselines: {list_baselines()}")
-    if profile not in PROFILES:
-        raise ValueError(f"unknown profile {profile!r}; expected one of {list(PROFILES)}")
-    cls = _REGISTRY[name]
-    try:
-        config = with_overrides(cls.profiles[profile], **overrides)  # checks every setting (BaselineConfig)
-    except ValueError as exc:
-        raise ValueError(f"{name} ({profile} profile): {exc}") from None
+    config = configure(name, cls.profiles, profile, **overrides)
     baseline = cls(config, profile)
     # Setting a value that the run never reads would look like a change in the record; it is refused instead.
     ignored = {k: why for k, why in baseline.unused_settings().items() if k in overrides}
@@ -267,4 +170,3 @@ def create_baseline(name: str, profile: str = "cpu", **overrides: Any) -> Baseli
         raise ValueError(f"{name} ({profile} profile): setting(s) not used by this configuration: "
                          + "; ".join(f"{k} ({why})" for k, why in sorted(ignored.items())))
     return baseline
-

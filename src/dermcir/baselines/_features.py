@@ -16,12 +16,12 @@ import torch
 from tqdm.auto import tqdm
 
 from dermcir.baselines._nets import SplitBackbone
+from dermcir.baselines.configs import N_SYMMETRIES
 from dermcir.checkpoint import state_digest
 from dermcir.data.cache import read_entry, settings_key, write_entry
 
 log = logging.getLogger(__name__)
 
-N_SYMMETRIES = 8
 LEVELS = ("mid", "top")
 
 

@@ -15,10 +15,9 @@ import torch
 from torch import nn
 
 from dermcir._weights import map_lite0_state
+from dermcir.baselines.configs import ARCHITECTURES
 
 log = logging.getLogger(__name__)
-
-ARCHITECTURES = ("lite0", "resnet50")
 
 
 class SplitBackbone(nn.Module):

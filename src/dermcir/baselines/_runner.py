@@ -112,7 +112,7 @@ def run_baseline_cv(
             run leaves them as they were and writes its log, with the error, to ``log.failed.txt``).
         n_folds: folds of the split.
         seed: the split's and the training's seed.
-        profile: ``"cpu"`` or ``"gpu"`` settings (each method's module documents both).
+        profile: ``"cpu"`` or ``"gpu"`` settings (``dermcir.baselines.configs``; each method's module says why).
         cache_dir: preprocessed images and frozen features (default: ``$DERMCIR_CACHE`` or ``~/.cache/dermcir``).
         load_report: the loader's report of ``cases``; the rows it left out are listed in ``results.json``
             (``skipped``) and the log with the images preprocessing leaves out.

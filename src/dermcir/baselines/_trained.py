@@ -4,43 +4,19 @@ from __future__ import annotations
 
 import logging
 from abc import abstractmethod
-from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
-from dermcir.baselines._base import BackboneConfig, Baseline, BaselineData, Rule
-from dermcir.baselines._features import N_SYMMETRIES, backbone_maps
+from dermcir.baselines._base import Baseline, BaselineData
+from dermcir.baselines._features import backbone_maps
 from dermcir.baselines._nets import SplitBackbone, build_backbone
 from dermcir.baselines._training import ImageInputs, Inputs, LossFn, MapInputs, Net, TrainSettings, infer, train_net
+from dermcir.baselines.configs import TrainedConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TrainedConfig(BackboneConfig):
-    """Settings of a baseline that trains a CNN on the database folds."""
-
-    train_backbone: bool = False  # False: stages frozen and cached, tail + head trained (CPU); True: end to end (GPU)
-    n_views: int = 4  # symmetries cached per image for the frozen stages (training augmentation); 1..8
-    epochs: int = 30
-    lr: float = 1e-3  # head (and tail) learning rate
-    backbone_lr: float = 1e-4  # backbone stages, when trained
-    weight_decay: float = 1e-5
-    amp: bool = True  # bf16 autocast on CUDA
-
-    def rules(self) -> dict[str, Rule]:
-        return super().rules() | {
-            # batch norm cannot train on one sample: batches of 1 are skipped, and nothing would train
-            "batch_size": (lambda v: v >= 2, "an integer >= 2"),
-            "n_views": (lambda v: 1 <= v <= N_SYMMETRIES, f"an integer in 1..{N_SYMMETRIES}"),
-            "epochs": (lambda v: v >= 1, "an integer >= 1"),
-            "lr": (lambda v: v > 0, "a number > 0"),
-            "backbone_lr": (lambda v: v > 0, "a number > 0"),
-            "weight_decay": (lambda v: v >= 0, "a number >= 0"),
-        }
 
 
 class TrainedBaseline(Baseline):

@@ -17,7 +17,6 @@ Profiles as for ResNet50-CosSim: ``cpu`` trains the last conv stage and both bra
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -25,30 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dermcir.baselines._base import IMAGE_ONLY_DATABASE, Rule, register_baseline
+from dermcir.baselines._base import IMAGE_ONLY_DATABASE, register_baseline
 from dermcir.baselines._features import cosine_scores
 from dermcir.baselines._nets import SplitBackbone
-from dermcir.baselines._trained import TrainedBaseline, TrainedConfig
+from dermcir.baselines._trained import TrainedBaseline
 from dermcir.baselines._training import LossFn, Outputs
-
-
-@dataclass(frozen=True)
-class DahnetConfig(TrainedConfig):
-    """DAHNET settings (see :class:`TrainedConfig` for the shared ones)."""
-
-    bits: int = 48  # code length; half global, half local
-    n_parts: int = 4  # spatial attention maps of the local branch
-    pair_weight: float = 1.0  # weight of the pairwise similarity-preserving loss
-    quant_weight: float = 0.1  # weight of the quantisation loss
-
-    def rules(self) -> dict[str, Rule]:
-        return super().rules() | {
-            # half the bits are global, half local
-            "bits": (lambda v: 2 <= v <= 1024 and v % 2 == 0, "an even integer in 2..1024"),
-            "n_parts": (lambda v: v >= 1, "an integer >= 1"),
-            "pair_weight": (lambda v: v >= 0, "a number >= 0"),
-            "quant_weight": (lambda v: v >= 0, "a number >= 0"),
-        }
+from dermcir.baselines.configs import METHOD_PROFILES, DahnetConfig
 
 
 class HashHead(nn.Module):
@@ -113,10 +94,7 @@ class Dahnet(TrainedBaseline):
     name = "dahnet"
     config_class = DahnetConfig
     levels: ClassVar[tuple[str, ...]] = ("mid", "top")
-    profiles: ClassVar[dict[str, DahnetConfig]] = {
-        "cpu": DahnetConfig(image_size=224, n_views=4, epochs=30, lr=1e-3, batch_size=32),
-        "gpu": DahnetConfig(image_size=256, train_backbone=True, epochs=30, lr=1e-3, backbone_lr=1e-4, batch_size=32),
-    }
+    profiles = METHOD_PROFILES[name]
     config: DahnetConfig
 
     @property

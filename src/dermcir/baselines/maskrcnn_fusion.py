@@ -19,9 +19,7 @@ every block weighs the same, weighted, concatenated; ranking by cosine similarit
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 from scipy import ndimage
@@ -29,9 +27,10 @@ from skimage import color, filters, measure, morphology, transform
 from skimage.feature import graycomatrix, graycoprops, local_binary_pattern
 from tqdm.auto import tqdm
 
-from dermcir.baselines._base import IMAGE_ONLY_DATABASE, BackboneConfig, Baseline, BaselineData, Rule, register_baseline
+from dermcir.baselines._base import IMAGE_ONLY_DATABASE, Baseline, BaselineData, register_baseline
 from dermcir.baselines._features import content_key, cosine_scores, frozen_features
 from dermcir.baselines._nets import build_backbone
+from dermcir.baselines.configs import METHOD_PROFILES, FusionConfig
 from dermcir.data.cache import read_entry, settings_key, write_entry
 
 log = logging.getLogger(__name__)
@@ -42,27 +41,6 @@ LBP_SETTINGS = ((8, 1.0), (16, 2.0))
 GLCM_LEVELS = 32
 GLCM_DISTANCES = (1, 3)
 FEATURES_VERSION = "fusion-v1"
-
-
-@dataclass(frozen=True)
-class FusionConfig(BackboneConfig):
-    """MaskRCNN-Fusion settings (the backbone gives the deep block)."""
-
-    deep_weight: float = 1.0  # weight of the deep block in the fused descriptor
-    handcrafted_weight: float = 1.0  # weight of each hand-crafted block (texture, colour, shape)
-    crop_margin: float = 0.1  # margin around the lesion's bounding box for the deep block, as a share of its size
-
-    def rules(self) -> dict[str, Rule]:
-        return super().rules() | {
-            "deep_weight": (lambda v: v >= 0, "a number >= 0"),
-            "handcrafted_weight": (lambda v: v >= 0, "a number >= 0"),
-            "crop_margin": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-        }
-
-    def check_together(self) -> None:
-        super().check_together()
-        if self.deep_weight == 0 and self.handcrafted_weight == 0:  # every descriptor would be 0: all ties
-            raise ValueError("settings deep_weight=0 and handcrafted_weight=0: expected at least one weight > 0")
 
 
 def _load_handcrafted(path: Path) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -176,7 +154,7 @@ class MaskRcnnFusion(Baseline):
 
     name = "maskrcnn-fusion"
     config_class = FusionConfig
-    profiles: ClassVar[dict[str, FusionConfig]] = {"cpu": FusionConfig(image_size=224), "gpu": FusionConfig(image_size=448)}
+    profiles = METHOD_PROFILES[name]
     config: FusionConfig
 
     @property
@@ -224,4 +202,3 @@ class MaskRcnnFusion(Baseline):
     def fold_scores(self, fold: int, db_idx: np.ndarray, q_idx: np.ndarray) -> dict[str, np.ndarray]:
         fused = fuse_blocks(self.blocks, self.weights, db_idx)
         return {"main": cosine_scores(fused[q_idx], fused[db_idx])}
-

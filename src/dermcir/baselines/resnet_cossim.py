@@ -11,29 +11,17 @@ for 30 epochs with random flips and quarter turns.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dermcir.baselines._base import IMAGE_ONLY_DATABASE, Rule, register_baseline
+from dermcir.baselines._base import IMAGE_ONLY_DATABASE, register_baseline
 from dermcir.baselines._features import cosine_scores
 from dermcir.baselines._nets import SplitBackbone
-from dermcir.baselines._trained import TrainedBaseline, TrainedConfig
+from dermcir.baselines._trained import TrainedBaseline
 from dermcir.baselines._training import LossFn, Outputs
-
-
-@dataclass(frozen=True)
-class CosSimConfig(TrainedConfig):
-    """ResNet50-CosSim settings (see :class:`TrainedConfig`)."""
-
-    dropout: float = 0.2  # before the classifier, as usual when fine-tuning ImageNet CNNs on small sets
-
-    def rules(self) -> dict[str, Rule]:
-        return super().rules() | {"dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)")}
+from dermcir.baselines.configs import METHOD_PROFILES, CosSimConfig
 
 
 class ClassifierHead(nn.Module):
@@ -60,11 +48,7 @@ class ResNet50CosSim(TrainedBaseline):
 
     name = "resnet50-cossim"
     config_class = CosSimConfig
-    profiles: ClassVar[dict[str, CosSimConfig]] = {
-        "cpu": CosSimConfig(image_size=224, n_views=4, epochs=30, lr=1e-3, batch_size=32),
-        "gpu": CosSimConfig(image_size=256, train_backbone=True, epochs=30, lr=1e-3, backbone_lr=1e-4,
-                            batch_size=32),
-    }
+    profiles = METHOD_PROFILES[name]
     config: CosSimConfig
 
     @property

@@ -21,8 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 from sklearn.decomposition import PCA
@@ -32,43 +31,16 @@ from sklearn.preprocessing import StandardScaler
 from dermcir.baselines._base import (
     IMAGE_ONLY_DATABASE,
     METADATA_BOTH_SIDES,
-    BackboneConfig,
     Baseline,
     BaselineData,
-    Rule,
     register_baseline,
 )
 from dermcir.baselines._features import frozen_features
 from dermcir.baselines._metadata import predict_metadata
 from dermcir.baselines._nets import build_backbone
+from dermcir.baselines.configs import METHOD_PROFILES, SnfConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SnfConfig(BackboneConfig):
-    """SNF-DCA settings (the backbone gives the image features)."""
-
-    image_pca: int = 64  # image features are z-scored and reduced to this many components (fitted on the database);
-    # the affinity step z-scores them again over all the fold's nodes (the module's docstring)
-    k: int = 20  # neighbours of the affinity kernel and of SNF's local graph (snfpy's K)
-    mu: float = 0.5  # width of the affinity kernel (snfpy's mu)
-    t: int = 20  # SNF iterations
-    community_k: int = 20  # neighbours per node in the graph whose communities are detected
-    resolution: float = 1.0  # Louvain modularity resolution (higher = smaller communities)
-    cross_fit: int = 5  # parts for the out-of-fold metadata prediction of database cases
-
-    def rules(self) -> dict[str, Rule]:
-        return super().rules() | {
-            "image_pca": (lambda v: v >= 1, "an integer >= 1"),
-            "k": (lambda v: v >= 1, "an integer >= 1"),
-            "mu": (lambda v: v > 0, "a number > 0"),
-            "t": (lambda v: v >= 1, "an integer >= 1"),
-            "community_k": (lambda v: v >= 1, "an integer >= 1"),
-            "resolution": (lambda v: v > 0, "a number > 0"),
-            # out-of-fold prediction needs another part to fit on
-            "cross_fit": (lambda v: v >= 2, "an integer >= 2"),
-        }
 
 
 @contextlib.contextmanager
@@ -142,7 +114,7 @@ class SnfDca(Baseline):
 
     name = "snf-dca"
     config_class = SnfConfig
-    profiles: ClassVar[dict[str, SnfConfig]] = {"cpu": SnfConfig(image_size=224), "gpu": SnfConfig(image_size=448)}
+    profiles = METHOD_PROFILES[name]
     config: SnfConfig
 
     @property

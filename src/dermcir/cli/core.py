@@ -7,11 +7,10 @@ import json
 import logging
 from pathlib import Path
 
+from dermcir.baselines.configs import BASELINE_NAMES
 from dermcir.cli._types import positive, whole
 
 log = logging.getLogger("dermcir.cli")
-
-BASELINES = ("resnet50-cossim", "snf-dca", "maskrcnn-fusion", "dahnet")
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
@@ -39,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _data_args(p)
     p.add_argument("--out", required=True, type=Path, help="run folder to write")
     p.add_argument("--folds", type=whole(2), default=5)
-    p.add_argument("--method", default="composed", choices=("composed", *BASELINES),
+    p.add_argument("--method", default="composed", choices=("composed", *BASELINE_NAMES),
                    help="the composed model (default) or a re-implemented baseline")
     p.add_argument("--time-budget", type=positive, default=None, metavar="SECONDS",
                    help="composed model: share this wall-clock budget among the folds; a fold whose next epoch would "
@@ -84,13 +83,20 @@ def _overrides(pairs: list[str], settings: tuple[str, ...] = ()) -> dict:
     return out
 
 
-def _settings(args: argparse.Namespace) -> dict:
-    """``--set``'s settings, checked against ``--profile`` as the run will check them (names and values), before the
-    cases and torch load: a mistyped setting costs a fraction of a second, not the seconds of loading them."""
-    from dermcir.training.profiles import get_profile  # no torch
+def _settings(args: argparse.Namespace, method: str = "composed") -> dict:
+    """``--set``'s settings, checked against ``--profile`` (and a baseline's ``--method``) as the run will check them
+    (names and values), before the cases and torch load: a mistyped setting costs a fraction of a second, not the
+    seconds of loading them."""
+    if method == "composed":
+        from dermcir.training.profiles import get_profile  # no torch
 
-    overrides = _overrides(args.set)
-    get_profile(args.profile, **overrides)
+        overrides = _overrides(args.set)
+        get_profile(args.profile, **overrides)
+    else:
+        from dermcir.baselines.configs import baseline_config  # no torch
+
+        overrides = _overrides(args.set, settings=("device",))  # a baseline's own setting
+        baseline_config(method, args.profile, **overrides)
     return overrides
 
 
@@ -162,7 +168,7 @@ def cmd_cv(args: argparse.Namespace) -> int:
     # before the cases and torch load: an --out that holds an earlier run is refused in a fraction of a second
     # (the run code checks again, for callers of the Python API)
     check_run_folder(args.out, rerun_method=None if composed else args.method)
-    overrides = _settings(args) if composed else None  # a baseline checks its own settings (after torch loads)
+    overrides = _settings(args, args.method)
     cases, report = _load(args)
     if composed:
         from dermcir.evaluation.cv import run_cv
@@ -174,7 +180,6 @@ def cmd_cv(args: argparse.Namespace) -> int:
         from dermcir.baselines import run_baseline_cv
 
         doc = run_baseline_cv(args.method, cases, args.out, n_folds=args.folds, seed=args.seed, profile=args.profile,
-                              cache_dir=args.cache, progress=not args.quiet, load_report=report,
-                              **_overrides(args.set, settings=("device",)))  # a baseline's own setting
+                              cache_dir=args.cache, progress=not args.quiet, load_report=report, **overrides)
     print(json.dumps({"out": str(args.out), "mean": doc["mean"], "std": doc["std"]}, indent=2))
     return 0
