@@ -5,13 +5,17 @@ index's folders and manifest, the encoder registry, the training profiles, the b
 that import torch, which takes seconds.
 Importing their names lazily lets the command line read the torch-free parts alone and refuse a mistyped folder or
 setting before torch loads.
+:func:`registered` does the same for the name registries (encoders, baselines): a built-in entry's module is
+imported when the entry is first built.
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 def lazy_exports(
@@ -37,3 +41,11 @@ def lazy_exports(
         return sorted({*namespace, *defined_in})
 
     return defined_in, __getattr__, __dir__
+
+
+def registered(name: str, registry: dict[str, T], builtin: dict[str, str]) -> T | None:
+    """``registry[name]`` (``None`` when unknown), importing the module that registers a built-in name on its first
+    use: ``builtin`` maps each built-in name to that module, so its names are known without importing it (torch)."""
+    if name not in registry and name in builtin:
+        importlib.import_module(builtin[name])  # registers it
+    return registry.get(name)

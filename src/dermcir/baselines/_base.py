@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 import torch
 
+from dermcir._lazy import registered
 from dermcir.baselines.configs import METHOD_MODULES, PROFILES, BaselineConfig, configure
 
 log = logging.getLogger(__name__)
@@ -146,12 +146,6 @@ def list_baselines() -> list[str]:
     return sorted({*_REGISTRY, *METHOD_MODULES})
 
 
-def _registered(name: str) -> type[Baseline] | None:
-    if name not in _REGISTRY and name in METHOD_MODULES:
-        importlib.import_module(METHOD_MODULES[name])  # registers it
-    return _REGISTRY.get(name)
-
-
 def create_baseline(name: str, profile: str = "cpu", **overrides: Any) -> Baseline:
     """Build a registered baseline with its ``profile`` settings, optionally overriding single settings.
 
@@ -159,7 +153,7 @@ def create_baseline(name: str, profile: str = "cpu", **overrides: Any) -> Baseli
         >>> create_baseline("resnet50-cossim", "cpu", epochs=5).config.epochs
         5
     """
-    cls = _registered(name)
+    cls = registered(name, _REGISTRY, METHOD_MODULES)
     if cls is None:
         raise ValueError(f"unknown method {name!r}; registered baselines: {list_baselines()}")
     config = configure(name, cls.profiles, profile, **overrides)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from typing import Any
+
+from dermcir._lazy import registered
 
 _BACKBONES: dict[str, Callable[..., Any]] = {}
 _TEXT_ENCODERS: dict[str, Callable[..., Any]] = {}
@@ -40,15 +41,9 @@ def list_text_encoders() -> list[str]:
     return sorted({*_TEXT_ENCODERS, *BUILTIN_TEXT_ENCODERS})
 
 
-def _builder(name: str, registered: dict[str, Callable[..., Any]], builtin: dict[str, str]) -> Callable[..., Any] | None:
-    if name not in registered and name in builtin:
-        importlib.import_module(builtin[name])  # registers it
-    return registered.get(name)
-
-
 def create_backbone(name: str, weights: str | None = None, pretrained: bool = True, **kwargs: Any) -> Any:
     """Build a registered backbone. ``pretrained=False`` gives random weights (tests, or loading a checkpoint)."""
-    build = _builder(name, _BACKBONES, BUILTIN_BACKBONES)
+    build = registered(name, _BACKBONES, BUILTIN_BACKBONES)
     if build is None:
         raise ValueError(f"unknown backbone {name!r}; registered: {list_backbones()}")
     return build(weights=weights, pretrained=pretrained, **kwargs)
@@ -56,7 +51,7 @@ def create_backbone(name: str, weights: str | None = None, pretrained: bool = Tr
 
 def create_text_encoder(name: str, weights: str | None = None, pretrained: bool = True, **kwargs: Any) -> Any:
     """Build a registered text encoder. ``pretrained=False`` gives random weights of the same architecture."""
-    build = _builder(name, _TEXT_ENCODERS, BUILTIN_TEXT_ENCODERS)
+    build = registered(name, _TEXT_ENCODERS, BUILTIN_TEXT_ENCODERS)
     if build is None:
         raise ValueError(f"unknown text encoder {name!r}; registered: {list_text_encoders()}")
     return build(weights=weights, pretrained=pretrained, **kwargs)
