@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from dermcir.cli import main
+from dermcir.data import Case
 from dermcir.index import open_index
 
 from .conftest import write_release
@@ -266,7 +267,13 @@ def test_an_add_with_no_usable_case_exits_2(tmp_path, small, capsys):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "missing.csv").write_text("id,image,diagnosis\nz1,nope1.png,melanoma\nz2,nope2.png,nevus\n")
     assert main(_index(tmp_path, "--out", str(root), "--add", "--data", str(tmp_path / "m" / "missing.csv"))) == 2
-    assert "no usable case (2 left out" in _one_error(capsys)
+    assert "no usable new case (2 left out" in _one_error(capsys)
+    assert len(open_index(root)) == 4
+    # a clinic re-exporting its archive: the indexed rows, and a new one whose image is missing
+    gone = Case("z3", tmp_path / "m" / "nope3.png", "melanoma", "melanoma")
+    archive = write_case_csv(tmp_path / "m" / "archive.csv", [*_cases, gone])
+    assert main(_index(tmp_path, "--out", str(root), "--add", "--data", str(archive))) == 2
+    assert "no usable new case (1 left out, e.g. " in _one_error(capsys)
     assert len(open_index(root)) == 4
 
 

@@ -142,7 +142,34 @@ def test_add_and_remove_without_rebuilding(tmp_path, kit, fresh):
     np.testing.assert_array_equal(np.asarray(final.vectors[row]), np.asarray(after.vectors[after.row_of("c102")]))
     with pytest.raises(ValueError, match="not in index.*nothing was removed"):
         remove_cases(root, ["c000", "nope"])
+    # one id given as a string would be read letter by letter ("c102": "c", "1", ...); an int id is not an id
+    with pytest.raises(TypeError, match=r"not one string; pass \['c102'\]"):
+        remove_cases(root, "c102")
+    with pytest.raises(TypeError, match="case ids are strings; got 12; nothing was removed"):
+        remove_cases(root, ["c000", 12])
     assert len(open_index(root)) == 7
+
+
+def test_a_case_the_index_could_not_read_back_is_refused_when_it_is_made(tmp_path, kit, fresh):
+    """An int id (read with pandas), a blank id, a None category or a NaN checklist cell used to be indexed, and the
+    version published with it could not be loaded again: every later search and update failed on cases.jsonl."""
+    _ckpt, root, cases = fresh(2)
+    good = cases[0]
+    for change, message in [
+        ({"case_id": 1042}, "case_id must be a non-empty string, got 1042"),
+        ({"case_id": " "}, "case_id must be a non-empty string"),
+        ({"category": None}, "case 'c9': category must be a string, got None"),
+        ({"fields": {"sex": float("nan")}}, "case 'c9': fields must map names to strings, got 'sex': nan"),
+        ({"fields": ["sex"]}, "case 'c9': fields must map checklist fields to values, got list"),
+        ({"image": 3}, "case 'c9': image must be a path, got int"),
+    ]:
+        made = {"case_id": "c9", "image": good.image, "diagnosis": "nevus", "category": "nevus", "fields": {}}
+        with pytest.raises((TypeError, ValueError), match=re.escape(message)):
+            Case(**{**made, **change})
+    as_text = Case("c9", str(good.image), good.diagnosis, good.category, good.fields)  # a str path is a path
+    assert as_text.image == good.image
+    assert add_cases(root, [as_text], **_opts(tmp_path, kit)).added == 1
+    assert open_index(root).case_ids[-1] == "c9"
 
 
 def test_replace_re_encodes_a_changed_image(tmp_path, kit, fresh):
@@ -439,10 +466,15 @@ def test_an_add_with_no_usable_case_is_an_error(tmp_path, kit, fresh):
         add_cases(root, broken, **_opts(tmp_path, kit))
     report = LoadReport()
     report.skip("csv:2", "image file missing")  # the loader left every row out
-    with pytest.raises(NothingToIndexError, match="no usable case .*csv:2"):
+    with pytest.raises(NothingToIndexError, match="no usable new case .*csv:2"):
         add_cases(root, [], report=report, **_opts(tmp_path, kit))
-    with pytest.raises(NothingToIndexError):  # already indexed ones do not hide that the new one failed
+    # already indexed ones do not hide that the new one failed, and the error quotes the failure, not them
+    with pytest.raises(NothingToIndexError, match=rf"1 left out, e.g. {broken[0].image}: .*\); 1 already indexed"):
         add_cases(root, [cases[0], broken[0]], **_opts(tmp_path, kit))
+    report = LoadReport()
+    report.skip("csv:9", "image file missing")  # a re-exported archive: the indexed cases + a new row left out
+    with pytest.raises(NothingToIndexError, match=r"no usable new case \(1 left out, e.g. csv:9: image file missing\); 2 "):
+        add_cases(root, cases[:2], report=report, **_opts(tmp_path, kit))
     assert add_cases(root, cases[:2], **_opts(tmp_path, kit)).added == 0  # only known ids: documented, not an error
     assert open_index(root).version == live
 

@@ -17,7 +17,7 @@ from dermcir.checkpoint import load_checkpoint
 from dermcir.cli import main
 from dermcir.data import load_rgb, preprocess, render_report
 from dermcir.index import FingerprintMismatchError, add_cases, build_index, open_index, remove_cases
-from dermcir.search import CaseSearcher, compose_text
+from dermcir.search import CaseSearcher, QueryError, compose_text
 
 from .searchkit import (  # noqa: F401 (one_torch_thread is a fixture)
     CHECKLIST,
@@ -109,8 +109,11 @@ def test_image_inputs_are_equivalent(setup):
     for other in (by_bytes, by_array):
         assert [r.case_id for r in other.results] == [r.case_id for r in by_path.results]
         assert [r.score for r in other.results] == pytest.approx([r.score for r in by_path.results], abs=1e-5)
-    with pytest.raises(ValueError, match="uint8 of shape"):
+    with pytest.raises(QueryError, match="uint8 of shape"):
         searcher.search(image=np.zeros((8, 8), np.float32))
+    # a QueryError (a service answers 400), not a TypeError from deep inside (a 500)
+    with pytest.raises(QueryError, match="image must be a path, the bytes of an image file or a uint8 array, got int"):
+        searcher.search(image=123)
 
 
 def test_heatmaps_on_request(setup):
@@ -130,16 +133,31 @@ def test_heatmaps_on_request(setup):
 def test_k_larger_than_index_and_bad_k(setup):
     *_, cases, searcher = setup
     assert len(searcher.search(image=cases[0].image, k=100).results) == 12
-    for bad in (0, -3, 2.5, True):
-        with pytest.raises(ValueError, match="k must be a positive integer"):
+    for bad in (0, -3, 2.5, True, np.int64(0)):
+        with pytest.raises(QueryError, match="k must be a positive integer"):
             searcher.search(image=cases[0].image, k=bad)
+    assert len(searcher.search(image=cases[0].image, k=np.int64(3)).results) == 3  # numpy's integers are integers
+
+
+def test_the_readme_encoders_take_preprocessed_images_without_a_warning(setup, recwarn):
+    """``preprocess`` returns read-only views; torch warned on each one the README's snippet encoded."""
+    ckpt, _root, cases, _searcher = setup
+    model = load_checkpoint(ckpt)
+    view = preprocess(load_rgb(cases[0].image), model.config.image_size)
+    assert not view.flags.writeable
+    with torch.inference_mode():
+        model.encode_target(view[None])
+    assert not [w for w in recwarn if "not writable" in str(w.message)]
 
 
 def test_compose_text_rules():
     assert compose_text("  ", {}) is None
     assert compose_text("a\n  b") == "a b"
-    with pytest.raises(ValueError, match="unknown checklist field 'colour'; allowed fields: pigment_network"):
+    with pytest.raises(QueryError, match="unknown checklist field 'colour'; allowed fields: pigment_network"):
         compose_text(checklist={"colour": "brown"})
+    for bad, said in ((["streaks"], "got list"), ("streaks", "got str"), ({1: "absent"}, "names are strings, got 1")):
+        with pytest.raises(QueryError, match=f"checklist .*{said}"):
+            compose_text(checklist=bad)
 
 
 def test_other_model_is_refused(setup, tmp_path):

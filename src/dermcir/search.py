@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import numbers
+import os
 import threading
 import time
 from collections.abc import Mapping
@@ -123,7 +124,7 @@ def compose_text(text: str | None = None, checklist: Mapping[str, str] | None = 
     if checklist:
         try:
             fields = validate_checklist(checklist)
-        except ValueError as exc:
+        except (TypeError, ValueError) as exc:
             raise QueryError(str(exc)) from None
         rendered = render_report(fields)
         if rendered:
@@ -152,8 +153,10 @@ def load_query_image(image: ImageInput, size: int, name: str | None = None) -> n
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 1:
             raise QueryError(f"image array must be uint8 of shape (height, width, 3), got {image.dtype} {image.shape}")
         rgb = image
-    else:
+    elif isinstance(image, (str, bytes, os.PathLike)):
         rgb = load_rgb(image, name=name)
+    else:
+        raise QueryError(f"image must be a path, the bytes of an image file or a uint8 array, got {type(image).__name__}")
     return preprocess(rgb, size)
 
 
@@ -288,8 +291,9 @@ class CaseSearcher:
         if self.auto_reload:
             self.refresh()
         index = self._index  # one snapshot for the whole request
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:  # numpy's integers are integers
             raise QueryError(f"k must be a positive integer, got {k!r}")
+        k = int(k)
         # as ModelConfig checks the model's own β: outside [0, 1] one term would count against the match, and NaN
         # scores would leave no result at all
         if beta is not None and (isinstance(beta, bool) or not isinstance(beta, numbers.Real)
@@ -347,7 +351,7 @@ class CaseSearcher:
         if text is not None:
             with self._text_lock:
                 tokens, pad = model.text_features([text])
-        images = np.array(view[None]) if view is not None else None  # writable copy for torch
+        images = view[None] if view is not None else None
         vector, masks = model.encode_query_tokens(images, tokens, pad, beta)
         query = vector[0].float().cpu().numpy()
         query_maps = None

@@ -9,8 +9,10 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import os
 import threading
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,26 @@ class Case:
     diagnosis: str
     category: str
     fields: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Checked where a case is made, not where it is used: an index stores these values as they are, and a value it
+        # cannot read back (an int id from a spreadsheet, a NaN checklist cell) would leave the whole index unloadable.
+        if not isinstance(self.case_id, str) or not self.case_id.strip():
+            raise (TypeError if not isinstance(self.case_id, str) else ValueError)(
+                f"case_id must be a non-empty string, got {self.case_id!r} (image {self.image})"
+            )
+        for name in ("diagnosis", "category"):
+            if not isinstance(getattr(self, name), str):
+                raise TypeError(f"case {self.case_id!r}: {name} must be a string, got {getattr(self, name)!r}")
+        if not isinstance(self.image, (str, os.PathLike)):
+            raise TypeError(f"case {self.case_id!r}: image must be a path, got {type(self.image).__name__}")
+        object.__setattr__(self, "image", Path(self.image))  # a str path is a common way to write one
+        if not isinstance(self.fields, Mapping):
+            raise TypeError(f"case {self.case_id!r}: fields must map checklist fields to values, got "
+                            f"{type(self.fields).__name__}")
+        for key, value in self.fields.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise TypeError(f"case {self.case_id!r}: fields must map names to strings, got {key!r}: {value!r}")
 
     @property
     def text(self) -> str:

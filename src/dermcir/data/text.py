@@ -53,10 +53,15 @@ def validate_checklist(fields: Mapping[str, str]) -> dict[str, str]:
 
     Raises:
         ValueError: naming the field or value and listing what is allowed.
+        TypeError: not a mapping, or a field name that is not a string.
     """
+    if not isinstance(fields, Mapping):
+        raise TypeError(f"checklist must map field names to values, got {type(fields).__name__}")
     clean: dict[str, str] = {}
     spelled: dict[str, str] = {}  # key -> the name it was given as
     for name, value in fields.items():
+        if not isinstance(name, str):
+            raise TypeError(f"checklist field names are strings, got {name!r}")
         key = checklist_key(name)
         if key not in CHECKLIST_FIELDS:
             raise ValueError(f"unknown checklist field {name!r}; allowed fields: {', '.join(CHECKLIST_FIELDS)}")

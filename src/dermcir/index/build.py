@@ -186,12 +186,12 @@ def _check_ids(cases: Sequence[Case]) -> None:
             )
 
 
-def _nothing_usable(cases: Sequence[Case], report: LoadReport, what: str = "") -> str:
+def _nothing_usable(cases: Sequence[Case], left_out: Sequence[tuple[str, str]], what: str = "") -> str:
     # ``cases`` is empty when the loader already left every row out (missing image files): say so, not "0 cases"
-    head = f"none of the {len(cases)} {what}cases had a usable image" if cases else "no usable case"
-    if report.skipped:
-        first, why = report.skipped[0]
-        head += f" ({len(report.skipped)} left out, e.g. {first}: {why})"
+    head = f"none of the {len(cases)} {what}cases had a usable image" if cases else f"no usable {what}case"
+    if left_out:
+        first, why = left_out[0]
+        head += f" ({len(left_out)} left out, e.g. {first}: {why})"
     return head
 
 
@@ -259,7 +259,7 @@ def build_index(
                     previous = None  # a damaged index being rebuilt: how many cases it held is unknown
                 model, encoded = _encode(cases, checkpoint, model, device, batch_size, cache_dir, report, progress)
                 if not encoded.cases:
-                    raise NothingToIndexError(f"{_nothing_usable(cases, report)}; nothing to index")
+                    raise NothingToIndexError(f"{_nothing_usable(cases, report.skipped)}; nothing to index")
                 rows = _rows_of(encoded)
                 with publish_version(out) as folder:
                     _write(folder, _manifest(model, checkpoint, params, len(rows.records)), rows, params)
@@ -339,14 +339,23 @@ def add_cases(
         index.require_fingerprint(fingerprint(checkpoint), f"checkpoint {checkpoint}")
         known = {c.case_id for c in cases} & set(index.case_ids)
         if not replace:
-            for case_id in sorted(known):
-                report.skip(f"case {case_id}", "already indexed (use replace to re-encode it)")
             cases = [c for c in cases if c.case_id not in known]
         if cases:
             model, encoded = _encode(cases, checkpoint, model, device, batch_size, cache_dir, report, progress)
+        # What was given and could not be used: the rows the loader left out (before this call) and the images that
+        # failed now. The ids already indexed are listed after them, so that an error quotes an unusable one.
+        left_out = list(report.skipped)
+        if not replace:
+            for case_id in sorted(known):
+                report.skip(f"case {case_id}", "already indexed (use replace to re-encode it)")
         if not cases or not encoded.cases:  # nothing usable: keep the live version rather than publish a copy
-            if cases or not known:  # new cases were given and all were left out, or none was given at all
-                raise NothingToIndexError(f"{_nothing_usable(cases, report, 'new ')}; nothing was added to {root}")
+            # An error when something given was left out, or nothing was given; not when every case given is
+            # already indexed (a clinic re-exporting its archive), which is reported and changes nothing.
+            if left_out or not known:
+                already = f"; {len(known)} already indexed" if known and not replace else ""
+                raise NothingToIndexError(
+                    f"{_nothing_usable(cases, left_out, 'new ')}{already}; nothing was added to {root}"
+                )
             log.info("no case to add to %s", root)
             return IndexUpdate(root, index.version, 0, 0, len(index), report.skipped)
         old = _existing_rows(index)
@@ -372,7 +381,12 @@ def remove_cases(root: str | Path, case_ids: Iterable[str]) -> IndexUpdate:
         ValueError: an id is not in the index (nothing is removed then).
     """
     root = Path(root)
+    if isinstance(case_ids, str):  # a str is an iterable of one-letter ids: "12" would remove "1" and "2"
+        raise TypeError(f"case_ids must be a collection of ids, not one string; pass [{case_ids!r}]")
     case_ids = list(dict.fromkeys(case_ids))
+    wrong = [i for i in case_ids if not isinstance(i, str)]
+    if wrong:
+        raise TypeError(f"case ids are strings; got {', '.join(repr(i) for i in wrong[:10])}; nothing was removed")
     require_index(root)  # before the lock: a mistyped root must not be created
     with writer_lock(root, create=False):
         index = _current(root)

@@ -87,8 +87,10 @@ class ComposedRetrievalModel(nn.Module):
     # ---- inputs -------------------------------------------------------------------------------------------------
     def normalize(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
         """uint8 ``(B, H, W, 3)`` preprocessed images → normalised float ``(B, 3, H, W)`` on the model's device."""
-        if isinstance(images, np.ndarray):
-            images = np.ascontiguousarray(images)  # a flipped view (negative strides) cannot become a tensor as is
+        if isinstance(images, np.ndarray) and not (images.flags.c_contiguous and images.flags.writeable):
+            # a flipped view (negative strides) cannot become a tensor as is, and torch warns about a read-only
+            # array (preprocess returns its cached views read-only)
+            images = np.array(images)
         x = torch.as_tensor(images, device=self._mean.device)
         if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != torch.uint8:
             raise ValueError(f"images must be a uint8 array of shape (batch, height, width, 3), got {x.dtype} "
