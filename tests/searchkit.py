@@ -123,6 +123,25 @@ def exif_rotated() -> tuple[bytes, np.ndarray]:
     return encode(stored, "PNG", exif=exif), np.ascontiguousarray(upright)
 
 
+def exif_with_a_text_tag() -> tuple[bytes, np.ndarray]:
+    """A JPEG stored sideways (EXIF orientation 6) whose EXIF also writes XResolution as the text "72" (a RATIONAL
+    belongs there), as some software does: Pillow's exif_transpose raised TypeError on it. Pixels intact."""
+    stored = lesion(size=(90, 60))
+    entries = [struct.pack("<HHIHH", 0x0112, 3, 1, 6, 0),  # Orientation, SHORT, 6
+               struct.pack("<HHI4s", 0x011A, 2, 3, b"72\0\0")]  # XResolution as ASCII
+    ifd = struct.pack("<H", len(entries)) + b"".join(entries) + struct.pack("<I", 0)
+    raw = encode(stored, "JPEG", quality=95, exif=b"Exif\0\0II*\0" + struct.pack("<I", 8) + ifd)
+    decoded = np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))  # the JPEG's own pixels, as stored
+    return raw, np.ascontiguousarray(np.rot90(decoded, k=-1))
+
+
+def damaged_dds() -> bytes:
+    """A DDS file whose pixel-format flags are unknown: Pillow raises NotImplementedError, not an OSError."""
+    raw = bytearray(encode(lesion(size=(16, 16)), "DDS"))
+    raw[80:84] = struct.pack("<I", 1)  # the pixel format's flags (DDS header offset 80)
+    return bytes(raw)
+
+
 def good_variants() -> dict[str, bytes]:
     """Unusual but valid images: each must give a normal result."""
     base = lesion()
@@ -149,4 +168,7 @@ def bad_variants() -> dict[str, bytes]:
         "corrupt_jpeg": bytes(corrupt[:20]) + b"garbage" * 50,
         "not_an_image": b"%PDF-1.4 this is a text file with a .jpg name\n" * 20,
         "decompression_bomb": png_declaring(100_000, 100_000),
+        "damaged_dds": damaged_dds(),
+        # an icon's frame is decoded before its size can be checked against MAX_PIXELS: not read at all
+        "icon": encode(lesion(), "ICO"),
     }

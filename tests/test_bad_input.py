@@ -16,6 +16,7 @@ from .searchkit import (  # noqa: F401 (one_torch_thread is a fixture)
     bad_variants,
     encode,
     exif_rotated,
+    exif_with_a_text_tag,
     good_variants,
     lesion,
     make_index,
@@ -30,6 +31,8 @@ BAD_REASON = {
     "corrupt_jpeg": "not a recognised image format",
     "not_an_image": "not a recognised image format",
     "decompression_bomb": "decompression bomb",
+    "damaged_dds": "Unknown pixel format flags 1",  # a NotImplementedError: was a 500 / a traceback
+    "icon": "not a recognised image format",
 }
 
 
@@ -67,6 +70,30 @@ def test_exif_rotation_is_applied(env):
     view = searcher.search(image=stored, k=1, heatmaps=True).query_view
     assert (view == preprocess(upright, 64)).all()
     assert not (view == preprocess(upright.transpose(1, 0, 2), 64)).all()
+
+
+def test_a_malformed_exif_tag_does_not_cost_the_image_or_its_orientation(env):
+    """Pillow's exif_transpose raised TypeError on a resolution tag written as text: a 500 over HTTP, a traceback
+    from the CLI, a failed index build, for a photo whose pixels are intact."""
+    tmp, root, searcher, client = env
+    stored, upright = exif_with_a_text_tag()
+    view = searcher.search(image=stored, k=1, heatmaps=True).query_view
+    assert (view == preprocess(upright, 64)).all()
+    assert _post(client, stored, k=2).status_code == 200
+    (tmp / "exif_text.jpg").write_bytes(stored)
+    assert main(["search", "--index", str(root), "--image", str(tmp / "exif_text.jpg"), "-k", "1", "--json"]) == 0
+
+
+def test_an_overlong_text_gets_the_search_s_own_error_over_http_however_long(env):
+    """Over 1 MB, a text part got Starlette's "Part exceeded maximum size of 1024KB", naming neither the field
+    nor its limit."""
+    *_, client = env
+    huge = "a" * (1024 * 1024 + 1)
+    res = _post(client, None, text=huge, k=2)
+    assert res.status_code == 400 and res.json()["detail"].startswith("text is 1,048,577 characters long; the limit")
+    res = client.post("/search", data={"text": huge, "k": "2"})  # a URL-encoded form
+    assert res.status_code == 400 and "the limit is 10,000" in res.json()["detail"]
+    _still_serving(client)
 
 
 @pytest.mark.parametrize("name", sorted(BAD))

@@ -6,7 +6,9 @@ bad files by name and carry on.
 
 from __future__ import annotations
 
+import functools
 import io
+import struct
 import warnings
 from pathlib import Path
 
@@ -15,8 +17,18 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 #: Refuse images that declare more pixels than this (decompression bombs). A 768×512 scan is 0.4 MP.
 MAX_PIXELS = 40_000_000
+
 #: Smallest side we accept; anything smaller carries no usable dermoscopic detail but is upsampled, not refused.
 MIN_SIDE = 1
+
+
+@functools.cache
+def _formats() -> tuple[str, ...]:
+    """The formats an image may be read as: all Pillow reads but the icon containers (ICO, ICNS), whose frames
+    Pillow decodes before their real size is known, so that MAX_PIXELS could not be checked first. A lesion photo is
+    not an icon; such a file is "not a recognised image format". (Computed on first use: it loads every plugin.)"""
+    Image.init()
+    return tuple(f for f in Image.OPEN if f not in ("ICO", "ICNS"))
 
 
 class ImageError(ValueError):
@@ -48,12 +60,12 @@ def load_rgb(source: str | Path | bytes, name: str | None = None) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(raw)) as img:
+            with Image.open(io.BytesIO(raw), formats=_formats()) as img:
                 w, h = img.size
                 if w * h > MAX_PIXELS:
                     raise ImageError(f"{label}: declares {w}x{h} pixels, more than the limit of {MAX_PIXELS:,}")
                 img.load()  # decode now so truncation is caught here, not later
-                img = ImageOps.exif_transpose(img)
+                img = _upright(img)
                 return _to_rgb(img)
     except ImageError:
         raise
@@ -61,8 +73,32 @@ def load_rgb(source: str | Path | bytes, name: str | None = None) -> np.ndarray:
         raise ImageError(f"{label}: image too large (decompression bomb guard): {exc}") from None
     except UnidentifiedImageError:
         raise ImageError(f"{label}: not a recognised image format") from None
-    except (OSError, SyntaxError, ValueError) as exc:
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        # A damaged file makes Pillow's decoders raise more than OSError/SyntaxError/ValueError (TypeError from a
+        # text EXIF tag, struct.error, NotImplementedError...): each is this file's fault, and must cost this image
+        # (a 400, a skipped case), not the request or the run
         raise ImageError(f"{label}: corrupt or truncated image ({exc})") from None
+
+
+#: EXIF orientation -> the transpose that turns the pixels upright
+_ORIENTATION = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation says."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except (TypeError, ValueError, struct.error):
+        # Pillow turns the pixels, then rewrites the EXIF block, and fails on a malformed tag (a resolution written
+        # as text by some software); the pixels are intact and only they matter here, so turn them without the rest.
+        method = _ORIENTATION.get(img.getexif().get(0x0112))  # 0x0112: the orientation tag
+        return img.transpose(method) if method is not None else img
 
 
 def _to_rgb(img: Image.Image) -> np.ndarray:

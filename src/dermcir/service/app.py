@@ -177,7 +177,10 @@ async def _read_query(request: Request) -> dict[str, Any]:
         )
     # As many files as fields are parsed, so that a second image or a file in another field reaches the checks below,
     # which name the field; the body size limit bounds their total. Closing the form deletes spooled upload files.
-    async with request.form(max_files=_MAX_FIELDS, max_fields=_MAX_FIELDS) as form:
+    # max_part_size: a text part may be as large as the body (which BodySizeLimit bounds), so that an overlong text
+    # gets the search's own error, naming the field and its limit, not Starlette's "Part exceeded maximum size of 1024KB"
+    async with request.form(max_files=_MAX_FIELDS, max_fields=_MAX_FIELDS,
+                            max_part_size=request.app.state.max_upload_bytes) as form:
         repeated = sorted({key for key, _ in form.multi_items() if len(form.getlist(key)) > 1})
         if repeated:  # keeping the last value would silently drop what the client also sent
             names = ", ".join(repr(key) for key in repeated)
@@ -278,6 +281,7 @@ def create_app(
         redoc_url=None,
     )
     app.state.searcher = searcher
+    app.state.max_upload_bytes = max_upload_bytes
     app.state.search_admission = admission
     case_images = app.state.case_images = _JpegCache(CASE_IMAGE_CACHE_BYTES)
     app.add_middleware(BodySizeLimit, max_bytes=max_upload_bytes)
