@@ -199,6 +199,11 @@ def test_a_folder_without_what_the_command_needs_is_refused_without_loading_torc
         (["cv", "--out", "{tmp}/run", "--profile", "gpu", "--set", "backbone=resnet"],
          "setting backbone='resnet': expected a registered backbone: lite0, swin_t"),
         (["prepare", "--set", "views=9"], "setting views=9: expected a whole number from 1 to 4"),
+        # what the run sets for itself: was overwritten, or (the template) saved into a checkpoint no dermcir loads
+        (["train", "--out", "{tmp}/model", "--set", 'template_version="mine"'],
+         "template_version: set by the run from this dermcir's query-text template, not a setting"),
+        (["cv", "--out", "{tmp}/run", "--set", "mean=[0,0,0]", "--set", 'categories=["x"]'],
+         "categories: set by the run from the cases' categories, not a setting; mean: set by the run from"),
         # a baseline's settings too (dermcir.baselines.configs), with the same words as create_baseline
         (["cv", "--out", "{tmp}/run", "--method", "dahnet", "--set", "epochz=1"],
          "dahnet (cpu profile): unknown setting(s) ['epochz'] for DahnetConfig"),

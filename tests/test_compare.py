@@ -17,6 +17,7 @@ from dermcir.evaluation.compare import (
     load_results,
     mark_other_splits,
     measured_rows,
+    run_labels,
     write_comparison,
 )
 from dermcir.evaluation.results import build_results, fold_row
@@ -147,6 +148,18 @@ def test_the_chart_tells_runs_of_one_method_apart(tmp_path: Path) -> None:
     rows = [r for run in (cpu, gpu, other) for r in measured_rows(load_results(run), run.name)]
     labels = [label for label, _, _ in chart_series(rows)]
     assert labels[-3:] == ["dermcir-composed (cv_cpu)", "dermcir-composed (cv_gpu)", "snf-dca"]
+
+
+def test_runs_whose_folder_names_collide_are_told_apart(tmp_path: Path) -> None:
+    """Each run was named by the last part of its path: ``a/cv`` and ``b/cv`` had one name in the table and the
+    chart, and every run given as its results.json (documented as allowed) was called "results.json"."""
+    a = _write_run(tmp_path / "a" / "cv", "dermcir-composed", 2.0)
+    b = _write_run(tmp_path / "b" / "cv", "dermcir-composed", 3.0)
+    solo = _write_run(tmp_path / "solo", "snf-dca", 1.0)
+    assert run_labels([a, b, solo / "results.json", a]) == ["a/cv", "b/cv", "solo", "a/cv"]
+    md, _png = write_comparison([a / "results.json", b / "results.json", solo], tmp_path / "cmp.md")
+    table = md.read_text()
+    assert "| a/cv |" in table and "| b/cv |" in table and "| solo |" in table and "results.json |" not in table
 
 
 def test_compare_command(runs: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -15,6 +15,7 @@ from dermcir.cli import main
 from dermcir.data import load_derm7pt
 from dermcir.data.folds import stratified_folds, validation_split
 from dermcir.evaluation.cv import run_cv
+from dermcir.training.pipeline import train_on_cases
 
 from .conftest import SHARED_DERM7PT, TINY, write_release
 
@@ -148,6 +149,33 @@ def test_cv_says_when_unreadable_images_leave_too_few_cases(toy_release, tmp_pat
     with pytest.raises(ValueError, match=re.escape(says)):
         run_cv(cases, tmp_path / "run", n_folds=3, progress=False, cache_dir=tmp_path / "cache", **FAST)
     assert all(str(c.image) in (tmp_path / "run" / "cv.log").read_text() for c in damaged)
+
+
+def test_a_category_that_unreadable_images_take_under_min_cases_is_left_out(toy_release, tmp_path):
+    """The loader's threshold was applied before any image was decoded: with --min-cases 8 and one unreadable image,
+    a 7-case category was trained and scored, and results.json said no category was left out."""
+    cases, report = load_derm7pt(toy_release, min_cases=8)
+    next(c for c in cases if c.category == "benign keratosis-like").image.write_bytes(b"not an image")
+    doc = run_cv(cases, tmp_path / "run", n_folds=2, progress=False, load_report=report, **FAST)
+    assert doc["categories_left_out"] == {"min_cases": 8, "categories": {"benign keratosis-like": 7}}
+    assert sorted(doc["per_category"]) == ["melanoma", "nevus"] and doc["folds"][0]["n_queries"] == 8
+    assert "fewer than 8 usable cases once unreadable images were left out: {'benign keratosis-like': 7}" in (
+        tmp_path / "run" / "cv.log").read_text()
+    assert report.dropped_categories == {}  # the caller's report is left as the loader made it
+
+
+def test_a_category_the_validation_split_cannot_divide_is_refused_in_our_words(tmp_path):
+    """scikit-learn's "The least populated class in y has only 1 member" came after the backbone's features."""
+    rows = [{"diagnosis": "clark nevus"}] * 8 + [{"diagnosis": "melanoma"}] * 8 + [{"diagnosis": "seborrheic keratosis"}] * 3
+    cases, _ = load_derm7pt(write_release(tmp_path / "release_v0", rows), min_cases=3)
+    with pytest.raises(ValueError, match=re.escape(
+            "too few usable cases for 2 folds with a validation split: {'benign keratosis-like': 3}; each fold's "
+            "database needs 2 cases of every category for the stratified validation split, so 4 per category")):
+        run_cv(cases, tmp_path / "run", n_folds=2, progress=False, **FAST)
+    one = [c for c in cases if c.category != "benign keratosis-like"] + cases[-1:]
+    with pytest.raises(ValueError, match=re.escape("categories with a single training case: ['benign keratosis-like']")):
+        train_on_cases(one, tmp_path / "model", profile="cpu", progress=False, **FAST)
+    assert [f.name for f in (tmp_path / "model").iterdir()] == ["train.failed.log"]  # no checkpoint
 
 
 def test_rows_the_loader_left_out_are_in_the_run_records(tmp_path, caplog):

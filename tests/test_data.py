@@ -1,5 +1,6 @@
 import csv as std_csv
 import io
+import logging
 import tracemalloc
 from pathlib import Path
 
@@ -368,3 +369,41 @@ def test_derm7pt_case_numbers_must_be_there_and_unique_and_cells_are_stripped(tm
     assert [c.case_id for c in cases] == ["1", "4", "5"]
     assert cases[-1].image == release / "images" / "SYN" / "img004.jpg"
     assert report.skipped == [(f"{meta}:3", "empty case_num"), (f"{meta}:4 (case 1)", "duplicate case_num '1'")]
+
+
+def test_derm7pt_a_row_left_out_does_not_shut_out_its_corrected_row(tmp_path):
+    """A case number was marked seen before its image was checked: the corrected second row of a case whose first
+    row named a missing image was refused as a "duplicate" of a case never kept (the CSV loader kept it)."""
+    release = write_release(tmp_path / "release_v0", [{"diagnosis": "clark nevus"} for _ in range(3)])
+    meta = release / "meta" / "meta.csv"
+    lines = meta.read_text().splitlines(keepends=True)
+    typo = lines[1].replace("SYN/img000.jpg", "SYN/img000.jpeg")
+    meta.write_text(lines[0] + typo + "".join(lines[1:]))  # case 1 twice: a mistyped image, then the right one
+    cases, report = load_derm7pt(release, min_cases=1)
+    assert [c.case_id for c in cases] == ["1", "2", "3"]
+    assert report.skipped == [(str(release / "images" / "SYN" / "img000.jpeg"),
+                               f"image file missing (row {meta}:2 (case 1))")]
+    meta.write_text(lines[0] + lines[1] + "".join(lines[1:]))  # a true duplicate stays one
+    assert load_derm7pt(release, min_cases=1)[1].skipped == [(f"{meta}:3 (case 1)", "duplicate case_num '1'")]
+
+
+def test_derm7pt_checklist_headers_follow_the_checklist_spelling_and_absent_ones_are_named(tmp_path, caplog):
+    """``Pigment Network`` (as the clinic CSV spells it) or a missing checklist column gave every case an empty
+    query text without a word, and a run reported image + text figures with no text at all."""
+    release = write_release(tmp_path / "release_v0", [{"diagnosis": "melanoma", "streaks": "irregular"}])
+    meta = release / "meta" / "meta.csv"
+    official = load_derm7pt(release, min_cases=1)[0][0].text
+    header, rest = meta.read_text().split("\n", 1)
+    meta.write_text(header.replace("pigment_network", "Pigment Network").replace("streaks", "Streaks") + "\n" + rest)
+    with caplog.at_level(logging.WARNING, logger="dermcir.data.cases"):
+        assert load_derm7pt(release, min_cases=1)[0][0].text == official
+    assert "no column for checklist field" not in caplog.text
+    kept = [c for c in header.split(",") if c not in ("elevation", "location", "sex")]
+    with open(meta, "w", newline="") as fh:
+        writer = std_csv.DictWriter(fh, fieldnames=kept, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(std_csv.DictReader(io.StringIO(header + "\n" + rest)))
+    with caplog.at_level(logging.WARNING, logger="dermcir.data.cases"):
+        text = load_derm7pt(release, min_cases=1)[0][0].text
+    assert "irregular" in text and "female" not in text
+    assert "no column for checklist field(s) elevation, location, sex; the query texts will not mention them" in caplog.text

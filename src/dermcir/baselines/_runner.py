@@ -84,6 +84,7 @@ def build_data(
     report = load_report.copy() if load_report is not None else LoadReport()
     report.n_rows = len(cases)
     kept, images = preprocess_cases(cases, baseline.config.image_size, cache_dir, report, progress)
+    kept, images = report.apply_threshold_again(kept, images)
     if report.skipped:
         log.warning("%d row(s) or case(s) left out: %s", len(report.skipped),
                     "; ".join(f"{what}: {why}" for what, why in report.skipped))

@@ -81,6 +81,24 @@ class LoadReport:
         """What the category threshold left out, for a run's records: ``{"min_cases", "categories": {name: n}}``."""
         return {"min_cases": self.min_cases, "categories": dict(self.dropped_categories)}
 
+    def apply_threshold_again(self, cases: list[Case], images: Any) -> tuple[list[Case], Any]:
+        """The loader's category threshold (``min_cases``) once more, after preprocessing left unreadable images out:
+        they can take a category under it, and the run must then leave the category out as the loader would have.
+
+        ``images``: the cases' images, an array indexed by case. Returns the cases and images kept; the categories
+        left out join ``dropped_categories``, with a warning.
+        """
+        if self.min_cases is None:
+            return cases, images
+        under = {cat: n for cat, n in Counter(c.category for c in cases).items() if n < self.min_cases}
+        if not under:
+            return cases, images  # no copy of the images (about 0.7 GB for the 888 cases at 512 px)
+        log.warning("categories left out: fewer than %d usable cases once unreadable images were left out: %s",
+                    self.min_cases, under)
+        self.dropped_categories.update(under)
+        rows = [i for i, c in enumerate(cases) if c.category not in under]
+        return [cases[i] for i in rows], images[rows]
+
     def skip(self, what: str, reason: str) -> None:
         log.warning("skipping %s: %s", what, reason)
         self.skipped.append((what, reason))
@@ -157,9 +175,25 @@ def _read_rows(path: Path, expected: str) -> tuple[list[str], list[tuple[int, di
     return header, rows
 
 
-def _fields_of(row: dict[str, str]) -> dict[str, str]:
+def _checklist_columns(path: Path, header: list[str]) -> dict[str, str]:
+    """Checklist field -> the column that holds it, by the checklist's spelling rule (``Pigment Network`` is
+    ``pigment_network``). Two columns naming one field are an error naming both."""
+    columns: dict[str, str] = {}
+    for name in header:
+        key = checklist_key(name)
+        if key not in CHECKLIST_FIELDS:
+            continue
+        if key in columns:
+            raise ValueError(
+                f"{path}: columns {columns[key]!r} and {name!r} both name the checklist field {key!r}; keep one"
+            )
+        columns[key] = name
+    return columns
+
+
+def _fields_of(row: dict[str, str], columns: dict[str, str]) -> dict[str, str]:
     """The Derm7pt meta row's checklist fields, as written (a newer release's values are kept: the text reads words)."""
-    return {key: row[key].strip().lower() for key in CHECKLIST_FIELDS if row.get(key, "").strip()}
+    return {key: row[column].strip().lower() for key, column in columns.items() if row[column].strip()}
 
 
 def load_derm7pt(
@@ -189,6 +223,11 @@ def load_derm7pt(
     missing = [c for c in ("case_num", "diagnosis", "derm") if c not in header]
     if missing:
         raise ValueError(f"{meta}: missing column(s) {missing}; columns present: {header}")
+    checklist = _checklist_columns(meta, header)
+    absent = [key for key in CHECKLIST_FIELDS if key not in checklist]
+    if absent:  # the query texts are rendered from these columns: say which ones they will never mention
+        log.warning("%s: no column for checklist field(s) %s; the query texts will not mention them%s", meta,
+                    ", ".join(absent), "" if checklist else " (they will be empty)")
     report = LoadReport(n_rows=len(table))
     cases, seen = [], set()
     for line, row in table:
@@ -201,7 +240,6 @@ def load_derm7pt(
         if case_id in seen:
             report.skip(what, f"duplicate case_num {case_id!r}")
             continue
-        seen.add(case_id)
         try:
             category = category_of(row["diagnosis"])
         except ValueError as exc:
@@ -215,7 +253,8 @@ def load_derm7pt(
         if not image.is_file():
             report.skip(str(image), f"image file missing (row {what})")
             continue
-        cases.append(Case(case_id, image, row["diagnosis"].strip().lower(), category, _fields_of(row)))
+        seen.add(case_id)  # only once kept: a row left out (a mistyped image) must not shut out its corrected row
+        cases.append(Case(case_id, image, row["diagnosis"].strip().lower(), category, _fields_of(row, checklist)))
     return _apply_threshold(cases, report, min_cases, categories)
 
 
@@ -256,16 +295,7 @@ def load_case_csv(
     missing = [c for c in ("id", "image", "diagnosis") if c not in header]
     if missing:
         raise ValueError(f"{csv_path}: missing column(s) {missing}; expected {_CASE_CSV}; columns present: {header}")
-    checklist: dict[str, str] = {}  # checklist field -> the column that holds it
-    for name in header:
-        key = checklist_key(name)
-        if key not in CHECKLIST_FIELDS:
-            continue
-        if key in checklist:
-            raise ValueError(
-                f"{csv_path}: columns {checklist[key]!r} and {name!r} both name the checklist field {key!r}; keep one"
-            )
-        checklist[key] = name
+    checklist = _checklist_columns(csv_path, header)
     ignored = [name for name in header if name and name not in ("id", "image", "diagnosis", "category")
                and name not in checklist.values()]
     if ignored:

@@ -19,11 +19,15 @@ def stratified_folds(labels: Sequence[str], n_folds: int = 5, seed: int = 0) -> 
     return [(db, q) for db, q in skf.split(np.zeros(len(labels)), labels)]
 
 
-def check_enough_per_category(labels: Sequence[str], n_folds: int, n_skipped: int, records: str) -> None:
+def check_enough_per_category(
+    labels: Sequence[str], n_folds: int, n_skipped: int, records: str, validation: bool = False
+) -> None:
     """Every category needs a case in every fold (a query of a category absent from the database has no answer, and
     one absent from a fold leaves the split short); say so plainly when left-out rows or images took that away.
 
-    ``records``: where the left-out rows are listed (the run's log), for the message.
+    ``records``: where the left-out rows are listed (the run's log), for the message. ``validation``: each fold's
+    database is split again for early stopping (:func:`validation_split`), which needs two cases of every category
+    there; checked here, before any feature is computed, rather than by scikit-learn in the first fold.
     """
     if not len(labels):
         raise ValueError(f"no usable cases: all {n_skipped} rows were left out (each is listed above, and in {records})")
@@ -32,6 +36,16 @@ def check_enough_per_category(labels: Sequence[str], n_folds: int, n_skipped: in
     if few:
         raise ValueError(f"categories with fewer usable cases than the {n_folds} folds: {few} ({n_skipped} rows were "
                          f"left out, each listed above and in {records}); every fold needs a query of every category")
+    # a fold's database holds at least n - ceil(n / n_folds) cases of a category of n (stratified folds)
+    short = {str(c): int(n) for c, n in zip(categories, counts, strict=True) if n - math.ceil(n / n_folds) < 2}
+    if validation and short:
+        need = next(n for n in range(n_folds, 4 * n_folds) if n - math.ceil(n / n_folds) >= 2)
+        raise ValueError(
+            f"categories with too few usable cases for {n_folds} folds with a validation split: {short}; each fold's "
+            f"database needs 2 cases of every category for the stratified validation split, so {need} per category "
+            f"here ({n_skipped} rows were left out, each listed above and in {records}); raise --min-cases to leave "
+            "such a category out, or use more folds"
+        )
 
 
 def validation_split(
@@ -39,6 +53,13 @@ def validation_split(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Split training indices into ``(train, validation)``, stratified by label; the test fold is never touched."""
     labels = np.asarray(labels)[indices]
+    categories, counts = np.unique(labels, return_counts=True)
+    single = [str(c) for c, n in zip(categories, counts, strict=True) if n < 2]
+    if single:  # said in our terms, not scikit-learn's ("the least populated class in y has only 1 member")
+        raise ValueError(
+            f"categories with a single training case: {single}; the stratified validation split needs 2 of each "
+            "(raise --min-cases to leave such a category out)"
+        )
     # Stratification needs at least one validation case per category, even for tiny collections.
     n_val = max(math.ceil(fraction * len(indices)), len(set(labels.tolist())))  # ceil: as scikit-learn rounds
     if n_val >= len(indices):

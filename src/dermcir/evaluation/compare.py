@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -252,6 +253,22 @@ def bar_chart(rows: Sequence[MeasuredRow], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def run_labels(runs: Sequence[str | Path]) -> list[str]:
+    """How the table and the chart name each run: its folder's name (the folder holding it, for a ``results.json``
+    path); runs whose names collide get as many parent folders as it takes to tell them apart (``a/cv``, ``b/cv``)."""
+    folders = [Path(os.path.abspath(r)) for r in runs]
+    folders = [f.parent if f.suffix.lower() == ".json" else f for f in folders]
+    depths = [1] * len(folders)
+    while True:
+        labels = ["/".join(f.parts[-d:]).lstrip("/") or str(f) for f, d in zip(folders, depths, strict=True)]
+        clash = [i for i, label in enumerate(labels) if depths[i] < len(folders[i].parts) and any(
+            other == label and folders[j] != folders[i] for j, other in enumerate(labels))]
+        if not clash:  # (a folder given twice is one run, named once)
+            return labels
+        for i in clash:
+            depths[i] += 1
+
+
 def write_comparison(
     run_dirs: Sequence[str | Path], out: str | Path, title: str = "Case retrieval on Derm7pt: paper vs measured"
 ) -> tuple[Path, Path]:
@@ -266,8 +283,9 @@ def write_comparison(
         raise ValueError(f"--out {out}: expected a Markdown file name ending in .md")
     if not run_dirs:
         raise ValueError("no run folders given; pass at least one RUN_DIR with a results.json")
+    labels = run_labels(run_dirs)
     rows = mark_other_splits(
-        [row for run in run_dirs for row in measured_rows(load_results(run), Path(run).name or str(run))])
+        [row for run, label in zip(run_dirs, labels, strict=True) for row in measured_rows(load_results(run), label)])
     png = out.with_suffix(".png")
     # Main rows only: a readable chart; variants and ablations are in the table.
     bar_chart([r for r in rows if r.seed_protocol and r.main], png, title)

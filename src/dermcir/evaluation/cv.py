@@ -212,7 +212,9 @@ def run_cv(
     report = load_report.copy() if load_report is not None else LoadReport()
     with run_log(out_dir / "cv.log", left_out=report.skipped, categories_left_out=report.categories_left_out()):
         cases, images = preprocess_cases(cases, model_cfg.image_size, cache_dir, report, progress)  # logs its skips
-        check_enough_per_category([c.category for c in cases], n_folds, len(report.skipped), "cv.log")
+        cases, images = report.apply_threshold_again(cases, images)
+        check_enough_per_category([c.category for c in cases], n_folds, len(report.skipped), "cv.log",
+                                  validation=True)
         labels = np.array([c.category for c in cases])
         model_cfg.categories = list(category_counts(cases))
         seed_everything(seed)  # the heads' initial weights too: the same seed gives the same run

@@ -161,16 +161,18 @@ def train_on_cases(
         with run_log(tmp_log, left_out=report.skipped, categories_left_out=report.categories_left_out()):
             # preprocessing logs what it leaves out
             cases, images = preprocess_cases(cases, model_cfg.image_size, cache_dir, report, progress)
+            cases, images = report.apply_threshold_again(cases, images)
             if len(cases) < 4:
                 raise ValueError(f"only {len(cases)} usable cases; training needs at least a few per category")
+            # before the backbone's features: a category the split cannot divide is refused in seconds
+            idx = np.arange(len(cases))
+            train_idx, val_idx = validation_split(idx, [c.category for c in cases], train_cfg.val_fraction,
+                                                  train_cfg.seed)
             model_cfg.categories = list(category_counts(cases))
             # the heads' initial weights too: the same seed gives the same checkpoint
             seed_everything(train_cfg.seed)
             model = ComposedRetrievalModel(model_cfg)
             inputs = prepare_inputs(model, cases, images, train_cfg, views, device, cache_dir, progress)
-            idx = np.arange(len(cases))
-            train_idx, val_idx = validation_split(idx, [c.category for c in cases], train_cfg.val_fraction,
-                                                  train_cfg.seed)
             result: FitResult = fit(model, inputs, train_idx, val_idx, train_cfg, device, len(model_cfg.categories),
                                     progress, refit_idx=idx)
             log.info("best epoch %d, validation mAP %.2f, %.0f s", result.best_epoch, result.best_val_map,

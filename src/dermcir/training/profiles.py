@@ -41,6 +41,16 @@ PROFILES: dict[str, tuple[ModelConfig, TrainConfig, int]] = {
 }
 
 
+#: ModelConfig fields a run sets for itself, and where from: an override would be overwritten without a word, or (the
+#: text template) written into a checkpoint that no dermcir loads
+DERIVED_SETTINGS = {
+    "categories": "the cases' categories",
+    "mean": "the backbone's weights",
+    "std": "the backbone's weights",
+    "template_version": "this dermcir's query-text template",
+}
+
+
 def get_profile(name: str, **overrides) -> tuple[ModelConfig, TrainConfig, int]:
     """Fresh copies of a profile's configs; ``overrides`` may set any ``ModelConfig``/``TrainConfig`` field.
 
@@ -52,6 +62,9 @@ def get_profile(name: str, **overrides) -> tuple[ModelConfig, TrainConfig, int]:
     if "profile" in overrides:  # the cpu model's settings trained as the gpu profile trains would be neither profile
         raise ValueError(f"profile={overrides['profile']!r}: a profile is chosen by its name ({sorted(PROFILES)}), "
                          f"not overridden")
+    derived = sorted(set(overrides) & set(DERIVED_SETTINGS))
+    if derived:
+        raise ValueError("; ".join(f"{k}: set by the run from {DERIVED_SETTINGS[k]}, not a setting" for k in derived))
     model_cfg, train_cfg, views = PROFILES[name]
     m_fields, t_fields = set(model_cfg.__dataclass_fields__), set(train_cfg.__dataclass_fields__)
     unknown = set(overrides) - m_fields - t_fields - {"views"}
