@@ -307,7 +307,7 @@ def test_run_baseline_cv_writes_the_results_schema(tmp_path: Path) -> None:
     missing = Case("gone", tmp_path / "images" / "missing.png", "nevus", "nevus", {})
     out = tmp_path / "run"
     loader = LoadReport(skipped=[("meta.csv:9 (case 8)", "unknown diagnosis 'something new'")],
-                        dropped_categories={"basal cell carcinoma": 3}, min_cases=50)
+                        dropped_categories={"basal cell carcinoma": 3}, min_cases=5)  # (6 per category)
     doc = run_baseline_cv("snf-dca", [*cases, missing], out, n_folds=3, cache_dir=tmp_path / "cache",
                           load_report=loader, **TINY["snf-dca"])
     on_disk = json.loads((out / "results.json").read_text())
@@ -322,7 +322,7 @@ def test_run_baseline_cv_writes_the_results_schema(tmp_path: Path) -> None:
     # the loader's rows first, then preprocessing's; the caller's report is left as it was
     assert [s[0].rsplit("/", 1)[-1] for s in on_disk["skipped"]] == ["meta.csv:9 (case 8)", "missing.png"]
     assert len(loader.skipped) == 1
-    assert on_disk["categories_left_out"] == {"min_cases": 50, "categories": {"basal cell carcinoma": 3}}
+    assert on_disk["categories_left_out"] == {"min_cases": 5, "categories": {"basal cell carcinoma": 3}}
     assert "fold 2" in (out / "log.txt").read_text()
 
 
