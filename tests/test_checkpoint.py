@@ -134,6 +134,57 @@ def test_a_damaged_checkpoint_is_refused_naming_the_file(tmp_path, damage, messa
         load_checkpoint(tmp_path / "ckpt")
 
 
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda m: m["model"].update(dim=64),
+     r"model.safetensors: does not match the model .*config.json describes: \d+ tensors of other shapes"),
+    (lambda m: m.update(frozen=["text_encoder"]), r"config.json: 'frozen' must map submodule names to weight digests"),
+    (lambda m: m.update(frozen={"text_encodr": "0" * 64}), r"config.json: 'frozen' names \['text_encodr'\]"),
+    (lambda m: m["model"].update(dim="32"), r"config.json: setting dim='32': expected an integer"),
+])
+def test_a_hand_edited_config_is_refused_naming_the_file(tmp_path, edit, message):
+    """These gave a RuntimeError / AttributeError / TypeError traceback, or an error that read like a --set mistake."""
+    save_checkpoint(tiny(), tmp_path / "ckpt", frozen=())
+    config = tmp_path / "ckpt" / "config.json"
+    meta = json.loads(config.read_text())
+    edit(meta)
+    config.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=message):
+        load_checkpoint(tmp_path / "ckpt")
+
+
+def test_nan_weights_are_refused_not_served_as_empty_results(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    save_checkpoint(tiny(), tmp_path / "ckpt", frozen=())
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    state = load_file(str(weights))
+    first = min(k for k, v in state.items() if v.is_floating_point())
+    state[first] = torch.full_like(state[first], float("nan"))  # a training that diverged
+    save_file(state, str(weights))
+    with pytest.raises(ValueError, match=f"model.safetensors: 1 tensors hold NaN or infinite values, e.g. \\['{first}'"):
+        load_checkpoint(tmp_path / "ckpt")
+
+
+def test_parts_saved_by_value_do_not_need_their_source_to_load(tmp_path, monkeypatch):
+    """A Swin-T checkpoint of the gpu profile holds its whole backbone, yet loading read the ImageNet Swin file again
+    (and, given a relative path from another folder, looked it up on the hub: ``Unknown model (swin)``)."""
+    from safetensors.torch import save_file
+
+    from dermcir.models import create_backbone
+
+    src = tmp_path / "imagenet" / "swin.safetensors"
+    src.parent.mkdir()
+    body = create_backbone("swin_t", pretrained=False, img_size=64).body.state_dict()
+    save_file({k: v.contiguous() for k, v in body.items()}, str(src))
+    monkeypatch.chdir(tmp_path)
+    model = tiny(backbone="swin_t", text="minilm", backbone_weights="imagenet/swin.safetensors", pretrained=True).eval()
+    assert model.config.backbone_weights == str(src)  # stored resolved: the checkpoint is read from other folders
+    save_checkpoint(model, tmp_path / "ckpt", frozen=("text_encoder",))  # the gpu profile's: backbone by value
+    src.unlink()
+    with torch.no_grad():
+        torch.testing.assert_close(load_checkpoint(tmp_path / "ckpt").encode_target(IMAGES), model.encode_target(IMAGES))
+
+
 def test_fingerprint_changes_with_weights(tmp_path):
     model = tiny()
     save_checkpoint(model, tmp_path / "a", frozen=())

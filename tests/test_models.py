@@ -236,6 +236,80 @@ def test_swin_loads_a_local_checkpoint(tmp_path):
     torch.testing.assert_close(net.eval()(x)[2], src.eval()(x)[2])
 
 
+@pytest.mark.parametrize("kind", ["safetensors", "pth"])
+def test_swin_loads_a_published_checkpoint_layout(tmp_path, kind):
+    """timm's hub files (and so a downloaded Swin-T) name stage N ``layers.N``; the features_only body ``layers_N``.
+    Such a file was refused ("lacks 165 backbone weights"): only dermcir's own saved bodies loaded."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    full = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=64).eval()
+    state = {k: v.contiguous() for k, v in full.state_dict().items()}
+    path = tmp_path / f"swin.{kind}"
+    save_file(state, str(path)) if kind == "safetensors" else torch.save({"model": state}, path)
+    net = create_backbone("swin_t", weights=str(path), img_size=64).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        h, stages = full.patch_embed(x), []
+        for layer in full.layers:
+            h = layer(h)
+            stages.append(h.permute(0, 3, 1, 2))
+        for got, want in zip(net(x), stages[1:], strict=True):
+            torch.testing.assert_close(got, want)
+
+
+def test_a_backbone_file_of_another_architecture_or_none_is_refused_naming_it(tmp_path):
+    """Lite1 weights loaded into Lite0 without a word (its shared blocks taken, the rest ignored); Lite2 and Swin-S
+    gave a RuntimeError traceback; a file that is not weights gave torch's advice to load it with weights_only=False."""
+    import timm
+    from safetensors.torch import save_file
+
+    for name, says in [("tf_efficientnet_lite1", "weights that tf_efficientnet_lite0 does not have"),
+                       ("tf_efficientnet_lite2", "weights of other shapes than tf_efficientnet_lite0's")]:
+        path = tmp_path / f"{name}.safetensors"
+        save_file({k: v.contiguous() for k, v in timm.create_model(name).state_dict().items()}, str(path))
+        with pytest.raises(ValueError, match=f"{path}: .*{says}"):
+            create_backbone("lite0", weights=str(path))
+    small = tmp_path / "swin_s.safetensors"
+    state = timm.create_model("swin_small_patch4_window7_224", img_size=64).state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(small))
+    with pytest.raises(ValueError, match=f"{small}: not a Swin-T checkpoint"):
+        create_backbone("swin_t", weights=str(small), img_size=64)
+    junk = tmp_path / "notes.pth"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=f"{junk}: not a readable weights file") as caught:
+        create_backbone("lite0", weights=str(junk))
+    assert "weights_only" not in str(caught.value)
+    with pytest.raises(FileNotFoundError, match="gone.safetensors: backbone weights file not found"):
+        create_backbone("lite0", weights=str(tmp_path / "gone.safetensors"))
+
+
+def test_bert_folders_without_a_tokenizer_or_of_another_family_are_refused(tmp_path):
+    """transformers 5 built an empty tokenizer for a folder without tokenizer files: every word read as [UNK]."""
+    from dermcir.models import create_text_encoder
+
+    enc = create_text_encoder("bert", pretrained=False)
+    enc.model.save_pretrained(tmp_path / "weights_only")  # as model.save_pretrained alone writes it
+    with pytest.raises(FileNotFoundError, match="weights_only: no tokenizer files"):
+        create_text_encoder("bert", weights=str(tmp_path / "weights_only"))
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path / "gpt2")
+    enc.tokenizer.save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ValueError, match="gpt2: model_type 'gpt2' is not a BERT-family encoder"):
+        create_text_encoder("bert", weights=str(tmp_path / "gpt2"), pretrained=False)
+    with pytest.raises(ValueError, match="max_text_tokens=1000: the text encoder in .* reads at most 512 tokens"):
+        create_text_encoder("bert", pretrained=False, max_tokens=1000)
+
+
+def test_heads_zero_is_a_named_setting_error_not_a_division_by_zero():
+    with pytest.raises(ValueError, match=r"setting heads=0: expected an integer >= 1"):
+        ModelConfig(heads=0)
+    with pytest.raises(ValueError, match=r"companion: setting heads=0: expected an integer >= 1"):
+        ModelConfig(companion={"heads": 0})
+
+
 def test_bert_loads_a_local_folder(tmp_path):
     from dermcir.models import create_text_encoder
 

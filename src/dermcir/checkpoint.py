@@ -129,9 +129,10 @@ def load_checkpoint(ckpt_dir: str | Path, device: str | torch.device = "cpu") ->
             f"{ckpt_dir}: trained on images prepared by preprocessing {preprocess!r}, this dermcir prepares them by "
             f"{PREPROCESS_VERSION!r}; retrain or install the matching dermcir version"
         )
-    frozen = meta.get("frozen", {})
-    # Frozen parts come from their pretrained source; everything else is overwritten by the saved weights below.
-    model = ComposedRetrievalModel(config, pretrained=bool(frozen))
+    frozen = _frozen_of(meta, ckpt_dir / CONFIG)
+    # Frozen parts come from their pretrained source; the others are built at random and overwritten by the saved
+    # weights below, so that their source (a Swin-T file the training read) is not needed where the model is used.
+    model = ComposedRetrievalModel(config, pretrained=frozenset(frozen))
     for name, digest in frozen.items():
         got = state_digest(model.get_submodule(name))
         if got != digest:
@@ -146,7 +147,18 @@ def load_checkpoint(ckpt_dir: str | Path, device: str | torch.device = "cpu") ->
         state = load_file(str(weights))
     except SafetensorError as exc:  # e.g. a copy cut short
         raise ValueError(f"{weights}: not a readable safetensors file ({exc}); copy or train the checkpoint again") from exc
-    missing, unexpected = model.load_state_dict(_upgrade_legacy_keys(state), strict=False)
+    state = _upgrade_legacy_keys(state)
+    own = model.state_dict()
+    wrong = [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if wrong:  # a hand-edited size in config.json, or weights of another model
+        k = wrong[0]
+        raise ValueError(f"{weights}: does not match the model {ckpt_dir / CONFIG} describes: {len(wrong)} tensors of "
+                         f"other shapes, e.g. {k} {tuple(state[k].shape)} where the config makes {tuple(own[k].shape)}")
+    broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:  # every score would be NaN, and a search would return nothing without a word
+        raise ValueError(f"{weights}: {len(broken)} tensors hold NaN or infinite values, e.g. {broken[:3]} (a training "
+                         "that diverged, or a damaged file); train the checkpoint again")
+    missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not _is_frozen(k, (*frozen, *_SHARED))]
     if missing or unexpected:
         raise ValueError(f"{weights}: does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
@@ -155,6 +167,21 @@ def load_checkpoint(ckpt_dir: str | Path, device: str | torch.device = "cpu") ->
     model.checkpoint_fingerprint = fingerprint(ckpt_dir)
     return model.to(device).eval()
 
+
+def _frozen_of(meta: dict[str, Any], where: Path) -> dict[str, str]:
+    """The config's ``frozen`` entry (submodule -> digest of its weights), checked."""
+    frozen = meta.get("frozen", {})
+    if not isinstance(frozen, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in frozen.items()):
+        raise ValueError(f"{where}: 'frozen' must map submodule names to weight digests, got {frozen!r}")
+    unknown = sorted(set(frozen) - set(FROZEN_PARTS))
+    if unknown:
+        raise ValueError(f"{where}: 'frozen' names {unknown}, not parts a checkpoint stores by reference "
+                         f"({', '.join(FROZEN_PARTS)})")
+    return frozen
+
+
+#: The parts a checkpoint may store by reference (source + digest) rather than by value
+FROZEN_PARTS = ("backbone", "text_encoder", "companion.backbone")
 
 #: The preprocessing of checkpoints written before it was recorded: the only one there was then.
 _LEGACY_PREPROCESS = "border-v1"

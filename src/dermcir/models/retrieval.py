@@ -7,7 +7,7 @@ text injection) and ``text`` (text injected into a learned "no image" token).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -49,13 +49,19 @@ def average_members(descs: Sequence[Descriptors]) -> Descriptors:
 class ComposedRetrievalModel(nn.Module):
     """Backbone + text encoder + per-level heads. See the module docstring."""
 
-    def __init__(self, config: ModelConfig, pretrained: bool = True, text_encoder: nn.Module | None = None) -> None:
-        """``text_encoder``: an already built (frozen) text encoder to share, as a companion shares its main model's."""
+    def __init__(
+        self, config: ModelConfig, pretrained: bool | Collection[str] = True, text_encoder: nn.Module | None = None
+    ) -> None:
+        """``pretrained``: load the pretrained weights of every part, of none, or of the parts named (``"backbone"``,
+        ``"text_encoder"``, ``"companion.backbone"``: a checkpoint's frozen parts, whose weights it does not hold).
+        ``text_encoder``: an already built (frozen) text encoder to share, as a companion shares its main model's."""
         super().__init__()
         self.config = config
-        self.backbone = create_backbone(config.backbone, config.backbone_weights, pretrained, img_size=config.image_size)
+        wants = (lambda part: pretrained) if isinstance(pretrained, bool) else (lambda part: part in pretrained)
+        self.backbone = create_backbone(config.backbone, config.backbone_weights, wants("backbone"),
+                                        img_size=config.image_size)
         if text_encoder is None:
-            text_encoder = create_text_encoder(config.text_encoder, config.text_weights, pretrained,
+            text_encoder = create_text_encoder(config.text_encoder, config.text_weights, wants("text_encoder"),
                                                max_tokens=config.max_text_tokens)
         self.text_encoder = text_encoder
         config.mean, config.std = tuple(self.backbone.mean), tuple(self.backbone.std)
@@ -74,7 +80,9 @@ class ComposedRetrievalModel(nn.Module):
         self.register_buffer("_std", torch.tensor(config.std).view(1, 3, 1, 1), persistent=False)
         companion = companion_config(config)
         # Trained on its own (the training code fits ``model.companion`` like any model); its backbone never trains.
-        self.companion = (ComposedRetrievalModel(companion, pretrained, text_encoder=self.text_encoder)
+        own = pretrained if isinstance(pretrained, bool) else {p.removeprefix("companion.") for p in pretrained
+                                                                if p.startswith("companion.")}
+        self.companion = (ComposedRetrievalModel(companion, own, text_encoder=self.text_encoder)
                           if companion is not None else None)
         if self.companion is not None:
             self.companion.backbone.requires_grad_(False)

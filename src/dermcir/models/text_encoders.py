@@ -38,17 +38,33 @@ def _bert(folder: str, pretrained: bool, max_tokens: int, tiny: bool = False) ->
 
     hf_logging.set_verbosity_error()  # the unused-pooler load report is expected, not a problem
     hf_logging.disable_progress_bar()
+    if Path(folder).is_dir() and not any((Path(folder) / name).is_file() for name in TOKENIZER_FILES):
+        # transformers 5 then builds an empty tokenizer that reads every word as [UNK], without a word
+        raise FileNotFoundError(f"{folder}: no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); copy the "
+                                "whole Hugging Face folder, tokenizer included")
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    if pretrained:
-        # fp32 even when the files are fp16 (a packed payload): the encoder runs once per text, precision is cheap.
-        model = AutoModel.from_pretrained(folder, add_pooling_layer=False, dtype=torch.float32)
-    else:
-        config = AutoConfig.from_pretrained(folder)
-        if tiny:  # random-weight tests: the same architecture, smaller
-            config.num_hidden_layers, config.hidden_size, config.intermediate_size = 2, 64, 128
-            config.num_attention_heads = 2
-        model = AutoModel.from_config(config, add_pooling_layer=False)
+    try:
+        if pretrained:
+            # fp32 even when the files are fp16 (a packed payload): the encoder runs once per text, precision is cheap.
+            model = AutoModel.from_pretrained(folder, add_pooling_layer=False, dtype=torch.float32)
+        else:
+            config = AutoConfig.from_pretrained(folder)
+            if tiny:  # random-weight tests: the same architecture, smaller
+                config.num_hidden_layers, config.hidden_size, config.intermediate_size = 2, 64, 128
+                config.num_attention_heads = 2
+            model = AutoModel.from_config(config, add_pooling_layer=False)
+    except TypeError as exc:  # a model class without BERT's pooler option: not a BERT-family encoder
+        kind = getattr(AutoConfig.from_pretrained(folder), "model_type", "?")
+        raise ValueError(f"{folder}: model_type {kind!r} is not a BERT-family encoder ({exc})") from None
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and max_tokens > positions:  # a longer text would fail inside the model
+        raise ValueError(f"max_text_tokens={max_tokens}: the text encoder in {folder} reads at most {positions} tokens")
     return TokenEncoder(tokenizer, model, max_tokens)
+
+
+#: Files one of which a Hugging Face folder's tokenizer is read from (fast tokenizer, WordPiece, BPE, SentencePiece)
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+                   "tokenizer.model")
 
 
 def minilm_folder() -> str:
