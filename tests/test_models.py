@@ -236,10 +236,13 @@ def test_swin_loads_a_local_checkpoint(tmp_path):
     torch.testing.assert_close(net.eval()(x)[2], src.eval()(x)[2])
 
 
-@pytest.mark.parametrize("kind", ["safetensors", "pth"])
+@pytest.mark.parametrize("kind", ["safetensors", "pth", "microsoft"])
 def test_swin_loads_a_published_checkpoint_layout(tmp_path, kind):
     """timm's hub files (and so a downloaded Swin-T) name stage N ``layers.N``; the features_only body ``layers_N``.
-    Such a file was refused ("lacks 165 backbone weights"): only dermcir's own saved bodies loaded."""
+    Such a file was refused ("lacks 165 backbone weights"): only dermcir's own saved bodies loaded. Microsoft's
+    original .pth also downsamples at the end of a stage and calls the classifier ``head``."""
+    import re
+
     import timm
     from safetensors.torch import save_file
 
@@ -247,6 +250,10 @@ def test_swin_loads_a_published_checkpoint_layout(tmp_path, kind):
     full = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=64).eval()
     state = {k: v.contiguous() for k, v in full.state_dict().items()}
     path = tmp_path / f"swin.{kind}"
+    if kind == "microsoft":
+        state = {re.sub(r"^layers\.(\d+)\.downsample", lambda m: f"layers.{int(m[1]) - 1}.downsample", k)
+                 .replace("head.fc.", "head."): v for k, v in state.items()}
+        assert "layers.0.downsample.reduction.weight" in state
     save_file(state, str(path)) if kind == "safetensors" else torch.save({"model": state}, path)
     net = create_backbone("swin_t", weights=str(path), img_size=64).eval()
     x = torch.randn(1, 3, 64, 64)
