@@ -110,6 +110,40 @@ def test_registry_names_and_errors() -> None:
         build_backbone("resnet50", weights="/nonexistent/resnet50.safetensors")
 
 
+def test_a_weights_file_is_read_by_its_body_and_an_unusable_one_named(tmp_path: Path) -> None:
+    """A fine-tuned Lite0 whose classifier has 7 classes was refused (a RuntimeError on the classifier no baseline
+    uses); a file that is not weights gave an unpickling traceback after every image had been preprocessed."""
+    import timm
+    from safetensors.torch import save_file
+
+    seven = timm.create_model("tf_efficientnet_lite0", num_classes=7)
+    path = tmp_path / "lite0_7.safetensors"
+    save_file({k: v.contiguous() for k, v in seven.state_dict().items()}, str(path))
+    net = build_backbone("lite0", weights=str(path))
+    torch.testing.assert_close(net.lower[0].weight, seven.conv_stem.weight)
+    lite2 = tmp_path / "lite2.safetensors"
+    save_file({k: v.contiguous() for k, v in timm.create_model("tf_efficientnet_lite2").state_dict().items()},
+              str(lite2))
+    with pytest.raises(ValueError, match=f"{lite2}: \\d+ weights of other shapes than the network's"):
+        build_backbone("lite0", weights=str(lite2))
+    junk = tmp_path / "notes.pth"
+    junk.write_text("not weights")
+    with pytest.raises(ValueError, match=f"{junk}: not a readable weights file"):
+        build_backbone("lite0", weights=str(junk))
+
+
+@pytest.mark.parametrize("device", ["mps", "xpu:0"])
+def test_a_device_the_machine_lacks_is_refused_when_the_method_is_built(device: str) -> None:
+    """mps and xpu passed every check and failed with a traceback after preprocessing (only CUDA was checked)."""
+    from dermcir.baselines._base import resolve_device
+
+    kind = device.split(":")[0]
+    if (kind == "mps" and torch.backends.mps.is_available()) or (kind == "xpu" and torch.xpu.is_available()):
+        pytest.skip(f"this machine has {kind}")
+    with pytest.raises(ValueError, match=f"device '{device}' requested but this machine has no {kind.upper()} device"):
+        resolve_device(device, "cpu")
+
+
 @pytest.mark.parametrize(("name", "setting", "value", "expected"), [
     ("snf-dca", "k", "abc", "an integer"),  # `--set k=abc` arrives as a string
     ("snf-dca", "k", 0, ">= 1"),

@@ -63,8 +63,13 @@ def resolve_device(name: str, profile: str) -> torch.device:
             raise ValueError("profile 'gpu' needs a CUDA device and none was found; use profile 'cpu' (or device='cpu')")
         return torch.device("cpu")
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    # every kind the settings check lets through (configs.DEVICE_KINDS), checked here where torch is loaded
+    present = {"cpu": lambda: True, "cuda": torch.cuda.is_available,
+               "mps": lambda: torch.backends.mps.is_available(),
+               "xpu": lambda: hasattr(torch, "xpu") and torch.xpu.is_available()}
+    if not present.get(device.type, lambda: False)():
+        raise ValueError(f"device {name!r} requested but this machine has no {device.type.upper()} device "
+                         "(device='cpu' or 'auto' runs on what is there)")
     return device
 
 

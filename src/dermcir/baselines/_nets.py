@@ -101,6 +101,10 @@ def _resnet50(weights: str | None, pretrained: bool) -> SplitBackbone:
     return SplitBackbone("resnet50", lower, upper, tail, (1024, 2048, 2048), cfg["mean"], cfg["std"])
 
 
+#: The ImageNet classifier's weights (ResNet's ``fc``, EfficientNet's ``classifier``), which no baseline uses
+_CLASSIFIERS = ("fc.", "classifier.")
+
+
 def _read(path: str) -> dict[str, torch.Tensor]:
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: backbone weights file not found")
@@ -114,23 +118,37 @@ def _read_cached(path: str) -> dict[str, torch.Tensor]:
     Reads safetensors, or a pickle-free ``torch.load(weights_only=True)`` of ``.pth``/``.bin`` files, unwrapping a
     ``state_dict``/``model`` entry.
     """
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
 
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+            return load_file(path)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - safetensors', pickle's and torch's errors alike: this file is unusable
+        # (torch's own message would suggest weights_only=False, i.e. running the file's code: not for a weights file)
+        raise ValueError(f"{path}: not a readable weights file ({type(exc).__module__}.{type(exc).__name__}); "
+                         "expected a .safetensors file or a .pth/.bin holding tensors") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
-    if not isinstance(state, dict):
-        raise TypeError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: holds no state dict of tensors")
     return state
 
 
 def _load(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    own = model.state_dict()
+    wrong = [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    # a classifier fine-tuned to other classes does not matter (each baseline adds its own head); any other size does
+    body_wrong = [k for k in wrong if not k.startswith(_CLASSIFIERS)]
+    if body_wrong:
+        k = body_wrong[0]
+        raise ValueError(f"{source}: {len(body_wrong)} weights of other shapes than the network's, e.g. {k} "
+                         f"{tuple(state[k].shape)} where it has {tuple(own[k].shape)}; a checkpoint of another network?")
+    state = {k: v for k, v in state.items() if k not in wrong}
     missing, unexpected = model.load_state_dict(state, strict=False)
     # The ImageNet classifier is never used (each baseline adds its own head), so only missing body weights matter.
-    body_missing = [k for k in missing if not k.startswith(("fc.", "classifier."))]
+    body_missing = [k for k in missing if not k.startswith(_CLASSIFIERS)]
     if body_missing:
         raise ValueError(f"{source}: checkpoint lacks {len(body_missing)} weights, e.g. {body_missing[:3]}")
     if unexpected:

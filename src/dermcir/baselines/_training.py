@@ -25,8 +25,8 @@ class TrainSettings:
 
     epochs: int
     batch_size: int
-    lr: float  # Adam learning rate of the head (and of the tail on the CPU profile)
-    backbone_lr: float  # learning rate of the backbone stages when they are trained (GPU profile)
+    lr: float  # Adam learning rate of the head, which owns the backbone's last stage (its tail) on both profiles
+    backbone_lr: float  # learning rate of the other backbone stages when they are trained (GPU profile)
     weight_decay: float
     amp: bool  # bf16 autocast on CUDA
 
