@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import re
+from concurrent.futures import Future
 from dataclasses import replace
 
 import numpy as np
@@ -776,6 +777,63 @@ def test_a_companion_pool_that_cannot_be_made_falls_back_to_fitting_in_process(t
         doc = run_cv(cases, tmp_path / "run", profile="gpu", n_folds=2, progress=False, companion_workers=2, **settings)
     assert "no CPU worker pool (OSError: [Errno 38] Function not implemented)" in caplog.text
     assert [t["companion_best_epoch"] in (1, 2) for t in doc["training"]] == [True, True]
+
+
+class _PoolThatFails:
+    """A stand-in ProcessPoolExecutor: ``submit`` fails as on a host at its process limit, or ``shutdown`` is
+    interrupted (a Ctrl+C while the workers shut down)."""
+
+    def __init__(self, *args, fail_at: str = "submit", **kwargs):
+        self.fail_at = fail_at
+
+    def submit(self, *args, **kwargs):
+        if self.fail_at == "submit":
+            raise OSError(11, "Resource temporarily unavailable")
+        return Future()
+
+    def shutdown(self, *args, **kwargs):
+        if self.fail_at == "shutdown":
+            raise KeyboardInterrupt
+
+
+def test_a_companion_pool_leaves_no_temp_folder_when_it_fails_to_start_or_is_interrupted(toy_release, tmp_path,
+                                                                                         monkeypatch):
+    """Its workers' inputs (~100 MB for the 888 cases) stayed in the temp folder when the first submit could not
+    start a process, or when the run was interrupted while its workers shut down."""
+    import functools
+    import tempfile
+
+    import dermcir.training.companion_pool as pool_module
+
+    model, companion, _idx = _model_with_an_endless_companion(toy_release)
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    monkeypatch.setattr(pool_module, "ProcessPoolExecutor", functools.partial(_PoolThatFails, fail_at="submit"))
+    with pytest.raises(OSError, match="Resource temporarily unavailable"):
+        pool_module.CompanionPool(model, companion, workers=1)
+    assert list(temp.iterdir()) == []
+    monkeypatch.setattr(pool_module, "ProcessPoolExecutor", functools.partial(_PoolThatFails, fail_at="shutdown"))
+    pool = pool_module.CompanionPool(model, companion, workers=1)
+    assert len(list(temp.iterdir())) == 1
+    with pytest.raises(KeyboardInterrupt):
+        pool.close()
+    assert list(temp.iterdir()) == []
+
+
+def test_a_validation_fraction_that_leaves_too_few_to_train_is_named_before_the_features(toy_release, tmp_path,
+                                                                                         monkeypatch):
+    """``--set val_fraction=0.9`` ended, after the backbone's features, in scikit-learn's "The train_size = 1
+    should be greater or equal to the number of classes = 3"."""
+    import dermcir.evaluation.cv as cv_module
+
+    def no_features(*args, **kwargs):
+        raise AssertionError("features computed before the split was checked")
+
+    monkeypatch.setattr(cv_module, "prepare_inputs", no_features)
+    cases, _ = load_derm7pt(toy_release, min_cases=5)
+    with pytest.raises(ValueError, match=r"val_fraction=0.9 leaves 1 of 16 cases for training, fewer than the 3 "):
+        run_cv(cases, tmp_path / "run", n_folds=3, progress=False, **{**FAST, "val_fraction": 0.9})
 
 
 def test_a_worker_that_never_answers_is_given_up_on_after_the_deadline(toy_release, tmp_path, caplog):

@@ -62,7 +62,11 @@ def validation_split(
         )
     # Stratification needs at least one validation case per category, even for tiny collections.
     n_val = max(math.ceil(fraction * len(indices)), len(set(labels.tolist())))  # ceil: as scikit-learn rounds
-    if n_val >= len(indices):
-        raise ValueError(f"{len(indices)} training cases are too few for a stratified validation split")
+    if len(indices) - n_val < len(categories):  # the training part needs a case of every category too
+        raise ValueError(
+            f"val_fraction={fraction} leaves {len(indices) - n_val} of {len(indices)} cases for training, fewer than "
+            f"the {len(categories)} categories; a stratified validation split needs a case of each on both sides "
+            "(lower val_fraction, or give more cases)"
+        )
     train, val = train_test_split(indices, test_size=n_val, random_state=seed, stratify=labels)
     return np.sort(train), np.sort(val)

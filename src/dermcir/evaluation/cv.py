@@ -216,14 +216,16 @@ def run_cv(
         check_enough_per_category([c.category for c in cases], n_folds, len(report.skipped), "cv.log",
                                   validation=True)
         labels = np.array([c.category for c in cases])
+        # before the features: a split that cannot be made is refused in seconds (both take their own random state,
+        # so the order leaves the run as it was)
+        folds = {f: split for f, split in enumerate(stratified_folds(labels, n_folds, seed)) if f in selected}
+        splits = {f: validation_split(db, labels, train_cfg.val_fraction, seed) for f, (db, _) in folds.items()}
         model_cfg.categories = list(category_counts(cases))
         seed_everything(seed)  # the heads' initial weights too: the same seed gives the same run
         model = ComposedRetrievalModel(model_cfg)
         initial = {k: v.clone() for k, v in model.state_dict().items()}
         inputs = prepare_inputs(model, cases, images, train_cfg, views, device, cache_dir, progress)
         companion = prepare_companion(model, cases, images, train_cfg, device, cache_dir, progress, inputs)
-        folds = {f: split for f, split in enumerate(stratified_folds(labels, n_folds, seed)) if f in selected}
-        splits = {f: validation_split(db, labels, train_cfg.val_fraction, seed) for f, (db, _) in folds.items()}
         # companions in workers train beside the main models and must be done when the budget is: they stop by the
         # time the last fold's main model must (its 3 % margin is kept for scoring), however slow the host's cores
         wall_deadline = (None if time_budget is None

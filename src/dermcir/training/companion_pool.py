@@ -139,10 +139,14 @@ class CompanionPool:
             self._pool = ProcessPoolExecutor(
                 max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
                 initargs=(payload, self.threads))
+            try:  # the first submit starts the processes: a host at its process limit fails here
+                self._ping = self._pool.submit(_ready)  # first in the queue: answered once a worker has started
+            except BaseException:
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                raise
         except BaseException:
             shutil.rmtree(self._payload_dir, ignore_errors=True)
             raise
-        self._ping = self._pool.submit(_ready)  # first in the queue: answered as soon as one worker has started
         self._jobs: dict[int, tuple[Future, tuple]] = {}
         self._abandoned = False  # a job given up on (it overran): close() must stop it rather than wait for it
         log.info("companions: %d CPU worker process(es), %d thread(s) each", workers, self.threads)
@@ -210,7 +214,9 @@ class CompanionPool:
         processes = []
         if terminate:  # ProcessPoolExecutor has no public way to stop running jobs before Python 3.14
             processes = list((getattr(self._pool, "_processes", None) or {}).values())
-        self._pool.shutdown(wait=not terminate, cancel_futures=True)
-        for process in processes:
-            process.terminate()
-        shutil.rmtree(self._payload_dir, ignore_errors=True)
+        try:
+            self._pool.shutdown(wait=not terminate, cancel_futures=True)
+            for process in processes:
+                process.terminate()
+        finally:  # a Ctrl+C while the workers shut down must not leave their inputs (~100 MB) in the temp folder
+            shutil.rmtree(self._payload_dir, ignore_errors=True)
