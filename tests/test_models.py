@@ -266,6 +266,19 @@ def test_swin_loads_a_published_checkpoint_layout(tmp_path, kind):
             torch.testing.assert_close(got, want)
 
 
+def test_a_swin_checkpoint_of_224_px_windows_loads_at_another_size(tmp_path):
+    """At 64 px the last stages' windows shrink (2×2): the 224-px file's position-bias tables are resized."""
+    import timm
+    from safetensors.torch import save_file
+
+    state = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False).state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "swin224.safetensors"))
+    net = create_backbone("swin_t", weights=str(tmp_path / "swin224.safetensors"), img_size=64)
+    table = net.body.state_dict()["layers_3.blocks.1.attn.relative_position_bias_table"]
+    assert tuple(table.shape) == (9, 24) and torch.isfinite(table).all()
+    torch.testing.assert_close(net.body.state_dict()["patch_embed.proj.weight"], state["patch_embed.proj.weight"])
+
+
 def test_a_backbone_file_of_another_architecture_or_none_is_refused_naming_it(tmp_path):
     """Lite1 weights loaded into Lite0 without a word (its shared blocks taken, the rest ignored); Lite2 and Swin-S
     gave a RuntimeError traceback; a file that is not weights gave torch's advice to load it with weights_only=False."""
@@ -281,7 +294,7 @@ def test_a_backbone_file_of_another_architecture_or_none_is_refused_naming_it(tm
     small = tmp_path / "swin_s.safetensors"
     state = timm.create_model("swin_small_patch4_window7_224", img_size=64).state_dict()
     save_file({k: v.contiguous() for k, v in state.items()}, str(small))
-    with pytest.raises(ValueError, match=f"{small}: not a Swin-T checkpoint"):
+    with pytest.raises(ValueError, match=f"{small}: \\d+ weights that swin_tiny_patch4_window7_224 does not have"):
         create_backbone("swin_t", weights=str(small), img_size=64)
     junk = tmp_path / "notes.pth"
     junk.write_bytes(b"not a checkpoint")

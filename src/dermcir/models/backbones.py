@@ -122,24 +122,32 @@ def swin_t(weights: str | None = None, pretrained: bool = True, img_size: int = 
     )
     if pretrained and not from_hub:
         full = timm.create_model(name, pretrained=False, img_size=img_size)
-        state = _swin_state(_read_state_dict(Path(weights)), full, weights)  # type: ignore[arg-type]
+        state = _swin_state(_read_state_dict(Path(weights)), full)  # type: ignore[arg-type]
         _load_into(body, state, weights, name, full)  # type: ignore[arg-type]
     cfg = body.pretrained_cfg
     return FeaturePyramid(body, True, cfg["mean"], cfg["std"])
 
 
-def _swin_state(state: dict[str, torch.Tensor], full: nn.Module, source: str) -> dict[str, torch.Tensor]:
+def _swin_state(state: dict[str, torch.Tensor], full: nn.Module) -> dict[str, torch.Tensor]:
     """A Swin-T checkpoint in any of its layouts → the features_only body's names.
 
-    Published checkpoints name stage N ``layers.N`` (timm's hub files; Microsoft's originals also downsample at the
-    end of a stage, which timm's filter moves); the features_only body names it ``layers_N``, as dermcir saves it.
-    timm's own filter converts the layouts (and resizes the position-bias tables to ``full``'s windows).
+    Published checkpoints name stage N ``layers.N`` (timm's hub files); Microsoft's originals also downsample at the
+    end of a stage (timm: at the start of the next) and call the classifier ``head``; the features_only body names a
+    stage ``layers_N``, as dermcir saves it. The conversion is done here rather than by timm's
+    ``checkpoint_filter_fn``, which in timm 1.0.29 (the GPU machine's) takes every headless file, dermcir's own
+    included, for Microsoft's layout. Position-bias tables are resized to ``full``'s windows (smaller at small sizes).
     """
-    from timm.models.swin_transformer import checkpoint_filter_fn
+    from timm.layers import resize_rel_pos_bias_table
 
-    dotted = {re.sub(r"^layers_(\d+)\.", r"layers.\1.", k): v for k, v in state.items()}
-    try:
-        filtered = checkpoint_filter_fn(dotted, full)
-    except (AttributeError, IndexError, KeyError, RuntimeError) as exc:  # a block Swin-T lacks (Swin-S, Swin-B...)
-        raise ValueError(f"{source}: not a Swin-T checkpoint ({type(exc).__name__}: {exc})") from None
-    return {re.sub(r"^layers\.(\d+)\.", r"layers_\1.", k): v for k, v in filtered.items()}
+    dotted = {re.sub(r"^layers_(\d+)\.", r"layers.\1.", k): v for k, v in state.items()
+              if "relative_position_index" not in k and "attn_mask" not in k}  # buffers, rebuilt by the model
+    if "layers.0.downsample.reduction.weight" in dotted:  # Microsoft's layout (timm's stage 0 has no downsample)
+        dotted = {re.sub(r"^head\.(?!fc\.)", "head.fc.", re.sub(
+            r"^layers\.(\d+)\.downsample", lambda m: f"layers.{int(m[1]) + 1}.downsample", k)): v
+            for k, v in dotted.items()}
+    own = full.state_dict()
+    for k, v in dotted.items():
+        if k.endswith(".relative_position_bias_table") and k in own and v.shape != own[k].shape:
+            window = full.get_submodule(k.rsplit(".", 1)[0]).window_size
+            dotted[k] = resize_rel_pos_bias_table(v, new_window_size=window, new_bias_shape=own[k].shape)
+    return {re.sub(r"^layers\.(\d+)\.", r"layers_\1.", k): v for k, v in dotted.items()}
