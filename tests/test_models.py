@@ -266,6 +266,8 @@ def test_swin_loads_a_published_checkpoint_layout(tmp_path, kind):
             torch.testing.assert_close(got, want)
 
 
+# timm's table interpolation trips two torch warnings of its own (non-contiguous searchsorted, sequence indexing)
+@pytest.mark.filterwarnings("ignore:torch.searchsorted:UserWarning", "ignore:Using a non-tuple sequence:UserWarning")
 def test_a_swin_checkpoint_of_224_px_windows_loads_at_another_size(tmp_path):
     """At 64 px the last stages' windows shrink (2×2): the 224-px file's position-bias tables are resized."""
     import timm
