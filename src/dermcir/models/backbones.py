@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dermcir._weights import map_lite0_state, read_state_dict
+from dermcir._weights import map_lite0_state, read_state_dict, shape_mismatches
 from dermcir.models.registry import register_backbone
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ def _load_into(body: nn.Module, state: dict[str, torch.Tensor], source: str, arc
     """Load ``state`` into a features_only ``body``. ``full``: the whole model of the architecture, whose weights a
     checkpoint may also hold (its classifier head), unlike those of another architecture."""
     own, known = body.state_dict(), full.state_dict()
-    wrong = [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    wrong = shape_mismatches(state, own)
     if wrong:
         k = wrong[0]
         raise ValueError(f"{source}: {len(wrong)} weights of other shapes than {arch}'s, e.g. {k} "
