@@ -259,6 +259,21 @@ def test_head_is_answered_wherever_get_is_without_a_body(env):
     assert search.status_code == 405 and search.headers["allow"] == "POST" and search.content == b""
 
 
+def test_every_answer_carries_the_security_headers(env):
+    """The page renders case data as text; the policy backs that up (own scripts only, no framing, no sniffing)."""
+    *_, client = env
+    answers = [client.get(path) for path in ("/", "/static/app.js", "/health", "/cases/c001/image?size=64", "/nope")]
+    answers.append(_search(client, b"\xff\xd8" + b"\x00" * 300_000, name="big.jpg"))  # the upload limit's own 413
+    for res in answers:
+        assert res.headers["x-content-type-options"] == "nosniff", res.url
+        assert res.headers["x-frame-options"] == "DENY", res.url
+        policy = res.headers["content-security-policy"]
+        assert "frame-ancestors 'none'" in policy and "default-src 'self'" in policy, res.url
+    assert answers[-1].status_code == 413
+    # what the page itself needs: the query as the model saw it (data:) and the chosen file's preview (blob:)
+    assert "img-src 'self' data: blob:" in answers[0].headers["content-security-policy"]
+
+
 def test_upload_limit_declared_and_streamed(env):
     *_, client = env
     big = b"\xff\xd8" + b"\x00" * 300_000

@@ -40,6 +40,7 @@ from dermcir.data.text import CHECKLIST_FIELDS, checklist_key
 from dermcir.index import CaseIndex, EmptyIndexError
 from dermcir.search import MAX_TEXT_CHARS, CaseSearcher, QueryError
 from dermcir.service._head import HeadAsGet
+from dermcir.service._headers import SecurityHeaders
 from dermcir.service._limits import BodySizeLimit, UploadTooLarge
 
 log = logging.getLogger(__name__)
@@ -285,7 +286,8 @@ def create_app(
     app.state.search_admission = admission
     case_images = app.state.case_images = _JpegCache(CASE_IMAGE_CACHE_BYTES)
     app.add_middleware(BodySizeLimit, max_bytes=max_upload_bytes)
-    app.add_middleware(HeadAsGet)  # outermost: a HEAD is a GET to everything inside
+    app.add_middleware(HeadAsGet)  # a HEAD is a GET to everything inside it
+    app.add_middleware(SecurityHeaders)  # around all of it: the 413 of BodySizeLimit gets them too
     _add_error_handlers(app, max_upload_bytes)
 
     @app.get("/", include_in_schema=False)

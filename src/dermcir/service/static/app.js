@@ -3,7 +3,7 @@
 
 const $ = (id) => document.getElementById(id);
 const state = { file: null, previewUrl: null, response: null, selected: null, search: null, maxUploadBytes: null,
-                fileRefused: false };
+                fileRefused: false, caseImageReady: false };
 // A search that has not answered by then is given up, so a hung service or proxy cannot lock the page (a search
 // takes well under a second; 120 s leaves room for a long queue). Tests set window.dermcirSearchTimeoutS.
 const SEARCH_TIMEOUT_S = window.dermcirSearchTimeoutS || 120;
@@ -25,17 +25,38 @@ async function readReply(res) {
   }
 }
 
+// What a reply that is not the service's own JSON says, in words: an HTML error page (a proxy's 413 or 502) by its
+// title or text, never as markup.
+function plainText(text) {
+  if (!/^\s*</.test(text)) return text;
+  const doc = new DOMParser().parseFromString(text, "text/html");
+  return (doc.title || doc.body.textContent || "").replace(/\s+/g, " ");
+}
+
+// Answers the service does not give itself, explained: nginx, for one, refuses uploads over 1 MB unless told more.
+const STATUS_HINTS = {
+  413: "the upload is larger than the service, or a proxy in front of it, accepts",
+  502: "a proxy in front of the service could not reach it; is it running?",
+  503: "the service is busy or not running; try again shortly",
+  504: "a proxy gave up waiting for the service",
+};
+
 function errorMessage(res, body, text) {
   if (body && body.detail !== undefined) {
     return `Error ${res.status}: ${typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail)}`;
   }
-  return `Error ${res.status}: ${text.trim().slice(0, 200) || res.statusText}`;
+  if (res.ok) return `The service's reply was not a search result (${res.status}, ${contentType(res)})`;
+  const said = plainText(text).trim().slice(0, 200) || res.statusText;
+  const hint = STATUS_HINTS[res.status];
+  return `Error ${res.status}: ${said}` + (hint ? ` (${hint})` : "");
 }
+
+function contentType(res) { return res.headers.get("content-type") || "no content type"; }
 
 async function loadChecklist() {
   const res = await fetch("/checklist");
   const { body: spec, text } = await readReply(res);
-  if (!res.ok || spec === null) throw new Error(errorMessage(res, spec, text));
+  if (!res.ok || spec === null || typeof spec.fields !== "object") throw new Error(errorMessage(res, spec, text));
   const box = $("checklist");
   for (const [name, field] of Object.entries(spec.fields)) {
     const label = document.createElement("label");
@@ -85,6 +106,9 @@ function megabytes(bytes) { return (bytes / (1024 * 1024)).toFixed(1) + " MB"; }
 function refuseFile(message) {
   setStatus(message + "; the image was not changed.", true);
   state.fileRefused = true;
+  // the input would go on naming the refused file (to a screen reader, as the chosen one), and choosing it again
+  // would fire no change event, so no message
+  $("image-input").value = "";
 }
 
 function chooseFile(file) {
@@ -112,6 +136,7 @@ function clearFile() {
   state.file = null;
   $("image-input").value = "";
   setPreview(null);
+  $("image-input").focus();  // the focused button has just hidden itself; the keyboard stays at the image
 }
 
 function carriesFiles(e) { return e.dataTransfer && [...e.dataTransfer.types].includes("Files"); }
@@ -146,7 +171,9 @@ function buildQuery() {
   for (const select of $("checklist").querySelectorAll("select")) {
     if (select.value) data.append(select.name, select.value);
   }
-  data.append("k", $("k-input").value || "10");
+  // the number the browser read ("1e1" is 10 to it, not to the service); an empty box is the default
+  const k = $("k-input").valueAsNumber;
+  data.append("k", Number.isFinite(k) ? String(k) : "10");
   data.append("heatmaps", "true");
   return data;
 }
@@ -168,7 +195,7 @@ async function runSearch(event) {
   try {
     const res = await fetch("/search", { method: "POST", body: buildQuery(), signal: controller.signal });
     const { body, text } = await readReply(res);
-    if (!res.ok || body === null) {
+    if (!res.ok || body === null || !Array.isArray(body.results)) {
       setStatus(errorMessage(res, body, text), true);
       return;
     }
@@ -181,14 +208,23 @@ async function runSearch(event) {
     } else if (controller.signal.aborted) {
       setStatus("Search cancelled.");
     } else {
-      setStatus("The service did not answer: " + err, true);
+      setStatus("Could not reach the service (is it running, and is the network up?).", true);
+      console.warn("search failed:", err);
     }
   } finally {
+    reveal($("status"));
     clearTimeout(timer);
     state.search = null;
     button.disabled = false;
     $("cancel-search").hidden = true;
   }
+}
+
+// On a phone the status line and the results lie below the Search button, off screen: without this the button
+// greys out for a moment and nothing else seems to happen. Nothing moves when the line is already in view.
+function reveal(el) {
+  const box = el.getBoundingClientRect();
+  if (box.top < 0 || box.bottom > window.innerHeight) el.scrollIntoView({ behavior: "smooth", block: "start" });
 }
 
 function fmt(x) { return Number(x).toFixed(3); }
@@ -211,6 +247,7 @@ function renderResults(body) {
     img.src = sized(r.image_url, 192);
     img.alt = `case ${r.case_id}`;
     img.loading = "lazy";
+    img.addEventListener("error", () => thumbnailFailed(img));
     const title = document.createElement("div");
     title.className = "diagnosis cat-" + r.category.replace(/[^a-z]/g, "");
     title.textContent = `#${r.rank} ${r.diagnosis}`;
@@ -224,6 +261,14 @@ function renderResults(body) {
     card.addEventListener("click", () => showCompare(r, card));
     grid.append(card);
   }
+}
+
+// A case whose image cannot be served (its file gone, the service stopped) says so, not a broken-image icon.
+function thumbnailFailed(img) {
+  const note = document.createElement("div");
+  note.className = "thumb-missing";
+  note.textContent = "image could not be loaded";
+  img.replaceWith(note);
 }
 
 // Colour ramp for the overlay: blue (low attention) → green → yellow → red (high).
@@ -271,7 +316,34 @@ function redrawHeatmaps() {
   const level = Number($("level-select").value);
   const q = state.response.query.heatmaps;
   drawHeatmap($("query-heat"), q ? q[level] : null);
-  drawHeatmap($("case-heat"), state.selected.heatmaps ? state.selected.heatmaps[level] : null);
+  // a case's heatmap means nothing over another case's image, or over none: drawn once its own image has loaded
+  const caseHeat = state.caseImageReady && state.selected.heatmaps ? state.selected.heatmaps[level] : null;
+  drawHeatmap($("case-heat"), caseHeat);
+}
+
+// The new case's image replaces the previous one only once it has loaded: until then the box shows "loading", so one
+// case's lesion is never shown under another case's caption and scores.
+function showCaseImage(result) {
+  const caseImg = $("compare-case");
+  const note = $("case-image-note");
+  const url = sized(result.image_url, 384);
+  state.caseImageReady = false;
+  caseImg.hidden = true;
+  note.textContent = "loading the case image…";
+  note.hidden = false;
+  caseImg.onload = () => {
+    if (state.selected !== result) return;
+    state.caseImageReady = true;
+    caseImg.hidden = false;
+    note.hidden = true;
+    redrawHeatmaps();
+  };
+  caseImg.onerror = () => {
+    if (state.selected !== result) return;
+    note.textContent = `the image of case ${result.case_id} could not be loaded`;
+  };
+  caseImg.removeAttribute("src");  // so that the same case clicked again loads (and says so) again
+  caseImg.src = url;
 }
 
 function showCompare(result, card) {
@@ -281,9 +353,7 @@ function showCompare(result, card) {
   $("compare-query").hidden = !view;
   $("no-query-image").hidden = Boolean(view);
   if (view) $("compare-query").src = view;
-  const caseImg = $("compare-case");
-  caseImg.onload = redrawHeatmaps;
-  caseImg.src = sized(result.image_url, 384);
+  showCaseImage(result);
   $("compare-caption").textContent =
     `#${result.rank} case ${result.case_id}: ${result.diagnosis} (${result.category}), score ${fmt(result.score)}`;
   const table = $("parts-table");
