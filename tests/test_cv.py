@@ -1164,3 +1164,37 @@ def test_a_run_that_fails_ends_its_log_with_the_error_and_its_traceback(toy_rele
     with caplog.at_level(logging.DEBUG, logger="dermcir"):  # what -v turns on
         assert main(["-v", "cv", *release_args, "--time-budget", "0.001", "--out", str(tmp_path / "run2")]) == 2
     assert [r.exc_info[0] for r in caplog.records if r.getMessage() == "cv failed"] == [ValueError]
+
+
+def test_cases_without_a_query_text_are_named_before_any_image_is_read(toy_release, tmp_path, monkeypatch, capsys):
+    """A case whose checklist cells are all empty has no text: training failed after the features with "text 0 is
+    empty; give a description or use an image-only query" (an index into the distinct texts, and search advice)."""
+    import dermcir.data.cache as cache_module
+
+    def no_images(*args, **kwargs):
+        raise AssertionError("images prepared before the texts were checked")
+
+    monkeypatch.setattr(cache_module, "preprocess_cases", no_images)
+    monkeypatch.setattr("dermcir.evaluation.cv.preprocess_cases", no_images)
+    monkeypatch.setattr("dermcir.training.pipeline.preprocess_cases", no_images)
+    cases, _ = load_derm7pt(toy_release, min_cases=5)
+    bare = [replace(cases[3], fields={}), replace(cases[7], fields={"pigment_network": "  "})]
+    cases[3], cases[7] = bare
+    says = (f"2 of {len(cases)} cases have no query text (none of their checklist fields is given): "
+            f"{bare[0].case_id}, {bare[1].case_id}; training reads a text for every case")
+    with pytest.raises(ValueError, match=re.escape(says)):
+        run_cv(cases, tmp_path / "run", n_folds=2, progress=False, **FAST)
+    assert says in (tmp_path / "run" / "cv.log").read_text()
+    with pytest.raises(ValueError, match=re.escape(says)):
+        train_on_cases(cases, tmp_path / "model", progress=False, **FAST)
+    assert says in (tmp_path / "model" / "train.failed.log").read_text()
+    # the CLI: a release whose rows leave every checklist cell empty
+    from dermcir.data.text import CHECKLIST_FIELDS
+
+    rows = [{"diagnosis": d, **dict.fromkeys(CHECKLIST_FIELDS, "")}
+            for d in ("clark nevus", "melanoma", "seborrheic keratosis") for _ in range(5)]
+    release = write_release(tmp_path / "bare_release", rows)
+    for command in ("prepare", "train"):
+        out = [] if command == "prepare" else ["--out", str(tmp_path / "cli_model")]
+        assert main([command, "--data", str(release), "--min-cases", "5", "--quiet", *out]) == 2
+        assert "15 of 15 cases have no query text" in capsys.readouterr().err

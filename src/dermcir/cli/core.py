@@ -120,11 +120,14 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     model_cfg, train_cfg, views = get_profile(args.profile, **_overrides(args.set))
     cases, _ = _load(args)
     from dermcir.data.cache import preprocess_cases
+    from dermcir.data.cases import require_query_texts
     from dermcir.models import ComposedRetrievalModel
     from dermcir.training import prepare_inputs
     from dermcir.training.pipeline import default_device, prepare_companion
 
     n_loaded = len(cases)
+    if args.profile == "cpu" or model_cfg.companion is not None:  # their caches hold the texts' tokens too
+        require_query_texts(cases)
     cases, images = preprocess_cases(cases, model_cfg.image_size, args.cache, progress=not args.quiet)
     if not cases:  # e.g. a release checked out without its Git LFS contents
         raise ValueError(f"{args.data}: none of the {n_loaded} cases has a usable image (each is listed above)")

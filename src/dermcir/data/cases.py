@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -380,3 +380,19 @@ def _apply_threshold(
 def category_counts(cases: list[Case]) -> dict[str, int]:
     """Number of cases per category, largest first."""
     return dict(Counter(c.category for c in cases).most_common())
+
+
+def require_query_texts(cases: Sequence[Case]) -> None:
+    """Refuse cases without a query text, naming them: training reads every case's text (its composed query).
+
+    A case whose checklist fields are all empty has none (``render_report`` gives ``""``). Indexing needs no text, so
+    such cases can still be indexed and found; only a training or benchmark run refuses them, before any image is read.
+    """
+    empty = [c.case_id for c in cases if not c.text.strip()]
+    if empty:
+        more = f" and {len(empty) - 10} more" if len(empty) > 10 else ""
+        raise ValueError(
+            f"{len(empty)} of {len(cases)} cases have no query text (none of their checklist fields is given): "
+            f"{', '.join(empty[:10])}{more}; training reads a text for every case: fill in their checklist fields, "
+            "or leave them out of the training data (they can still be indexed and searched)"
+        )

@@ -20,7 +20,7 @@ import torch
 
 from dermcir.config import to_json
 from dermcir.data.cache import preprocess_cases
-from dermcir.data.cases import Case, LoadReport, category_counts
+from dermcir.data.cases import Case, LoadReport, category_counts, require_query_texts
 from dermcir.data.folds import check_enough_per_category, stratified_folds, validation_split
 from dermcir.evaluation.report import PAPER_ROWS, write_retrieval_figure, write_tables
 from dermcir.evaluation.results import build_results, check_run_folder, fold_row
@@ -211,6 +211,7 @@ def run_cv(
     # a copy: the caller's report stays as the loader left it
     report = load_report.copy() if load_report is not None else LoadReport()
     with run_log(out_dir / "cv.log", left_out=report.skipped, categories_left_out=report.categories_left_out()):
+        require_query_texts(cases)  # every case is a composed query once
         cases, images = preprocess_cases(cases, model_cfg.image_size, cache_dir, report, progress)  # logs its skips
         cases, images = report.apply_threshold_again(cases, images)
         check_enough_per_category([c.category for c in cases], n_folds, len(report.skipped), "cv.log",

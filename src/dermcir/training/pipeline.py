@@ -18,7 +18,7 @@ from dermcir.checkpoint import save_checkpoint
 from dermcir.checkpoint_folder import check_checkpoint_target
 from dermcir.config import TrainConfig
 from dermcir.data.cache import preprocess_cases
-from dermcir.data.cases import Case, LoadReport, category_counts
+from dermcir.data.cases import Case, LoadReport, category_counts, require_query_texts
 from dermcir.data.folds import validation_split
 from dermcir.models import ComposedRetrievalModel
 from dermcir.training.features import CachedFeatures, DeviceImages, text_tokens
@@ -159,6 +159,7 @@ def train_on_cases(
     tmp_log = Path(tempfile.mkdtemp()) / "train.log"
     try:
         with run_log(tmp_log, left_out=report.skipped, categories_left_out=report.categories_left_out()):
+            require_query_texts(cases)  # before any image is read
             # preprocessing logs what it leaves out
             cases, images = preprocess_cases(cases, model_cfg.image_size, cache_dir, report, progress)
             cases, images = report.apply_threshold_again(cases, images)
