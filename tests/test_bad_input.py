@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 from dermcir.cli import main
 from dermcir.data import ImageError, preprocess
 from dermcir.index import EmptyIndexError, remove_cases
-from dermcir.search import MAX_TEXT_CHARS, CaseSearcher
+from dermcir.search import MAX_TEXT_CHARS, CaseSearcher, QueryError
 from dermcir.service import create_app
 
 from .searchkit import (  # noqa: F401 (one_torch_thread is a fixture)
@@ -134,6 +134,45 @@ def test_empty_text(env):
     res = _post(client, None, text="", k=2)
     assert res.status_code == 400 and "a query needs an image" in res.json()["detail"]
     _still_serving(client)
+
+
+@pytest.mark.parametrize("invisible", ["\u200b", "\x00", "\u2060\u200d", "\t\u00a0\u3000"])
+def test_a_text_of_invisible_characters_is_no_text(env, invisible):
+    """A zero-width space pasted in with copied text was searched as a text: the tokenizer reads it as nothing, yet
+    with an image it replaced the image-only ranking by another one, reported as a composed query."""
+    *_, searcher, client = env
+    image = encode(lesion())
+    alone = searcher.search(image=image, k=3)
+    response = searcher.search(image=image, text=invisible, k=3)
+    assert response.mode == "image" and response.text is None
+    assert [r.case_id for r in response.results] == [r.case_id for r in alone.results]
+    with pytest.raises(ValueError, match="a query needs an image, a text or checklist fields"):
+        searcher.search(text=invisible, k=2)
+    assert _post(client, image, text=invisible, k=2).json()["query"]["mode"] == "image"
+
+
+@pytest.mark.parametrize("text", ["😀", "🙂🙂🙂", "x" * 3000])
+def test_a_text_of_no_known_word_is_refused(env, capsys, text):
+    """Each read as the one unknown token: every such text gave the same ranking, with nothing to say so."""
+    _tmp, root, searcher, client = env
+    says = "has no word the text encoder knows"
+    with pytest.raises(ValueError, match=says):
+        searcher.search(text=text, k=2)
+    with pytest.raises(ValueError, match=says):
+        searcher.search(image=encode(lesion()), text=text, k=2)
+    res = _post(client, None, text=text, k=2)
+    assert res.status_code == 400 and says in res.json()["detail"]
+    assert main(["search", "--index", str(root), "--text", text]) == 2
+    assert says in capsys.readouterr().err
+    # a known word beside them is a text
+    assert searcher.search(text=f"blue-whitish veil {text}", k=2).mode == "text"
+
+
+def test_a_text_that_is_not_valid_unicode_is_a_query_error(env):
+    *_, searcher, _client = env
+    for text in ("veil \ud800 present", "\udc80"):
+        with pytest.raises(QueryError, match=r"text holds a character that is not valid Unicode \(surrogates not "):
+            searcher.search(image=encode(lesion()), text=text, k=2)
 
 
 def test_100kb_text(env, capsys):

@@ -18,6 +18,7 @@ import numbers
 import os
 import threading
 import time
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,8 +118,10 @@ class SearchResponse:
 def compose_text(text: str | None = None, checklist: Mapping[str, str] | None = None) -> str | None:
     """The query text: checklist fields rendered by the training template, followed by any free text.
 
-    Empty or blank input counts as no text. Raises :class:`QueryError` for an unknown checklist field or value
-    (listing the allowed ones) and for a text longer than :data:`MAX_TEXT_CHARS`.
+    Empty or blank input counts as no text, and so does a text of only invisible characters (zero-width spaces,
+    control characters: easily pasted in with copied text, and read by the tokenizer as nothing at all). Raises
+    :class:`QueryError` for an unknown checklist field or value (listing the allowed ones), for a text longer than
+    :data:`MAX_TEXT_CHARS` and for one that is not valid Unicode (a lone surrogate).
     """
     parts = []
     if checklist:
@@ -137,9 +140,24 @@ def compose_text(text: str | None = None, checklist: Mapping[str, str] | None = 
                 f"text is {len(text):,} characters long; the limit is {MAX_TEXT_CHARS:,} (the model reads only the "
                 "first ~400 characters); give the clinical description, not a document"
             )
-        if text.strip():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise QueryError(f"text holds a character that is not valid Unicode ({exc.reason} at position {exc.start}); "
+                             "send the text as UTF-8") from None
+        if _has_visible(text):
             parts.append(" ".join(text.split()))
     return " ".join(parts) if parts else None
+
+
+def _quote(text: str, limit: int = 40) -> str:
+    """``text`` for a message: quoted, cut at ``limit`` characters."""
+    return repr(text if len(text) <= limit else text[:limit] + "…")
+
+
+def _has_visible(text: str) -> bool:
+    """Whether ``text`` holds a character other than spaces, controls and invisible format characters (U+200B)."""
+    return any(unicodedata.category(ch)[0] not in "CZ" for ch in text)
 
 
 def load_query_image(image: ImageInput, size: int, name: str | None = None) -> np.ndarray:
@@ -325,8 +343,16 @@ class CaseSearcher:
         """Refuse a query text longer than the text encoder reads: the tokenizer would cut it, and the end of a
         clinician's description would change nothing without a word (a full checklist takes 57 of 96 tokens)."""
         encoder = self.model.text_encoder
+        tokenizer = encoder.tokenizer
         with self._text_lock:  # the fast tokenizers are not safe to share between threads
-            n = len(encoder.tokenizer(query_text)["input_ids"])
+            ids = tokenizer(query_text)["input_ids"]
+        n = len(ids)
+        words = [i for i in ids if i not in tokenizer.all_special_ids]
+        if not words or all(i == tokenizer.unk_token_id for i in words):
+            # emoji only, a script the vocabulary lacks, one 5,000-letter "word": all read as the one unknown token,
+            # so every such text would give the same ranking
+            raise QueryError(f"the text {_quote(query_text)} has no word the text encoder knows (it reads it as "
+                             "'unknown'); describe the lesion in words")
         if n > encoder.max_tokens:
             # the checklist's share, for the message only (compose_text has validated the checklist already)
             rendered = render_report(validate_checklist(checklist)) if checklist else ""
