@@ -747,6 +747,50 @@ def test_a_failed_first_build_does_not_strand_a_build_waiting_on_it(tmp_path, ki
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith("v")) == [".lock", "CURRENT"]
 
 
+def test_an_update_started_during_the_first_build_waits_for_it(tmp_path, kit, monkeypatch, waiting):
+    """docs/search.md says an update waits for a build in progress; during an index's first build it was refused at
+    once ("no dermcir index here; build one first"), because the index was looked for before the lock."""
+    import dermcir.index.build
+
+    out = tmp_path / "new" / "index"
+    real_encode = dermcir.index.build.encode_cases
+    encoding = threading.Event()
+
+    def slow_encode(model, cases, *args, **kwargs):
+        if cases[0].case_id == "c000":  # the first build holds the lock until the update waits on it
+            encoding.set()
+            waiting.event.wait(10)
+        return real_encode(model, cases, *args, **kwargs)
+
+    monkeypatch.setattr(dermcir.index.build, "encode_cases", slow_encode)
+    results: dict[str, object] = {}
+
+    def run(name, write) -> None:
+        try:
+            results[name] = write()
+        except Exception as exc:  # noqa: BLE001 - any failure is the test's finding
+            results[name] = exc
+
+    build = threading.Thread(target=run, args=("build", lambda: build_index(
+        make_cases(tmp_path / "first", 3), kit[0], out, **_opts(tmp_path, kit))), daemon=True)
+    build.start()
+    assert encoding.wait(30)
+    new = make_cases(tmp_path / "later", 1, start=50)
+    add = threading.Thread(target=run, args=("add", lambda: add_cases(out, new, **_opts(tmp_path, kit))), daemon=True)
+    add.start()
+    build.join(60)
+    add.join(60)
+    assert not isinstance(results["add"], Exception), results["add"]
+    assert waiting.event.is_set() and open_index(out).case_ids == ["c000", "c001", "c002", "c050"]
+    assert remove_cases(out, ["c001"]).total == 3
+    # a lock file that nobody holds (left by a killed first build) is no build in progress: refused as before
+    stray = tmp_path / "killed"
+    stray.mkdir()
+    (stray / ".lock").touch()
+    with pytest.raises(FileNotFoundError, match="no dermcir index here"):
+        remove_cases(stray, ["c000"])
+
+
 def test_going_back_to_a_previous_version_survives_the_next_write(tmp_path, fresh):
     _ckpt, root, _cases = fresh(4)
     v1 = _store.current_version(root).name

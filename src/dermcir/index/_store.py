@@ -107,7 +107,28 @@ def require_index(root: Path) -> None:
         ValueError: ``root`` holds foreign files or a damaged ``CURRENT``.
     """
     check_root(root)
-    live_version(root)
+    try:
+        live_version(root)
+    except FileNotFoundError:
+        # The index's first build holds the lock and has not published yet: an update waits for it in writer_lock,
+        # as behind any other writer, and then reads the index that build published (or finds none, if it failed).
+        if not _first_build_in_progress(root):
+            raise
+
+
+def _first_build_in_progress(root: Path) -> bool:
+    """Whether a writer holds ``root/.lock`` now (a lock file that nobody holds is left by a killed build)."""
+    try:
+        fh = open(root / LOCK)  # noqa: SIM115 - closed below
+    except OSError:
+        return False
+    with fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        return False
 
 
 @contextmanager

@@ -329,8 +329,10 @@ def add_cases(
     _check_ids(cases)
     if checkpoint is not None:
         require_checkpoint(checkpoint)
-    require_index(root)  # before the lock: a mistyped root must not be created
-    with writer_lock(root, create=False):  # held from reading to publishing, so a concurrent update cannot be lost
+    require_index(root)  # before the lock: a mistyped root must not be created (a first build is waited for)
+    # held from reading to publishing, so a concurrent update cannot be lost; _current refuses a root whose first
+    # build, waited for, failed
+    with writer_lock(root, create=False):
         index = _current(root)
         if checkpoint is None:  # the index's own, which may have moved or gone since the index was built
             checkpoint = index.manifest["checkpoint"]
@@ -347,7 +349,7 @@ def add_cases(
         left_out = list(report.skipped)
         if not replace:
             for case_id in sorted(known):
-                report.skip(f"case {case_id}", "already indexed (use replace to re-encode it)")
+                report.skip(f"case {case_id}", "already indexed (`--replace`, or replace=True in Python, re-encodes it)")
         if not cases or not encoded.cases:  # nothing usable: keep the live version rather than publish a copy
             # An error when something given was left out, or nothing was given; not when every case given is
             # already indexed (a clinic re-exporting its archive), which is reported and changes nothing.
@@ -387,7 +389,7 @@ def remove_cases(root: str | Path, case_ids: Iterable[str]) -> IndexUpdate:
     wrong = [i for i in case_ids if not isinstance(i, str)]
     if wrong:
         raise TypeError(f"case ids are strings; got {', '.join(repr(i) for i in wrong[:10])}; nothing was removed")
-    require_index(root)  # before the lock: a mistyped root must not be created
+    require_index(root)  # before the lock: a mistyped root must not be created (a first build is waited for)
     with writer_lock(root, create=False):
         index = _current(root)
         indexed = set(index.case_ids)
