@@ -65,6 +65,9 @@ def _opts(tmp_path: Path, kit) -> dict:
 
 def test_version_folder_holds_documented_files_and_no_pickles(built):
     ckpt, root, cases = built
+    # mapped, not read into memory: a search reads k heatmaps (they were 147 MB of RAM at 100,000 cases)
+    loaded = open_index(root)
+    assert isinstance(loaded.heatmaps, np.memmap) and isinstance(loaded.vectors, np.memmap)
     folder = _store.current_version(root)
     assert (root / "CURRENT").read_text().strip() == folder.name
     assert {p.name for p in folder.iterdir()} == {MANIFEST, CASES, VECTORS, HEATMAPS}  # exact index: no graph file

@@ -246,7 +246,11 @@ class CaseSearcher:
         latest = self._latest()
         if latest is None or latest in (self._index.folder, self._refused):
             return False
-        with self._reload_lock:
+        # One request loads the new version (2.5 s at 100,000 cases); the others go on answering from the version
+        # they have rather than queue behind it (a service's /health and case pages stalled for the whole load).
+        if not self._reload_lock.acquire(blocking=False):
+            return False
+        try:
             latest = self._latest()
             if latest is None or latest in (self._index.folder, self._refused):
                 return False
@@ -275,6 +279,8 @@ class CaseSearcher:
                 self._refused = index.folder
                 return False
             self._index = index
+        finally:
+            self._reload_lock.release()
         log.info("switched to index version %s (%d cases)", index.version, len(index))
         return True
 
