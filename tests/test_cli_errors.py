@@ -199,6 +199,11 @@ def test_a_folder_without_what_the_command_needs_is_refused_without_loading_torc
         (["cv", "--out", "{tmp}/run", "--profile", "gpu", "--set", "backbone=resnet"],
          "setting backbone='resnet': expected a registered backbone: lite0, swin_t"),
         (["prepare", "--set", "views=9"], "setting views=9: expected a whole number from 1 to 4"),
+        # no offline weights: were refused when the model was built, after every image had been preprocessed
+        (["cv", "--out", "{tmp}/run", "--profile", "gpu", "--set", "backbone=swin_t"],
+         "backbone=swin_t has no offline weights: add --set backbone_weights=... (a local checkpoint"),
+        (["train", "--out", "{tmp}/model", "--set", "text_encoder=bert"],
+         "text_encoder=bert has no offline weights: add --set text_weights=... (a local Hugging Face folder"),
         # what the run sets for itself: was overwritten, or (the template) saved into a checkpoint no dermcir loads
         (["train", "--out", "{tmp}/model", "--set", 'template_version="mine"'],
          "template_version: set by the run from this dermcir's query-text template, not a setting"),

@@ -16,6 +16,14 @@ _TEXT_ENCODERS: dict[str, Callable[..., Any]] = {}
 BUILTIN_BACKBONES = {"lite0": "dermcir.models.backbones", "swin_t": "dermcir.models.backbones"}
 BUILTIN_TEXT_ENCODERS = {"minilm": "dermcir.models.text_encoders", "bert": "dermcir.models.text_encoders"}
 
+# The built-in builders with no offline default weights, and the setting that names theirs: training refuses them
+# without it before reading an image, rather than when the model is built after preprocessing (the builders refuse
+# it too, for a model built some other way).
+WEIGHTS_SETTING = {
+    ("backbone", "swin_t"): ("backbone_weights", "a local checkpoint (.safetensors or .pth) or 'hub' when online"),
+    ("text_encoder", "bert"): ("text_weights", "a local Hugging Face folder, or a hub name when online"),
+}
+
 
 def register_backbone(name: str) -> Callable:
     def deco(fn: Callable) -> Callable:

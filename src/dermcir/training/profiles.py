@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from dermcir.config import ModelConfig, TrainConfig
+from dermcir.models.registry import WEIGHTS_SETTING
 from dermcir.training.feature_layout import VIEWS, check_cached_grid
 
 _CPU_MODEL = ModelConfig(grid=4, dim=64, token_dropout=0.3, members=2)
@@ -75,7 +76,15 @@ def get_profile(name: str, **overrides) -> tuple[ModelConfig, TrainConfig, int]:
         model_cfg.companion = dict(model_cfg.companion)  # a copy: the profile's own dict must never change
     train_cfg = replace(train_cfg, **{k: v for k, v in overrides.items() if k in t_fields})
     _check_frozen_grids(name, model_cfg)
+    _check_weight_sources(model_cfg)
     return model_cfg, train_cfg, _check_views(overrides.get("views", views))
+
+
+def _check_weight_sources(model_cfg: ModelConfig) -> None:
+    """A pretrained part with no offline default needs its weights named (``--set backbone=swin_t`` alone)."""
+    for (part, kind), (setting, what) in WEIGHTS_SETTING.items():
+        if getattr(model_cfg, part) == kind and not getattr(model_cfg, setting):
+            raise ValueError(f"{part}={kind} has no offline weights: add --set {setting}=... ({what})")
 
 
 def _check_frozen_grids(name: str, model_cfg: ModelConfig) -> None:
