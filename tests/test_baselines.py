@@ -140,7 +140,7 @@ def test_a_device_the_machine_lacks_is_refused_when_the_method_is_built(device: 
     kind = device.split(":")[0]
     if (kind == "mps" and torch.backends.mps.is_available()) or (kind == "xpu" and torch.xpu.is_available()):
         pytest.skip(f"this machine has {kind}")
-    with pytest.raises(ValueError, match=f"device '{device}' requested but this machine has no {kind.upper()} device"):
+    with pytest.raises(ValueError, match=f"device '{device}': there is no {kind.upper()} device on this machine"):
         resolve_device(device, "cpu")
 
 

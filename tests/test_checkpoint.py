@@ -19,6 +19,29 @@ def test_roundtrip_restores_config_and_outputs(tmp_path):
     assert not list(tmp_path.glob("*.pt*")) and (tmp_path / "ckpt" / "model.safetensors").is_file()
 
 
+def test_a_loaded_checkpoint_encodes_without_autograd_and_checks_its_device(tmp_path):
+    """The README's encoder snippet built an autograd graph on every call, and ``.numpy()`` of its vectors raised
+    "Can't call numpy() on Tensor that requires grad"; a device the machine lacks failed in torch after the build."""
+    model = tiny(n_masks=2).eval()
+    model.config.categories = ["a", "b"]
+    save_checkpoint(model, tmp_path / "ckpt", frozen=())
+    again = load_checkpoint(tmp_path / "ckpt")
+    assert not any(p.requires_grad for p in again.parameters()) and not again.training
+    assert again.encode_target(IMAGES).numpy().shape[0] == 4
+    assert again.encode_query(IMAGES, TEXTS).numpy().shape[0] == 4
+    with pytest.raises(ValueError, match="texts is empty: give one text per query, or texts=None"):
+        again.encode_query(IMAGES, [])
+    with pytest.raises(ValueError, match="4 images but 2 texts"):
+        again.encode_query(IMAGES, TEXTS[:2])
+    with pytest.raises(ValueError, match="device 'gpu' is not known; use auto, cpu, cuda or cuda:N"):
+        load_checkpoint(tmp_path / "ckpt", "gpu")
+    with pytest.raises(ValueError, match="device 'meta': a model cannot run on 'meta' here"):
+        load_checkpoint(tmp_path / "ckpt", "meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device 'cuda': CUDA is not available on this machine"):
+            load_checkpoint(tmp_path / "ckpt", "cuda")
+
+
 def test_checkpoint_from_before_head_sets_still_loads(tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -262,7 +262,7 @@ def test_one_request_loads_a_new_version_while_the_others_answer_from_the_one_th
     and case pages took 1.2-2.4 s (instead of milliseconds) after each update."""
     import dermcir.search as search_module
 
-    _ckpt, root, cases = make_index(tmp_path, 4)
+    _ckpt, root, _cases = make_index(tmp_path, 4)
     searcher = CaseSearcher(root)
     before = searcher.index.version
     remove_cases(root, ["c000"])

@@ -25,6 +25,7 @@ from dermcir.checkpoint_folder import CONFIG, WEIGHTS, check_checkpoint_target, 
 from dermcir.config import ModelConfig, from_dict
 from dermcir.data.cache import PREPROCESS_VERSION
 from dermcir.data.text import TEMPLATE_VERSION
+from dermcir.devices import resolve_device
 from dermcir.files import current_umask, fsync_path
 from dermcir.models import ComposedRetrievalModel
 
@@ -109,11 +110,17 @@ def _is_frozen(key: str, frozen) -> bool:
 
 
 def load_checkpoint(ckpt_dir: str | Path, device: str | torch.device = "cpu") -> ComposedRetrievalModel:
-    """Rebuild the model a checkpoint folder describes, in eval mode.
+    """Rebuild the model a checkpoint folder describes, for encoding: in eval mode, its weights frozen
+    (``requires_grad`` off, so ``encode_query``/``encode_target`` give plain tensors; ``model.requires_grad_(True)``
+    and ``model.train()`` to fine-tune it).
+
+    ``device``: ``"cpu"``, ``"auto"``, ``"cuda"``, ``"cuda:N"``..., checked against this machine first.
 
     Raises:
-        FileNotFoundError: missing files. ValueError: incompatible format, template version or frozen weights.
+        FileNotFoundError: missing files. ValueError: incompatible format, template version or frozen weights, or a
+        device this machine does not have.
     """
+    device = resolve_device(device)  # before the model is built: torch's own error came after it
     ckpt_dir = Path(ckpt_dir)
     meta = read_config(ckpt_dir)
     if meta.get("format_version") != FORMAT_VERSION:
@@ -166,7 +173,7 @@ def load_checkpoint(ckpt_dir: str | Path, device: str | torch.device = "cpu") ->
     # which checkpoint this model is: an index that is handed the model itself checks it against the checkpoint whose
     # fingerprint it records (``build_index``/``add_cases`` with ``model=``)
     model.checkpoint_fingerprint = fingerprint(ckpt_dir)
-    return model.to(device).eval()
+    return model.requires_grad_(False).to(device).eval()
 
 
 def _frozen_of(meta: dict[str, Any], where: Path) -> dict[str, str]:

@@ -12,6 +12,7 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 import torch
 
+from dermcir import devices
 from dermcir._lazy import registered
 from dermcir.baselines.configs import METHOD_MODULES, PROFILES, BaselineConfig, configure
 
@@ -56,21 +57,10 @@ class BaselineData:
 
 def resolve_device(name: str, profile: str) -> torch.device:
     """The torch device for a config's ``device``; the ``gpu`` profile refuses to fall back to a CPU silently."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if profile == "gpu":
-            raise ValueError("profile 'gpu' needs a CUDA device and none was found; use profile 'cpu' (or device='cpu')")
-        return torch.device("cpu")
-    device = torch.device(name)
+    if name == "auto" and profile == "gpu" and not torch.cuda.is_available():
+        raise ValueError("profile 'gpu' needs a CUDA device and none was found; use profile 'cpu' (or device='cpu')")
     # every kind the settings check lets through (configs.DEVICE_KINDS), checked here where torch is loaded
-    present = {"cpu": lambda: True, "cuda": torch.cuda.is_available,
-               "mps": lambda: torch.backends.mps.is_available(),
-               "xpu": lambda: hasattr(torch, "xpu") and torch.xpu.is_available()}
-    if not present.get(device.type, lambda: False)():
-        raise ValueError(f"device {name!r} requested but this machine has no {device.type.upper()} device "
-                         "(device='cpu' or 'auto' runs on what is there)")
-    return device
+    return devices.resolve_device(name)
 
 
 class Baseline(ABC):

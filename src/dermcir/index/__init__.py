@@ -23,7 +23,8 @@ from dermcir._lazy import lazy_exports
 # ``dermcir.index.case_index`` (reading a version) can be imported alone, and the command line refuses an --index or
 # --out that holds no index, or a build over an existing one, before torch loads.
 _MODULES = {
-    "dermcir.index._encode": ("HEATMAP_SIZE", "attention_heatmaps", "encode_cases", "resolve_device"),
+    "dermcir.index._encode": ("HEATMAP_SIZE", "attention_heatmaps", "encode_cases"),
+    "dermcir.devices": ("resolve_device",),  # (its home is dermcir.devices; here for the index's callers)
     "dermcir.index._vectors": ("INDEX_KINDS", "VectorParams"),
     "dermcir.index.build": (
         "IndexUpdate", "NothingToIndexError", "add_cases", "build_index", "case_record", "remove_cases",

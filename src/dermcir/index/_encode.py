@@ -24,29 +24,6 @@ log = logging.getLogger(__name__)
 HEATMAP_SIZE = 16
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` picks CUDA when present, else the CPU.
-
-    Raises:
-        ValueError: a device name torch does not know (``"gpu"``), or a CUDA device this machine does not have.
-    """
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError):  # torch's message lists a dozen device types and does not say which option
-        raise ValueError(f"device {str(device)!r} is not known; use auto, cpu, cuda or cuda:N") from None
-    if resolved.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {str(device)!r}: CUDA is not available on this machine; use cpu or auto")
-        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-            raise ValueError(
-                f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                f"numbered from 0"
-            )
-    return resolved
-
-
 def attention_heatmaps(masks: list[torch.Tensor], size: int = HEATMAP_SIZE) -> torch.Tensor:
     """Per-level maps of where the local descriptor looked: ``L × (B, k, H, W)`` masks → ``(B, L, size, size)``.
 

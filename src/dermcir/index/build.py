@@ -24,7 +24,8 @@ from dermcir.checkpoint import fingerprint, load_checkpoint
 from dermcir.checkpoint_folder import require_checkpoint
 from dermcir.data.cache import file_digest
 from dermcir.data.cases import Case, LoadReport
-from dermcir.index._encode import HEATMAP_SIZE, EncodedCases, encode_cases, resolve_device
+from dermcir.devices import resolve_device
+from dermcir.index._encode import HEATMAP_SIZE, EncodedCases, encode_cases
 from dermcir.index._store import (
     check_root,
     current_version,

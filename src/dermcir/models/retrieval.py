@@ -190,6 +190,8 @@ class ComposedRetrievalModel(nn.Module):
         beta: float | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``φ_q`` and the main model's attention masks per level (empty for a text-only query)."""
+        if texts is not None and not isinstance(texts, str) and len(texts) == 0:  # transformers' IndexError
+            raise ValueError("texts is empty: give one text per query, or texts=None for image-only queries")
         tokens, pad = self.text_features(texts) if texts is not None else (None, None)
         return self.encode_query_tokens(images, tokens, pad, beta)
 
