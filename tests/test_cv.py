@@ -1198,3 +1198,40 @@ def test_cases_without_a_query_text_are_named_before_any_image_is_read(toy_relea
         out = [] if command == "prepare" else ["--out", str(tmp_path / "cli_model")]
         assert main([command, "--data", str(release), "--min-cases", "5", "--quiet", *out]) == 2
         assert "15 of 15 cases have no query text" in capsys.readouterr().err
+
+
+def test_a_run_log_leaves_the_callers_console_at_its_level(tmp_path):
+    """``train_on_cases``/``run_cv`` lowered the ``dermcir`` logger to INFO for the run, so an application whose
+    console shows warnings only printed every epoch's line."""
+    from dermcir.training.pipeline import run_log
+
+    class Console(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lines: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.lines.append(f"{record.levelname} {record.getMessage()}")
+
+    console, top = Console(), logging.getLogger()
+    old_level, dermcir_logger = top.level, logging.getLogger("dermcir")
+    found = (dermcir_logger.level, dermcir_logger.propagate)  # another test's CLI run may have set them
+    dermcir_logger.setLevel(logging.NOTSET)
+    dermcir_logger.propagate = True
+    top.addHandler(console)
+    top.setLevel(logging.WARNING)
+    try:
+        with run_log(tmp_path / "run.log"):
+            logging.getLogger("dermcir.training.trainer").info("epoch 1 loss 0.5")
+            logging.getLogger("dermcir.training.pipeline").warning("a category is small")
+        logging.getLogger("dermcir.training.trainer").info("after the run")
+        after_the_run = (dermcir_logger.level, dermcir_logger.propagate)
+    finally:
+        top.removeHandler(console)
+        top.setLevel(old_level)
+        dermcir_logger.setLevel(found[0])
+        dermcir_logger.propagate = found[1]
+    assert console.lines == ["WARNING a category is small"]
+    written = (tmp_path / "run.log").read_text()
+    assert "INFO dermcir.training.trainer: epoch 1 loss 0.5" in written and "a category is small" in written
+    assert after_the_run == (logging.NOTSET, True)  # as the run found them

@@ -145,6 +145,13 @@ def test_add_and_remove_without_rebuilding(tmp_path, kit, fresh):
     np.testing.assert_array_equal(np.asarray(final.vectors[row]), np.asarray(after.vectors[after.row_of("c102")]))
     with pytest.raises(ValueError, match="not in index.*nothing was removed"):
         remove_cases(root, ["c000", "nope"])
+    # removing nothing publishes nothing, as adding nothing does: three identical versions used to push the one
+    # before the real removal out of those kept for going back
+    kept = sorted(p.name for p in root.iterdir() if p.name.startswith("v"))
+    for _ in range(3):
+        nothing = remove_cases(root, [])
+        assert (nothing.version, nothing.removed, nothing.total) == (final.version, 0, 7)
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith("v")) == kept
     # one id given as a string would be read letter by letter ("c102": "c", "1", ...); an int id is not an id
     with pytest.raises(TypeError, match=r"not one string; pass \['c102'\]"):
         remove_cases(root, "c102")

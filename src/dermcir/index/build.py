@@ -391,6 +391,13 @@ def remove_cases(root: str | Path, case_ids: Iterable[str]) -> IndexUpdate:
     if wrong:
         raise TypeError(f"case ids are strings; got {', '.join(repr(i) for i in wrong[:10])}; nothing was removed")
     require_index(root)  # before the lock: a mistyped root must not be created (a first build is waited for)
+    if not case_ids:  # an identical new version would push a real one out of those kept for going back
+        with writer_lock(root, create=False):
+            live = live_count(root)
+            if live is None:  # a first build waited for failed
+                live_version(root)  # raises, naming the root
+            version, total = live
+            return IndexUpdate(root, version, 0, 0, total)
     with writer_lock(root, create=False):
         index = _current(root)
         indexed = set(index.case_ids)

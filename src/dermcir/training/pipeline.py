@@ -123,8 +123,14 @@ def run_log(path: Path, append: bool = False, left_out: Sequence[tuple[str, str]
             (categories_left_out["min_cases"], categories_left_out["categories"]), None))
     root = logging.getLogger("dermcir")
     root.addHandler(handler)
-    old_level = root.level
-    root.setLevel(min(old_level or logging.INFO, logging.INFO))
+    old_level, old_propagate, shown = root.level, root.propagate, root.getEffectiveLevel()
+    # The file takes INFO records; the caller's own handlers (a console set to WARNING) get only what they got
+    # before: lowering the level alone would send them every epoch's line.
+    forward = _ForwardFrom(shown) if shown > logging.INFO and root.propagate else None
+    if forward is not None:
+        root.addHandler(forward)
+        root.propagate = False
+    root.setLevel(min(shown, logging.INFO))
     try:
         yield
     except BaseException as exc:
@@ -135,8 +141,30 @@ def run_log(path: Path, append: bool = False, left_out: Sequence[tuple[str, str]
         raise
     finally:
         root.removeHandler(handler)
+        if forward is not None:
+            root.removeHandler(forward)
         root.setLevel(old_level)
+        root.propagate = old_propagate
         handler.close()
+
+
+class _ForwardFrom(logging.Handler):
+    """Passes the records of ``level`` and above on to the handlers above the ``dermcir`` logger, as propagation
+    would with the logger at that level."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__(level)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logger, found = logging.getLogger("dermcir").parent, False
+        while logger is not None:
+            for h in logger.handlers:
+                found = True
+                if record.levelno >= h.level:
+                    h.handle(record)
+            logger = logger.parent if logger.propagate else None
+        if not found and logging.lastResort is not None and record.levelno >= logging.lastResort.level:
+            logging.lastResort.handle(record)  # what logging does when no handler is configured anywhere
 
 
 def train_on_cases(
