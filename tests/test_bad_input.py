@@ -168,6 +168,13 @@ def test_a_text_of_no_known_word_is_refused(env, capsys, text):
     assert searcher.search(text=f"blue-whitish veil {text}", k=2).mode == "text"
 
 
+def test_an_empty_image_path_is_a_query_error(env):
+    *_, searcher, _client = env
+    for empty in ("", b""):  # "" was read as the current folder: ": cannot read file (Is a directory)"
+        with pytest.raises(QueryError, match="image is empty: give a path, the bytes of an image file or a uint8 array"):
+            searcher.search(image=empty, text="blue-whitish veil present", k=2)
+
+
 def test_a_text_that_is_not_valid_unicode_is_a_query_error(env):
     *_, searcher, _client = env
     for text in ("veil \ud800 present", "\udc80"):

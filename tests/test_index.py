@@ -362,6 +362,23 @@ def test_bad_vector_params_are_named():
         VectorParams(kind="hnsw", hnsw_m=1)
     with pytest.raises(ValueError, match="ef_construction must be a whole number ≥ 1, got 2.5"):
         VectorParams(ef_construction=2.5)
+    # numpy's integers are whole numbers ("hnsw_m must be a whole number ≥ 2, got np.int64(16)"), stored as ints
+    params = VectorParams(kind="hnsw", hnsw_m=np.int64(16), ef_search=np.int32(64))
+    assert (params.hnsw_m, params.ef_search) == (16, 64) and type(params.hnsw_m) is int
+
+
+def test_cases_from_a_generator_are_indexed_and_other_objects_named(tmp_path, kit, fresh):
+    """A generator was consumed by the id check: build_index then failed with "object of type 'generator' has no
+    len()" after loading the model, and add_cases said there was no new case."""
+    cases = make_cases(tmp_path / "images", 3)
+    root = tmp_path / "index"
+    assert build_index((c for c in cases), kit[0], root, **_opts(tmp_path, kit)).total == 3
+    more = make_cases(tmp_path / "more", 2, start=10)
+    assert add_cases(root, iter(more), **_opts(tmp_path, kit)).added == 2
+    with pytest.raises(TypeError, match=r"cases must be Case objects, got str \(1 of 1\)"):
+        add_cases(root, [str(more[0].image)], **_opts(tmp_path, kit))
+    with pytest.raises(TypeError, match="cases must be a collection of Case objects, got Case"):
+        add_cases(root, more[0], **_opts(tmp_path, kit))
 
 
 def test_repeated_case_ids_are_refused(tmp_path, kit):

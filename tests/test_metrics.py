@@ -112,3 +112,19 @@ def test_shape_errors_name_the_problem():
         average_precision(np.zeros(3), [0], [0, 1, 2])
     with pytest.raises(ValueError, match="NaN"):
         average_precision(np.array([[np.nan]]), [0], [0])
+
+
+def test_k_and_labels_of_the_wrong_kind_are_named():
+    """k=1.5 raised "slice indices must be integers", k="2" a comparison TypeError, and k=True counted as 1; labels
+    from a generator raised "len() of unsized object"; tuple labels failed inside numpy's sort."""
+    rng = np.random.default_rng(0)
+    scores, q, d = rng.random((3, 4)), ["a", "b", "a"], ["a", "b", "a", "b"]
+    for k in (1.5, "2", True, 0):
+        with pytest.raises(ValueError, match=f"k must be a whole number >= 1, got {k!r}"):
+            accuracy_at_k(scores, q, d, k)
+    assert accuracy_at_k(scores, q, d, np.int64(2)) == accuracy_at_k(scores, q, d, 2)
+    assert mean_average_precision(scores, iter(q), (x for x in d)) == mean_average_precision(scores, q, d)
+    with pytest.raises(TypeError, match="not a set"):
+        mean_average_precision(scores, set(q), d)
+    with pytest.raises(ValueError, match=r"one value per query and per database item, got shapes \(3, 2\) and \(4,\)"):
+        mean_average_precision(scores, [(1, 2), (1, 2), (3, 4)], d)

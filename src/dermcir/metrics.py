@@ -10,6 +10,7 @@ figure.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
@@ -19,7 +20,14 @@ def _check(scores: np.ndarray, query_labels: Sequence, db_labels: Sequence) -> t
     scores = np.asarray(scores, dtype=np.float64)
     if scores.ndim != 2:
         raise ValueError(f"scores must be a 2D array of shape (n_queries, n_database), got shape {scores.shape}")
-    q, d = np.asarray(query_labels), np.asarray(db_labels)
+    if isinstance(query_labels, (set, frozenset)) or isinstance(db_labels, (set, frozenset)):
+        raise TypeError("labels must be in the order of the score matrix's rows and columns, not a set")
+    # a generator has no length numpy can read: it is read once, in order
+    q, d = (np.asarray(list(labels) if not hasattr(labels, "__len__") else labels)
+            for labels in (query_labels, db_labels))
+    if q.ndim != 1 or d.ndim != 1:
+        raise ValueError(f"labels must be one value per query and per database item, got shapes {q.shape} and "
+                         f"{d.shape}")
     if scores.shape != (len(q), len(d)):
         raise ValueError(
             f"scores has shape {scores.shape} but there are {len(q)} query labels and {len(d)} database labels"
@@ -57,8 +65,8 @@ def accuracy_at_k(scores: np.ndarray, query_labels: Sequence, db_labels: Sequenc
 
     Over the queries mAP averages too (those with a relevant item in the database; NaN when none has one): a query
     that cannot succeed would otherwise count as a miss here while mAP leaves it out."""
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+        raise ValueError(f"k must be a whole number >= 1, got {k!r}")
     scores, relevant = _check(scores, query_labels, db_labels)
     answerable = relevant.any(axis=1)
     if not answerable.any():

@@ -172,6 +172,9 @@ def load_query_image(image: ImageInput, size: int, name: str | None = None) -> n
             raise QueryError(f"image array must be uint8 of shape (height, width, 3), got {image.dtype} {image.shape}")
         rgb = image
     elif isinstance(image, (str, bytes, os.PathLike)):
+        if isinstance(image, (str, bytes)) and not image:  # "" is a path to the current folder, b"" no file at all
+            raise QueryError("image is empty: give a path, the bytes of an image file or a uint8 array, or None "
+                             "for a text-only query")
         rgb = load_rgb(image, name=name)
     else:
         raise QueryError(f"image must be a path, the bytes of an image file or a uint8 array, got {type(image).__name__}")
@@ -200,7 +203,7 @@ class CaseSearcher:
         self,
         index_dir: str | Path,
         checkpoint: str | Path | None = None,
-        device: str = "auto",
+        device: str | torch.device = "auto",
         auto_reload: bool = True,
     ) -> None:
         self.root = Path(index_dir)

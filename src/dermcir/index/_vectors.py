@@ -7,6 +7,7 @@ an HNSW graph built on inner products find the true neighbours.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,8 +36,9 @@ class VectorParams:
         # faiss's HNSW needs at least 2 links per node: with hnsw_m=1 adding vectors crashes the process (segfault)
         for name, least in (("hnsw_m", 2), ("ef_construction", 1), ("ef_search", 1)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
                 raise ValueError(f"{name} must be a whole number ≥ {least}, got {value!r}")
+            object.__setattr__(self, name, int(value))  # numpy's integers count; the manifest is JSON
 
 
 def _as_matrix(vectors: np.ndarray, dim: int | None = None) -> np.ndarray:

@@ -173,6 +173,17 @@ def _check_model_is(model: ComposedRetrievalModel, checkpoint: Path) -> None:
         raise ValueError(f"model= (of {checkpoint}) is in training mode; call model.eval() before indexing with it")
 
 
+def _case_list(cases: Iterable[Case]) -> list[Case]:
+    """``cases`` as a list, read once (a generator was consumed by the id check, and then indexed as empty)."""
+    if isinstance(cases, (str, bytes, Case)):
+        raise TypeError(f"cases must be a collection of Case objects, got {type(cases).__name__}")
+    cases = list(cases)
+    wrong = [c for c in cases if not isinstance(c, Case)]
+    if wrong:
+        raise TypeError(f"cases must be Case objects, got {type(wrong[0]).__name__} ({len(wrong)} of {len(cases)})")
+    return cases
+
+
 def _check_ids(cases: Sequence[Case]) -> None:
     dupes = sorted(i for i, n in Counter(c.case_id for c in cases).items() if n > 1)
     if dupes:
@@ -201,7 +212,7 @@ def _rows_of(encoded: EncodedCases) -> _Rows:
 
 
 def build_index(
-    cases: Sequence[Case],
+    cases: Iterable[Case],
     checkpoint: str | Path,
     out: str | Path,
     params: VectorParams | None = None,
@@ -242,6 +253,7 @@ def build_index(
     """
     out, checkpoint, params = Path(out), Path(checkpoint), params or VectorParams()
     report = report if report is not None else LoadReport()
+    cases = _case_list(cases)
     _check_ids(cases)  # these are refused before anything is created or encoded
     require_checkpoint(checkpoint)
     check_root(out)  # a mistyped --out is refused now, not after every image has been encoded
@@ -299,7 +311,7 @@ def _existing_rows(index: CaseIndex) -> _Rows:
 
 def add_cases(
     root: str | Path,
-    cases: Sequence[Case],
+    cases: Iterable[Case],
     checkpoint: str | Path | None = None,
     model: ComposedRetrievalModel | None = None,
     replace: bool = False,
@@ -327,6 +339,7 @@ def add_cases(
     """
     root = Path(root)
     report = report if report is not None else LoadReport()
+    cases = _case_list(cases)
     _check_ids(cases)
     if checkpoint is not None:
         require_checkpoint(checkpoint)
