@@ -10,8 +10,9 @@ Measures, on the machine it runs on:
 3. vector-search latency and recall@10 against exact search on synthetic collections (default 100,000 and 1,000,000
    target vectors of the default model's width, 6 × 128), for the exact index and for HNSW at several beam widths.
 
-Without ``--checkpoint`` it uses a random-weight model of the default architecture (CPU profile: lite0 at 512 px with
-ImageNet weights, MiniLM, grid 8, D = 128); latency and throughput do not depend on the trained weights.
+Without ``--checkpoint`` it uses a random-weight model of the library's default ``ModelConfig`` with grid 8 (lite0 at
+512 px with ImageNet weights, MiniLM, grid 8, D = 128, one head set; not the ``cpu`` profile, whose grid is 4 and
+D = 64); latency and throughput do not depend on the trained weights.
 
 Usage:
     python scripts/bench_search.py --data ../shared/derm7pt/release_v0 --work /tmp/dermcir-bench \
@@ -220,7 +221,7 @@ def main() -> None:
 
         cases, _ = load_derm7pt(args.data)
         checkpoint = args.checkpoint or default_checkpoint(args.work)
-        report["checkpoint"] = str(checkpoint) if args.checkpoint else "random-weight default model (CPU profile)"
+        report["checkpoint"] = str(checkpoint) if args.checkpoint else "random-weight default ModelConfig (grid 8, D = 128)"
         if not args.skip_index:
             report["indexing"] = bench_indexing(cases, checkpoint, args.work, args.device)
         report["queries"] = bench_queries(cases, args.work, args.queries, args.device)
