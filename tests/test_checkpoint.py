@@ -297,3 +297,53 @@ def test_a_file_system_that_refuses_fsync_on_a_folder_still_saves(tmp_path, monk
     save_checkpoint(tiny(), tmp_path / "ckpt", frozen=())  # replacing one too
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     load_checkpoint(tmp_path / "ckpt")
+
+
+def test_a_save_killed_between_its_two_renames_is_restored_by_the_next_reader_or_writer(tmp_path):
+    """A SIGKILL (no clean-up) between the renames left no checkpoint folder: the old one hidden in ``.ckpt.old``,
+    the new one in ``.ckpt.tmp*``, and the next save deleted the old one."""
+    from dermcir.checkpoint_folder import check_checkpoint_target, require_checkpoint
+
+    model = tiny()
+    model.config.categories = ["a", "b"]
+    save_checkpoint(model, tmp_path / "ckpt", frozen=())
+    good = fingerprint(tmp_path / "ckpt")
+    for reader in (load_checkpoint, require_checkpoint, check_checkpoint_target):
+        (tmp_path / "ckpt").rename(tmp_path / ".ckpt.old")  # where the kill left it
+        reader(tmp_path / "ckpt")
+        assert fingerprint(tmp_path / "ckpt") == good and not (tmp_path / ".ckpt.old").exists()
+    # the copies that killed saves left behind (weights and all) go at the next save that completes
+    for n in range(2):
+        (tmp_path / f".ckpt.tmp{n}").mkdir()
+        (tmp_path / f".ckpt.tmp{n}" / "model.safetensors").write_bytes(b"x" * 1000)
+    save_checkpoint(model, tmp_path / "ckpt", frozen=())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_a_full_disk_in_safetensors_is_an_oserror_naming_the_folder(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    import dermcir.checkpoint as ck
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
+
+    monkeypatch.setattr(ck, "save_file", full)
+    with pytest.raises(OSError, match=f"{tmp_path / 'ckpt'}: the checkpoint could not be written .*StorageFull"):
+        save_checkpoint(tiny(), tmp_path / "ckpt", frozen=())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_training_refuses_a_checkpoint_folder_it_could_not_write_before_it_trains(tmp_path, monkeypatch):
+    """``train --out`` on a read-only disk trained to the end, then lost the model and its log at the save."""
+    import tempfile
+
+    from dermcir.checkpoint_folder import check_checkpoint_target
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    with pytest.raises(OSError, match=f"{tmp_path}: cannot be written \\(Permission denied\\); give an --out where"):
+        check_checkpoint_target(tmp_path / "new" / "model")
+    assert list(tmp_path.iterdir()) == []  # nothing made on the way

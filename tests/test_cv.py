@@ -280,6 +280,9 @@ def test_a_failed_training_keeps_its_log_and_the_previous_checkpoint(toy_release
         raise RuntimeError("the device fell over")
 
     monkeypatch.setattr(pipeline, "fit", failing_fit)
+    # a checkpoint already there is replaced only when asked to (an index built with it would be lost)
+    assert main(args) == 2
+    args.append("--overwrite")
     with pytest.raises(RuntimeError, match="fell over"):
         main(args)
     failed = (tmp_path / "ckpt" / "train.failed.log").read_text()

@@ -26,6 +26,19 @@ def test_an_error_while_writing_keeps_the_previous_file_and_leaves_no_temporary(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
 
 
+def test_a_full_disk_is_named_by_the_file_it_stopped(tmp_path):
+    """A cv run on a full disk printed "[Errno 28] No space left on device": no path, no word of what was kept."""
+    target = tmp_path / "results.json"
+    for kept in ("nothing was written", "the previous file is unchanged"):
+        says = f"{target}: could not be written \\(No space left on device\\); {kept}"
+        with pytest.raises(OSError, match=says) as info, atomic_write(target) as fh:
+            fh.write("{")
+            raise OSError(28, "No space left on device")
+        assert info.value.errno == 28
+        write_json_atomic(target, {"good": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
 def test_written_files_get_the_permissions_a_plain_write_would_give(tmp_path):
     old = os.umask(0o022)
     try:

@@ -847,3 +847,43 @@ def test_a_bad_byte_in_the_case_records_is_named_by_its_line(tmp_path, built):
     with pytest.raises(ValueError, match="corrupt or unreadable") as caught:
         open_index(root)
     assert f"{path}: corrupt or unreadable (line 10: 'utf-8' codec can't decode byte 0xff" in str(caught.value)
+
+
+def test_a_full_disk_at_the_pointer_leaves_no_orphan_version_and_says_what_stays_live(tmp_path, fresh, monkeypatch):
+    """ENOSPC while writing CURRENT's temporary file left the complete new version folder (never published) on the
+    full disk, in one of the kept slots; the error named no path."""
+    _ckpt, root, _cases = fresh(3)
+    live = _store.current_version(root)
+    real_open = open
+
+    def full_disk(path, *args, **kwargs):
+        if str(path).startswith(str(root / ".tmp-CURRENT")):
+            raise OSError(28, "No space left on device")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", full_disk)
+    with pytest.raises(OSError, match=re.escape(f"{root}: the new index version could not be written ([Errno 28] No "
+                                                f"space left on device); version {live.name} stays live")):
+        remove_cases(root, ["c001"])
+    monkeypatch.undo()
+    assert _store.current_version(root) == live and open_index(root).case_ids == ["c000", "c001", "c002"]
+    assert sorted(p.name for p in root.iterdir()) == [".lock", "CURRENT", live.name]
+
+
+def test_a_folder_the_file_system_will_not_sync_does_not_fail_the_write(tmp_path, fresh, monkeypatch):
+    """Some file systems (network, FUSE) refuse fsync on a folder (EINVAL): every index write failed there with a
+    bare "[Errno 22] Invalid argument"; and an error after the pointer swap reported a live update as failed."""
+    import os
+
+    _ckpt, root, _cases = fresh(3)
+    real_fsync = os.fsync
+
+    def no_folder_sync(fd):
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            raise OSError(22, "Invalid argument")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", no_folder_sync)
+    update = remove_cases(root, ["c001"])
+    monkeypatch.undo()
+    assert open_index(root).case_ids == ["c000", "c002"] and update.version == _store.current_version(root).name

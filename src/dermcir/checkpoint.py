@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from dermcir._weights import shape_mismatches
-from dermcir.checkpoint_folder import CONFIG, WEIGHTS, check_checkpoint_target, read_config
+from dermcir.checkpoint_folder import CONFIG, WEIGHTS, check_checkpoint_target, read_config, restore_interrupted_save
 from dermcir.config import ModelConfig, from_dict
 from dermcir.data.cache import PREPROCESS_VERSION
 from dermcir.data.text import TEMPLATE_VERSION
@@ -73,7 +74,10 @@ def save_checkpoint(
     old = out_dir.with_name(f".{out_dir.name}.old")
     moved_old = False
     try:
-        save_file(state, str(tmp / WEIGHTS))
+        try:
+            save_file(state, str(tmp / WEIGHTS))
+        except SafetensorError as exc:  # a full disk, in safetensors' words: a traceback, naming no file
+            raise OSError(f"{out_dir}: the checkpoint could not be written ({exc}); the folder is as it was") from None
         (tmp / CONFIG).write_text(json.dumps(meta, indent=2))
         # mkdtemp makes the folder owner-only and safetensors the weights 0600: give them a plain write's
         # permissions, or a service or an index run under another account could not read the model
@@ -96,6 +100,9 @@ def save_checkpoint(
         raise
     if moved_old:
         shutil.rmtree(old, ignore_errors=True)
+    # a save killed earlier left its whole temporary copy behind (weights included), one more per killed save
+    for stale in out_dir.parent.glob(f".{glob_escape(out_dir.name)}.tmp*"):
+        shutil.rmtree(stale, ignore_errors=True)
     return out_dir
 
 
@@ -122,6 +129,7 @@ def load_checkpoint(ckpt_dir: str | Path, device: str | torch.device = "cpu") ->
     """
     device = resolve_device(device)  # before the model is built: torch's own error came after it
     ckpt_dir = Path(ckpt_dir)
+    restore_interrupted_save(ckpt_dir)
     meta = read_config(ckpt_dir)
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{ckpt_dir / CONFIG}: format_version {meta.get('format_version')}, expected {FORMAT_VERSION}")

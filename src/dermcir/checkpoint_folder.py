@@ -7,8 +7,13 @@ Kept apart from :mod:`dermcir.checkpoint`, which builds the model, so that the c
 from __future__ import annotations
 
 import json
+import logging
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -17,17 +22,24 @@ CONFIG = "config.json"
 CHECKPOINT_LOGS = ("train.log", "train.failed.log")
 
 
-def check_checkpoint_target(out_dir: str | Path) -> None:
-    """Refuse to write a checkpoint over a folder that is not one.
+def check_checkpoint_target(out_dir: str | Path, overwrite: bool = True) -> None:
+    """Refuse to write a checkpoint over a folder that is not one, or where it could not be written.
 
     Saving replaces the whole folder, so ``--out runs`` where ``--out runs/model`` was meant would delete earlier
-    runs and indexes. Training calls this before it starts, so the slip costs nothing.
+    runs and indexes. Training calls this before it starts, so the slip costs nothing; a folder that cannot be
+    written is found then too, not after hours of training (which were lost with the error).
+
+    ``overwrite=False``: refuse a folder that holds a checkpoint already (``dermcir train`` without
+    ``--overwrite``): an index built with it could no longer be searched or updated once it is replaced.
 
     Raises:
-        ValueError: ``out_dir`` is a file, or a folder holding anything but a checkpoint's files and logs.
+        ValueError: ``out_dir`` is a file, a folder holding anything but a checkpoint's files and logs, or (without
+            ``overwrite``) a checkpoint. OSError: it cannot be written.
     """
     out_dir = Path(out_dir)
+    restore_interrupted_save(out_dir)
     if not out_dir.exists():
+        _require_writable(out_dir.parent)
         return
     if not out_dir.is_dir():
         raise ValueError(f"{out_dir}: is a file; a checkpoint is written as a folder")
@@ -41,6 +53,42 @@ def check_checkpoint_target(out_dir: str | Path) -> None:
             f"{out_dir}: holds {shown}, so it is not a checkpoint folder, and writing a checkpoint replaces the whole "
             f"folder; give a new or a checkpoint folder (e.g. {out_dir / 'model'})"
         )
+    if not overwrite and (out_dir / CONFIG).is_file():
+        raise ValueError(
+            f"{out_dir}: holds a checkpoint already; an index built with it could not be searched or updated once it "
+            "is replaced. Train into another folder, or pass --overwrite (overwrite=True) and rebuild such indexes "
+            "with `dermcir index --rebuild`"
+        )
+    _require_writable(out_dir.parent)
+
+
+def _require_writable(folder: Path) -> None:
+    """Create and remove a file in ``folder`` (or in its nearest existing parent, where the folders would be made)."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as exc:
+        raise OSError(exc.errno, f"{folder}: cannot be written ({exc.strerror}); give an --out where the checkpoint "
+                                 "can be saved") from None
+
+
+def restore_interrupted_save(out_dir: str | Path) -> bool:
+    """Put back a checkpoint that a save killed between its two renames left aside (``.NAME.old``); returns whether.
+
+    Saving moves the old folder aside, then renames the new one into place: a kill in between left no ``out_dir``
+    at all, the previous checkpoint hidden, and the next save deleted it.
+    """
+    out_dir = Path(out_dir)
+    old = out_dir.with_name(f".{out_dir.name}.old")
+    if out_dir.exists() or not (old / CONFIG).is_file() or not (old / WEIGHTS).is_file():
+        return False
+    try:
+        os.replace(old, out_dir)
+    except OSError:  # a read-only disk: the loader's "not found" says where to look
+        return False
+    log.warning("%s: restored the checkpoint that an interrupted save had moved aside to %s", out_dir, old.name)
+    return True
 
 
 def read_config(ckpt_dir: str | Path) -> dict[str, Any]:
@@ -67,6 +115,7 @@ def require_checkpoint(ckpt_dir: str | Path) -> dict[str, Any]:
     A weights file given instead of its folder (``--checkpoint runs/model/model.safetensors``) is named as such.
     """
     ckpt_dir = Path(ckpt_dir)
+    restore_interrupted_save(ckpt_dir)
     if ckpt_dir.exists() and not ckpt_dir.is_dir():
         raise ValueError(
             f"{ckpt_dir}: is a file; expected a checkpoint folder (the one holding {CONFIG} and {WEIGHTS}, e.g. "

@@ -43,8 +43,11 @@ def atomic_write(path: str | Path, binary: bool = False) -> Iterator[IO]:
         with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as fh:
             yield fh
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and str(path) not in str(exc):  # "[Errno 28] No space left on device": where?
+            kept = "the previous file is unchanged" if path.exists() else "nothing was written"
+            raise OSError(exc.errno, f"{path}: could not be written ({exc.strerror or exc}); {kept}") from exc
         raise
 
 

@@ -32,6 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train one model on all cases and write a checkpoint folder")
     _data_args(p)
     p.add_argument("--out", required=True, type=Path, help="checkpoint folder to write")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a checkpoint already in --out (indexes built with it need `dermcir index --rebuild`)")
     p.set_defaults(handler=cmd_train)
 
     p = sub.add_parser("cv", help="run the k-fold retrieval benchmark (results.json, tables.md, retrievals.png)")
@@ -149,12 +151,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     # before the import below loads torch: a mistyped --set, --out or --data is named at once (the training checks
     # again, for callers of the Python API)
     overrides = _settings(args)
-    check_checkpoint_target(args.out)
+    check_checkpoint_target(args.out, overwrite=args.overwrite)
     cases, report = _load(args)
     from dermcir.training import train_on_cases
 
     ckpt = train_on_cases(cases, args.out, profile=args.profile, cache_dir=args.cache, progress=not args.quiet,
-                          seed=args.seed, load_report=report, **overrides)
+                          seed=args.seed, load_report=report, overwrite=args.overwrite, **overrides)
     print(ckpt)
     return 0
 

@@ -34,6 +34,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
+from dermcir.files import fsync_path
+
 log = logging.getLogger(__name__)
 
 POINTER = "CURRENT"
@@ -225,15 +227,7 @@ def _fsync_tree(folder: Path) -> None:
     for path in folder.iterdir():
         with open(path, "rb") as fh:
             os.fsync(fh.fileno())
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(folder)  # a folder: best effort (some file systems refuse it, EINVAL: every write failed there)
 
 
 def _next_name(root: Path) -> str:
@@ -264,14 +258,22 @@ def publish_version(root: Path) -> Iterator[Path]:
         tmp.mkdir()
     except FileNotFoundError:
         raise FileNotFoundError(f"{root}: the index folder was removed while this write ran; nothing was written") from None
+    final = None
     try:
         yield tmp
         _fsync_tree(tmp)
         final = root / _next_name(root)
         os.replace(tmp, final)
         _swap_pointer(root, final.name)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if final is not None and final.exists() and current_version_or_none(root) != final:
+            # complete but never published (the pointer could not be written): it would take a kept slot and the
+            # space of a whole version, on what is likely a full disk
+            shutil.rmtree(final, ignore_errors=True)
+        if isinstance(exc, OSError):  # "[Errno 28] No space left on device", "340608 requested and 294880 written"
+            live = f"version {before.name} stays live" if before is not None else "nothing was published"
+            raise OSError(exc.errno, f"{root}: the new index version could not be written ({exc}); {live}") from exc
         raise
     log.info("index %s now at version %s", root, final.name)
     _collect_garbage(root, before)
@@ -279,12 +281,25 @@ def publish_version(root: Path) -> Iterator[Path]:
 
 def _swap_pointer(root: Path, name: str) -> None:
     tmp = root / f"{TMP_PREFIX}{POINTER}-{secrets.token_hex(4)}"
-    with open(tmp, "w") as fh:
-        fh.write(name + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, root / POINTER)
-    _fsync_dir(root)
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(name + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, root / POINTER)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    # Best effort, as the swap has happened: an error now (EIO, or EINVAL where a file system refuses to sync a
+    # folder) would report as failed an update that is live, and a retry would then find its work done.
+    fsync_path(root)
+
+
+def current_version_or_none(root: Path) -> Path | None:
+    try:
+        return current_version(root)
+    except (OSError, ValueError):
+        return None
 
 
 def _collect_garbage(root: Path, before: Path | None = None) -> None:

@@ -86,7 +86,11 @@ def search_vectors(
 
 
 def write_vector_index(index: faiss.Index, path: Path) -> None:
-    faiss.write_index(index, str(path))
+    try:
+        faiss.write_index(index, str(path))
+    except RuntimeError as exc:  # a full disk: faiss's C++ message names neither the file nor the cause's kind
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OSError(f"{path}: could not be written ({reason})") from None
 
 
 def read_vector_index(path: Path, dim: int, count: int) -> faiss.Index:

@@ -169,12 +169,14 @@ class _ForwardFrom(logging.Handler):
 
 def train_on_cases(
     cases: Sequence[Case], out_dir: str | Path, profile: str = "cpu", cache_dir: Path | None = None,
-    progress: bool = True, device: torch.device | None = None, load_report: LoadReport | None = None, **overrides,
+    progress: bool = True, device: torch.device | str | None = None, load_report: LoadReport | None = None,
+    overwrite: bool = False, **overrides,
 ) -> Path:
     """Train one model on all ``cases`` (a stratified validation split held out for early stopping) and save it.
 
     ``load_report``: the loader's report of ``cases``; what it left out is listed in ``train.log`` and the
-    checkpoint's ``skipped`` with what preprocessing leaves out.
+    checkpoint's ``skipped`` with what preprocessing leaves out. ``overwrite``: replace a checkpoint already in
+    ``out_dir`` (refused by default: an index built with it could no longer be searched or updated).
 
     Returns:
         ``out_dir``, a checkpoint folder (``model.safetensors``, ``config.json``, ``train.log``) for indexing.
@@ -182,7 +184,8 @@ def train_on_cases(
     out_dir = Path(out_dir)
     device = device or default_device()
     model_cfg, train_cfg, views = get_profile(profile, **overrides)
-    check_checkpoint_target(out_dir)  # before the training, not after it: saving replaces the whole folder
+    # before the training, not after it: saving replaces the whole folder, and must be able to write it
+    check_checkpoint_target(out_dir, overwrite=overwrite)
     report = load_report.copy() if load_report is not None else LoadReport()  # the caller's stays unchanged
     tmp_log = Path(tempfile.mkdtemp()) / "train.log"
     try:
