@@ -735,30 +735,42 @@ def test_a_writer_waiting_on_a_removed_lock_file_locks_the_new_one(tmp_path, wai
     assert inside.is_set() and waiting.event.is_set()
 
 
-def test_a_failed_first_build_does_not_strand_a_build_waiting_on_it(tmp_path, kit, monkeypatch, waiting):
+def _hold_encoding_of(monkeypatch, case_id: str, waiting) -> threading.Event:
+    """Make the write that encodes ``case_id`` first hold its lock until another writer waits on it; the event is set
+    once that write is encoding."""
     import dermcir.index.build
 
-    out = tmp_path / "new" / "index"
-    bad = make_cases(tmp_path / "bad", 1, start=90)
-    bad[0].image.write_bytes(b"x")
-    good = make_cases(tmp_path / "good", 2)
-    real_encode = dermcir.index.build.encode_cases
-    encoding = threading.Event()
+    real_encode, encoding = dermcir.index.build.encode_cases, threading.Event()
 
     def slow_encode(model, cases, *args, **kwargs):
-        if cases[0].case_id == "c090":  # the failing build holds the lock until the other one waits on it
+        if cases[0].case_id == case_id:
             encoding.set()
             waiting.event.wait(10)
         return real_encode(model, cases, *args, **kwargs)
 
     monkeypatch.setattr(dermcir.index.build, "encode_cases", slow_encode)
+    return encoding
+
+
+def _run_into(results: dict[str, object], name: str, write) -> None:
+    """A writer thread's body: its result, or its exception, under ``name``."""
+    try:
+        results[name] = write()
+    except Exception as exc:  # noqa: BLE001 - any failure is the test's finding
+        results[name] = exc
+
+
+def test_a_failed_first_build_does_not_strand_a_build_waiting_on_it(tmp_path, kit, monkeypatch, waiting):
+    out = tmp_path / "new" / "index"
+    bad = make_cases(tmp_path / "bad", 1, start=90)
+    bad[0].image.write_bytes(b"x")
+    good = make_cases(tmp_path / "good", 2)
+    # the failing build holds the lock until the other one waits on it
+    encoding = _hold_encoding_of(monkeypatch, "c090", waiting)
     results: dict[str, object] = {}
 
     def builder(name, cases) -> None:
-        try:
-            results[name] = build_index(cases, kit[0], out, **_opts(tmp_path, kit))
-        except Exception as exc:  # noqa: BLE001 - any failure is the test's finding
-            results[name] = exc
+        _run_into(results, name, lambda: build_index(cases, kit[0], out, **_opts(tmp_path, kit)))
 
     a = threading.Thread(target=builder, args=("failing", bad), daemon=True)
     a.start()
@@ -777,33 +789,16 @@ def test_a_failed_first_build_does_not_strand_a_build_waiting_on_it(tmp_path, ki
 def test_an_update_started_during_the_first_build_waits_for_it(tmp_path, kit, monkeypatch, waiting):
     """docs/search.md says an update waits for a build in progress; during an index's first build it was refused at
     once ("no dermcir index here; build one first"), because the index was looked for before the lock."""
-    import dermcir.index.build
-
     out = tmp_path / "new" / "index"
-    real_encode = dermcir.index.build.encode_cases
-    encoding = threading.Event()
-
-    def slow_encode(model, cases, *args, **kwargs):
-        if cases[0].case_id == "c000":  # the first build holds the lock until the update waits on it
-            encoding.set()
-            waiting.event.wait(10)
-        return real_encode(model, cases, *args, **kwargs)
-
-    monkeypatch.setattr(dermcir.index.build, "encode_cases", slow_encode)
+    encoding = _hold_encoding_of(monkeypatch, "c000", waiting)  # the first build holds the lock till the update waits
     results: dict[str, object] = {}
-
-    def run(name, write) -> None:
-        try:
-            results[name] = write()
-        except Exception as exc:  # noqa: BLE001 - any failure is the test's finding
-            results[name] = exc
-
-    build = threading.Thread(target=run, args=("build", lambda: build_index(
+    build = threading.Thread(target=_run_into, args=(results, "build", lambda: build_index(
         make_cases(tmp_path / "first", 3), kit[0], out, **_opts(tmp_path, kit))), daemon=True)
     build.start()
     assert encoding.wait(30)
     new = make_cases(tmp_path / "later", 1, start=50)
-    add = threading.Thread(target=run, args=("add", lambda: add_cases(out, new, **_opts(tmp_path, kit))), daemon=True)
+    add = threading.Thread(target=_run_into, args=(results, "add", lambda: add_cases(
+        out, new, **_opts(tmp_path, kit))), daemon=True)
     add.start()
     build.join(60)
     add.join(60)
