@@ -328,7 +328,7 @@ class CaseSearcher:
             raise QueryError(f"beta must be a number from 0 to 1 (the local term's weight), got {beta!r}")
         query_text = compose_text(text, checklist)
         if query_text is not None:
-            self._check_text_fits(query_text, checklist)
+            self._check_text_readable(query_text, checklist)
         view = load_query_image(image, self.image_size, image_name) if image is not None else None
         if view is None and query_text is None:
             raise QueryError("a query needs an image, a text or checklist fields (all were empty)")
@@ -348,9 +348,10 @@ class CaseSearcher:
             view if heatmaps else None,
         )
 
-    def _check_text_fits(self, query_text: str, checklist: Mapping[str, str] | None) -> None:
-        """Refuse a query text longer than the text encoder reads: the tokenizer would cut it, and the end of a
-        clinician's description would change nothing without a word (a full checklist takes 57 of 96 tokens)."""
+    def _check_text_readable(self, query_text: str, checklist: Mapping[str, str] | None) -> None:
+        """Refuse a query text the text encoder cannot read: one of no word it knows, or one longer than it reads
+        (the tokenizer would cut it, and the end of a clinician's description would change nothing without a word;
+        a full checklist takes 57 of 96 tokens)."""
         encoder = self.model.text_encoder
         tokenizer = encoder.tokenizer
         with self._text_lock:  # the fast tokenizers are not safe to share between threads

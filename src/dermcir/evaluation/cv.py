@@ -22,6 +22,7 @@ from dermcir.config import to_json
 from dermcir.data.cache import preprocess_cases
 from dermcir.data.cases import Case, LoadReport, category_counts, require_query_texts
 from dermcir.data.folds import check_enough_per_category, stratified_folds, validation_split
+from dermcir.devices import resolve_device
 from dermcir.evaluation.report import PAPER_ROWS, write_retrieval_figure, write_tables
 from dermcir.evaluation.results import build_results, check_run_folder, fold_row
 from dermcir.files import write_json_atomic
@@ -29,7 +30,6 @@ from dermcir.metrics import retrieval_metrics
 from dermcir.models import ComposedRetrievalModel
 from dermcir.training.companion_pool import CompanionPool, default_workers
 from dermcir.training.pipeline import (
-    default_device,
     device_name,
     fit_companion,
     prepare_companion,
@@ -164,7 +164,7 @@ def _check_folds(only_folds: Sequence[int] | None, n_folds: int) -> list[int]:
 
 def run_cv(
     cases: Sequence[Case], out_dir: str | Path, profile: str = "cpu", n_folds: int = 5, seed: int = 0,
-    cache_dir: Path | None = None, progress: bool = True, device: torch.device | None = None,
+    cache_dir: Path | None = None, progress: bool = True, device: torch.device | str | None = None,
     time_budget: float | None = None, only_folds: Sequence[int] | None = None, companion_workers: int | None = None,
     load_report: LoadReport | None = None, **overrides: Any,
 ) -> dict[str, Any]:
@@ -207,7 +207,7 @@ def run_cv(
     check_run_folder(out_dir)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = device or default_device()
+    device = resolve_device("auto" if device is None else device)  # a name too ("cpu"), checked against the machine
     # a copy: the caller's report stays as the loader left it
     report = load_report.copy() if load_report is not None else LoadReport()
     with run_log(out_dir / "cv.log", left_out=report.skipped, categories_left_out=report.categories_left_out()):

@@ -20,6 +20,7 @@ from dermcir.config import TrainConfig
 from dermcir.data.cache import preprocess_cases
 from dermcir.data.cases import Case, LoadReport, category_counts, require_query_texts
 from dermcir.data.folds import validation_split
+from dermcir.devices import resolve_device
 from dermcir.models import ComposedRetrievalModel
 from dermcir.training.features import CachedFeatures, DeviceImages, text_tokens
 from dermcir.training.profiles import companion_training, get_profile
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 
 
 def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return resolve_device("auto")
 
 
 def device_name(device: torch.device) -> str:
@@ -149,11 +150,8 @@ def run_log(path: Path, append: bool = False, left_out: Sequence[tuple[str, str]
 
 
 class _ForwardFrom(logging.Handler):
-    """Passes the records of ``level`` and above on to the handlers above the ``dermcir`` logger, as propagation
+    """Passes the records of its level and above on to the handlers above the ``dermcir`` logger, as propagation
     would with the logger at that level."""
-
-    def __init__(self, level: int) -> None:
-        super().__init__(level)
 
     def emit(self, record: logging.LogRecord) -> None:
         logger, found = logging.getLogger("dermcir").parent, False
@@ -182,7 +180,7 @@ def train_on_cases(
         ``out_dir``, a checkpoint folder (``model.safetensors``, ``config.json``, ``train.log``) for indexing.
     """
     out_dir = Path(out_dir)
-    device = device or default_device()
+    device = resolve_device("auto" if device is None else device)  # a name too ("cpu"), checked against the machine
     model_cfg, train_cfg, views = get_profile(profile, **overrides)
     # before the training, not after it: saving replaces the whole folder, and must be able to write it
     check_checkpoint_target(out_dir, overwrite=overwrite)
