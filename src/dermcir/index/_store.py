@@ -258,19 +258,18 @@ def publish_version(root: Path) -> Iterator[Path]:
         tmp.mkdir()
     except FileNotFoundError:
         raise FileNotFoundError(f"{root}: the index folder was removed while this write ran; nothing was written") from None
-    final = None
+    final, unpublished = root / _next_name(root), False
     try:
         yield tmp
         _fsync_tree(tmp)
-        final = root / _next_name(root)
         os.replace(tmp, final)
-        _swap_pointer(root, final.name)
+        unpublished = True
+        _swap_pointer(root, final.name)  # raises only before the pointer is replaced
+        unpublished = False
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if final is not None and final.exists() and current_version_or_none(root) != final:
-            # complete but never published (the pointer could not be written): it would take a kept slot and the
-            # space of a whole version, on what is likely a full disk
-            shutil.rmtree(final, ignore_errors=True)
+        if unpublished:  # complete, but the pointer could not be written: it would take a kept slot and the space
+            shutil.rmtree(final, ignore_errors=True)  # of a whole version, on what is likely a full disk
         if isinstance(exc, OSError):  # "[Errno 28] No space left on device", "340608 requested and 294880 written"
             live = f"version {before.name} stays live" if before is not None else "nothing was published"
             raise OSError(exc.errno, f"{root}: the new index version could not be written ({exc}); {live}") from exc
@@ -293,13 +292,6 @@ def _swap_pointer(root: Path, name: str) -> None:
     # Best effort, as the swap has happened: an error now (EIO, or EINVAL where a file system refuses to sync a
     # folder) would report as failed an update that is live, and a retry would then find its work done.
     fsync_path(root)
-
-
-def current_version_or_none(root: Path) -> Path | None:
-    try:
-        return current_version(root)
-    except (OSError, ValueError):
-        return None
 
 
 def _collect_garbage(root: Path, before: Path | None = None) -> None:
