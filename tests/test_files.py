@@ -76,3 +76,25 @@ def test_the_benchmark_writers_keep_the_previous_output_when_a_write_fails(tmp_p
         write()
     assert target.read_bytes() == before
     assert not [p for p in target.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_the_new_contents_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
+    """Without an fsync before the rename, a power loss could leave the new name on a zero-length file."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}") if os.path.exists("/proc/self/fd") else fd))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    write_json_atomic(tmp_path / "results.json", {"good": 1})
+    kinds = [kind for kind, _ in events]
+    assert kinds == ["fsync", "replace"]
+    assert events[0][1] == events[1][1]  # the temporary file itself was flushed, then renamed
+    assert json.loads((tmp_path / "results.json").read_text()) == {"good": 1}

@@ -31,7 +31,11 @@ def current_umask() -> int:
 
 @contextmanager
 def atomic_write(path: str | Path, binary: bool = False) -> Iterator[IO]:
-    """Open a temporary file for writing; on a clean exit it replaces ``path``, on an error it is removed."""
+    """Open a temporary file for writing; on a clean exit it replaces ``path``, on an error it is removed.
+
+    The new contents are flushed to the disk before the rename, so a power loss leaves the old file or the new one.
+    (The rename itself is made durable by ``fsync_path`` on the folder, where a caller needs that.)
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -42,6 +46,10 @@ def atomic_write(path: str | Path, binary: bool = False) -> Iterator[IO]:
             os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as fh:
             yield fh
+            # the data reaches the disk before the rename can: otherwise, after a power loss, the new name may hold
+            # a zero-length file in place of both the old and the new contents
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
