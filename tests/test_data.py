@@ -326,8 +326,12 @@ def test_case_csv_trailing_commas_and_unreadable_files(tmp_path):
     (tmp_path / "latin1.csv").write_bytes("id,image,diagnosis\nA,img0.jpg,nævus\n".encode("latin-1"))
     with pytest.raises(ValueError) as exc:
         load_case_csv(tmp_path / "latin1.csv")
-    assert str(exc.value).startswith(f"{tmp_path / 'latin1.csv'}: not UTF-8 text (byte 0xe6")
-    assert expected in str(exc.value)
+    # the line, not a byte offset, and the way out: Excel users cannot find "offset 192"
+    assert str(exc.value).startswith(f"{tmp_path / 'latin1.csv'}:2: not UTF-8 text (byte 0xe6")
+    assert expected in str(exc.value) and 'Save As, "CSV UTF-8"' in str(exc.value)
+    (tmp_path / "utf16.csv").write_text("id,image,diagnosis\nA,img0.jpg,melanoma\n", encoding="utf-16")
+    with pytest.raises(ValueError, match=r"utf16.csv: UTF-16 text; expected a UTF-8 CSV .*CSV UTF-8"):
+        load_case_csv(tmp_path / "utf16.csv")
 
     # a long cell (here in an ignored notes column) is read, as pandas read it, past csv's default limit of 131,072
     # characters; the process-wide limit is put back afterwards
@@ -407,3 +411,60 @@ def test_derm7pt_checklist_headers_follow_the_checklist_spelling_and_absent_ones
         text = load_derm7pt(release, min_cases=1)[0][0].text
     assert "irregular" in text and "female" not in text
     assert "no column for checklist field(s) elevation, location, sex; the query texts will not mention them" in caplog.text
+
+
+def test_case_csv_as_spreadsheets_write_it(tmp_path, caplog):
+    """Excel's own headers (ID, Image, Case ID), its European ';' export, tab-separated text, Windows paths and a line
+    break inside a quoted diagnosis: each read as meant. Before, `Category` was ignored and replaced by derived
+    categories, `ID,Image,Diagnosis` and ';' files were refused, and backslash paths were "image file missing"."""
+    (tmp_path / "images").mkdir()
+    for i in range(3):
+        synthetic_lesion(i, (90, 60, 40)).save(tmp_path / "images" / f"img{i}.jpg")
+    expected = [("A", "img0.jpg", "clark nevus", "melanocytic"), ("B", "img1.jpg", "melanoma (in situ)", "melanocytic"),
+                ("C", "img2.jpg", "seborrheic keratosis", "keratinocytic")]
+    rows = [("A", "images/img0.jpg", "clark nevus", "Melanocytic"),
+            ("B", "images\\img1.jpg", "melanoma\n(in  situ)", "Melanocytic"),
+            ("C", "images/img2.jpg", "seborrheic keratosis", "Keratinocytic")]
+
+    def write(name, sep, header):
+        with open(tmp_path / name, "w", newline="", encoding="utf-8") as fh:
+            writer = std_csv.writer(fh, delimiter=sep, lineterminator="\r\n")
+            writer.writerow(header)
+            writer.writerows(rows)
+        return tmp_path / name
+
+    for csv, sep in ((write("excel.csv", ",", ["ID", " Image ", "Diagnosis", "Category"]), ","),
+                     (write("europe.csv", ";", ["Case ID", "Image", "Diagnosis", "Category"]), ";"),
+                     (write("tabs.txt", "\t", ["id", "image", "diagnosis", "category"]), "\t")):
+        with caplog.at_level(logging.WARNING, logger="dermcir"):
+            caplog.clear()
+            cases, report = load_case_csv(csv)
+        assert [(c.case_id, c.image.name, c.diagnosis, c.category) for c in cases] == expected, csv.name
+        assert report.skipped == [] and not caplog.records, (csv.name, caplog.text)
+    (tmp_path / "twice.csv").write_text("ID,id,image,diagnosis\nA,A,images/img0.jpg,melanoma\n")
+    with pytest.raises(ValueError, match=r"twice.csv: columns 'ID' and 'id' both name the 'id' column; keep one"):
+        load_case_csv(tmp_path / "twice.csv")
+    (tmp_path / "semi.csv").write_text("id;image;diagnosis;note\nA;images/img0.jpg;melanoma;1,5 mm;x\n")
+    with pytest.raises(ValueError, match=r"semi.csv:2: 5 fields but the header has 4 .*a value holding a semicolon"):
+        load_case_csv(tmp_path / "semi.csv")
+
+
+def test_case_csv_contradictions_are_left_out_and_near_misses_named(tmp_path, caplog):
+    """A melanoma filed as a nevus, and one image under two ids, were indexed without a word: a clinician would have
+    seen a melanoma shown as a benign match, or one picture twice under two diagnoses."""
+    csv = _clinic_csv(tmp_path, "id,image,diagnosis,category\n"
+                                "A,img0.jpg,melanoma,nevus\n"       # contradicts the table: left out
+                                "B,img1.jpg,melanoma,Melanocytic\n"  # the clinic's own category: kept
+                                "C,img1.jpg,clark nevus,\n"          # B's image again: left out
+                                "D,img2.jpg,Melanoma in situ,\n"     # no table entry: its own category, named
+                                "d,img0.jpg,clark nevus,\n")         # differs from D by case only: kept, named
+    with caplog.at_level(logging.WARNING, logger="dermcir"):
+        cases, report = load_case_csv(csv)
+    assert [(c.case_id, c.category) for c in cases] == [
+        ("B", "melanocytic"), ("D", "melanoma in situ"), ("d", "nevus")]
+    assert [what for what, _ in report.skipped] == [f"{csv}:2", f"{csv}:4"]
+    assert "category 'nevus' contradicts its diagnosis 'melanoma' (a 'melanoma' in the category table)" in \
+        report.skipped[0][1]
+    assert f"its image {tmp_path / 'img1.jpg'} is already case 'B' (row {csv}:3)" in report.skipped[1][1]
+    assert "'melanoma in situ' (did you mean 'melanoma (in situ)'?)" in caplog.text
+    assert "differ only in letter case and are kept as separate cases: D / d" in caplog.text

@@ -53,3 +53,11 @@ def test_a_checklist_field_given_twice_in_two_spellings_is_refused_not_resolved(
         validate_checklist({"Streaks": "absent", "streaks": "irregular"})
     with pytest.raises(ValueError, match="given twice"):  # even when both say the same
         validate_checklist({"blue-whitish veil": "present", "Blue_Whitish_Veil": "present"})
+
+
+def test_sex_reads_m_and_f_wherever_a_checklist_is_given():
+    """The archive CSV read M/F, but `--checklist sex=M` and the HTTP form refused it."""
+    assert validate_checklist({"sex": "M"}) == {"sex": "male"}
+    assert validate_checklist({"Sex": " f "}) == {"sex": "female"}
+    with pytest.raises(ValueError, match="unknown value 'x' for checklist field 'sex'"):
+        validate_checklist({"sex": "x"})

@@ -7,6 +7,7 @@ checklist value left out of a kept case; nothing is dropped silently.
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 import logging
 import os
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dermcir.data.categories import category_of
+from dermcir.data.categories import DIAGNOSIS_TO_CATEGORY, category_of
 from dermcir.data.text import CHECKLIST_FIELDS, checklist_key, render_report, validate_checklist
 
 log = logging.getLogger(__name__)
@@ -110,8 +111,7 @@ _META_CSV = "a UTF-8 CSV with a header row: case_num, diagnosis, derm, ... (the 
 #: csv's field size limit is process-wide; loaders raise it to the file's length while they read, one at a time.
 _FIELD_LIMIT_LOCK = threading.Lock()
 
-#: Common spellings of a checklist value that mean one allowed value and nothing else: field -> {spelling: value}.
-_SPELLINGS = {"sex": {"m": "male", "f": "female"}}
+_SEPARATOR_NAMES = {",": "comma", ";": "semicolon", "\t": "tab"}
 
 
 def _read_rows(path: Path, expected: str) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
@@ -125,13 +125,19 @@ def _read_rows(path: Path, expected: str) -> tuple[list[str], list[tuple[int, di
     and line and says what was expected; among them a quoted field that is never closed (which would otherwise take
     in every row after it) and text after a quoted field's closing quote.
     """
+    data = path.read_bytes()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):  # Excel's "Unicode Text", and other UTF-16 exports
+        raise ValueError(f"{path}: UTF-16 text; expected {expected} (in Excel: Save As, \"CSV UTF-8\")")
     try:
-        text = path.read_bytes().decode("utf-8-sig")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        byte = exc.object[exc.start]
-        raise ValueError(f"{path}: not UTF-8 text (byte 0x{byte:02x} at offset {exc.start}); expected {expected}") from None
+        byte, line = exc.object[exc.start], exc.object[: exc.start].count(b"\n") + 1
+        raise ValueError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{byte:02x}, e.g. an accent saved as Latin-1 or Windows-1252); "
+            f"expected {expected} (in Excel: Save As, \"CSV UTF-8\")"
+        ) from None
     # strict: a quote left open is an error at the end of the file, not a field that swallows every later row
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True, delimiter=_delimiter(path, text))
     header: list[str] | None = None
     rows: list[tuple[int, dict[str, str]]] = []
     line = 1
@@ -152,7 +158,7 @@ def _read_rows(path: Path, expected: str) -> tuple[list[str], list[tuple[int, di
                 if any(value.strip() for value in extra):
                     raise ValueError(
                         f"{path}:{start}: {len(fields)} fields but the header has {len(header)} ({', '.join(header)}); "
-                        "a value holding a comma must be quoted"
+                        f"a value holding a {_SEPARATOR_NAMES.get(reader.dialect.delimiter, 'separator')} must be quoted"
                     )
                 fields = fields[: len(header)] + [""] * (len(header) - len(fields))
                 rows.append((start, dict(zip(header, fields))))
@@ -173,6 +179,22 @@ def _read_rows(path: Path, expected: str) -> tuple[list[str], list[tuple[int, di
     if header is None:
         raise ValueError(f"{path}: empty file; expected {expected}")
     return header, rows
+
+
+def _delimiter(path: Path, text: str) -> str:
+    """The field separator: a comma, unless the header line holds none but holds semicolons or tabs.
+
+    Excel writes ``;`` where the decimal separator is a comma (most of Europe), and "Text (Tab delimited)" writes
+    tabs. Read with commas, such a header is one column, and the file is refused for columns it does have.
+    """
+    header = next((line for line in text.splitlines() if line.strip()), "")
+    if "," in header:
+        return ","
+    for sep, name in ((";", "semicolons"), ("\t", "tabs")):
+        if sep in header:
+            log.info("%s: read as separated by %s (its header line holds no comma)", path, name)
+            return sep
+    return ","
 
 
 def _checklist_columns(path: Path, header: list[str]) -> dict[str, str]:
@@ -271,8 +293,17 @@ def load_case_csv(
     ``Pigment Network`` and ``pigment-network`` are ``pigment_network``); other columns are ignored, with a warning
     naming them. An empty checklist cell means "not given".
 
+    The core columns are found whatever their case and spacing (``ID``, ``Image``, ``Case ID``); a file separated by
+    semicolons or tabs (a European or "Tab delimited" Excel export) is read as such when its header holds no comma.
+    A Windows path (``images\\case001.jpg``) finds its file. Line breaks and runs of spaces inside a diagnosis or
+    category are read as one space.
+
     Rows that cannot be used are left out and named by ``file:row`` with the reason in the report's ``skipped``: an
-    empty or repeated id, an empty diagnosis, an empty image column or a missing image file.
+    empty or repeated id, an empty diagnosis, an empty image column, a missing image file, an image already used by an
+    earlier row, or a ``category`` that is one of the category table's and contradicts the table's category for a
+    diagnosis it knows (a melanoma given as ``nevus``). A category of the clinic's own (``Melanocytic``) is kept as
+    given. Diagnoses outside the category table, which become categories of their own, are named in one warning with
+    the closest table entry; ids that differ only in letter case are named in another.
 
     A checklist value outside the field's allowed values (a typo such as ``irregluar``, free text in a ``Location``
     column) leaves that field out of the case, not the case: the case is kept and its text reads the field as not
@@ -292,19 +323,21 @@ def load_case_csv(
     if not csv_path.is_file():
         raise FileNotFoundError(f"{csv_path}: not found; expected {_CASE_CSV}")
     header, table = _read_rows(csv_path, _CASE_CSV)
-    missing = [c for c in ("id", "image", "diagnosis") if c not in header]
+    core = _core_columns(csv_path, header)
+    missing = [c for c in ("id", "image", "diagnosis") if c not in core]
     if missing:
         raise ValueError(f"{csv_path}: missing column(s) {missing}; expected {_CASE_CSV}; columns present: {header}")
     checklist = _checklist_columns(csv_path, header)
-    ignored = [name for name in header if name and name not in ("id", "image", "diagnosis", "category")
-               and name not in checklist.values()]
+    ignored = [name for name in header if name and name not in core.values() and name not in checklist.values()]
     if ignored:
         log.warning("%s: column(s) %s ignored: not id, image, diagnosis, category or a checklist field (%s)",
                     csv_path, ignored, ", ".join(CHECKLIST_FIELDS))
     report = LoadReport(n_rows=len(table))
     cases, seen = [], set()
+    image_rows: dict[Path, tuple[str, str]] = {}  # a kept case's image -> (its id, its file:row)
     left_out: list[tuple[str, str, str, str, str]] = []  # (case id, file:row, column, value, reason)
     for line, row in table:
+        row = {**row, **{key: row[column] for key, column in core.items()}}  # "Case ID" read as "id", and so on
         what = f"{csv_path}:{line}"
         case_id = row["id"].strip()
         if not case_id:
@@ -313,7 +346,8 @@ def load_case_csv(
         if case_id in seen:
             report.skip(what, f"duplicate id {case_id!r}")
             continue
-        diagnosis = row["diagnosis"].strip().lower()
+        # a line break or a double space inside a quoted cell would split the result tables' lines
+        diagnosis = " ".join(row["diagnosis"].split()).lower()
         if not diagnosis:
             report.skip(what, "empty diagnosis")
             continue
@@ -322,7 +356,6 @@ def load_case_csv(
             value = row[column].strip()
             if not value:
                 continue  # not given
-            value = _SPELLINGS.get(key, {}).get(value.lower(), value)
             try:
                 fields.update(validate_checklist({key: value}))
             except ValueError as exc:
@@ -330,19 +363,34 @@ def load_case_csv(
         if not row["image"].strip():
             report.skip(what, "empty image column")
             continue
-        image = base / row["image"].strip()
+        image = _image_path(base, row["image"].strip())
         if not image.is_file():
             report.skip(str(image), f"image file missing (row {what})")
             continue
-        category = row.get("category", "").strip().lower()
+        try:
+            derived = category_of(diagnosis)
+        except ValueError:
+            derived = None
+        category = " ".join(row.get("category", "").split()).lower()
+        if category in _TABLE_CATEGORIES and derived is not None and category != derived:
+            # a melanoma filed as a nevus would be shown to a clinician as a benign match
+            report.skip(what, f"case {case_id!r}: category {category!r} contradicts its diagnosis {diagnosis!r} "
+                              f"(a {derived!r} in the category table); correct one of them, or leave the category "
+                              "empty to derive it from the diagnosis")
+            continue
         if not category:
-            try:
-                category = category_of(diagnosis)
-            except ValueError:
-                category = diagnosis
+            category = derived or diagnosis
+        same = image_rows.get(image.resolve())
+        if same is not None:  # one picture twice would be returned twice, tied, possibly under two diagnoses
+            report.skip(what, f"case {case_id!r}: its image {image} is already case {same[0]!r} (row {same[1]}); "
+                              "one image is one case")
+            continue
+        image_rows[image.resolve()] = (case_id, what)
         seen.add(case_id)
         cases.append(Case(case_id, image, diagnosis, category, fields))
         left_out.extend((case_id, what, column, value, reason) for column, value, reason in bad)
+    _warn_unknown_diagnoses(csv_path, cases, "category" in core)
+    _warn_ids_equal_but_for_case(csv_path, cases)
     cases, report = _apply_threshold(cases, report, min_cases, None)
     kept = {c.case_id for c in cases}
     left_out = [item for item in left_out if item[0] in kept]  # not the fields of a case under the threshold
@@ -358,6 +406,68 @@ def load_case_csv(
             "without them: %s", csv_path, column, len(found), ", ".join(allowed), examples,
         )
     return cases, report
+
+
+#: The categories of the category table: a clinic's own category names (``Melanocytic``) are its own business, but one
+#: of these given against a diagnosis the table files elsewhere is a contradiction.
+_TABLE_CATEGORIES = frozenset(DIAGNOSIS_TO_CATEGORY.values())
+
+#: A clinic CSV's core columns, by the name the header gives after the checklist's spelling rule (``Case ID`` is
+#: ``case_id``).
+_CORE_NAMES = {"id": "id", "case_id": "id", "image": "image", "diagnosis": "diagnosis", "category": "category"}
+
+
+def _core_columns(path: Path, header: list[str]) -> dict[str, str]:
+    """id / image / diagnosis / category -> the column that holds it, whatever its case and spacing (``ID``,
+    ``Image``, ``Case ID``). Two columns naming one of them are an error naming both."""
+    columns: dict[str, str] = {}
+    for name in header:
+        key = _CORE_NAMES.get(checklist_key(name))
+        if key is None:
+            continue
+        if key in columns:
+            raise ValueError(f"{path}: columns {columns[key]!r} and {name!r} both name the {key!r} column; keep one")
+        columns[key] = name
+    return columns
+
+
+def _image_path(base: Path, cell: str) -> Path:
+    """The image a CSV cell names; a Windows path (``images\\case001.jpg``) is read with ``/`` where ``\\`` is no
+    separator, so an archive exported on Windows finds its files."""
+    image = base / cell
+    if "\\" in cell and os.sep == "/" and not image.is_file():
+        image = base / cell.replace("\\", "/")
+    return image
+
+
+def _warn_unknown_diagnoses(path: Path, cases: list[Case], has_category: bool) -> None:
+    """One warning for the diagnoses outside the category table that became categories of their own (a
+    near-miss such as ``Melanoma in situ`` is no melanoma to the benchmark), with the closest table entry."""
+    unknown = sorted({c.diagnosis for c in cases if c.category == c.diagnosis and c.diagnosis not in DIAGNOSIS_TO_CATEGORY})
+    if not unknown:
+        return
+    described = []
+    for diagnosis in unknown[:10]:
+        close = difflib.get_close_matches(diagnosis, list(DIAGNOSIS_TO_CATEGORY), n=1, cutoff=0.6)
+        described.append(f"{diagnosis!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    log.warning(
+        "%s: %d diagnosis/diagnoses not in the category table became categories of their own: %s%s; %s", path,
+        len(unknown), ", ".join(described), ", ..." if len(unknown) > 10 else "",
+        "give their category in the 'category' column" if has_category
+        else "add a 'category' column to group them (e.g. 'melanoma')",
+    )
+
+
+def _warn_ids_equal_but_for_case(path: Path, cases: list[Case]) -> None:
+    """Ids that differ only in letter case (``C001`` and ``c001``) are kept as two cases, but said: usually one case
+    entered twice."""
+    by_folded: dict[str, list[str]] = {}
+    for case in cases:
+        by_folded.setdefault(case.case_id.casefold(), []).append(case.case_id)
+    pairs = [ids for ids in by_folded.values() if len(ids) > 1]
+    if pairs:
+        log.warning("%s: %d group(s) of ids differ only in letter case and are kept as separate cases: %s%s", path,
+                    len(pairs), "; ".join(" / ".join(ids) for ids in pairs[:5]), ", ..." if len(pairs) > 5 else "")
 
 
 def _apply_threshold(

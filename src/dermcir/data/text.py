@@ -43,6 +43,11 @@ FORBIDDEN_FIELDS = ("diagnosis", "management", "level_of_diagnostic_difficulty",
 _SEVEN_POINT = tuple(list(CHECKLIST_FIELDS)[:7])
 
 
+#: Common spellings of a checklist value that mean one allowed value and nothing else: field -> {spelling: value}.
+#: Read wherever a checklist is given (an archive's CSV, ``--checklist``, the HTTP form).
+VALUE_SPELLINGS = {"sex": {"m": "male", "f": "female"}}
+
+
 def checklist_key(name: str) -> str:
     """A user-given field name as the checklist spells it ("Pigment-Network" → "pigment_network")."""
     return name.strip().lower().replace("-", "_").replace(" ", "_")
@@ -70,6 +75,7 @@ def validate_checklist(fields: Mapping[str, str]) -> dict[str, str]:
         spelled[key] = name
         allowed = CHECKLIST_FIELDS[key][1]
         val = str(value).strip().lower().replace("_", " ")
+        val = VALUE_SPELLINGS.get(key, {}).get(val, val)
         if val not in allowed:
             raise ValueError(f"unknown value {value!r} for checklist field {key!r}; allowed values: {', '.join(allowed)}")
         clean[key] = val
