@@ -6,6 +6,7 @@ Synthetic images and a tiny random checkpoint only (tests/searchkit.py).
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 
@@ -347,3 +348,63 @@ class _Parser:
         import argparse
 
         return argparse.Namespace(command="anything", verbose=False, handler=self.handler)
+
+
+# A stand-in for a command's work, run as the `dermcir` command itself (argv from sys.argv): ``compare`` is patched
+# so that no run folder is needed.
+_AS_THE_COMMAND = """
+import signal, sys
+import dermcir.cli.compare as compare
+from dermcir.cli import main
+
+def work(args):
+    {body}
+
+compare.cmd_compare = work
+sys.argv = ["dermcir", "compare", "run", "--out", "x.md"]
+code = main()
+{after}
+sys.exit(code)
+"""
+
+
+def _as_the_command(body: str, after: str = "") -> subprocess.Popen:
+    script = _AS_THE_COMMAND.format(body=body, after=after)
+    return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_a_reader_that_stops_early_is_no_error():
+    """`dermcir search ... --json | head -c 10` said "error: [Errno 32] Broken pipe" with the bad-input code 2, or
+    Python's "Exception ignored ... BrokenPipeError" with 120: a script could not tell it from bad input."""
+    proc = _as_the_command("for _ in range(20_000): print('x' * 100)")
+    assert proc.stdout.read(10) == b"x" * 10
+    proc.stdout.close()  # the reader stops, as `head` does
+    proc.wait(timeout=60)
+    assert proc.returncode == 141, proc.stderr.read()
+    assert proc.stderr.read() == b""
+
+
+def test_a_ctrl_c_once_the_work_is_done_is_ignored_by_the_command_only(monkeypatch):
+    """Ctrl+C during the second or two of the interpreter's shutdown printed a traceback over the result."""
+    proc = _as_the_command("return 0", after="print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN)")
+    out, err = proc.communicate(timeout=60)
+    assert (proc.returncode, out.strip()) == (0, b"True"), err
+    # called as a function (a test, a library), the caller's own Ctrl+C handling is left as it was
+    from dermcir.cli import compare
+
+    monkeypatch.setattr(compare, "cmd_compare", lambda args: 0)
+    before = signal.getsignal(signal.SIGINT)
+    assert main(["compare", "run", "--out", "x.md"]) == 0
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_progress_bars_only_on_a_terminal(tmp_path, monkeypatch, terminal):
+    """In a log file a bar was every update after a carriage return on one line, with log records glued to it."""
+    from dermcir.cli import core
+
+    seen = {}
+    monkeypatch.setattr(core, "cmd_prepare", lambda args: seen.setdefault("quiet", args.quiet) and 0)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
+    assert main(["prepare", "--data", str(tmp_path)]) == 0
+    assert seen["quiet"] is (not terminal)

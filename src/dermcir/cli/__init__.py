@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -19,7 +20,7 @@ from dermcir.cli._waits import LOG_FORMAT, exit_once
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dermcir", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="dermcir", description=__doc__.splitlines()[0].replace("``", ""))
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in (_core, _compare, _search):
@@ -28,11 +29,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; ``argv=None`` means this process is the ``dermcir`` command itself (its arguments are
+    ``sys.argv``), which also makes a Ctrl+C after the command's work is done end it quietly."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format=LOG_FORMAT)
+    if getattr(args, "quiet", True) is False and not sys.stderr.isatty():
+        # in a log file a bar is every update after a carriage return on one line, with log records glued to its
+        # end; the log lines (per epoch, per fold, the summaries) say the same there
+        args.quiet = True
     previous = _exit_on_sigterm()
     try:
-        return int(args.handler(args) or 0)
+        code = int(args.handler(args) or 0)
+        sys.stdout.flush()  # a reader that stopped early (`| head`) shows here, not at the interpreter's exit
+        return code
+    except BrokenPipeError:  # the reader stopped: not the user's error, and nothing to say (as `cat file | head`)
+        _discard_stdout()
+        return 141  # 128 + SIGPIPE, what a shell reports for a command its pipe's reader stopped
     except (ValueError, OSError) as exc:  # user errors: one clear line, no traceback (but with -v)
         # OSError: a path that cannot be read or written (a PermissionError on --out, a folder given for a file, ...)
         logging.getLogger("dermcir").debug("%s failed", args.command, exc_info=True)
@@ -45,6 +57,21 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        if argv is None and threading.current_thread() is threading.main_thread():
+            # the work is done and said; the interpreter's shutdown (joining tqdm's monitor and other threads) takes
+            # a second or two, and a Ctrl+C then printed a traceback over the result
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush of what is still buffered finds no broken pipe
+    (it would print "Exception ignored ... BrokenPipeError" and exit 120)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout replaced by an object without a file descriptor (a test's capture)
+        pass
 
 
 def _exit_on_sigterm():

@@ -18,10 +18,11 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-cases", type=whole(1), default=50, help="keep categories with at least this many cases")
     p.add_argument("--cache", type=Path, default=None, help="cache folder (default $DERMCIR_CACHE or ~/.cache/dermcir)")
     p.add_argument("--profile", choices=("cpu", "gpu"), default="cpu", help="cpu: frozen cached backbone; gpu: fine-tune")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed (default 0): the same seed gives the same run on the same machine")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a model/training setting, e.g. --set epochs=50 --set n_masks=4 (JSON values)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (shown only on a terminal anyway)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cv", help="run the k-fold retrieval benchmark (results.json, tables.md, retrievals.png)")
     _data_args(p)
     p.add_argument("--out", required=True, type=Path, help="run folder to write")
-    p.add_argument("--folds", type=whole(2), default=5)
+    p.add_argument("--folds", type=whole(2), default=5, help="number of folds of the stratified split (default 5)")
     p.add_argument("--method", default="composed", choices=("composed", *BASELINE_NAMES),
                    help="the composed model (default) or a re-implemented baseline")
     p.add_argument("--time-budget", type=positive, default=None, metavar="SECONDS",

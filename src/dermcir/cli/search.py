@@ -71,7 +71,7 @@ def _register_index(sub: argparse._SubParsersAction) -> None:
     # default None so that --remove, which encodes nothing, can refuse it
     p.add_argument("--device", type=device, help="auto (CUDA when present; the default), cpu, cuda or cuda:N")
     p.add_argument("--cache", type=Path, default=None, help="preprocessing cache (default $DERMCIR_CACHE)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (shown only on a terminal anyway)")
     _threads_arg(p)
     p.set_defaults(handler=cmd_index)
 
