@@ -1238,3 +1238,26 @@ def test_a_run_log_leaves_the_callers_console_at_its_level(tmp_path):
     written = (tmp_path / "run.log").read_text()
     assert "INFO dermcir.training.trainer: epoch 1 loss 0.5" in written and "a category is small" in written
     assert after_the_run == (logging.NOTSET, True)  # as the run found them
+
+
+@pytest.mark.parametrize("run", ["cv", "train"])
+def test_one_category_is_refused_not_reported_as_100_percent(tmp_path, monkeypatch, run):
+    """With one category left (a --min-cases above all but one), the loss was 0 and every figure 100.0 ± 0.0 in
+    tables.md; now refused, before any image is read, naming what the threshold left out."""
+    rows = ([{"diagnosis": "clark nevus", "streaks": "absent"}] * 10 + [{"diagnosis": "melanoma", "streaks": "irregular"}] * 8
+            + [{"diagnosis": "seborrheic keratosis", "streaks": "absent"}] * 6)
+    cases, report = load_derm7pt(write_release(tmp_path / "release_v0", rows), min_cases=9)
+    assert {c.category for c in cases} == {"nevus"}
+
+    def no_image(*args, **kwargs):
+        raise AssertionError("an image was read")
+
+    monkeypatch.setattr("dermcir.evaluation.cv.preprocess_cases", no_image)
+    monkeypatch.setattr("dermcir.training.pipeline.preprocess_cases", no_image)
+    says = re.escape("only one category is left ('nevus': 10 cases); left out by the category threshold "
+                     "(--min-cases): melanoma (8), benign keratosis-like (6); retrieval by category needs at least two")
+    with pytest.raises(ValueError, match=says):
+        if run == "cv":
+            run_cv(cases, tmp_path / "run", n_folds=2, progress=False, load_report=report, **FAST)
+        else:
+            train_on_cases(cases, tmp_path / "model", progress=False, load_report=report, **FAST)

@@ -146,7 +146,7 @@ def _run(
     data, report = build_data(baseline, cases, cache_dir, seed, load_report, progress)
     # as the composed model's run does, before the feature step: a category missing from a fold's database would
     # leave its queries without an answer (NaN average precision), silently left out of the mean
-    check_enough_per_category(data.labels, n_folds, len(report.skipped), "log.txt")
+    check_enough_per_category(data.labels, n_folds, len(report.skipped), "log.txt", left_out=report.dropped_categories)
     baseline.prepare(data)
     prepare_s = time.perf_counter() - start
     log.info("prepared in %.1f s", prepare_s)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from sklearn.model_selection import StratifiedKFold, train_test_split
@@ -19,18 +20,41 @@ def stratified_folds(labels: Sequence[str], n_folds: int = 5, seed: int = 0) -> 
     return [(db, q) for db, q in skf.split(np.zeros(len(labels)), labels)]
 
 
+def require_two_categories(labels: Sequence[str], left_out: Mapping[str, int] | None = None) -> None:
+    """Retrieval by category needs two categories at least: with one, every case is relevant to every query, the
+    loss is 0 and every figure 100 %, which a run would otherwise report as a result.
+
+    ``left_out``: the categories the loader's threshold left out (category -> cases), named in the message.
+    """
+    present = Counter(str(label) for label in labels)
+    if len(present) >= 2 or not present:
+        return
+    (only, n), = present.items()
+    also = ""
+    if left_out:
+        also = "; left out by the category threshold (--min-cases): " + ", ".join(
+            f"{name} ({count})" for name, count in sorted(left_out.items(), key=lambda item: -item[1]))
+    raise ValueError(
+        f"only one category is left ({only!r}: {n} cases){also}; retrieval by category needs at least two (with one, "
+        "every case is relevant to every query: the loss is 0 and every figure 100 %)"
+    )
+
+
 def check_enough_per_category(
-    labels: Sequence[str], n_folds: int, n_skipped: int, records: str, validation: bool = False
+    labels: Sequence[str], n_folds: int, n_skipped: int, records: str, validation: bool = False,
+    left_out: Mapping[str, int] | None = None,
 ) -> None:
     """Every category needs a case in every fold (a query of a category absent from the database has no answer, and
     one absent from a fold leaves the split short); say so plainly when left-out rows or images took that away.
 
+    Two categories at least (:func:`require_two_categories`; ``left_out``: the categories the threshold left out).
     ``records``: where the left-out rows are listed (the run's log), for the message. ``validation``: each fold's
     database is split again for early stopping (:func:`validation_split`), which needs two cases of every category
     there; checked here, before any feature is computed, rather than by scikit-learn in the first fold.
     """
     if not len(labels):
         raise ValueError(f"no usable cases: all {n_skipped} rows were left out (each is listed above, and in {records})")
+    require_two_categories(labels, left_out)
     categories, counts = np.unique(np.asarray(labels), return_counts=True)
     few = {str(c): int(n) for c, n in zip(categories, counts, strict=True) if n < n_folds}
     if few:

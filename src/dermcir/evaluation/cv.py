@@ -21,7 +21,12 @@ import torch
 from dermcir.config import to_json
 from dermcir.data.cache import preprocess_cases
 from dermcir.data.cases import Case, LoadReport, category_counts, require_query_texts
-from dermcir.data.folds import check_enough_per_category, stratified_folds, validation_split
+from dermcir.data.folds import (
+    check_enough_per_category,
+    require_two_categories,
+    stratified_folds,
+    validation_split,
+)
 from dermcir.devices import resolve_device
 from dermcir.evaluation.report import PAPER_ROWS, write_retrieval_figure, write_tables
 from dermcir.evaluation.results import build_results, check_run_folder, fold_row
@@ -212,10 +217,11 @@ def run_cv(
     report = load_report.copy() if load_report is not None else LoadReport()
     with run_log(out_dir / "cv.log", left_out=report.skipped, categories_left_out=report.categories_left_out()):
         require_query_texts(cases)  # every case is a composed query once
+        require_two_categories([c.category for c in cases], report.dropped_categories)  # before any image is read
         cases, images = preprocess_cases(cases, model_cfg.image_size, cache_dir, report, progress)  # logs its skips
         cases, images = report.apply_threshold_again(cases, images)
         check_enough_per_category([c.category for c in cases], n_folds, len(report.skipped), "cv.log",
-                                  validation=True)
+                                  validation=True, left_out=report.dropped_categories)
         labels = np.array([c.category for c in cases])
         # before the features: a split that cannot be made is refused in seconds (both take their own random state,
         # so the order leaves the run as it was)

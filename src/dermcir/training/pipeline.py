@@ -19,7 +19,7 @@ from dermcir.checkpoint_folder import check_checkpoint_target
 from dermcir.config import TrainConfig
 from dermcir.data.cache import preprocess_cases
 from dermcir.data.cases import Case, LoadReport, category_counts, require_query_texts
-from dermcir.data.folds import validation_split
+from dermcir.data.folds import require_two_categories, validation_split
 from dermcir.devices import resolve_device
 from dermcir.models import ComposedRetrievalModel
 from dermcir.training.features import CachedFeatures, DeviceImages, text_tokens
@@ -189,11 +189,13 @@ def train_on_cases(
     try:
         with run_log(tmp_log, left_out=report.skipped, categories_left_out=report.categories_left_out()):
             require_query_texts(cases)  # before any image is read
+            require_two_categories([c.category for c in cases], report.dropped_categories)
             # preprocessing logs what it leaves out
             cases, images = preprocess_cases(cases, model_cfg.image_size, cache_dir, report, progress)
             cases, images = report.apply_threshold_again(cases, images)
             if len(cases) < 4:
                 raise ValueError(f"only {len(cases)} usable cases; training needs at least a few per category")
+            require_two_categories([c.category for c in cases], report.dropped_categories)  # unreadable images
             # before the backbone's features: a category the split cannot divide is refused in seconds
             idx = np.arange(len(cases))
             train_idx, val_idx = validation_split(idx, [c.category for c in cases], train_cfg.val_fraction,
