@@ -1261,3 +1261,31 @@ def test_one_category_is_refused_not_reported_as_100_percent(tmp_path, monkeypat
             run_cv(cases, tmp_path / "run", n_folds=2, progress=False, load_report=report, **FAST)
         else:
             train_on_cases(cases, tmp_path / "model", progress=False, load_report=report, **FAST)
+
+
+def _constant_loss(value: float):
+    def member_loss(head, *args):  # differentiable, so that the step runs as with the real loss
+        return sum(p.sum() for p in head.parameters()) * 0 + value
+    return member_loss
+
+
+def test_the_epoch_loss_is_the_mean_over_the_steps_taken(toy_release, monkeypatch):
+    """A lone last case is no step, but was counted in the mean: the logged loss was halved (9 cases, batch 8)."""
+    from dermcir.training import trainer
+
+    model, inputs, cfg, n = _toy_inputs(toy_release, epochs=1, patience=50, refit_epochs=0, batch_size=8)
+    monkeypatch.setattr(trainer, "_member_loss", _constant_loss(1.0))
+    idx = np.arange(n)
+    result = trainer.fit(model, inputs, idx[:9], idx[9:], cfg, torch.device("cpu"), 3, progress=False)
+    assert result.history[0]["loss"] == pytest.approx(len(model.heads))  # each step: 1.0 per head set
+
+
+def test_a_diverged_training_says_so(toy_release, monkeypatch):
+    """It ended with the metrics' "scores contain NaN or infinite values", with no word of training or what to do."""
+    from dermcir.training import trainer
+
+    model, inputs, cfg, n = _toy_inputs(toy_release, epochs=3, patience=50, refit_epochs=0)
+    monkeypatch.setattr(trainer, "_member_loss", _constant_loss(float("nan")))
+    idx = np.arange(n)
+    with pytest.raises(ValueError, match=r"training diverged in epoch 1 \(mean loss nan\); lower head_lr \(now "):
+        trainer.fit(model, inputs, idx[::2], idx[1::2], cfg, torch.device("cpu"), 3, progress=False)

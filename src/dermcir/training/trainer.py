@@ -205,16 +205,18 @@ def fit(
     history: list[dict] = []
     start = time.perf_counter()
     bar = tqdm(range(cfg.epochs), desc="train", disable=not progress, leave=False)
-    def run_epoch(indices: np.ndarray) -> torch.Tensor:
+    def run_epoch(indices: np.ndarray) -> tuple[torch.Tensor, int]:
+        """One pass; the summed loss (on the device: no host sync per step) and the number of steps taken."""
         _training_mode(model, train_backbone)
         perm = torch.as_tensor(indices)[torch.randperm(len(indices), generator=gen)]
         if cfg.full_batches:
             perm = full_batch_order(perm, cfg.batch_size)
         perm_here = perm.to(inputs.device)  # one transfer per epoch; the batch slices below need none
         total = torch.zeros((), device=device)  # accumulated on device: no host sync per step
+        steps = 0
         for s in range(0, len(perm), cfg.batch_size):
             b = perm[s : s + cfg.batch_size]
-            if len(b) < 2:
+            if len(b) < 2:  # the loss compares cases within a batch; a lone last case is no step (nor in the mean)
                 continue
             with _autocast(device, cfg.amp):
                 maps, tok, pad, y = inputs.take(b, perm_here[s : s + cfg.batch_size], True, device)
@@ -225,14 +227,20 @@ def fit(
             optim.step()
             sched.step()
             total += loss.detach()
-        return total
+            steps += 1
+        return total, steps
 
     stopped_by = "epochs"
     refit_share = cfg.refit_epochs * len(refit_idx) / max(1, len(train_idx)) if refit_idx is not None else 0.0
     for epoch in bar:
         t0 = time.perf_counter()
-        total = run_epoch(train_idx)
-        loss = float(total) / steps_per_epoch  # the epoch's one host sync
+        total, steps = run_epoch(train_idx)
+        loss = float(total) / max(1, steps)  # the epoch's one host sync
+        if not math.isfinite(loss):  # else the metrics' "scores contain NaN" would be all that is said
+            raise ValueError(
+                f"training diverged in epoch {epoch + 1} (mean loss {loss}); lower head_lr (now {cfg.head_lr:g}) "
+                f"or lr (now {cfg.lr:g}), or raise temperature (now {cfg.temperature:g}), with --set KEY=VALUE"
+            )
         t1 = time.perf_counter()
         val = validation_metrics(model, inputs, train_idx, val_idx, device, cfg.amp, cfg.full_batches)
         val_map = val["mAP"]
