@@ -106,6 +106,18 @@ def test_border_removal_uneven_and_absent():
     np.testing.assert_array_equal(remove_black_border(dark), dark)  # all dark: not cropped away
 
 
+def test_a_dark_lesion_at_an_edge_is_not_taken_for_the_frame():
+    """A blue-black lesion wider than the field of view, touching the top edge inside a 12-px frame: its rows were
+    trimmed as frame, 250 of 512 rows, and 84 % of the lesion was lost without a word."""
+    img = np.full((512, 768, 3), (170, 120, 100), np.uint8)  # skin
+    img[:250, 30:740] = (20, 15, 35)  # the lesion's dark rows: over 90 % of the width
+    img[:12], img[-12:], img[:, :10], img[:, -10:] = 0, 0, 0, 0  # the scanner frame
+    out = remove_black_border(img)
+    assert out.shape[0] == 512 - 12  # the bottom frame goes; the top edge, frame and lesion together, is kept
+    assert (out.max(axis=2) < 40).all(axis=1).sum() >= 12  # the frame rows and the lesion's are all still there
+    assert out.shape[1] == 768 - 20  # the side frames go as before
+
+
 def test_load_rgb_modes(tmp_path):
     rgb = np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)
     cases = {

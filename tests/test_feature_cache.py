@@ -41,7 +41,7 @@ def test_a_preprocessing_change_misses_the_feature_cache(three_cases, tmp_path, 
     # a new preprocessing (here: no border removal) comes with a new PREPROCESS_VERSION; the images change, and so
     # must the backbone maps computed from them
     real = cache.preprocess
-    monkeypatch.setattr(cache, "PREPROCESS_VERSION", "border-v2")
+    monkeypatch.setattr(cache, "PREPROCESS_VERSION", "border-test")
     monkeypatch.setattr(cache, "preprocess", lambda rgb, size: real(rgb, size, crop_border=False))
     cases, changed = preprocess_cases(three_cases, 64, tmp_path, progress=False)
     assert not np.array_equal(changed, images)

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from dermcir._weights import shape_mismatches
 from dermcir.checkpoint_folder import CONFIG, WEIGHTS, check_checkpoint_target, read_config, restore_interrupted_save
 from dermcir.config import ModelConfig, from_dict
-from dermcir.data.cache import PREPROCESS_VERSION
+from dermcir.data.cache import COMPATIBLE_PREPROCESS_VERSIONS, PREPROCESS_VERSION
 from dermcir.data.text import TEMPLATE_VERSION
 from dermcir.devices import resolve_device
 from dermcir.files import current_umask, fsync_path
@@ -140,7 +140,7 @@ def load_checkpoint(ckpt_dir: str | Path, device: str | torch.device = "cpu") ->
             f"{TEMPLATE_VERSION!r}; retrain or install the matching dermcir version"
         )
     preprocess = meta.get("preprocess_version", _LEGACY_PREPROCESS)
-    if preprocess != PREPROCESS_VERSION:
+    if preprocess not in COMPATIBLE_PREPROCESS_VERSIONS:
         raise ValueError(
             f"{ckpt_dir}: trained on images prepared by preprocessing {preprocess!r}, this dermcir prepares them by "
             f"{PREPROCESS_VERSION!r}; retrain or install the matching dermcir version"
