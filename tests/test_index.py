@@ -882,3 +882,26 @@ def test_a_folder_the_file_system_will_not_sync_does_not_fail_the_write(tmp_path
     update = remove_cases(root, ["c001"])
     monkeypatch.undo()
     assert open_index(root).case_ids == ["c000", "c002"] and update.version == _store.current_version(root).name
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_tied_scores_come_in_row_order_whatever_k(kind):
+    """One image indexed under several ids gives equal scores; which of them came first changed with k (faiss's heap
+    order), so the top-1 result was not the first of the top-5."""
+    from dermcir.index._vectors import VectorParams, build_vector_index, search_vectors
+
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(40, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    duplicates = [3, 11, 17, 25, 38]
+    vectors[duplicates] = vectors[3]  # the same picture five times
+    params = VectorParams(kind=kind)
+    index = build_vector_index(vectors, params)
+    query = vectors[3:4] * 2
+    for k in range(1, 41):
+        scores, rows = search_vectors(index, query, k, params)
+        assert rows[0].tolist() == duplicates[:k] + ([] if k <= 5 else rows[0, 5:].tolist()), k
+        assert (np.diff(scores[0]) <= 0).all()
+    # many queries at once: each row sorted on its own
+    scores, rows = search_vectors(index, np.vstack([query, vectors[:1]]), 3, params)
+    assert rows[0].tolist() == duplicates[:3] and rows[1, 0] == 0

@@ -71,7 +71,11 @@ def extend_vector_index(index: faiss.Index, vectors: np.ndarray) -> None:
 def search_vectors(
     index: faiss.Index, queries: np.ndarray, k: int, params: VectorParams
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-``k`` rows by inner product: ``(scores (Q, k), rows (Q, k))``, best first.
+    """Top-``k`` rows by inner product: ``(scores (Q, k), rows (Q, k))``, best first; equal scores in row order.
+
+    Equal scores (one image indexed under two ids) come in the order of their rows, the order the cases were added,
+    whatever ``k``: faiss's heap returns ties in an order that depends on ``k``, so the first result changed with it.
+    To know which tied rows make the top ``k``, one row more is asked for, and more while the ties go on past it.
 
     Search parameters are passed per call rather than set on the index, so concurrent searches share no mutable
     state.
@@ -80,9 +84,19 @@ def search_vectors(
     k = min(k, index.ntotal)
     if k <= 0:
         return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
-    search_params = faiss.SearchParametersHNSW(efSearch=max(params.ef_search, k)) if params.kind == "hnsw" else None
-    scores, rows = index.search(q, k, params=search_params)
-    return scores, rows
+    wanted = min(k + 1, index.ntotal)
+    while True:
+        ef = max(params.ef_search, wanted)
+        search_params = faiss.SearchParametersHNSW(efSearch=ef) if params.kind == "hnsw" else None
+        scores, rows = index.search(q, wanted, params=search_params)
+        tied_past_k = (rows[:, -1] >= 0) & (scores[:, -1] >= scores[:, k - 1])
+        if wanted == k or wanted >= index.ntotal or not tied_past_k.any():
+            break
+        wanted = min(2 * wanted, index.ntotal)
+    # best first, ties by row; a missing neighbour (row -1, which HNSW may return) last
+    order = np.lexsort((np.where(rows < 0, np.iinfo(np.int64).max, rows), np.where(rows < 0, np.inf, -scores)), axis=1)
+    take = order[:, :k]
+    return np.take_along_axis(scores, take, axis=1), np.take_along_axis(rows, take, axis=1)
 
 
 def write_vector_index(index: faiss.Index, path: Path) -> None:
