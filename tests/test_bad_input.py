@@ -288,3 +288,30 @@ def test_impossible_numbers_are_refused_while_parsing(argv, says, capsys):
     with pytest.raises(SystemExit) as caught:
         main([argv[0], *required, *argv[1:]])
     assert caught.value.code == 2 and says in capsys.readouterr().err
+
+
+def _png(array) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("blank", ["black", "transparent", "one_pixel"])
+def test_a_blank_image_is_refused_not_ranked(env, blank):
+    """An all-black or fully transparent upload (a failed export) got one and the same ranking, with scores as
+    confident as a lesion's; a 1x1 image too."""
+    import numpy as np
+
+    *_, searcher, client = env
+    image = _png({"black": np.zeros((200, 300, 3), np.uint8),
+                  "transparent": np.zeros((200, 300, 4), np.uint8),
+                  "one_pixel": np.full((1, 1, 3), 128, np.uint8)}[blank])
+    with pytest.raises(QueryError, match=r"upload.png: blank \(one colour all over"):
+        searcher.search(image=image, image_name="upload.png", text="pigment network typical", k=3)
+    res = _post(client, image, name="upload.png", k=3)
+    assert res.status_code == 400 and res.json()["detail"].startswith("upload.png: blank")
+    _still_serving(client)

@@ -422,6 +422,8 @@ def _without_count(data: bytes) -> bytes:
         (MANIFEST, _without_count, "missing key(s) count"),
         (CASES, lambda b: b[:-30], "line 4"),
         (VECTORS, lambda b: b"\x93NUMPY garbage", "corrupt"),
+        # a NaN row: faiss left that case out of every result without a word
+        (VECTORS, lambda b: b[: -4 * 8] + np.full(8, np.nan, np.float32).tobytes(), "row 3, case 'c003', holds NaN"),
         (HEATMAPS, lambda b: b[:100], "corrupt"),
         (HNSW, lambda b: b[: len(b) // 2], "FAISS index"),
     ],

@@ -165,7 +165,7 @@ def load_query_image(image: ImageInput, size: int, name: str | None = None) -> n
 
     Raises:
         dermcir.data.ImageError: an unreadable file, named.
-        QueryError: an array of the wrong shape or type.
+        QueryError: an array of the wrong shape or type, or a blank image (one colour all over).
     """
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 1:
@@ -178,7 +178,17 @@ def load_query_image(image: ImageInput, size: int, name: str | None = None) -> n
         rgb = load_rgb(image, name=name)
     else:
         raise QueryError(f"image must be a path, the bytes of an image file or a uint8 array, got {type(image).__name__}")
-    return preprocess(rgb, size)
+    view = preprocess(rgb, size)
+    if float(view.std()) < _BLANK_STD:
+        # every such image gives one ranking, with scores that look as confident as a lesion's
+        raise QueryError(f"{name or (image if isinstance(image, (str, os.PathLike)) else 'the image')}: blank (one "
+                         "colour all over, e.g. all black or fully transparent); give a dermoscopic image, or none "
+                         "for a text-only query")
+    return view
+
+
+#: The spread of pixel values (0-255) under which a query image holds no picture. A dermoscopic image's is tens.
+_BLANK_STD = 2.0
 
 
 class CaseSearcher:

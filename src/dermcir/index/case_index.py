@@ -173,6 +173,7 @@ def load_version(folder: Path) -> CaseIndex:
             f"{folder}: {len(records)} records, vectors {vectors.shape}, {len(heatmaps)} heatmaps; "
             f"the manifest says {count} cases of width {dim}"
         )
+    _require_finite(folder / VECTORS, vectors, records)
     try:
         params = VectorParams(**manifest["vector_search"])
     except (TypeError, ValueError) as exc:
@@ -184,11 +185,21 @@ def load_version(folder: Path) -> CaseIndex:
     return CaseIndex(folder, manifest, records, vectors, heatmaps, vector_index)
 
 
+def _require_finite(path: Path, vectors: np.ndarray, records: list[dict[str, Any]]) -> None:
+    """A row holding NaN or inf (a damaged or hand-edited file) is refused: faiss left that case out of every result
+    without a word. Read a block at a time, as the file is mapped."""
+    for start in range(0, len(vectors), 65536):
+        bad = ~np.isfinite(vectors[start : start + 65536]).all(axis=1)
+        if bad.any():
+            row = start + int(np.argmax(bad))
+            raise _corrupt(path, f"row {row}, case {records[row]['case_id']!r}, holds NaN or infinite values")
+
+
 #: manifest keys that loading and searching rely on
 _MANIFEST_KEYS = ("fingerprint", "checkpoint", "model", "embedding_dim", "parts", "vector_search", "count")
 
 
-def _corrupt(path: Path, exc: Exception) -> ValueError:
+def _corrupt(path: Path, exc: Exception | str) -> ValueError:
     # the parser's own message ("Expecting property name ...") does not say which file it was reading
     return ValueError(f"{path}: corrupt or unreadable ({exc}); rebuild the index with `dermcir index`")
 
