@@ -1289,3 +1289,11 @@ def test_a_diverged_training_says_so(toy_release, monkeypatch):
     idx = np.arange(n)
     with pytest.raises(ValueError, match=r"training diverged in epoch 1 \(mean loss nan\); lower head_lr \(now "):
         trainer.fit(model, inputs, idx[::2], idx[1::2], cfg, torch.device("cpu"), 3, progress=False)
+
+
+def test_training_texts_longer_than_the_encoder_reads_are_refused(toy_release, tmp_path):
+    """With --set max_text_tokens below the template's length every training text was cut without a word, texts
+    became equal, and the model then refused its own checklists at search."""
+    cases, report = load_derm7pt(toy_release, min_cases=5)
+    with pytest.raises(ValueError, match=r"longer than the text encoder reads \(8 tokens, the model's max_text_tokens\)"):
+        train_on_cases(cases, tmp_path / "model", progress=False, load_report=report, **{**FAST, "max_text_tokens": 8})

@@ -378,3 +378,18 @@ def test_text_must_be_a_list_and_fusion_layers_at_least_one():
         model.encode_query(texts="pigment network atypical")
     with pytest.raises(ValueError, match="fusion_layers=0: expected an integer >= 1"):
         tiny(fusion_layers=0)
+
+
+def test_encode_query_refuses_invisible_and_overlong_texts():
+    """The search guarded both, but the model's own API took a zero-width space as a text, and cut a long text
+    without a word (two texts differing past the cut gave equal vectors; a training set lost its category words)."""
+    model = tiny(max_text_tokens=16).eval()
+    for invisible in ("\u200b", " \t\n", "\u200b\u2060"):
+        with pytest.raises(ValueError, match="text 0 is empty \\(or only invisible characters\\)"):
+            model.encode_query(texts=[invisible])
+    long = "pigment network atypical; streaks irregular; blue-whitish veil present; regression structures present"
+    with pytest.raises(ValueError, match=r"1 of 2 text\(s\) are longer than the text encoder reads \(16 tokens, the "
+                                         r"model's max_text_tokens\): the longest, text 1 .* is \d+ tokens"):
+        model.encode_query(texts=["sex male", long])
+    with torch.no_grad():
+        assert model.encode_query(texts=["sex male"]).shape[0] == 1  # a text that fits is encoded as before

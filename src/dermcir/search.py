@@ -18,7 +18,6 @@ import numbers
 import os
 import threading
 import time
-import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch
 
 from dermcir.checkpoint import load_checkpoint
 from dermcir.data.images import load_rgb, preprocess
-from dermcir.data.text import render_report, validate_checklist
+from dermcir.data.text import has_visible, render_report, validate_checklist
 from dermcir.index import CaseIndex, Hit, attention_heatmaps, open_index, resolve_device
 from dermcir.index._store import current_version
 from dermcir.index.case_index import load_version
@@ -145,7 +144,7 @@ def compose_text(text: str | None = None, checklist: Mapping[str, str] | None = 
         except UnicodeEncodeError as exc:
             raise QueryError(f"text holds a character that is not valid Unicode ({exc.reason} at position {exc.start}); "
                              "send the text as UTF-8") from None
-        if _has_visible(text):
+        if has_visible(text):
             parts.append(" ".join(text.split()))
     return " ".join(parts) if parts else None
 
@@ -153,11 +152,6 @@ def compose_text(text: str | None = None, checklist: Mapping[str, str] | None = 
 def _quote(text: str, limit: int = 40) -> str:
     """``text`` for a message: quoted, cut at ``limit`` characters."""
     return repr(text if len(text) <= limit else text[:limit] + "…")
-
-
-def _has_visible(text: str) -> bool:
-    """Whether ``text`` holds a character other than spaces, controls and invisible format characters (U+200B)."""
-    return any(unicodedata.category(ch)[0] not in "CZ" for ch in text)
 
 
 def load_query_image(image: ImageInput, size: int, name: str | None = None) -> np.ndarray:

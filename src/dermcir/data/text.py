@@ -7,6 +7,7 @@ The template is versioned: a checkpoint records :data:`TEMPLATE_VERSION` and ref
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Mapping
 
 TEMPLATE_VERSION = "meta-report-v1"
@@ -46,6 +47,11 @@ _SEVEN_POINT = tuple(list(CHECKLIST_FIELDS)[:7])
 #: Common spellings of a checklist value that mean one allowed value and nothing else: field -> {spelling: value}.
 #: Read wherever a checklist is given (an archive's CSV, ``--checklist``, the HTTP form).
 VALUE_SPELLINGS = {"sex": {"m": "male", "f": "female"}}
+
+
+def has_visible(text: str) -> bool:
+    """Whether ``text`` holds a character other than spaces, controls and invisible format characters (U+200B)."""
+    return any(unicodedata.category(ch)[0] not in "CZ" for ch in text)
 
 
 def checklist_key(name: str) -> str:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dermcir.config import ModelConfig, check_companion
+from dermcir.data.text import has_visible
 from dermcir.models.fusion import Descriptors, HeadSet
 from dermcir.models.registry import create_backbone, create_text_encoder
 from dermcir.similarity import query_vector, target_vector
@@ -124,12 +125,19 @@ class ComposedRetrievalModel(nn.Module):
         return [F.adaptive_avg_pool2d(m, g) if m.shape[-1] != g or m.shape[-2] != g else m for m in maps]
 
     def text_features(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token embeddings ``(B, T, E)`` and padding mask ``(B, T)`` of the query texts."""
+        """Token embeddings ``(B, T, E)`` and padding mask ``(B, T)`` of the query texts.
+
+        Raises:
+            ValueError: a text with no visible character (a zero-width space alone reads as no text at all), or one
+                longer than the encoder reads (``max_text_tokens``; it would be cut without a word).
+        """
         if isinstance(texts, str):  # iterating it would give one query per character
             raise TypeError("texts must be a list of strings (one per query), not a single string")
         for i, t in enumerate(texts):
-            if not isinstance(t, str) or not t.strip():
-                raise ValueError(f"text {i} is empty; give a description or use an image-only query")
+            if not isinstance(t, str) or not has_visible(t):
+                raise ValueError(f"text {i} is empty (or only invisible characters); give a description or use an "
+                                 "image-only query")
+        self.text_encoder.require_fits(list(texts))
         return self.text_encoder(list(texts))
 
     # ---- descriptors from features ------------------------------------------------------------------------------
