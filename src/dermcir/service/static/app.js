@@ -80,6 +80,7 @@ function setPreview(file) {
   const preview = $("image-preview");
   if (state.previewUrl) preview.src = state.previewUrl;
   else preview.removeAttribute("src");
+  preview.alt = file ? `chosen image: ${file.name}` : "";
   preview.hidden = !file;
   $("drop-hint").textContent = DROP_HINT;
   $("drop-hint").hidden = Boolean(file);
@@ -184,8 +185,11 @@ async function runSearch(event) {
   const controller = new AbortController();
   const timer = setTimeout(() => controller.abort("timeout"), SEARCH_TIMEOUT_S * 1000);
   state.search = controller;
+  // a disabled button loses the keyboard focus to the page: it goes to Cancel meanwhile, and comes back after
+  const keyboardHere = document.activeElement === button;
   button.disabled = true;
   $("cancel-search").hidden = false;
+  if (keyboardHere) $("cancel-search").focus({ preventScroll: true });
   // The previous query's results must not stay on screen under the new query, above all if this one fails.
   $("results-section").hidden = true;
   $("compare").hidden = true;
@@ -216,7 +220,9 @@ async function runSearch(event) {
     clearTimeout(timer);
     state.search = null;
     button.disabled = false;
+    const cancelHadFocus = document.activeElement === $("cancel-search");
     $("cancel-search").hidden = true;
+    if (cancelHadFocus || document.activeElement === document.body) button.focus({ preventScroll: true });
   }
 }
 
@@ -224,7 +230,12 @@ async function runSearch(event) {
 // greys out for a moment and nothing else seems to happen. Nothing moves when the line is already in view.
 function reveal(el) {
   const box = el.getBoundingClientRect();
-  if (box.top < 0 || box.bottom > window.innerHeight) el.scrollIntoView({ behavior: "smooth", block: "start" });
+  if (box.top < 0 || box.bottom > window.innerHeight) el.scrollIntoView({ behavior: scrolling(), block: "start" });
+}
+
+// Smooth scrolling, unless the user asked the system for less motion.
+function scrolling() {
+  return window.matchMedia("(prefers-reduced-motion: reduce)").matches ? "auto" : "smooth";
 }
 
 function fmt(x) { return Number(x).toFixed(3); }
@@ -239,13 +250,14 @@ function renderResults(body) {
   $("results-section").hidden = false;
   $("results-meta").textContent = `(index ${body.index.version}, ${body.index.cases} cases)`;
   for (const r of body.results) {
+    const item = document.createElement("li");
     const card = document.createElement("button");
     card.type = "button";
     card.className = "result-card";
     card.dataset.caseId = r.case_id;
     const img = document.createElement("img");
     img.src = sized(r.image_url, 192);
-    img.alt = `case ${r.case_id}`;
+    img.alt = "";  // the card's own words name the case: an alt would read its id twice
     img.loading = "lazy";
     img.addEventListener("error", () => thumbnailFailed(img));
     const title = document.createElement("div");
@@ -259,7 +271,8 @@ function renderResults(body) {
     scores.textContent = `score ${fmt(r.score)} (local ${fmt(r.local)}, global ${fmt(r.global)})`;
     card.append(img, title, meta, scores);
     card.addEventListener("click", () => showCompare(r, card));
-    grid.append(card);
+    item.append(card);
+    grid.append(item);
   }
 }
 
@@ -271,9 +284,10 @@ function thumbnailFailed(img) {
   img.replaceWith(note);
 }
 
-// Colour ramp for the overlay: blue (low attention) → green → yellow → red (high).
+// Colour ramp for the overlay: dark purple (low attention) → blue → green → bright yellow (high), viridis's stops.
+// It grows lighter all the way, so it reads in the right order without telling red from green.
 function ramp(t) {
-  const stops = [[0, 0, 255], [0, 200, 120], [255, 230, 0], [255, 0, 0]];
+  const stops = [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]];
   const x = Math.max(0, Math.min(1, t)) * (stops.length - 1);
   const i = Math.min(stops.length - 2, Math.floor(x));
   const f = x - i;
@@ -342,13 +356,15 @@ function showCaseImage(result) {
     if (state.selected !== result) return;
     note.textContent = `the image of case ${result.case_id} could not be loaded`;
   };
+  caseImg.alt = `case ${result.case_id}, ${result.diagnosis} (${result.category}), as the model saw it`;
   caseImg.removeAttribute("src");  // so that the same case clicked again loads (and says so) again
   caseImg.src = url;
 }
 
 function showCompare(result, card) {
   state.selected = result;
-  for (const c of $("results").querySelectorAll(".result-card")) c.classList.toggle("selected", c === card);
+  // said, not only shown: a screen reader reads the chosen card as the current one
+  for (const c of $("results").querySelectorAll(".result-card")) c.setAttribute("aria-current", String(c === card));
   const view = state.response.query.view;
   $("compare-query").hidden = !view;
   $("no-query-image").hidden = Boolean(view);
@@ -356,11 +372,14 @@ function showCompare(result, card) {
   showCaseImage(result);
   $("compare-caption").textContent =
     `#${result.rank} case ${result.case_id}: ${result.diagnosis} (${result.category}), score ${fmt(result.score)}`;
+  // column and row headers, and a caption: read cell by cell, each number says which part and level it is
   const table = $("parts-table");
   table.replaceChildren();
+  table.createCaption().textContent = `Score parts of case ${result.case_id}`;
   const head = table.insertRow();
-  for (const t of ["", "level 1", "level 2", "level 3", "sum"]) {
+  for (const t of ["part", "level 1", "level 2", "level 3", "sum"]) {
     const th = document.createElement("th");
+    th.scope = "col";
     th.textContent = t;
     head.append(th);
   }
@@ -368,7 +387,10 @@ function showCompare(result, card) {
   for (const kind of ["local", "global", "companion_local", "companion_global"]) {
     if (!(`${kind}_1` in result.parts)) continue;
     const row = table.insertRow();
-    row.insertCell().textContent = kind.replace("_", " ");
+    const name = document.createElement("th");
+    name.scope = "row";
+    name.textContent = kind.replace("_", " ");
+    row.append(name);
     let sum = 0;
     for (let l = 1; l <= 3; l++) {
       const v = result.parts[`${kind}_${l}`];
@@ -381,12 +403,12 @@ function showCompare(result, card) {
   redrawHeatmaps();
   // the keyboard goes where the eyes go: otherwise Tab would walk through every remaining result card first
   $("compare-heading").focus({ preventScroll: true });
-  $("compare").scrollIntoView({ behavior: "smooth", block: "nearest" });
+  $("compare").scrollIntoView({ behavior: scrolling(), block: "nearest" });
 }
 
 function closeCompare() {
   $("compare").hidden = true;
-  const card = $("results").querySelector(".result-card.selected");
+  const card = $("results").querySelector('.result-card[aria-current="true"]');
   if (card) card.focus();
 }
 
@@ -396,6 +418,10 @@ function init() {
   $("heatmap-toggle").addEventListener("change", redrawHeatmaps);
   $("level-select").addEventListener("change", redrawHeatmaps);
   $("close-compare").addEventListener("click", closeCompare);
+  // Escape closes the comparison, as it closes panels elsewhere, when the focus is in it
+  $("compare").addEventListener("keydown", (event) => {
+    if (event.key === "Escape" && !$("compare").hidden) closeCompare();
+  });
   $("cancel-search").addEventListener("click", () => { if (state.search) state.search.abort("cancelled"); });
   window.addEventListener("resize", redrawHeatmaps);
   loadChecklist().catch((err) => setStatus("Could not load the checklist fields: " + (err.message || err), true));
