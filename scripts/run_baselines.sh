@@ -12,7 +12,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 # the caller's relative paths made absolute here, before the script moves to the repository root
-DATA="$(realpath -m "${1:-$root/../shared/derm7pt/release_v0}")"
+DATA="$(realpath -m -- "${1:-$root/../shared/derm7pt/release_v0}")"
 PROFILE="${2:-cpu}"
 OUT="$(realpath -m "${3:-$root/runs/baselines}")"
 if [ -n "${COMPOSED_RUN:-}" ]; then COMPOSED_RUN="$(realpath -m "$COMPOSED_RUN")"; fi

@@ -66,3 +66,44 @@ def test_configs_profiles_and_folder_checks_load_without_torch():
     )
     done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert done.stdout.split() == ["False"], (done.stdout, done.stderr)
+
+
+def test_the_version_has_one_source_and_the_command_says_it():
+    """pyproject.toml and dermcir.__version__ each spelt the version; `dermcir --version` did not exist."""
+    import tomllib
+    from importlib.metadata import version
+    from pathlib import Path
+
+    import dermcir
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "dermcir.__version__"}
+    assert version("dermcir") == dermcir.__version__  # the installed metadata took it from there
+    out = subprocess.run([sys.executable, "-m", "dermcir", "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == f"dermcir {dermcir.__version__}"
+
+
+def test_every_third_party_package_the_code_imports_is_declared():
+    """starlette and pydantic were imported directly but came only through fastapi."""
+    import ast
+    import tomllib
+    from importlib.metadata import packages_distributions
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    declared = {line.split("==")[0].lower().replace("_", "-")
+                for line in tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]}
+    owners = packages_distributions()
+    imported = set()
+    for path in (root / "src").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+    third_party = {name for name in imported if name in owners and name not in sys.stdlib_module_names
+                   and name != "dermcir"}
+    missing = {name: owners[name] for name in third_party
+               if not {d.lower().replace("_", "-") for d in owners[name]} & declared}
+    assert not missing, f"imported but not declared in pyproject.toml: {missing}"

@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 
+from dermcir import __version__
 from dermcir.cli import compare as _compare
 from dermcir.cli import core as _core
 from dermcir.cli import search as _search
@@ -22,6 +23,7 @@ from dermcir.cli._waits import LOG_FORMAT, exit_once
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dermcir", description=__doc__.splitlines()[0].replace("``", ""))
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in (_core, _compare, _search):
         module.register(sub)

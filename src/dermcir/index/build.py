@@ -135,7 +135,7 @@ def _write(folder: Path, manifest: dict[str, Any], rows: _Rows, params: VectorPa
     np.save(folder / HEATMAPS, np.ascontiguousarray(rows.heatmaps, dtype=np.float16), allow_pickle=False)
     if params.kind == "hnsw":
         write_vector_index(graph if graph is not None else build_vector_index(rows.vectors, params), folder / HNSW)
-    written = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    written = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     (folder / MANIFEST).write_text(json.dumps({**manifest, "count": len(rows.records), "written": written}, indent=2))
 
 
