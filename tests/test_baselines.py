@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -481,6 +482,7 @@ def test_cv_quiet_reaches_the_baseline_runner(flags: list[str], progress: bool, 
         return {"mean": {}, "std": {}}
 
     monkeypatch.setattr(dermcir.baselines, "run_baseline_cv", record)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # bars are shown on a terminal only
     release = write_release(tmp_path / "r", [{"diagnosis": "clark nevus"}] * 3)
     assert main(["cv", "--method", "snf-dca", "--data", str(release), "--min-cases", "1", "--out",
                  str(tmp_path / "o"), *flags]) == 0
