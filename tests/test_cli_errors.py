@@ -384,6 +384,21 @@ def test_a_reader_that_stops_early_is_no_error():
     assert proc.stderr.read() == b""
 
 
+def test_a_broken_pipe_that_is_not_stdout_is_an_error(monkeypatch, capsys):
+    """Only a stopped reader of stdout is quiet: a worker process's pipe breaking is reported like any error."""
+    from dermcir.cli import compare
+
+    def work(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(compare, "cmd_compare", work)
+    assert main(["compare", "run", "--out", "x.md"]) == 2
+    assert "dermcir compare: error: " in capsys.readouterr().err
+    proc = _as_the_command("raise BrokenPipeError(32, 'Broken pipe')")  # stdout still read: the same, as a command
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and b"dermcir compare: error: " in err
+
+
 def test_a_ctrl_c_once_the_work_is_done_is_ignored_by_the_command_only(monkeypatch):
     """Ctrl+C during the second or two of the interpreter's shutdown printed a traceback over the result."""
     proc = _as_the_command("return 0", after="print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN)")

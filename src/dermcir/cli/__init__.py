@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import select
 import signal
 import sys
 import threading
@@ -44,14 +45,15 @@ def main(argv: list[str] | None = None) -> int:
         code = int(args.handler(args) or 0)
         sys.stdout.flush()  # a reader that stopped early (`| head`) shows here, not at the interpreter's exit
         return code
-    except BrokenPipeError:  # the reader stopped: not the user's error, and nothing to say (as `cat file | head`)
+    except BrokenPipeError as exc:
+        if not _stdout_reader_gone():  # another pipe (a worker process's): an error to report like any other
+            return _report(args, exc)
+        # the reader stopped: not the user's error, and nothing to say (as `cat file | head`)
         _discard_stdout()
         return 141  # 128 + SIGPIPE, what a shell reports for a command its pipe's reader stopped
     except (ValueError, OSError) as exc:  # user errors: one clear line, no traceback (but with -v)
         # OSError: a path that cannot be read or written (a PermissionError on --out, a folder given for a file, ...)
-        logging.getLogger("dermcir").debug("%s failed", args.command, exc_info=True)
-        print(f"dermcir {args.command}: error: {_one_line(exc)}", file=sys.stderr)
-        return 2
+        return _report(args, exc)
     except KeyboardInterrupt:  # Ctrl+C: the command's clean-up has run (finally blocks); no traceback (but with -v)
         logging.getLogger("dermcir").debug("%s interrupted", args.command, exc_info=True)
         print(f"dermcir {args.command}: interrupted", file=sys.stderr)
@@ -63,6 +65,22 @@ def main(argv: list[str] | None = None) -> int:
             # the work is done and said; the interpreter's shutdown (joining tqdm's monitor and other threads) takes
             # a second or two, and a Ctrl+C then printed a traceback over the result
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _report(args: argparse.Namespace, exc: Exception) -> int:
+    logging.getLogger("dermcir").debug("%s failed", args.command, exc_info=exc)  # the traceback with -v
+    print(f"dermcir {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+    return 2
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (poll reports an error on its write end)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no file descriptor (a test's capture), or no poll (Windows)
+        return False
 
 
 def _discard_stdout() -> None:
