@@ -512,6 +512,9 @@ def test_results_and_comparison_say_what_they_show(page):
     assert page.locator("#parts-table th[scope='col']").all_inner_texts() == ["part", "level 1", "level 2", "level 3", "sum"]
     assert page.locator("#parts-table th[scope='row']").all_inner_texts() == ["local", "global"]
     assert page.get_attribute("#case-heat", "aria-hidden") == "true"
+    # the heading the focus lands on is described by the caption, which names the case
+    assert page.get_attribute("#compare-heading", "aria-describedby") == "compare-caption"
+    assert f"case {case_id}:" in page.locator("#compare-caption").inner_text()
     # the image chooser's name holds the words shown on it (a speech-input user says them)
     assert page.get_by_label("Drop an image here or click to choose one").get_attribute("id") == "image-input"
 
