@@ -137,8 +137,7 @@ class ComposedRetrievalModel(nn.Module):
             if not isinstance(t, str) or not has_visible(t):
                 raise ValueError(f"text {i} is empty (or only invisible characters); give a description or use an "
                                  "image-only query")
-        self.text_encoder.require_fits(list(texts))
-        return self.text_encoder(list(texts))
+        return self.text_encoder(list(texts))  # which refuses a text longer than it reads (TokenEncoder.tokenize)
 
     # ---- descriptors from features ------------------------------------------------------------------------------
     def describe_target(self, maps: list[torch.Tensor]) -> Descriptors:

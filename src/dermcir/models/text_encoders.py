@@ -21,25 +21,21 @@ class TokenEncoder(nn.Module):
         self.width: int = model.config.hidden_size
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        return self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt"
-        )
-
-    def require_fits(self, texts: list[str]) -> None:
-        """Refuse texts longer than ``max_tokens``: the tokenizer would cut them without a word, and texts that differ
-        only past the cut would become one (a training set's category-giving words lost, a clinician's last words
-        ignored)."""
-        counts = [len(ids) for ids in self.tokenizer(list(texts), truncation=False)["input_ids"]]
-        longest = max(range(len(counts)), key=counts.__getitem__, default=None)
-        if longest is None or counts[longest] <= self.max_tokens:
-            return
-        over = sum(n > self.max_tokens for n in counts)
-        shown = texts[longest] if len(texts[longest]) <= 60 else texts[longest][:60] + "…"
-        raise ValueError(
-            f"{over} of {len(texts)} text(s) are longer than the text encoder reads ({self.max_tokens} tokens, the "
-            f"model's max_text_tokens): the longest, text {longest} ({shown!r}), is {counts[longest]} tokens; "
-            "shorten them, or train with a larger max_text_tokens (--set max_text_tokens=N)"
-        )
+        """The padded batch; texts longer than ``max_tokens`` are refused, not cut: the tokenizer would cut them
+        without a word, and texts that differ only past the cut would become one (a training set's category-giving
+        words lost, a clinician's last words ignored). One tokenization serves the check and the encoding."""
+        batch = self.tokenizer(list(texts), padding=True, truncation=False, return_tensors="pt")
+        counts = batch["attention_mask"].sum(dim=1)
+        if len(texts) and int(counts.max()) > self.max_tokens:
+            longest = int(counts.argmax())
+            over = int((counts > self.max_tokens).sum())
+            shown = texts[longest] if len(texts[longest]) <= 60 else texts[longest][:60] + "…"
+            raise ValueError(
+                f"{over} of {len(texts)} text(s) are longer than the text encoder reads ({self.max_tokens} tokens, the "
+                f"model's max_text_tokens): the longest, text {longest} ({shown!r}), is {int(counts[longest])} tokens; "
+                "shorten them, or train with a larger max_text_tokens (--set max_text_tokens=N)"
+            )
+        return batch
 
     def forward(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         device = next(self.model.parameters()).device
