@@ -90,7 +90,7 @@ def search_vectors(
         search_params = faiss.SearchParametersHNSW(efSearch=ef) if params.kind == "hnsw" else None
         scores, rows = index.search(q, wanted, params=search_params)
         tied_past_k = (rows[:, -1] >= 0) & (scores[:, -1] >= scores[:, k - 1])
-        if wanted == k or wanted >= index.ntotal or not tied_past_k.any():
+        if wanted >= index.ntotal or not tied_past_k.any():
             break
         wanted = min(2 * wanted, index.ntotal)
     # best first, ties by row; a missing neighbour (row -1, which HNSW may return) last
