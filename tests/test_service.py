@@ -577,3 +577,34 @@ def test_a_bad_port_is_refused_before_anything_loads(port, capsys):
         build_parser().parse_args(["serve", "--index", "x", "--port", port])
     assert caught.value.code == 2 and "expected a port number from 0 to 65535" in capsys.readouterr().err
     assert build_parser().parse_args(["serve", "--index", "x", "--port", "0"]).port == 0  # 0 picks a free port
+
+
+def test_several_services_on_one_index_root_follow_one_writer(tmp_path):
+    """Scaling out: services in separate processes (as on separate machines sharing the index folder) each load the
+    live version; an update by another process is answered by every one of them from their next request on."""
+    import os
+    import subprocess
+    import sys
+
+    ckpt, root, _cases = make_index(tmp_path, 4)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DERMCIR_CACHE": str(tmp_path / "cache")}
+    services, urls = [], []
+    try:
+        for _ in range(2):
+            proc = subprocess.Popen([sys.executable, "-m", "dermcir", "serve", "--index", str(root), "--port", "0"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+            services.append(proc)
+            line = proc.stdout.readline()  # "dermcir serve: open http://127.0.0.1:PORT/ in a browser ..."
+            urls.append(next(word for word in line.split() if word.startswith("http://")))
+        before = {httpx.get(url + "health", timeout=30).json()["index_version"] for url in urls}
+        assert len(before) == 1 and all(httpx.get(url + "cases/c070", timeout=30).status_code == 404 for url in urls)
+        add_cases(root, make_cases(tmp_path / "late", 1, start=70), checkpoint=ckpt, cache_dir=tmp_path / "cache",
+                  progress=False)  # the one writer, here in the test's own process
+        for url in urls:
+            assert httpx.get(url + "cases/c070", timeout=30).status_code == 200
+            health = httpx.get(url + "health", timeout=30).json()
+            assert health["cases"] == 5 and health["index_version"] not in before
+    finally:
+        for proc in services:
+            proc.terminate()
+            proc.wait(timeout=30)
