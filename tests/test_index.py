@@ -907,3 +907,32 @@ def test_tied_scores_come_in_row_order_whatever_k(kind):
     # many queries at once: each row sorted on its own
     scores, rows = search_vectors(index, np.vstack([query, vectors[:1]]), 3, params)
     assert rows[0].tolist() == duplicates[:3] and rows[1, 0] == 0
+
+
+def test_index_vectors_and_benchmark_scores_are_exact_float32(tmp_path, kit, monkeypatch):
+    """CUDA's convolutions use TF32 by default (a 10-bit mantissa): vectors an index stored or a benchmark scored on a
+    GPU differed slightly from those a CPU search computes. Both are now encoded with TF32 off, and the flags put back."""
+    from dermcir.devices import exact_float32
+    from dermcir.evaluation import cv
+    from dermcir.index import _encode
+
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    before = (cudnn.allow_tf32, matmul.allow_tf32)
+    with pytest.raises(RuntimeError, match="inside"), exact_float32():
+        assert not cudnn.allow_tf32 and not matmul.allow_tf32
+        raise RuntimeError("inside")
+    assert (cudnn.allow_tf32, matmul.allow_tf32) == before
+
+    seen = []
+    model = kit[1]
+    real = model.encode_target_with_masks
+    monkeypatch.setattr(model, "encode_target_with_masks",
+                        lambda images: seen.append(cudnn.allow_tf32) or real(images))
+    _encode.encode_cases(model, make_cases(tmp_path / "images", 2), cache_dir=tmp_path / "cache", progress=False)
+    monkeypatch.setattr(cv, "describe_all", lambda *args, **kwargs: seen.append(cudnn.allow_tf32) or {
+        "target": None, "composed": None, "text": None})
+    monkeypatch.setattr(cv, "target_embeddings", lambda d: d)
+    monkeypatch.setattr(cv, "_variants", lambda d, beta: d)
+    cv._main_embeddings(model, None, np.arange(2), np.arange(2), torch.device("cpu"),
+                        type("Cfg", (), {"full_batches": False})())
+    assert seen == [False, False, False] and cudnn.allow_tf32 == before[0]

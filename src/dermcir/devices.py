@@ -4,6 +4,9 @@ choices)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 #: The kinds of device a model can run on here, and how to tell whether this machine has one.
@@ -40,3 +43,20 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
             f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0"
         )
     return resolved
+
+
+@contextmanager
+def exact_float32() -> Iterator[None]:
+    """Float32 as the CPU computes it, on CUDA too, for the vectors an index stores and a benchmark scores.
+
+    torch lets cuDNN's convolutions use TF32 by default (a 10-bit mantissa) on GPUs that have it, so such vectors
+    would differ slightly from those a CPU search computes (close neighbours may swap). The flags are process-wide:
+    they are put back as they were on leaving.
+    """
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    before = (cudnn.allow_tf32, matmul.allow_tf32)
+    cudnn.allow_tf32 = matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = before

@@ -27,7 +27,7 @@ from dermcir.data.folds import (
     stratified_folds,
     validation_split,
 )
-from dermcir.devices import resolve_device
+from dermcir.devices import exact_float32, resolve_device
 from dermcir.evaluation.report import PAPER_ROWS, write_retrieval_figure, write_tables
 from dermcir.evaluation.results import build_results, check_run_folder, fold_row
 from dermcir.files import write_json_atomic
@@ -82,13 +82,14 @@ def _main_embeddings(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The main model's target embeddings of the database and every ablation's query embeddings.
 
-    In float32 whatever ``train_cfg.amp`` says, as the index and search encode: the figures reported are those of the
+    In exact float32 whatever ``train_cfg.amp`` says (no TF32 on CUDA), as the index and search encode: the figures reported are those of the
     vectors search would use (bf16 descriptors move scores by up to ~2e-3, enough to swap close neighbours).
     Validation during training may stay in bf16; it only picks the epoch."""
     fixed, beta = train_cfg.full_batches, model.config.beta
-    target = target_embeddings(describe_all(model, inputs, db, device, amp=False, kinds=("target",),
-                                            full_batches=fixed)["target"])
-    return target, _variants(describe_all(model, inputs, q, device, amp=False, full_batches=fixed), beta)
+    with exact_float32():  # not TF32 either, which CUDA's convolutions use by default
+        target = target_embeddings(describe_all(model, inputs, db, device, amp=False, kinds=("target",),
+                                                full_batches=fixed)["target"])
+        return target, _variants(describe_all(model, inputs, q, device, amp=False, full_batches=fixed), beta)
 
 
 def _with_companion(

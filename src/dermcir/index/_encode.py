@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from dermcir.data.cache import preprocess_cases
 from dermcir.data.cases import Case, LoadReport
+from dermcir.devices import exact_float32
 from dermcir.models import ComposedRetrievalModel
 from dermcir.models.retrieval import N_LEVELS
 
@@ -73,7 +74,8 @@ def encode_cases(
         chunk = list(cases[start : start + batch_size])
         good, images = preprocess_cases(chunk, model.config.image_size, cache_dir, report, progress=False)
         if good:
-            vector, masks = model.encode_target_with_masks(images)
+            with exact_float32():  # the vectors a CPU search would compute, not CUDA's default TF32 convolutions
+                vector, masks = model.encode_target_with_masks(images)
             vectors.append(vector.float().cpu().numpy())
             heatmaps.append(attention_heatmaps(masks).cpu().numpy().astype(np.float16))
             kept.extend(good)
