@@ -419,7 +419,7 @@ def test_progress_bars_only_on_a_terminal(tmp_path, monkeypatch, terminal):
     from dermcir.cli import core
 
     seen = {}
-    monkeypatch.setattr(core, "cmd_prepare", lambda args: seen.setdefault("quiet", args.quiet) and 0)
+    monkeypatch.setattr(core, "cmd_prepare", lambda args: seen.update(quiet=args.quiet))  # None: exit 0
     monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
     assert main(["prepare", "--data", str(tmp_path)]) == 0
     assert seen["quiet"] is (not terminal)

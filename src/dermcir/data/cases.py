@@ -380,12 +380,13 @@ def load_case_csv(
             continue
         if not category:
             category = derived or diagnosis
-        same = image_rows.get(image.resolve())
+        resolved = image.resolve()
+        same = image_rows.get(resolved)
         if same is not None:  # one picture twice would be returned twice, tied, possibly under two diagnoses
             report.skip(what, f"case {case_id!r}: its image {image} is already case {same[0]!r} (row {same[1]}); "
                               "one image is one case")
             continue
-        image_rows[image.resolve()] = (case_id, what)
+        image_rows[resolved] = (case_id, what)
         seen.add(case_id)
         cases.append(Case(case_id, image, diagnosis, category, fields))
         left_out.extend((case_id, what, column, value, reason) for column, value, reason in bad)
