@@ -31,7 +31,7 @@ BAD_REASON = {
     "corrupt_jpeg": "not a recognised image format",
     "not_an_image": "not a recognised image format",
     "decompression_bomb": "decompression bomb",
-    "damaged_dds": "Unknown pixel format flags 1",  # a NotImplementedError: was a 500 / a traceback
+    "damaged_dds": "not a recognised image format",  # not a photo format (its NotImplementedError was a 500)
     "icon": "not a recognised image format",
 }
 

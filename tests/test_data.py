@@ -196,6 +196,61 @@ def test_a_large_16_bit_image_decodes_without_float64_copies():
     assert peak < 10 * 2000 * 1500, f"peak {peak / 1e6:.0f} MB while decoding a 3 MP 16-bit image"
 
 
+def test_an_eps_upload_never_reaches_ghostscript(monkeypatch):
+    """Pillow reads EPS by running Ghostscript on the file: with gs installed, an upload became a PostScript program
+    run on the server. Only the photo formats are read now; here gs is made to look installed and its calls recorded."""
+    from PIL import EpsImagePlugin
+
+    calls = []
+
+    def record_and_fail(command, **_kwargs):
+        calls.append(command)
+        raise OSError("no real Ghostscript in the test")
+
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", "gs")
+    monkeypatch.setattr(EpsImagePlugin.subprocess, "check_call", record_and_fail)
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\n(runs on the server) print\nshowpage\n%%EOF\n"
+    with pytest.raises(ImageError, match=r"lesion.jpg: not a recognised image format \(accepted: JPEG, PNG, TIFF"):
+        load_rgb(eps, name="lesion.jpg")
+    assert calls == []
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "TIFF", "BMP", "WEBP", "GIF"])
+def test_the_photo_formats_are_read(fmt):
+    buf = io.BytesIO()
+    synthetic_lesion(1, (90, 60, 40), size=(48, 32)).save(buf, format=fmt)
+    assert load_rgb(buf.getvalue(), name=f"x.{fmt.lower()}").shape == (32, 48, 3)
+
+
+def test_an_image_ten_times_longer_than_wide_is_read_and_a_strip_refused():
+    """An image is resized to a square; resizing a 1 x 40,000,000 strip took 1.8 GB and 23 s (a square of as many
+    pixels 0.7 GB and 7 s), from a 300 kB upload. The size is read from the header: nothing is decoded."""
+    buf = io.BytesIO()
+    synthetic_lesion(1, (90, 60, 40), size=(200, 20)).save(buf, format="PNG")
+    assert load_rgb(buf.getvalue()).shape == (20, 200, 3)
+    from .searchkit import png_declaring
+
+    for w, h in ((20_001, 1_999), (1, 39_990_000)):
+        with pytest.raises(ImageError, match=f"strip.png: is {w}x{h} pixels, one side more than 10 times the other"):
+            load_rgb(png_declaring(w, h), name="strip.png")
+
+
+def test_any_decoder_error_is_the_file_s_fault(monkeypatch):
+    """Pillow's decoders raise more than OSError on a damaged file (NotImplementedError, struct.error, TypeError):
+    each must be an ImageError naming the file (it was a 500 over HTTP)."""
+    from PIL import PngImagePlugin
+
+    buf = io.BytesIO()
+    synthetic_lesion(1, (90, 60, 40), size=(32, 32)).save(buf, format="PNG")
+    for error in (NotImplementedError("Unknown pixel format flags 1"), TypeError("bad tag"), KeyError("x")):
+        def fail(self, error=error):
+            raise error
+
+        monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", fail)
+        with pytest.raises(ImageError, match="damaged.png: corrupt or truncated image"):
+            load_rgb(buf.getvalue(), name="damaged.png")
+
+
 def _clinic_csv(tmp_path: Path, text: str, images: int = 3) -> Path:
     for i in range(images):
         synthetic_lesion(i, (90, 60, 40)).save(tmp_path / f"img{i}.jpg")
