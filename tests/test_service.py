@@ -545,10 +545,41 @@ def test_a_loopback_server_answers_only_loopback_host_names(env):
     assert allowed_hosts("127.0.0.2") == ["127.0.0.1", "localhost", "[::1]", "127.0.0.2"]
     assert allowed_hosts("::1") == ["127.0.0.1", "localhost", "[::1]"]
     assert allowed_hosts("0.0.0.0") is None and allowed_hosts("192.168.1.20") is None  # reached by names unknown here
+    # ... unless the names clients use are given: then only they, and the address itself (not a wildcard one)
+    assert allowed_hosts("0.0.0.0", extra=["dermcir.clinic"]) == ["dermcir.clinic"]
+    assert allowed_hosts("::", extra=["dermcir.clinic"]) == ["dermcir.clinic"]
+    assert allowed_hosts("10.1.2.3", extra=["dermcir.clinic"]) == ["10.1.2.3", "dermcir.clinic"]
+    assert allowed_hosts("myhost", "10.1.2.3", ["a.b"]) == ["myhost", "10.1.2.3", "a.b"]
     # decided by the address bound, not the name given: a name /etc/hosts maps to loopback is checked too
     assert allowed_hosts("myhost", "127.0.1.1") == ["127.0.0.1", "localhost", "[::1]", "myhost"]
     assert allowed_hosts("myhost", "192.168.1.20") is None
     assert allowed_hosts("127.0.0.1", extra=["proxy.example"])[-1] == "proxy.example"  # --allowed-host
+
+
+@pytest.mark.parametrize("bound", ["0.0.0.0", "10.1.2.3"])
+def test_allowed_host_names_are_enforced_on_an_address_other_machines_reach(env, bound, caplog):
+    """The documented set-up behind a load balancer (``--host 0.0.0.0 --allowed-host NAME``) answered any Host: the
+    option was read on loopback addresses only, so a page rebinding its name to the service's address read the cases.
+    The socket stands in for one bound there (nothing listens on the network)."""
+    from dermcir.service.server import _guarded
+
+    *_, searcher, _client = env
+
+    class BoundThere:
+        def getsockname(self):
+            return (bound, 8000)
+
+    with caplog.at_level("WARNING", logger="dermcir"):
+        guarded = _guarded(create_app(searcher), bound, BoundThere(), ["dermcir.clinic.example"])
+    client = TestClient(guarded)
+    assert client.get("/health", headers={"Host": "attacker.example"}).status_code == 400
+    assert client.get("/health", headers={"Host": "dermcir.clinic.example:8000"}).status_code == 200
+    assert client.get("/health", headers={"Host": "10.1.2.3"}).status_code == (200 if bound == "10.1.2.3" else 400)
+    assert "reachable from other machines" in caplog.text and "any Host name is answered" not in caplog.text
+    with caplog.at_level("WARNING", logger="dermcir"):  # without the names: any, and the log says how to restrict
+        assert TestClient(_guarded(create_app(searcher), bound, BoundThere(), [])).get(
+            "/health", headers={"Host": "attacker.example"}).status_code == 200
+    assert "any Host name is answered; --allowed-host NAME" in caplog.text
 
 
 def test_a_host_name_bound_to_loopback_is_checked_and_allowed_names_are_answered(env, caplog):

@@ -146,8 +146,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-waiting", type=whole(0), default=32,
                    help="searches that may wait for a turn; one more is answered 503 (each holds its upload)")
     p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
-                   help="on a loopback address, also answer requests addressed to NAME (e.g. a reverse proxy that "
-                        "passes its clients' Host on); repeatable")
+                   help="a Host name to answer besides the address itself: on a loopback address, also NAME (e.g. a "
+                        "reverse proxy that passes its clients' Host on); on another address, only the NAMEs given "
+                        "(without any, every name is answered); repeatable")
     _threads_arg(p)
 
 

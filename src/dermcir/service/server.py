@@ -38,23 +38,44 @@ _LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
 
 def allowed_hosts(host: str, bound: str | None = None, extra: Sequence[str] = ()) -> list[str] | None:
     """The ``Host`` header names answered by a server asked to listen on ``host`` and bound to the address ``bound``
-    (default: ``host``); ``None`` (any) unless that address is loopback.
+    (default: ``host``); ``None`` means any.
 
-    A service on this machine only can still be reached from a web page the user visits, by DNS rebinding: the page's
-    own name is made to point at 127.0.0.1. Its requests then carry that name in ``Host``, and are refused. The
-    loopback names, ``host`` itself (e.g. a name that /etc/hosts maps to 127.0.1.1) and ``extra`` (a reverse proxy
-    that passes its clients' ``Host`` on) are answered. A server listening on other addresses is reached by names it
-    cannot know, so it answers any.
+    A service can be reached from a web page the user visits, by DNS rebinding: the page's own name is made to point
+    at the service's address. Its requests then carry that name in ``Host``, and are refused.
+
+    - On a loopback address: the loopback names, ``host`` itself (e.g. a name that /etc/hosts maps to 127.0.1.1)
+      and ``extra`` (a reverse proxy that passes its clients' ``Host`` on) are answered.
+    - On any other address the names clients use cannot be known here: with ``extra`` (``--allowed-host``) only
+      those names and the address listened on are answered (not a wildcard one such as 0.0.0.0, which no client
+      addresses); without it, any name.
     """
     address = bound or host
+    if _is_loopback(address):
+        return list(dict.fromkeys([*_LOOPBACK_NAMES, _as_host_name(host), *extra]))
+    if not extra:
+        return None
+    own = [_as_host_name(name) for name in (host, address) if not _is_wildcard(name)]
+    return list(dict.fromkeys([*own, *extra]))
+
+
+def _is_loopback(address: str) -> bool:
     try:
-        loopback = address == "localhost" or ipaddress.ip_address(address).is_loopback
+        return address == "localhost" or ipaddress.ip_address(address).is_loopback
     except ValueError:  # a host name, not an address: nothing known about where it listens
-        return None
-    if not loopback:
-        return None
-    name = f"[{host}]" if ":" in host else host
-    return list(dict.fromkeys([*_LOOPBACK_NAMES, name, *extra]))
+        return False
+
+
+def _as_host_name(name: str) -> str:
+    """How a ``Host`` header writes the name: an IPv6 address in brackets."""
+    return f"[{name}]" if ":" in name else name
+
+
+def _is_wildcard(name: str) -> bool:
+    """Whether ``name`` is the address for "every address of this machine" (0.0.0.0, ::) or empty."""
+    try:
+        return not name or ipaddress.ip_address(name).is_unspecified
+    except ValueError:
+        return False
 
 
 def _guarded(app: ASGIApp, host: str, sock: socket.socket, extra: Sequence[str]) -> ASGIApp:
@@ -62,8 +83,11 @@ def _guarded(app: ASGIApp, host: str, sock: socket.socket, extra: Sequence[str])
     name such as ``--host myhost`` that resolves to loopback is checked too)."""
     bound = sock.getsockname()[0]
     hosts = allowed_hosts(host, bound, extra)
-    if hosts is None:
+    if not _is_loopback(bound):
         log.warning("listening on %s (%s): reachable from other machines, with no authentication", host, bound)
+    if hosts is None:
+        log.warning("any Host name is answered; --allowed-host NAME (repeatable) answers only the names clients use, "
+                    "which stops DNS rebinding")
         return app
     return TrustedHostMiddleware(app, allowed_hosts=hosts)
 
