@@ -175,6 +175,43 @@ def test_an_empty_image_path_is_a_query_error(env):
             searcher.search(image=empty, text="blue-whitish veil present", k=2)
 
 
+def test_an_empty_uploaded_file_is_named_like_an_empty_file_anywhere(env, capsys):
+    """Over HTTP (and so on the page) an empty upload got the Python API's "image is empty: give a path, the bytes
+    of an image file or a uint8 array ...", without the file's name; the CLI said "empty.png: file is empty"."""
+    tmp, root, searcher, client = env
+    res = _post(client, b"", name="empty.png", k=2)
+    assert res.status_code == 400 and res.json()["detail"] == "empty.png: file is empty"
+    (tmp / "empty.png").write_bytes(b"")
+    assert main(["search", "--index", str(root), "--image", str(tmp / "empty.png"), "-k", "2"]) == 2
+    assert f"{tmp / 'empty.png'}: file is empty" in capsys.readouterr().err
+    with pytest.raises(ImageError, match="^empty.png: file is empty$"):
+        searcher.search(image=b"", image_name="empty.png", k=2)
+
+
+def test_a_folder_given_as_the_query_image_is_called_a_folder(env, capsys):
+    tmp, root, *_ = env
+    assert main(["search", "--index", str(root), "--image", str(tmp), "-k", "2"]) == 2
+    assert f"{tmp}: is a folder; --image takes one image file" in capsys.readouterr().err  # was "not found"
+
+
+def test_a_blank_checklist_value_is_not_given_in_every_interface(env, capsys):
+    """HTTP dropped a blank field (a form template's empty pigment_network=) while the CLI and Python refused it as
+    "unknown value ''": one rule now, as an empty CSV cell: not given. The field's name is still checked."""
+    _tmp, root, searcher, client = env
+    image = encode(lesion())
+    alone = [r.case_id for r in searcher.search(image=image, checklist={"streaks": "irregular"}, k=3).results]
+    for blank in ("", "  ", None):
+        got = searcher.search(image=image, checklist={"streaks": "irregular", "pigment_network": blank}, k=3)
+        assert [r.case_id for r in got.results] == alone and got.text == "Dermoscopy: streaks irregular."
+    assert [r["case_id"] for r in _post(client, image, streaks="irregular", pigment_network="", k=3).json()["results"]
+            ] == alone
+    assert main(["search", "--index", str(root), "--checklist", "pigment_network=", "--checklist", "streaks=irregular",
+                 "--text", "", "--json", "-k", "3"]) == 0
+    assert '"text": "Dermoscopy: streaks irregular."' in capsys.readouterr().out
+    with pytest.raises(ValueError, match="unknown checklist field 'colour'"):
+        searcher.search(image=image, checklist={"colour": ""}, k=3)
+
+
 def test_a_text_that_is_not_valid_unicode_is_a_query_error(env):
     *_, searcher, _client = env
     for text in ("veil \ud800 present", "\udc80"):

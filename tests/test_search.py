@@ -447,7 +447,7 @@ def test_cli_demo_trains_once_indexes_and_serves(tmp_path, toy_release, monkeypa
         trained.append((len(cases), profile))
         return make_checkpoint(Path(out_dir))
 
-    def fake_serve(app, host, port, on_ready=None, allowed_host_names=()):
+    def fake_serve(app, host, port, on_ready=None, allowed_host_names=(), max_connections=None):
         served.append((host, port, app))
         on_ready(f"http://{host}:{port}/")
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -14,7 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from dermcir.cli import build_parser
+from dermcir.cli import build_parser, main
 from dermcir.data import Case
 from dermcir.data.text import CHECKLIST_FIELDS
 from dermcir.index import add_cases, build_index, open_index, remove_cases
@@ -53,6 +55,14 @@ def test_search_answers_the_cli_json_with_image_urls(env):
     assert first["image_url"].startswith(f"/cases/{first['case_id']}/image?v=") and "heatmaps" not in first
     # the server's own folders stay private: only the file's name (the CLI and Python API keep the full path)
     assert first["image"] == f"case{first['case_id'][1:]}.png"
+    # the research-use notice travels with the results (it was on /health and /checklist only, and the CLI's table)
+    assert body["notice"].startswith("Research tool, not a diagnostic device")
+
+
+def test_the_cli_json_carries_the_research_use_notice(env, capsys):
+    _tmp, root, *_ = env
+    assert main(["search", "--index", str(root), "--text", "irregular streaks", "-k", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["notice"].startswith("Research tool, not a diagnostic device")
 
 
 def test_search_with_heatmaps_returns_query_view(env):
@@ -274,6 +284,37 @@ def test_every_answer_carries_the_security_headers(env):
     assert "img-src 'self' data: blob:" in answers[0].headers["content-security-policy"]
 
 
+def test_case_data_is_not_kept_by_shared_caches(env):
+    """Case images were sent as plain "max-age=86400" (a hospital proxy could keep them a day), records and results
+    with no cache policy at all."""
+    *_, client = env
+    image_url = client.get("/cases/c001").json()["image_url"]
+    assert client.get(image_url).headers["cache-control"] == "private, max-age=86400"
+    for res in (client.get("/cases/c001"), client.get("/health"), _search(client, text="streaks absent", k=2),
+                client.get("/cases/nope"), _search(client, text="streaks sometimes", k=0)):
+        assert res.headers["content-type"].startswith("application/json"), res.url
+        assert res.headers["cache-control"] == "no-store", (res.url, res.status_code)
+
+
+def test_a_url_encoded_form_is_read_as_utf8_like_every_other_interface(env):
+    """``curl -d "text=lésion ..."`` sends the form URL-encoded, as UTF-8 bytes; the web framework read it as Latin-1
+    and the model got "lÃ©sion", a different ranking, with a 200."""
+    searcher, client = env[-2], env[-1]
+    text = "lésion pigmentée, réseau atypique ≥ 6 mm"
+    expected = searcher.search(text=text, k=3).to_dict()
+    for body in (f"text={text}&k=3".encode(), f"text={quote(text)}&k=3".encode()):  # raw (curl -d) and %-encoded
+        res = client.post("/search", content=body, headers={"content-type": "application/x-www-form-urlencoded"})
+        assert res.status_code == 200, res.text
+        assert res.json()["query"]["text"] == text == expected["query"]["text"]
+        assert [r["case_id"] for r in res.json()["results"]] == [r["case_id"] for r in expected["results"]]
+    for body in (b"text=l\xe9sion&k=3", b"text=l%E9sion&k=3"):  # Latin-1, raw or %-encoded: refused, not guessed
+        res = client.post("/search", content=body, headers={"content-type": "application/x-www-form-urlencoded"})
+        assert res.status_code == 400 and "the form is not UTF-8" in res.json()["detail"], res.text
+    res = client.post("/search", content="&".join(f"f{i}=x" for i in range(80)).encode(),
+                      headers={"content-type": "application/x-www-form-urlencoded"})
+    assert res.status_code == 400 and "too many fields" in res.json()["detail"]
+
+
 def test_upload_limit_declared_and_streamed(env):
     *_, client = env
     big = b"\xff\xd8" + b"\x00" * 300_000
@@ -288,6 +329,45 @@ def test_upload_limit_declared_and_streamed(env):
     res = client.post("/search", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b"})
     assert res.status_code == 413
     assert client.get("/health").status_code == 200
+
+
+def _stalled_upload(url: str) -> socket.socket:
+    """A connection that declares a 100 kB search form, sends 1 kB of it and goes silent."""
+    host, port = url.split("//")[1].rstrip("/").rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    sock.sendall(b"POST /search HTTP/1.1\r\nHost: " + host.encode() + b"\r\nContent-Length: 100000\r\n"
+                 b"Content-Type: multipart/form-data; boundary=b\r\n\r\n--b\r\nContent-Disposition: form-data; "
+                 b'name="image"; filename="x.jpg"\r\n\r\n' + b"\x00" * 1000)
+    return sock
+
+
+def test_a_stalled_upload_is_given_up_and_connections_are_bounded(env):
+    """Clients that sent part of an upload and went silent held their connection and spooled part for good (twenty
+    of them held 180 MB in /tmp a minute later); nothing bounded how many connections were open."""
+    *_, searcher, _client = env
+    with BackgroundServer(create_app(searcher, body_timeout_s=1.0), max_connections=3) as url:
+        stalled = _stalled_upload(url)
+        started = time.monotonic()
+        answer = b""
+        while chunk := stalled.recv(4096):  # the answer, then the server closes the connection
+            answer += chunk
+        answer = answer.decode()
+        assert answer.startswith("HTTP/1.1 408"), answer
+        assert "no part of the request body arrived for 1 s" in answer and time.monotonic() - started < 10
+        stalled.close()
+    with BackgroundServer(create_app(searcher, body_timeout_s=None), max_connections=3) as url:
+        held = []
+        for _ in range(2):  # one at a time, so that each is read while under the bound
+            held.append(_stalled_upload(url))
+            time.sleep(0.5)
+        # the third open connection (uvicorn counts the new one): refused at once
+        assert httpx.get(url + "health", timeout=30).status_code == 503
+        for sock in held:
+            sock.close()
+        time.sleep(0.5)
+        assert httpx.get(url + "health", timeout=30).status_code == 200
+    with pytest.raises(ValueError, match="body_timeout_s must be a positive number of seconds or None, got 0"):
+        create_app(searcher, body_timeout_s=0)
 
 
 def test_concurrent_requests(env):
@@ -462,13 +542,16 @@ def test_serve_passes_its_search_limits_to_the_app(env, monkeypatch):
     made = []
     monkeypatch.setattr(dermcir.service, "create_app", lambda searcher, **limits: made.append(limits))
     served = []
-    monkeypatch.setattr(dermcir.service, "serve", lambda app, host, port, **kw: served.append(kw["allowed_host_names"]))
+    monkeypatch.setattr(dermcir.service, "serve", lambda app, host, port, **kw: served.append(
+        (kw["allowed_host_names"], kw["max_connections"])))
     from dermcir.cli import main
 
     assert main(["serve", "--index", str(root), "--max-concurrent", "3", "--max-waiting", "0",
                  "--allowed-host", "dermcir.clinic.example", "--allowed-host", "proxy"]) == 0
     assert made == [{"max_upload_bytes": 10 * 1024 * 1024, "max_concurrent_searches": 3, "max_waiting_searches": 0}]
-    assert served == [["dermcir.clinic.example", "proxy"]]
+    assert served == [(["dermcir.clinic.example", "proxy"], 128)]
+    assert main(["serve", "--index", str(root), "--max-connections", "16"]) == 0
+    assert served[-1] == ([], 16)
 
 
 def test_index_update_while_serving(env):

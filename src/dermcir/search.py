@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from dermcir.checkpoint import load_checkpoint
-from dermcir.data.images import load_rgb, preprocess
+from dermcir.data.images import ImageError, load_rgb, preprocess
 from dermcir.data.text import has_visible, render_report, validate_checklist
 from dermcir.index import CaseIndex, Hit, attention_heatmaps, open_index, resolve_device
 from dermcir.index._store import current_version
@@ -107,11 +107,16 @@ class SearchResponse:
         if self.query_heatmaps is not None:
             query["heatmaps"] = self.query_heatmaps
         return {
+            "notice": NOTICE,  # with the results, wherever they are passed on (the CLI's --json, POST /search)
             "query": query,
             "index": {"version": self.index_version, "cases": self.index_size},
             "took_ms": round(self.took_ms, 2),
             "results": [r.to_dict() for r in self.results],
         }
+
+
+#: What every set of results carries: dermcir ranks cases for a clinician to compare, it does not diagnose.
+NOTICE = "Research tool, not a diagnostic device: results must not be used to diagnose or treat patients."
 
 
 def compose_text(text: str | None = None, checklist: Mapping[str, str] | None = None) -> str | None:
@@ -166,6 +171,8 @@ def load_query_image(image: ImageInput, size: int, name: str | None = None) -> n
             raise QueryError(f"image array must be uint8 of shape (height, width, 3), got {image.dtype} {image.shape}")
         rgb = image
     elif isinstance(image, (str, bytes, os.PathLike)):
+        if isinstance(image, bytes) and not image and name:  # an uploaded file with nothing in it
+            raise ImageError(f"{name}: file is empty")
         if isinstance(image, (str, bytes)) and not image:  # "" is a path to the current folder, b"" no file at all
             raise QueryError("image is empty: give a path, the bytes of an image file or a uint8 array, or None "
                              "for a text-only query")

@@ -20,6 +20,8 @@ log = logging.getLogger("dermcir.cli")
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 NOTICE = "Research tool, not a diagnostic device."
+#: uvicorn's bound on open connections (its ``limit_concurrency``); kept here so that --help needs no uvicorn
+DEFAULT_MAX_CONNECTIONS = 128
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -145,6 +147,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                    help="searches run at once, the others wait (each decodes its upload and uses all --threads)")
     p.add_argument("--max-waiting", type=whole(0), default=32,
                    help="searches that may wait for a turn; one more is answered 503 (each holds its upload)")
+    p.add_argument("--max-connections", type=whole(1), default=DEFAULT_MAX_CONNECTIONS,
+                   help="open connections (page, images, searches, uploads still arriving), the new one included, "
+                        f"at which a request is answered 503 (default {DEFAULT_MAX_CONNECTIONS})")
     p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
                    help="a Host name to answer besides the address itself: on a loopback address, also NAME (e.g. a "
                         "reverse proxy that passes its clients' Host on); on another address, only the NAMEs given "
@@ -342,8 +347,10 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise ValueError("--heatmaps needs --json (the table output does not show heatmaps)")
     if args.image is None and not (args.text or "").strip() and not checklist:
         raise ValueError("give --image, --text or --checklist (or an image with text for a composed query)")
-    if args.image is not None and not args.image.is_file():
+    if args.image is not None and not args.image.exists():
         raise FileNotFoundError(f"{args.image}: query image not found")
+    if args.image is not None and args.image.is_dir():
+        raise ValueError(f"{args.image}: is a folder; --image takes one image file")
     _check_search_folders(args)
     _apply_threads(args)  # before the import below loads torch
     from dermcir.search import CaseSearcher
@@ -377,7 +384,8 @@ def _run_server(searcher, args: argparse.Namespace, banner: str) -> int:
         print(f"{banner}: open {url} in a browser (Ctrl+C stops it). {NOTICE}", flush=True)
 
     try:
-        serve(app, args.host, args.port, on_ready=ready, allowed_host_names=args.allowed_host)
+        serve(app, args.host, args.port, on_ready=ready, allowed_host_names=args.allowed_host,
+              max_connections=args.max_connections)
     except OSError as exc:  # the port is taken or the address is not this machine's
         raise ValueError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
     return 0

@@ -62,6 +62,10 @@ def checklist_key(name: str) -> str:
 def validate_checklist(fields: Mapping[str, str]) -> dict[str, str]:
     """Normalise user-given checklist fields, rejecting unknown names and values.
 
+    A blank value (``""``, spaces, ``None``) means "not given", as an empty CSV cell or the page's "(not given)" does:
+    the field is left out, though its name is still checked. (The HTTP form dropped such fields while the CLI and
+    Python refused them as an "unknown value ''".)
+
     Raises:
         ValueError: naming the field or value and listing what is allowed.
         TypeError: not a mapping, or a field name that is not a string.
@@ -79,6 +83,8 @@ def validate_checklist(fields: Mapping[str, str]) -> dict[str, str]:
         if key in spelled:  # "Streaks" and "streaks": which one the clinician meant is not ours to guess
             raise ValueError(f"checklist field {key!r} is given twice ({spelled[key]!r} and {name!r}); give it once")
         spelled[key] = name
+        if value is None or (isinstance(value, str) and not value.strip()):
+            continue
         allowed = CHECKLIST_FIELDS[key][1]
         val = str(value).strip().lower().replace("_", " ")
         val = VALUE_SPELLINGS.get(key, {}).get(val, val)

@@ -20,7 +20,7 @@ from functools import partial
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import parse_qsl, quote
 
 import anyio
 import cachetools
@@ -31,17 +31,17 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from pydantic import BaseModel
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 from starlette.requests import ClientDisconnect
 
 from dermcir import __version__
 from dermcir.data.images import ImageError, load_rgb, preprocess
 from dermcir.data.text import CHECKLIST_FIELDS, checklist_key
 from dermcir.index import CaseIndex, EmptyIndexError
-from dermcir.search import MAX_TEXT_CHARS, CaseSearcher, QueryError
+from dermcir.search import MAX_TEXT_CHARS, NOTICE, CaseSearcher, QueryError
 from dermcir.service._head import HeadAsGet
 from dermcir.service._headers import SecurityHeaders
-from dermcir.service._limits import BodySizeLimit, UploadTooLarge
+from dermcir.service._limits import DEFAULT_BODY_TIMEOUT_S, BodySizeLimit, UploadStalled, UploadTooLarge
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,6 @@ DEFAULT_MAX_CONCURRENT_SEARCHES = 2
 #: and at ~0.2-2 s a search, a longer queue would outlast a browser's patience anyway.
 DEFAULT_MAX_WAITING_SEARCHES = 32
 MAX_K = 200
-NOTICE = "Research tool, not a diagnostic device: results must not be used to diagnose or treat patients."
 STATIC = Path(str(files("dermcir") / "service" / "static"))
 _RESERVED = ("image", "text", "k", "heatmaps")
 
@@ -89,6 +88,7 @@ def _errors(codes: dict[int, str]) -> dict[int | str, dict[str, Any]]:
 
 _SEARCH_ERRORS = _errors({
     400: "a bad query: the detail names the file, field or value and what was expected",
+    408: "the upload sent nothing for the body timeout (30 s by default); send it again",
     409: "the index holds no cases",
     413: "the request body is over the upload limit",
     415: "the body is not a form",
@@ -176,44 +176,67 @@ async def _read_query(request: Request) -> dict[str, Any]:
             f"POST /search expects a multipart/form-data form (fields image, text, k, heatmaps and checklist fields), "
             f"got {media_type or 'no Content-Type'}",
         )
+    if media_type == "application/x-www-form-urlencoded":  # curl -d, a plain HTML form: no image, only fields
+        return await _query_of(await _urlencoded_form(request))
     # As many files as fields are parsed, so that a second image or a file in another field reaches the checks below,
     # which name the field; the body size limit bounds their total. Closing the form deletes spooled upload files.
     # max_part_size: a text part may be as large as the body (which BodySizeLimit bounds), so that an overlong text
     # gets the search's own error, naming the field and its limit, not Starlette's "Part exceeded maximum size of 1024KB"
     async with request.form(max_files=_MAX_FIELDS, max_fields=_MAX_FIELDS,
                             max_part_size=request.app.state.max_upload_bytes) as form:
-        repeated = sorted({key for key, _ in form.multi_items() if len(form.getlist(key)) > 1})
-        if repeated:  # keeping the last value would silently drop what the client also sent
-            names = ", ".join(repr(key) for key in repeated)
-            raise QueryError(f"field {names} given more than once; give each field once")
-        files = sorted({key for key, value in form.multi_items() if key != "image" and isinstance(value, UploadFile)})
-        if files:
-            raise QueryError(f"field {files[0]!r} must be text, not an uploaded file; only 'image' takes a file")
-        upload = form.get("image")
-        image = image_name = None
-        if isinstance(upload, UploadFile):
-            data = await upload.read()
-            if data or upload.filename:  # a browser sends an empty part when no file was chosen
-                image, image_name = data, upload.filename or "uploaded image"
-        elif isinstance(upload, str) and upload:
-            raise QueryError("field 'image' must be an uploaded file (multipart file part), not text")
-        for name in form:
-            # checked before blank values are dropped, and named here, so that a mistyped "txt" or "Text" is not
-            # silently ignored nor told only about checklist fields
-            if name not in _RESERVED and checklist_key(name) not in CHECKLIST_FIELDS:
-                raise QueryError(
-                    f"unknown field {name!r}; the fields are {', '.join(_RESERVED)} and the checklist fields "
-                    f"{', '.join(CHECKLIST_FIELDS)}"
-                )
-        checklist = {k: str(v) for k, v in form.multi_items() if k not in _RESERVED and str(v).strip()}
-        return {
-            "image": image,
-            "image_name": image_name,
-            "text": form.get("text") or None,
-            "checklist": checklist,
-            "k": _parse_k(form.get("k", 10)),
-            "heatmaps": _parse_flag("heatmaps", form.get("heatmaps", "")),
-        }
+        return await _query_of(form)
+
+
+async def _urlencoded_form(request: Request) -> FormData:
+    """A URL-encoded body read as UTF-8, as browsers and curl encode it. (Starlette reads it as Latin-1: "lésion"
+    reached the model as "lÃ©sion", and changed the ranking, without a word.) Bytes that are not UTF-8 are refused."""
+    body = await request.body()  # bounded by BodySizeLimit
+    try:
+        pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, encoding="utf-8", errors="strict",
+                          max_num_fields=_MAX_FIELDS)
+    except UnicodeDecodeError as exc:
+        raise QueryError(f"the form is not UTF-8 ({exc.reason} at byte {exc.start}); send its fields as UTF-8, "
+                         "percent-encoded") from None
+    except ValueError as exc:  # more fields than max_num_fields
+        raise QueryError(f"the form has too many fields ({exc}); the search form has {len(_RESERVED)} and the "
+                         "checklist fields") from None
+    return FormData(pairs)
+
+
+async def _query_of(form: FormData) -> dict[str, Any]:
+    """The fields of a parsed form, checked, as keyword arguments of :meth:`CaseSearcher.search`."""
+    repeated = sorted({key for key, _ in form.multi_items() if len(form.getlist(key)) > 1})
+    if repeated:  # keeping the last value would silently drop what the client also sent
+        names = ", ".join(repr(key) for key in repeated)
+        raise QueryError(f"field {names} given more than once; give each field once")
+    files = sorted({key for key, value in form.multi_items() if key != "image" and isinstance(value, UploadFile)})
+    if files:
+        raise QueryError(f"field {files[0]!r} must be text, not an uploaded file; only 'image' takes a file")
+    upload = form.get("image")
+    image = image_name = None
+    if isinstance(upload, UploadFile):
+        data = await upload.read()
+        if data or upload.filename:  # a browser sends an empty part when no file was chosen
+            image, image_name = data, upload.filename or "uploaded image"
+    elif isinstance(upload, str) and upload:
+        raise QueryError("field 'image' must be an uploaded file (multipart file part), not text")
+    for name in form:
+        # checked before blank values are dropped, and named here, so that a mistyped "txt" or "Text" is not
+        # silently ignored nor told only about checklist fields
+        if name not in _RESERVED and checklist_key(name) not in CHECKLIST_FIELDS:
+            raise QueryError(
+                f"unknown field {name!r}; the fields are {', '.join(_RESERVED)} and the checklist fields "
+                f"{', '.join(CHECKLIST_FIELDS)}"
+            )
+    checklist = {k: str(v) for k, v in form.multi_items() if k not in _RESERVED and str(v).strip()}
+    return {
+        "image": image,
+        "image_name": image_name,
+        "text": form.get("text") or None,
+        "checklist": checklist,
+        "k": _parse_k(form.get("k", 10)),
+        "heatmaps": _parse_flag("heatmaps", form.get("heatmaps", "")),
+    }
 
 
 class _Admission:
@@ -242,16 +265,20 @@ def create_app(
     searcher: CaseSearcher, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     max_concurrent_searches: int = DEFAULT_MAX_CONCURRENT_SEARCHES,
     max_waiting_searches: int = DEFAULT_MAX_WAITING_SEARCHES,
+    body_timeout_s: float | None = DEFAULT_BODY_TIMEOUT_S,
 ) -> FastAPI:
     """The FastAPI application: the API under ``/search``, ``/cases``, ``/health`` and the web page at ``/``.
 
     At most ``max_concurrent_searches`` searches run at once and ``max_waiting_searches`` more wait for a turn; a
-    search beyond that is answered 503.
+    search beyond that is answered 503. A request body that sends nothing for ``body_timeout_s`` is answered 408
+    (None: no limit).
     """
     if max_concurrent_searches < 1:
         raise ValueError(f"max_concurrent_searches must be at least 1, got {max_concurrent_searches}")
     if max_waiting_searches < 0:
         raise ValueError(f"max_waiting_searches must be at least 0, got {max_waiting_searches}")
+    if body_timeout_s is not None and not body_timeout_s > 0:
+        raise ValueError(f"body_timeout_s must be a positive number of seconds or None, got {body_timeout_s}")
     # A search waits for its turn in the event loop, before it gets a worker thread, so a waiting search holds no
     # thread: the other routes (/health, case images, the page) share anyio's 40 worker threads and stay responsive
     # behind any queue. The limiter is one per event loop (uvicorn runs one; a TestClient used without ``with`` runs
@@ -285,7 +312,7 @@ def create_app(
     app.state.max_upload_bytes = max_upload_bytes
     app.state.search_admission = admission
     case_images = app.state.case_images = _JpegCache(CASE_IMAGE_CACHE_BYTES)
-    app.add_middleware(BodySizeLimit, max_bytes=max_upload_bytes)
+    app.add_middleware(BodySizeLimit, max_bytes=max_upload_bytes, body_timeout_s=body_timeout_s)
     app.add_middleware(HeadAsGet)  # a HEAD is a GET to everything inside it
     app.add_middleware(SecurityHeaders)  # around all of it: the 413 of BodySizeLimit gets them too
     _add_error_handlers(app, max_upload_bytes)
@@ -375,7 +402,8 @@ def create_app(
         # image_url carries the image's version (?v=, its sha1's start): a replaced image gets a new URL, so the
         # browser may keep this one. A URL without it, or with an old one, names no fixed image: not to be kept.
         current = v == record["sha1"][:_VERSION_CHARS]
-        cache = "max-age=86400" if current else "no-cache"
+        # private: a patient's image is for this browser's cache, not a shared proxy's
+        cache = "private, max-age=86400" if current else "no-cache"
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": cache})
 
     @app.get(
@@ -450,6 +478,12 @@ def _add_error_handlers(app: FastAPI, max_upload_bytes: int) -> None:
         # once this answer is sent, and the server (uvicorn) logs its traceback; this line says which request failed.
         log.error("%s %s failed: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
         return _failed(exc)
+
+    @app.exception_handler(UploadStalled)
+    async def stalled(_request: Request, exc: UploadStalled) -> JSONResponse:
+        # the connection is closed after this answer: the rest of a body that stopped arriving is not waited for
+        return JSONResponse({"detail": f"{exc}; the upload was given up, send it again"}, status_code=408,
+                            headers={"Connection": "close"})
 
     @app.exception_handler(UploadTooLarge)
     async def too_large(_request: Request, _exc: UploadTooLarge) -> JSONResponse:

@@ -99,13 +99,15 @@ def address(sock: socket.socket) -> str:
 
 def serve(
     app: FastAPI, host: str = "127.0.0.1", port: int = 8000, on_ready: Callable[[str], None] | None = None,
-    allowed_host_names: Sequence[str] = (),
+    allowed_host_names: Sequence[str] = (), max_connections: int | None = 128,
 ) -> None:
-    """Serve until interrupted; ``on_ready(url)`` is called once the socket is bound. ``allowed_host_names``: more
-    ``Host`` names answered on a loopback address (see :func:`allowed_hosts`)."""
+    """Serve until interrupted; ``on_ready(url)`` is called once the socket is bound. ``allowed_host_names``: the
+    ``Host`` names answered besides the address's own (see :func:`allowed_hosts`). ``max_connections``: open
+    connections at once (uvicorn's ``limit_concurrency``); one more is answered 503, so that clients holding
+    connections open (uploads that stall, each with its part spooled on disk) cannot add up without bound."""
     sock = bind(host, port)
     server = uvicorn.Server(uvicorn.Config(_guarded(app, host, sock, allowed_host_names), log_level="info",
-                                           access_log=False))
+                                           access_log=False, limit_concurrency=max_connections))
     if on_ready:
         on_ready(address(sock))
     server.run(sockets=[sock])
@@ -115,11 +117,12 @@ class BackgroundServer:
     """The app served from a thread (tests, notebooks): ``with BackgroundServer(app) as url: ...``."""
 
     def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0,
-                 allowed_host_names: Sequence[str] = ()) -> None:
+                 allowed_host_names: Sequence[str] = (), max_connections: int | None = None) -> None:
         self._sock = bind(host, port)
         self.url = address(self._sock)
         self._server = uvicorn.Server(uvicorn.Config(_guarded(app, host, self._sock, allowed_host_names),
-                                                     log_level="warning", access_log=False))
+                                                     log_level="warning", access_log=False,
+                                                     limit_concurrency=max_connections))
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True)
 
     def __enter__(self) -> str:
