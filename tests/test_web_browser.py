@@ -7,7 +7,9 @@ browser download is never used.
 from __future__ import annotations
 
 import itertools
+import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -64,17 +66,36 @@ def site(tmp_path_factory: pytest.TempPathFactory):
         yield url
 
 
-@pytest.fixture
-def page(browser, site):
+@pytest.fixture(scope="module")
+def companion_site(tmp_path_factory: pytest.TempPathFactory):
+    """A service whose checkpoint has a frozen-backbone companion: each result has the companion's parts too."""
+    tmp = tmp_path_factory.mktemp("web_companion")
+    ckpt = make_checkpoint(tmp / "ckpt", companion={"dim": 16, "heads": 2, "members": 2}, companion_weight=0.4)
+    root = tmp / "index"
+    build_index(make_cases(tmp / "images", 6), ckpt, root, cache_dir=tmp / "cache", progress=False)
+    with BackgroundServer(create_app(CaseSearcher(root))) as url:
+        yield url
+
+
+@contextmanager
+def _open_page(browser, url: str):
     context = browser.new_context(viewport={"width": 1280, "height": 1000})
     page = context.new_page()
     page.set_default_timeout(20_000)
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.goto(site)
-    yield page
-    context.close()
+    try:
+        page.goto(url)
+        yield page
+    finally:
+        context.close()
     assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+@pytest.fixture
+def page(browser, site):
+    with _open_page(browser, site) as page:
+        yield page
 
 
 def _overlay_alpha(page, canvas_id: str) -> int:
@@ -542,3 +563,61 @@ def test_the_score_table_scrolls_by_itself_on_a_narrow_screen_with_wide_text_spa
     page.evaluate("""() => { for (const el of document.querySelectorAll('*')) {
         el.style.letterSpacing = '0.12em'; el.style.wordSpacing = '0.16em'; el.style.lineHeight = '1.5'; } }""")
     assert page.evaluate("() => document.documentElement.scrollWidth") <= 320
+
+
+# ---- what the page says it searched for and how it scored -----------------------------------------------------------
+def _search_for_reply(page) -> dict:
+    """Click Search; the service's JSON answer, once the page has shown it."""
+    with page.expect_response("**/search") as reply:
+        page.click("#search-button")
+    page.wait_for_function("() => document.getElementById('status').textContent.includes(' query, ')")
+    return reply.value.json()
+
+
+def test_the_page_shows_the_text_the_model_read(page):
+    """The CLI prints the text the model read (checklist phrases and free text); the page showed only the mode."""
+    _wait_for_checklist(page)
+    page.select_option("#field-pigment_network", "atypical")
+    page.fill("#text-input", "<b>streaks</b> at the border")  # markup in the text is shown as text, never run
+    read = _search_for_reply(page)["query"]["text"]
+    assert read.startswith("Dermoscopy: ") and "<b>streaks</b> at the border" in read
+    shown = page.locator("#query-text")
+    assert shown.is_visible() and shown.inner_text() == f"The model read: {read}"
+    assert shown.locator("b").count() == 0
+    # read in the page's order, between the results heading and the list (not hidden from a screen reader)
+    assert shown.get_attribute("aria-hidden") is None
+    assert page.evaluate("() => document.getElementById('query-text').compareDocumentPosition("
+                         "document.getElementById('results')) & Node.DOCUMENT_POSITION_FOLLOWING")
+
+    # an image alone: the model read no text, and the previous query's is not left on screen
+    page.select_option("#field-pigment_network", "")
+    page.fill("#text-input", "")
+    page.set_input_files("#image-input", files=[{"name": "a.png", "mimeType": "image/png", "buffer": encode(lesion())}])
+    assert _search_for_reply(page)["query"]["text"] is None
+    assert shown.inner_text() == "The model read: no text (image-only query)"
+
+
+def test_with_a_companion_local_and_global_are_the_same_figures_on_the_card_and_in_the_table(browser, companion_site):
+    """The card's local and global are both models' sums (as in the CLI and JSON); the table's row named "local" was
+    the main model's part alone, so "local" meant two numbers on one page."""
+    with _open_page(browser, companion_site) as page:
+        _wait_for_checklist(page)
+        page.fill("#text-input", "blue-whitish veil present")
+        body = _search_for_reply(page)
+        card = page.locator("#results .result-card").first
+        local, glob = map(float, re.search(r"\(local (-?[\d.]+), global (-?[\d.]+)\)",
+                                           card.locator(".score").inner_text()).groups())
+        assert (local, glob) == (round(body["results"][0]["local"], 3), round(body["results"][0]["global"], 3))
+        card.click()
+        rows = page.locator("#parts-table tr:has(th[scope='row'])")
+        table = {r.locator("th").inner_text(): [float(c) for c in r.locator("td").all_inner_texts()]
+                 for r in rows.all()}
+        assert list(table) == ["main model: local", "main model: global", "companion: local", "companion: global",
+                               "local", "global"]
+        # the rows named as on the card hold the card's figures, and add up the two models' rows level by level
+        assert table["local"][3] == local and table["global"][3] == glob
+        for total, main, other in (("local", "main model: local", "companion: local"),
+                                   ("global", "main model: global", "companion: global")):
+            for level in range(3):
+                assert table[total][level] == pytest.approx(table[main][level] + table[other][level], abs=2e-3)
+        assert table["local"][3] + table["global"][3] == pytest.approx(body["results"][0]["score"], abs=2e-3)

@@ -249,6 +249,8 @@ function renderResults(body) {
   $("compare").hidden = true;
   $("results-section").hidden = false;
   $("results-meta").textContent = `(index ${body.index.version}, ${body.index.cases} cases)`;
+  // the checklist phrases and the free text as the model read them (as the CLI prints them); none for an image alone
+  $("query-text-value").textContent = body.query.text || "no text (image-only query)";
   for (const r of body.results) {
     const item = document.createElement("li");
     const card = document.createElement("button");
@@ -383,21 +385,29 @@ function showCompare(result, card) {
     th.textContent = t;
     head.append(th);
   }
-  // a checkpoint with a frozen-backbone companion adds its own rows (companion_local_1, ...)
-  for (const kind of ["local", "global", "companion_local", "companion_global"]) {
-    if (!(`${kind}_1` in result.parts)) continue;
+  // A checkpoint with a frozen-backbone companion adds its own parts (companion_local_1, ...), and the card's local
+  // and global are then both models' sums (as in the CLI and the JSON): the table names each model's rows and ends
+  // with those two sums, so that "local" and "global" are the same figures on the card and in the table.
+  const companion = "companion_local_1" in result.parts;
+  const rows = companion
+    ? [["main model: local", ["local"]], ["main model: global", ["global"]],
+       ["companion: local", ["companion_local"]], ["companion: global", ["companion_global"]],
+       ["local", ["local", "companion_local"], result.local], ["global", ["global", "companion_global"], result.global]]
+    : [["local", ["local"]], ["global", ["global"]]];
+  for (const [label, kinds, total] of rows) {
     const row = table.insertRow();
+    if (total !== undefined) row.className = "total";
     const name = document.createElement("th");
     name.scope = "row";
-    name.textContent = kind.replace("_", " ");
+    name.textContent = label;
     row.append(name);
     let sum = 0;
     for (let l = 1; l <= 3; l++) {
-      const v = result.parts[`${kind}_${l}`];
+      const v = kinds.reduce((s, kind) => s + result.parts[`${kind}_${l}`], 0);
       sum += v;
       row.insertCell().textContent = fmt(v);
     }
-    row.insertCell().textContent = fmt(sum);
+    row.insertCell().textContent = fmt(total === undefined ? sum : total);  // a total: the card's own figure
   }
   $("compare").hidden = false;
   redrawHeatmaps();
