@@ -314,6 +314,10 @@ def test_empty_index(tmp_path, capsys):
         (["serve", "--max-waiting", "-1"], "--max-waiting: expected a whole number ≥ 0, got -1"),
         (["serve", "--max-upload-mb", "inf"], "--max-upload-mb: expected a finite number > 0, got 'inf'"),
         (["serve", "--threads", "0"], "--threads: expected a whole number ≥ 1, got 0"),
+        (["serve", "--max-connections", "0"], "--max-connections: expected a whole number ≥ 1, got 0"),
+        # numpy's and scikit-learn's seeds are 32-bit: -1 failed after the cases had loaded, in scikit-learn's words
+        (["cv", "--seed", "-1"], "--seed: expected a whole number from 0 to 4,294,967,295, got -1"),
+        (["cv", "--seed", "4294967296"], "--seed: expected a whole number from 0 to 4,294,967,295, got 4294967296"),
     ],
 )
 def test_impossible_numbers_are_refused_while_parsing(argv, says, capsys):

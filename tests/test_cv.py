@@ -91,6 +91,21 @@ def test_cv_writes_results_tables_and_figure(toy_release, tmp_path):
         assert log.count("val mAP") >= 1
         assert "refit 1 epochs on all 16 database cases" in log  # validation cases join the fitted database
         assert json.loads((tmp_path / "run" / f"fold_{f}" / "metrics.json").read_text())["epochs_run"] >= 1
+    # what the run was, recorded: every setting it was given (views included, which neither config holds), the
+    # effective configs, the pretrained weights it started from, the preprocessing and the libraries
+    settings = saved["settings"]
+    assert settings["overrides"] == {k: FAST[k] for k in sorted(FAST)} and settings["views"] == FAST.get("views", 2)
+    assert settings["model"]["image_size"] == FAST["image_size"] and settings["train"]["epochs"] == FAST["epochs"]
+    assert set(settings["pretrained"]) == {"backbone", "text_encoder"}
+    assert all(len(d) == 64 for d in settings["pretrained"].values())
+    assert saved["preprocess_version"] == "border-v2"
+    assert {"python", "dermcir", "torch", "timm", "transformers", "numpy"} <= set(saved["environment"])
+    log = (tmp_path / "run" / "cv.log").read_text()
+    assert "settings given: {" in log and "environment: python" in log
+    # a run given --set settings is not the profile itself: its row says so, and std is named
+    given = ", ".join(f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in sorted(FAST.items()))
+    assert f"| **dermcir-composed (cpu profile + {given}, this run)** |" in tables
+    assert "population standard deviation over folds (ddof = 0; the sample one, ddof = 1, is 1.225 times" in tables
 
 
 def test_a_run_stopped_part_way_keeps_its_finished_folds(toy_release, tmp_path, monkeypatch):
@@ -571,10 +586,15 @@ def test_bad_settings_are_one_line_errors(toy_release, tmp_path, capsys):
     assert "--time-budget applies to --method composed only" in capsys.readouterr().err
     assert main(["cv", "--data", str(toy_release), "--out", str(tmp_path), "--min-cases", "5", "--folds", "3",
                  "--only-fold", "3"]) == 2
-    assert "only_folds: [3] not fold numbers of a 3-fold split (expected 0..2)" in capsys.readouterr().err
+    assert "--only-fold 3: a 3-fold split has folds 0 to 2" in capsys.readouterr().err  # before loading, now
     assert main(["cv", "--data", str(toy_release), "--out", str(tmp_path), "--min-cases", "5", "--only-fold", "1",
                  "--only-fold", "1"]) == 2
-    assert "only_folds: [1, 1] names a fold twice" in capsys.readouterr().err
+    assert "--only-fold names a fold twice: [1, 1]" in capsys.readouterr().err
+    cases, _ = load_derm7pt(toy_release, min_cases=5)  # the Python API checks them itself
+    with pytest.raises(ValueError, match=r"only_folds: \[3\] not fold numbers of a 3-fold split \(expected 0..2\)"):
+        run_cv(cases, tmp_path / "api", n_folds=3, only_folds=[3], progress=False, **FAST)
+    with pytest.raises(ValueError, match=r"only_folds: \[1, 1\] names a fold twice"):
+        run_cv(cases, tmp_path / "api", only_folds=[1, 1], progress=False, **FAST)
     # the profile is chosen by name, never overridden: a cpu model trained as the gpu profile trains is neither
     for command in (["train", "--out", str(tmp_path)], ["cv", "--out", str(tmp_path)], ["prepare"]):
         assert main([*command, "--data", str(toy_release), "--min-cases", "5", "--set", "profile=gpu"]) == 2

@@ -393,3 +393,16 @@ def test_encode_query_refuses_invisible_and_overlong_texts():
         model.encode_query(texts=["sex male", long])
     with torch.no_grad():
         assert model.encode_query(texts=["sex male"]).shape[0] == 1  # a text that fits is encoded as before
+
+
+def test_a_weights_path_that_is_not_there_is_named_not_taken_for_a_hub_name():
+    """A moved or mistyped path was handed to the hub library as a model name: "Repo id must be in the form ..."
+    13-22 s later (or, online, a 69 s download attempt). A checkpoint records absolute paths, so a folder moved after
+    training now reads the same way at search."""
+    from dermcir.models.backbones import swin_t
+    from dermcir.models.text_encoders import bert
+
+    with pytest.raises(FileNotFoundError, match="text_weights=/nowhere/bert: no such file or folder on this machine"):
+        bert(weights="/nowhere/bert")
+    with pytest.raises(FileNotFoundError, match="backbone_weights=swin.pth: no such file or folder"):
+        swin_t(weights="swin.pth", img_size=64)

@@ -85,25 +85,33 @@ def test_the_version_has_one_source_and_the_command_says_it():
 
 
 def test_every_third_party_package_the_code_imports_is_declared():
-    """starlette and pydantic were imported directly but came only through fastapi."""
+    """starlette and pydantic were imported directly but came only through fastapi. The tests and the scripts are
+    read too, against the dependencies and the test extra: pandas was a runtime dependency that only they used."""
     import ast
     import tomllib
     from importlib.metadata import packages_distributions
     from pathlib import Path
 
     root = Path(__file__).parents[1]
-    declared = {line.split("==")[0].lower().replace("_", "-")
-                for line in tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]}
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    runtime = {line.split("==")[0].lower().replace("_", "-") for line in project["dependencies"]}
+    testing = runtime | {line.split("==")[0].lower().replace("_", "-")
+                         for line in project["optional-dependencies"]["test"]}
     owners = packages_distributions()
-    imported = set()
-    for path in (root / "src").rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                imported.update(alias.name.split(".")[0] for alias in node.names)
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                imported.add(node.module.split(".")[0])
-    third_party = {name for name in imported if name in owners and name not in sys.stdlib_module_names
-                   and name != "dermcir"}
-    missing = {name: owners[name] for name in third_party
-               if not {d.lower().replace("_", "-") for d in owners[name]} & declared}
+
+    def undeclared(paths, declared):
+        imported = set()
+        for path in paths:
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    imported.update(alias.name.split(".")[0] for alias in node.names)
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    imported.add(node.module.split(".")[0])
+        third_party = {name for name in imported if name in owners and name not in sys.stdlib_module_names
+                       and name != "dermcir"}
+        return {name: owners[name] for name in third_party
+                if not {d.lower().replace("_", "-") for d in owners[name]} & declared}
+
+    missing = undeclared((root / "src").rglob("*.py"), runtime)
+    missing |= undeclared([*(root / "tests").rglob("*.py"), *(root / "scripts").glob("*.py")], testing)
     assert not missing, f"imported but not declared in pyproject.toml: {missing}"

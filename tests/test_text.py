@@ -1,3 +1,5 @@
+import csv
+
 import pytest
 
 from dermcir.data import load_derm7pt
@@ -23,16 +25,15 @@ def test_missing_fields_are_left_out_not_guessed():
 @pytest.mark.integration
 @pytest.mark.skipif(not SHARED_DERM7PT.is_dir(), reason="shared Derm7pt copy not present")
 def test_no_text_of_the_shared_data_leaks_the_answer():
-    import pandas as pd
-
     cases, _ = load_derm7pt(SHARED_DERM7PT)
-    meta = pd.read_csv(SHARED_DERM7PT / "meta" / "meta.csv", dtype=str, keep_default_na=False).set_index("case_num")
+    with open(SHARED_DERM7PT / "meta" / "meta.csv", newline="", encoding="utf-8-sig") as fh:
+        meta = {row["case_num"].strip(): row for row in csv.DictReader(fh)}
     leaking_words = set(DIAGNOSIS_TO_CATEGORY) | {"melanoma", "nevus", "keratosis", "melanosis", "excision",
                                                   "follow up", "no further examination", "difficulty", "score"}
     assert len(cases) == 888
     for case in cases:
         text = case.text.lower()
-        row = meta.loc[case.case_id]
+        row = meta[case.case_id]
         assert row["diagnosis"] not in text, case.case_id
         assert row["management"] not in text, case.case_id
         assert f"difficulty {row['level_of_diagnostic_difficulty']}" not in text

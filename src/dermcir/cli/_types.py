@@ -15,19 +15,20 @@ from collections.abc import Callable
 from dermcir.cli._waits import wait_passively
 
 
-def whole(minimum: int) -> Callable[[str], int]:
-    """A whole number ≥ ``minimum``."""
+def whole(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """A whole number ≥ ``minimum`` (and ≤ ``maximum``, when given)."""
+    expected = f"a whole number ≥ {minimum}" if maximum is None else f"a whole number from {minimum} to {maximum:,}"
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number ≥ {minimum}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected a whole number ≥ {minimum}, got {value}")
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
         return value
 
-    parse.__name__ = f"whole number ≥ {minimum}"  # argparse names the type in its own messages
+    parse.__name__ = expected.removeprefix("a ")  # argparse names the type in its own messages
     return parse
 
 

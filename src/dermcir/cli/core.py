@@ -18,8 +18,10 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-cases", type=whole(1), default=50, help="keep categories with at least this many cases")
     p.add_argument("--cache", type=Path, default=None, help="cache folder (default $DERMCIR_CACHE or ~/.cache/dermcir)")
     p.add_argument("--profile", choices=("cpu", "gpu"), default="cpu", help="cpu: frozen cached backbone; gpu: fine-tune")
-    p.add_argument("--seed", type=int, default=0,
-                   help="random seed (default 0): the same seed gives the same run on the same machine")
+    # numpy's and scikit-learn's seeds are 32-bit: -1 failed after loading, in scikit-learn's words
+    p.add_argument("--seed", type=whole(0, 2**32 - 1), default=0,
+                   help="random seed, 0 to 4,294,967,295 (default 0): the same seed gives the same run on the same "
+                        "machine")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a model/training setting, e.g. --set epochs=50 --set n_masks=4 (JSON values)")
     p.add_argument("--quiet", action="store_true", help="no progress bars (shown only on a terminal anyway)")
@@ -171,9 +173,15 @@ def cmd_cv(args: argparse.Namespace) -> int:
                               ("--companion-workers", args.companion_workers)):
             if value is not None:
                 raise ValueError(f"{option} applies to --method composed only")
-    # before the cases and torch load: an --out that holds an earlier run is refused in a fraction of a second
-    # (the run code checks again, for callers of the Python API)
+    # before the cases and torch load: an --out that holds an earlier run is refused in a fraction of a second, and
+    # so is a fold the split does not have (it came after ~27 s of loading) (the run code checks both again, for
+    # callers of the Python API)
     check_run_folder(args.out, rerun_method=None if composed else args.method)
+    for fold in args.only_folds or ():
+        if fold >= args.folds:
+            raise ValueError(f"--only-fold {fold}: a {args.folds}-fold split has folds 0 to {args.folds - 1}")
+    if args.only_folds and len(set(args.only_folds)) != len(args.only_folds):
+        raise ValueError(f"--only-fold names a fold twice: {args.only_folds}")
     overrides = _settings(args, args.method)
     cases, report = _load(args)
     if composed:

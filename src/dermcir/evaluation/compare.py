@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dermcir.evaluation.results import METRICS, partial_folds
+from dermcir.evaluation.results import METRICS, partial_folds, settings_given
 from dermcir.files import atomic_write, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -141,7 +141,9 @@ def _is_number(value: Any) -> bool:
 def _setting(doc: dict[str, Any]) -> str:
     parts = []
     if doc.get("profile"):
-        parts.append(f"{doc['profile']} profile" + (f" on {doc['device']}" if doc.get("device") else ""))
+        given = settings_given(doc)  # --set settings: not the profile itself
+        parts.append(f"{doc['profile']} profile" + (f" + {given}" if given else "")
+                     + (f" on {doc['device']}" if doc.get("device") else ""))
     if partial := partial_folds(doc):
         stopped = " (the run had not ended)" if doc.get("complete") is False else ""
         parts.append(f"only folds {', '.join(map(str, partial))} of {doc.get('n_folds', '?')}{stopped}")

@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from dermcir.checkpoint import state_digest
 from dermcir.config import to_json
-from dermcir.data.cache import preprocess_cases
+from dermcir.data.cache import PREPROCESS_VERSION, preprocess_cases
 from dermcir.data.cases import Case, LoadReport, category_counts, require_query_texts
 from dermcir.data.folds import (
     check_enough_per_category,
@@ -29,7 +30,7 @@ from dermcir.data.folds import (
 )
 from dermcir.devices import exact_float32, resolve_device
 from dermcir.evaluation.report import PAPER_ROWS, write_retrieval_figure, write_tables
-from dermcir.evaluation.results import build_results, check_run_folder, fold_row
+from dermcir.evaluation.results import as_json_values, build_results, check_run_folder, environment, fold_row
 from dermcir.files import write_json_atomic
 from dermcir.metrics import retrieval_metrics
 from dermcir.models import ComposedRetrievalModel
@@ -61,7 +62,7 @@ PROTOCOLS = {
     "text-only": f"text-only query (same trained models), {_DB}",
     "composed, beta=0 (global only)": f"image + text query scored with the global term only, {_DB}",
     "composed, beta=1 (local only)": f"image + text query scored with the local term only, {_DB}",
-    "composed, main model alone": f"image + text query scored by the main (fine-tuned) model without its companion, {_DB}",
+    "composed, main model alone": f"image + text query scored by the main model without its companion, {_DB}",
     "composed, companion alone": f"image + text query scored by the frozen-backbone companion alone, {_DB}",
 }
 
@@ -216,7 +217,15 @@ def run_cv(
     device = resolve_device("auto" if device is None else device)  # a name too ("cpu"), checked against the machine
     # a copy: the caller's report stays as the loader left it
     report = load_report.copy() if load_report is not None else LoadReport()
+    # What the run was, for its records: every setting it was given (views included, which neither config holds),
+    # the libraries it ran on. results.json held the profile, beta and seed only, so two runs that differed by a
+    # --set (views=1: mAP 95.4 against 99.1 on a small set) or a library version recorded the same things.
+    settings = {"overrides": as_json_values(overrides), "views": views}
+    env = environment()
     with run_log(out_dir / "cv.log", left_out=report.skipped, categories_left_out=report.categories_left_out()):
+        log.info("%s profile, %d folds, seed %d; settings given: %s; views %d", profile, n_folds, seed,
+                 settings["overrides"] or "none (the profile's own)", views)
+        log.info("environment: %s", ", ".join(f"{k} {v}" for k, v in env.items()))
         require_query_texts(cases)  # every case is a composed query once
         require_two_categories([c.category for c in cases], report.dropped_categories)  # before any image is read
         cases, images = preprocess_cases(cases, model_cfg.image_size, cache_dir, report, progress)  # logs its skips
@@ -232,6 +241,9 @@ def run_cv(
         seed_everything(seed)  # the heads' initial weights too: the same seed gives the same run
         model = ComposedRetrievalModel(model_cfg)
         initial = {k: v.clone() for k, v in model.state_dict().items()}
+        # which pretrained weights the run started from (a path in the settings names a file, not its contents)
+        settings["pretrained"] = {part: state_digest(model.get_submodule(part)) for part in ("backbone", "text_encoder")}
+        settings["model"], settings["train"] = as_json_values(vars(model_cfg)), as_json_values(vars(train_cfg))
         inputs = prepare_inputs(model, cases, images, train_cfg, views, device, cache_dir, progress)
         companion = prepare_companion(model, cases, images, train_cfg, device, cache_dir, progress, inputs)
         # companions in workers train beside the main models and must be done when the budget is: they stop by the
@@ -307,7 +319,8 @@ def run_cv(
             time_budget=time_budget, training=training, skipped=report.skipped,
             categories_left_out=report.categories_left_out(),
             folds_run=selected if complete else [r["fold"] for r in rows], complete=complete,
-            protocol=PROTOCOLS["composed"],
+            protocol=PROTOCOLS["composed"], settings=settings, preprocess_version=PREPROCESS_VERSION,
+            environment=env,
             ablations={name: build_results(name, r, protocol=PROTOCOLS[name]) for name, r in ablations.items()},
         )
         write_json_atomic(out_dir / "results.json", doc)

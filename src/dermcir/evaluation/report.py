@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from dermcir.evaluation.results import METRICS, format_row, partial_folds
+from dermcir.evaluation.results import METRICS, format_row, partial_folds, settings_given
 from dermcir.files import atomic_write, write_text_atomic
 
 #: The seed paper's reported rows (percent, mean ± std over its 5 folds), for side-by-side tables.
@@ -29,7 +29,8 @@ _HEADER = "| method | " + " | ".join(METRICS) + " |\n|---|" + "---|" * len(METRI
 
 def write_tables(doc: dict[str, Any], path: Path, paper_rows: dict = PAPER_ROWS) -> None:
     """Table 1 (this run beside the paper's rows), Table 2 (ablations), per-category and per-fold figures."""
-    name = f"{doc['method']} ({doc['profile']} profile, this run)"
+    given = settings_given(doc)  # a run with --set settings is not the profile itself, and must not read as it
+    name = f"{doc['method']} ({doc['profile']} profile{' + ' + given if given else ''}, this run)"
     lines = [f"# Results: {doc['method']}, {doc['n_folds']}-fold, {doc['n_cases']} cases, seed {doc['seed']}", ""]
     if partial := partial_folds(doc):
         folds = ", ".join(map(str, partial))
@@ -40,7 +41,12 @@ def write_tables(doc: dict[str, Any], path: Path, paper_rows: dict = PAPER_ROWS)
             note = (f"Only folds {folds} of {doc['n_folds']} ran: every mean below is over those folds, "
                     "not over the whole benchmark.")
         lines += [note, ""]
-    lines += ["## Table 1: comparison (percent, mean ± std over folds)", "", _HEADER]
+    n = len(doc["folds"])
+    ratio = (f"; the sample one, ddof = 1, is {np.sqrt(n / (n - 1)):.3f} times larger for {n} folds" if n > 1
+             else "")
+    lines += ["## Table 1: comparison (percent, mean ± std over folds)", "",
+              (f"std: this run's is the population standard deviation over folds (ddof = 0{ratio}). The paper "
+               "does not say which it reports."), "", _HEADER]
     lines += [format_row(n, m, s) for n, (m, s) in paper_rows.items()]
     lines += [format_row(f"**{name}**", doc["mean"], doc["std"]), ""]
     if doc.get("ablations"):

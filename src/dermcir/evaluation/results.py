@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import platform
+import sys
+from collections.abc import Mapping, Sequence
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +65,8 @@ def fold_row(fold: int, scores: np.ndarray, query_labels: Sequence[str], db_labe
 
 
 def summarize(rows: list[dict[str, Any]]) -> tuple[dict[str, float], dict[str, float]]:
-    """Mean and (population) standard deviation over folds of the four metrics."""
+    """Mean and population standard deviation (numpy's, ddof=0) over folds of the four metrics; ``tables.md`` says
+    which. (With 5 folds the sample deviation, ddof=1, is 1.118 times larger.)"""
     mean = {m: float(np.mean([r[m] for r in rows])) for m in METRICS}
     std = {m: float(np.std([r[m] for r in rows])) for m in METRICS}
     return mean, std
@@ -74,6 +78,43 @@ def summarize_per_category(rows: list[dict[str, Any]]) -> dict[str, dict[str, fl
         c: {m: float(np.mean([r["per_category"][c][m] for r in rows if c in r["per_category"]])) for m in METRICS}
         for c in cats
     }
+
+
+#: The libraries whose versions a run records: each can change its figures (the README's machine differences).
+_RECORDED_PACKAGES = ("torch", "torchvision", "timm", "transformers", "tokenizers", "numpy", "scipy", "scikit-learn",
+                      "pillow", "faiss-cpu")
+
+
+def environment() -> dict[str, Any]:
+    """What the run ran on, for ``results.json``: Python, dermcir and the libraries that shape its figures (those
+    installed), and CUDA and cuDNN when torch is loaded with them. Reads package metadata only (no imports)."""
+    from dermcir import __version__
+
+    env: dict[str, Any] = {"python": platform.python_version(), "dermcir": __version__}
+    for name in _RECORDED_PACKAGES:
+        try:
+            env[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    torch = sys.modules.get("torch")
+    if torch is not None and getattr(torch.version, "cuda", None):
+        env["cuda"] = torch.version.cuda
+        env["cudnn"] = torch.backends.cudnn.version()
+    return env
+
+
+def as_json_values(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Settings as JSON values, sorted by name (a path becomes its text), for the run's records."""
+    return json.loads(json.dumps(dict(sorted(settings.items())), default=str))
+
+
+def settings_given(doc: Mapping[str, Any]) -> str:
+    """The settings a composed run was given besides its profile's (``--set``), as ``key=value, ...``; "" for none
+    (or a results.json written before they were recorded)."""
+    given = (doc.get("settings") or {}).get("overrides") if isinstance(doc.get("settings"), Mapping) else None
+    if not isinstance(given, Mapping):
+        return ""
+    return ", ".join(f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in given.items())
 
 
 def build_results(method: str, rows: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from dermcir._weights import map_lite0_state, read_state_dict, shape_mismatches
-from dermcir.models.registry import register_backbone
+from dermcir.models.registry import register_backbone, require_local_weights
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,8 @@ def swin_t(weights: str | None = None, pretrained: bool = True, img_size: int = 
     name = "swin_tiny_patch4_window7_224"
     if pretrained and weights is None:
         raise ValueError("swin_t has no offline weights: pass backbone_weights=PATH (a local checkpoint) or 'hub'")
+    if pretrained:
+        require_local_weights(weights, "backbone_weights")
     from_hub = pretrained and weights is not None and not Path(weights).exists()
     body = timm.create_model(
         name if weights in (None, "hub") or not from_hub else weights,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from dermcir._lazy import registered
@@ -23,6 +24,28 @@ WEIGHTS_SETTING = {
     ("backbone", "swin_t"): ("backbone_weights", "a local checkpoint (.safetensors or .pth) or 'hub' when online"),
     ("text_encoder", "bert"): ("text_weights", "a local Hugging Face folder, or a hub name when online"),
 }
+
+
+#: Endings of weight files: a value with one names a file, never a hub model
+_WEIGHT_FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+
+
+def require_local_weights(value: str | None, setting: str) -> None:
+    """Refuse a weights value that is written as a path (absolute, ``./``, ``../``, ``~`` or a weight file's
+    ending) and names nothing on this machine. Such a value used to be taken for a hub name, failing after the model
+    had loaded (13-22 s) with the hub library's "Repo id must be in the form ..." (or, online, after a 69 s attempt
+    to download it). A name that could be either (``bert-base-uncased``, ``org/model``) is left to the builder: a
+    local folder when there is one, a hub name otherwise.
+
+    Raises:
+        FileNotFoundError: naming the setting and the path.
+    """
+    if not value or value == "hub":
+        return
+    written_as_path = (Path(value).is_absolute() or value.startswith(("./", "../", "~", ".\\", "..\\"))
+                       or value.lower().endswith(_WEIGHT_FILE_SUFFIXES))
+    if written_as_path and not Path(value).expanduser().exists():
+        raise FileNotFoundError(f"{setting}={value}: no such file or folder on this machine (moved, or mistyped?)")
 
 
 def register_backbone(name: str) -> Callable:

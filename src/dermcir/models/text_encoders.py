@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dermcir.models.registry import register_text_encoder
+from dermcir.models.registry import register_text_encoder, require_local_weights
 
 
 class TokenEncoder(nn.Module):
@@ -101,6 +101,7 @@ def bert(weights: str | None = None, pretrained: bool = True, max_tokens: int = 
         if pretrained:
             raise ValueError("text encoder 'bert' needs text_weights=FOLDER (a local Hugging Face folder) or a hub name")
         return _bert(minilm_folder(), False, max_tokens, tiny=True)
+    require_local_weights(weights, "text_weights")
     if Path(weights).exists() and not (Path(weights) / "config.json").is_file():
         raise FileNotFoundError(f"{weights}: not a Hugging Face model folder (no config.json)")
     return _bert(weights, pretrained, max_tokens, tiny=tiny)

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from dermcir.config import ModelConfig, TrainConfig
-from dermcir.models.registry import WEIGHTS_SETTING
+from dermcir.models.registry import WEIGHTS_SETTING, require_local_weights
 from dermcir.training.feature_layout import VIEWS, check_cached_grid
 
 _CPU_MODEL = ModelConfig(grid=4, dim=64, token_dropout=0.3, members=2)
@@ -75,9 +75,23 @@ def get_profile(name: str, **overrides) -> tuple[ModelConfig, TrainConfig, int]:
     if model_cfg.companion is not None and "companion" not in overrides:
         model_cfg.companion = dict(model_cfg.companion)  # a copy: the profile's own dict must never change
     train_cfg = replace(train_cfg, **{k: v for k, v in overrides.items() if k in t_fields})
+    _check_settings_that_act(name, model_cfg, overrides)
     _check_frozen_grids(name, model_cfg)
     _check_weight_sources(model_cfg)
     return model_cfg, train_cfg, _check_views(overrides.get("views", views))
+
+
+def _check_settings_that_act(name: str, model_cfg: ModelConfig, overrides: dict) -> None:
+    """Refuse settings that this run would never read: they were recorded as used while the run went on unchanged
+    (a learning-rate sweep with ``--set lr=...`` on the cpu profile gave the same run every time)."""
+    if name == "cpu" and "lr" in overrides:
+        raise ValueError("lr: the cpu profile's backbone is frozen, and lr is the backbone's learning rate; the heads "
+                         "train at head_lr (--set head_lr=...)")
+    if model_cfg.companion is None:
+        unread = [k for k in ("companion_weight", "companion_epochs") if k in overrides]
+        if unread:
+            raise ValueError(f"{', '.join(unread)}: this model has no companion (the gpu profile has one; or "
+                             "--set companion=...)")
 
 
 def _check_weight_sources(model_cfg: ModelConfig) -> None:
@@ -85,6 +99,8 @@ def _check_weight_sources(model_cfg: ModelConfig) -> None:
     for (part, kind), (setting, what) in WEIGHTS_SETTING.items():
         if getattr(model_cfg, part) == kind and not getattr(model_cfg, setting):
             raise ValueError(f"{part}={kind} has no offline weights: add --set {setting}=... ({what})")
+    for setting in ("backbone_weights", "text_weights"):
+        require_local_weights(getattr(model_cfg, setting), setting)
 
 
 def _check_frozen_grids(name: str, model_cfg: ModelConfig) -> None:
