@@ -87,7 +87,7 @@ _RECORDED_PACKAGES = ("torch", "torchvision", "timm", "transformers", "tokenizer
 
 def environment() -> dict[str, Any]:
     """What the run ran on, for ``results.json``: Python, dermcir and the libraries that shape its figures (those
-    installed), and CUDA and cuDNN when torch is loaded with them. Reads package metadata only (no imports)."""
+    installed), and CUDA and cuDNN when torch is loaded and a GPU is there. Reads package metadata only (no imports)."""
     from dermcir import __version__
 
     env: dict[str, Any] = {"python": platform.python_version(), "dermcir": __version__}
@@ -97,7 +97,7 @@ def environment() -> dict[str, Any]:
         except PackageNotFoundError:
             pass
     torch = sys.modules.get("torch")
-    if torch is not None and getattr(torch.version, "cuda", None):
+    if torch is not None and getattr(torch.version, "cuda", None) and torch.cuda.is_available():  # not on a CPU
         env["cuda"] = torch.version.cuda
         env["cudnn"] = torch.backends.cudnn.version()
     return env
