@@ -16,6 +16,7 @@ Usage: python scripts/pack_gpu_payload.py --data ../shared/derm7pt/release_v0 [-
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -26,26 +27,33 @@ from safetensors.torch import save_file
 
 
 def pack_images(data: Path, out: Path, quality: int) -> list:
-    import pandas as pd
-
     from dermcir.data import load_derm7pt
     from dermcir.data.cache import preprocess_cases
 
     cases, report = load_derm7pt(data)
     cases, images = preprocess_cases(cases, 512, report=report)
-    keep = {c.case_id for c in cases}
-    meta = pd.read_csv(data / "meta" / "meta.csv", dtype=str, keep_default_na=False)
-    meta = meta[meta["case_num"].isin(keep)].copy()
     by_id = {c.case_id: i for i, c in enumerate(cases)}
+    with open(data / "meta" / "meta.csv", newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        fields = list(reader.fieldnames or [])
+        # the rows of the cases kept, in the release's order; a repeated case number once, as the loader keeps it
+        rows, seen = [], set()
+        for row in reader:
+            case_id = row["case_num"].strip()  # as the loader reads it
+            if case_id in by_id and case_id not in seen:
+                seen.add(case_id)
+                rows.append(row)
     (out / "meta").mkdir(parents=True, exist_ok=True)
     (out / "images" / "packed").mkdir(parents=True, exist_ok=True)
-    names = []
-    for case_id in meta["case_num"]:
+    for row in rows:
+        case_id = row["case_num"].strip()
         name = f"packed/{case_id}.webp"
         Image.fromarray(images[by_id[case_id]]).save(out / "images" / name, quality=quality, method=6)
-        names.append(name)
-    meta["derm"] = names
-    meta.to_csv(out / "meta" / "meta.csv", index=False)
+        row["derm"] = name
+    with open(out / "meta" / "meta.csv", "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
     return cases
 
 

@@ -21,21 +21,26 @@ PY="${PYTHON:-$(command -v python || command -v python3)}"
 
 # the subset: the first PER_CATEGORY rows of each category that the full run keeps, in the packed release's layout
 PYTHONPATH="$PWD/src" "$PY" - "$WORK/release" "${PER_CATEGORY:-6}" <<'EOF'
-import shutil, sys
+import csv, shutil, sys
 from pathlib import Path
-
-import pandas as pd
 
 from dermcir.data.categories import category_of
 
 src, dst, per = Path("gpu_payload/release"), Path(sys.argv[1]), int(sys.argv[2])
-meta = pd.read_csv(src / "meta" / "meta.csv", dtype=str, keep_default_na=False)
-meta["_category"] = [category_of(d) for d in meta["diagnosis"]]
-kept = [group.head(per) for _, group in meta.groupby("_category") if len(group) >= 50]
-subset = pd.concat(kept).drop(columns="_category")
+with open(src / "meta" / "meta.csv", newline="", encoding="utf-8") as fh:
+    reader = csv.DictReader(fh)
+    fields, rows = reader.fieldnames, list(reader)
+by_category = {}
+for row in rows:
+    by_category.setdefault(category_of(row["diagnosis"]), []).append(row)
+subset = [row for category in sorted(by_category) if len(by_category[category]) >= 50
+          for row in by_category[category][:per]]
 (dst / "meta").mkdir(parents=True)
-subset.to_csv(dst / "meta" / "meta.csv", index=False)
-for name in subset["derm"]:
+with open(dst / "meta" / "meta.csv", "w", newline="", encoding="utf-8") as fh:
+    writer = csv.DictWriter(fh, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(subset)
+for name in (row["derm"] for row in subset):
     (dst / "images" / name).parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(src / "images" / name, dst / "images" / name)
 print(f"rehearsal subset: {len(subset)} cases in {dst}")
