@@ -210,6 +210,10 @@ def test_a_blank_checklist_value_is_not_given_in_every_interface(env, capsys):
     assert '"text": "Dermoscopy: streaks irregular."' in capsys.readouterr().out
     with pytest.raises(ValueError, match="unknown checklist field 'colour'"):
         searcher.search(image=image, checklist={"colour": ""}, k=3)
+    # a blank spelling beside a given one is no second value, in Python as over HTTP (HTTP dropped it first)
+    both = {"Streaks": "", "streaks": "irregular"}
+    assert searcher.search(image=image, checklist=both, k=3).text == "Dermoscopy: streaks irregular."
+    assert _post(client, image, k=3, **both).json()["query"]["text"] == "Dermoscopy: streaks irregular."
 
 
 def test_a_text_that_is_not_valid_unicode_is_a_query_error(env):

@@ -105,6 +105,14 @@ def test_cv_writes_results_tables_and_figure(toy_release, tmp_path):
     # a run given --set settings is not the profile itself: its row says so, and std is named
     given = ", ".join(f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in sorted(FAST.items()))
     assert f"| **dermcir-composed (cpu profile + {given}, this run)** |" in tables
+    # weights paths by their last part: gpu_cv.sh's runs read "gpu profile + backbone_weights=lite0_fp16.safetensors"
+    from dermcir.evaluation.results import settings_given
+
+    doc = {"settings": {"overrides": {"backbone_weights": "gpu_payload/lite0_fp16.safetensors", "epochs": 3,
+                                      "text_encoder": "bert", "text_weights": "/abs/gpu_payload/minilm"}}}
+    assert settings_given(doc) == ("backbone_weights=lite0_fp16.safetensors, epochs=3, text_encoder=bert, "
+                                   "text_weights=minilm")
+    assert settings_given({}) == settings_given({"settings": None}) == ""  # results.json of earlier versions
     assert "population standard deviation over folds (ddof = 0; the sample one, ddof = 1, is 1.225 times" in tables
 
 

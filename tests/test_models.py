@@ -303,7 +303,7 @@ def test_a_backbone_file_of_another_architecture_or_none_is_refused_naming_it(tm
     with pytest.raises(ValueError, match=f"{junk}: not a readable weights file") as caught:
         create_backbone("lite0", weights=str(junk))
     assert "weights_only" not in str(caught.value)
-    with pytest.raises(FileNotFoundError, match="gone.safetensors: backbone weights file not found"):
+    with pytest.raises(FileNotFoundError, match="backbone_weights=.*gone.safetensors: no such file or folder"):
         create_backbone("lite0", weights=str(tmp_path / "gone.safetensors"))
 
 
@@ -406,3 +406,10 @@ def test_a_weights_path_that_is_not_there_is_named_not_taken_for_a_hub_name():
         bert(weights="/nowhere/bert")
     with pytest.raises(FileNotFoundError, match="backbone_weights=swin.pth: no such file or folder"):
         swin_t(weights="swin.pth", img_size=64)
+    # lite0 has no hub to ask: any value is a file (a typo without a weight file's ending passed the first check);
+    # "~" is not expanded by the builders, so not by the check either
+    from dermcir.training import get_profile
+
+    for value in ("gpu_payload/lite0", "~/w.safetensors"):
+        with pytest.raises(FileNotFoundError, match=f"backbone_weights={value}: no such file or folder"):
+            get_profile("gpu", backbone_weights=value)

@@ -20,8 +20,6 @@ log = logging.getLogger("dermcir.cli")
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 NOTICE = "Research tool, not a diagnostic device."
-#: uvicorn's bound on open connections (its ``limit_concurrency``); kept here so that --help needs no uvicorn
-DEFAULT_MAX_CONNECTIONS = 128
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -147,9 +145,10 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                    help="searches run at once, the others wait (each decodes its upload and uses all --threads)")
     p.add_argument("--max-waiting", type=whole(0), default=32,
                    help="searches that may wait for a turn; one more is answered 503 (each holds its upload)")
-    p.add_argument("--max-connections", type=whole(1), default=DEFAULT_MAX_CONNECTIONS,
-                   help="open connections (page, images, searches, uploads still arriving), the new one included, "
-                        f"at which a request is answered 503 (default {DEFAULT_MAX_CONNECTIONS})")
+    p.add_argument("--max-connections", type=whole(1), default=None,
+                   help="at most this many open connections (page, images, searches, uploads still arriving); a "
+                        "request beyond them is answered 503 (default: no bound; idle connections count too, so a "
+                        "reverse proxy in front is the place to limit connections per client)")
     p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
                    help="a Host name to answer besides the address itself: on a loopback address, also NAME (e.g. a "
                         "reverse proxy that passes its clients' Host on); on another address, only the NAMEs given "

@@ -80,11 +80,11 @@ def validate_checklist(fields: Mapping[str, str]) -> dict[str, str]:
         key = checklist_key(name)
         if key not in CHECKLIST_FIELDS:
             raise ValueError(f"unknown checklist field {name!r}; allowed fields: {', '.join(CHECKLIST_FIELDS)}")
+        if value is None or (isinstance(value, str) and not value.strip()):
+            continue  # not given: so no second value either (an empty "Streaks" beside "streaks=regular")
         if key in spelled:  # "Streaks" and "streaks": which one the clinician meant is not ours to guess
             raise ValueError(f"checklist field {key!r} is given twice ({spelled[key]!r} and {name!r}); give it once")
         spelled[key] = name
-        if value is None or (isinstance(value, str) and not value.strip()):
-            continue
         allowed = CHECKLIST_FIELDS[key][1]
         val = str(value).strip().lower().replace("_", " ")
         val = VALUE_SPELLINGS.get(key, {}).get(val, val)

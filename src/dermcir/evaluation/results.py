@@ -114,7 +114,15 @@ def settings_given(doc: Mapping[str, Any]) -> str:
     given = (doc.get("settings") or {}).get("overrides") if isinstance(doc.get("settings"), Mapping) else None
     if not isinstance(given, Mapping):
         return ""
-    return ", ".join(f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in given.items())
+
+    def shown(key: str, value: Any) -> str:
+        if not isinstance(value, str):
+            return json.dumps(value)
+        # a weights path by its last part (lite0_fp16.safetensors, minilm): the folders say where, not what, and
+        # settings.pretrained records what by digest
+        return Path(value).name if key.endswith("_weights") and value != "hub" else value
+
+    return ", ".join(f"{k}={shown(k, v)}" for k, v in given.items())
 
 
 def build_results(method: str, rows: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:

@@ -76,6 +76,7 @@ def lite0(weights: str | None = None, pretrained: bool = True, img_size: int = 5
             state = map_lite0_state(read_state_dict(src), full.state_dict(), str(src))
             _load_into(body, state, str(src), "tf_efficientnet_lite0", full)
         else:
+            require_local_weights(weights, "backbone_weights", local_only=True)
             _load_into(body, read_state_dict(Path(weights)), weights, "tf_efficientnet_lite0", full)
     return FeaturePyramid(body, False, cfg["mean"], cfg["std"])
 

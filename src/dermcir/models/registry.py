@@ -30,21 +30,22 @@ WEIGHTS_SETTING = {
 _WEIGHT_FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 
 
-def require_local_weights(value: str | None, setting: str) -> None:
+def require_local_weights(value: str | None, setting: str, local_only: bool = False) -> None:
     """Refuse a weights value that is written as a path (absolute, ``./``, ``../``, ``~`` or a weight file's
-    ending) and names nothing on this machine. Such a value used to be taken for a hub name, failing after the model
-    had loaded (13-22 s) with the hub library's "Repo id must be in the form ..." (or, online, after a 69 s attempt
-    to download it). A name that could be either (``bert-base-uncased``, ``org/model``) is left to the builder: a
-    local folder when there is one, a hub name otherwise.
+    ending), or any value when ``local_only`` (a builder with no hub to ask, such as ``lite0``), that names nothing
+    on this machine. Such a value used to be taken for a hub name, failing after the model had loaded (13-22 s) with
+    the hub library's "Repo id must be in the form ..." (or, online, after a 69 s attempt to download it). A name
+    that could be either (``bert-base-uncased``, ``org/model``) is left to the builder: a local folder when there is
+    one, a hub name otherwise. ``~`` is not expanded (the builders do not expand it either).
 
     Raises:
         FileNotFoundError: naming the setting and the path.
     """
-    if not value or value == "hub":
+    if not value or (value == "hub" and not local_only):
         return
-    written_as_path = (Path(value).is_absolute() or value.startswith(("./", "../", "~", ".\\", "..\\"))
+    written_as_path = (local_only or Path(value).is_absolute() or value.startswith(("./", "../", "~", ".\\", "..\\"))
                        or value.lower().endswith(_WEIGHT_FILE_SUFFIXES))
-    if written_as_path and not Path(value).expanduser().exists():
+    if written_as_path and not Path(value).exists():
         raise FileNotFoundError(f"{setting}={value}: no such file or folder on this machine (moved, or mistyped?)")
 
 

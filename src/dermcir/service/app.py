@@ -228,7 +228,8 @@ async def _query_of(form: FormData) -> dict[str, Any]:
                 f"unknown field {name!r}; the fields are {', '.join(_RESERVED)} and the checklist fields "
                 f"{', '.join(CHECKLIST_FIELDS)}"
             )
-    checklist = {k: str(v) for k, v in form.multi_items() if k not in _RESERVED and str(v).strip()}
+    # blank values too: validate_checklist takes them as not given, the rule of every interface
+    checklist = {k: str(v) for k, v in form.multi_items() if k not in _RESERVED}
     return {
         "image": image,
         "image_name": image_name,
@@ -403,7 +404,7 @@ def create_app(
         # browser may keep this one. A URL without it, or with an old one, names no fixed image: not to be kept.
         current = v == record["sha1"][:_VERSION_CHARS]
         # private: a patient's image is for this browser's cache, not a shared proxy's
-        cache = "private, max-age=86400" if current else "no-cache"
+        cache = "private, max-age=86400" if current else "private, no-cache"
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": cache})
 
     @app.get(

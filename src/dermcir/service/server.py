@@ -46,15 +46,20 @@ def allowed_hosts(host: str, bound: str | None = None, extra: Sequence[str] = ()
     - On a loopback address: the loopback names, ``host`` itself (e.g. a name that /etc/hosts maps to 127.0.1.1)
       and ``extra`` (a reverse proxy that passes its clients' ``Host`` on) are answered.
     - On any other address the names clients use cannot be known here: with ``extra`` (``--allowed-host``) only
-      those names and the address listened on are answered (not a wildcard one such as 0.0.0.0, which no client
-      addresses); without it, any name.
+      those names and the address listened on are answered (for a wildcard address, 0.0.0.0 or ``::``, which
+      listens on loopback too: that address and the loopback names); without it, any name.
     """
     address = bound or host
     if _is_loopback(address):
         return list(dict.fromkeys([*_LOOPBACK_NAMES, _as_host_name(host), *extra]))
     if not extra:
         return None
-    own = [_as_host_name(name) for name in (host, address) if not _is_wildcard(name)]
+    if _is_wildcard(address):
+        # every address of this machine, loopback included: its own names (`curl localhost`, a container's health
+        # check) and the address the start-up line prints, which a rebinding page cannot make its origin
+        own = [*_LOOPBACK_NAMES, _as_host_name(address)]
+    else:
+        own = [_as_host_name(name) for name in (host, address) if name]
     return list(dict.fromkeys([*own, *extra]))
 
 
@@ -92,6 +97,18 @@ def _guarded(app: ASGIApp, host: str, sock: socket.socket, extra: Sequence[str])
     return TrustedHostMiddleware(app, allowed_hosts=hosts)
 
 
+def _limit_concurrency(max_connections: int | None) -> int | None:
+    """uvicorn's ``limit_concurrency`` for at most ``max_connections`` open connections (None: no bound), a request
+    beyond them answered 503 (plain text, from uvicorn). uvicorn counts the arriving connection itself, so its limit
+    is one more (``1`` refused every request).
+
+    Not a defence on its own: uvicorn also counts connections that have sent nothing yet, and has no timeout for a
+    first request's headers, so a client holding that many idle connections shuts everyone else out. Hence no bound
+    by default; a reverse proxy in front (nginx, Caddy) is the place to limit connections per client.
+    """
+    return None if max_connections is None else max_connections + 1
+
+
 def address(sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
     return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
@@ -99,15 +116,14 @@ def address(sock: socket.socket) -> str:
 
 def serve(
     app: FastAPI, host: str = "127.0.0.1", port: int = 8000, on_ready: Callable[[str], None] | None = None,
-    allowed_host_names: Sequence[str] = (), max_connections: int | None = 128,
+    allowed_host_names: Sequence[str] = (), max_connections: int | None = None,
 ) -> None:
     """Serve until interrupted; ``on_ready(url)`` is called once the socket is bound. ``allowed_host_names``: the
-    ``Host`` names answered besides the address's own (see :func:`allowed_hosts`). ``max_connections``: open
-    connections at once (uvicorn's ``limit_concurrency``); one more is answered 503, so that clients holding
-    connections open (uploads that stall, each with its part spooled on disk) cannot add up without bound."""
+    ``Host`` names answered besides the address's own (see :func:`allowed_hosts`). ``max_connections``: see
+    :func:`_limit_concurrency`."""
     sock = bind(host, port)
     server = uvicorn.Server(uvicorn.Config(_guarded(app, host, sock, allowed_host_names), log_level="info",
-                                           access_log=False, limit_concurrency=max_connections))
+                                           access_log=False, limit_concurrency=_limit_concurrency(max_connections)))
     if on_ready:
         on_ready(address(sock))
     server.run(sockets=[sock])
@@ -122,7 +138,7 @@ class BackgroundServer:
         self.url = address(self._sock)
         self._server = uvicorn.Server(uvicorn.Config(_guarded(app, host, self._sock, allowed_host_names),
                                                      log_level="warning", access_log=False,
-                                                     limit_concurrency=max_connections))
+                                                     limit_concurrency=_limit_concurrency(max_connections)))
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True)
 
     def __enter__(self) -> str:
