@@ -36,13 +36,17 @@ def pack_images(data: Path, out: Path, quality: int) -> list:
     with open(data / "meta" / "meta.csv", newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         fields = list(reader.fieldnames or [])
-        # the rows of the cases kept, in the release's order; a repeated case number once, as the loader keeps it
+        # the row each kept case came from, in the release's order: where a case number repeats, the loader keeps
+        # the first usable row, so the row whose image is the case's (the loader's own path for it)
         rows, seen = [], set()
         for row in reader:
             case_id = row["case_num"].strip()  # as the loader reads it
-            if case_id in by_id and case_id not in seen:
+            if (case_id in by_id and case_id not in seen
+                    and data / "images" / row["derm"].strip() == cases[by_id[case_id]].image):
                 seen.add(case_id)
                 rows.append(row)
+    if len(rows) != len(cases):  # a case whose row was not found would be lost from the payload without a word
+        raise ValueError(f"{data}: found the rows of {len(rows)} of the {len(cases)} cases kept")
     (out / "meta").mkdir(parents=True, exist_ok=True)
     (out / "images" / "packed").mkdir(parents=True, exist_ok=True)
     for row in rows:
