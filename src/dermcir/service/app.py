@@ -221,8 +221,8 @@ async def _query_of(form: FormData) -> dict[str, Any]:
     elif isinstance(upload, str) and upload:
         raise QueryError("field 'image' must be an uploaded file (multipart file part), not text")
     for name in form:
-        # checked before blank values are dropped, and named here, so that a mistyped "txt" or "Text" is not
-        # silently ignored nor told only about checklist fields
+        # named here, blank or not, so that a mistyped "txt" or "Text" is not silently ignored nor told only about
+        # checklist fields
         if name not in _RESERVED and checklist_key(name) not in CHECKLIST_FIELDS:
             raise QueryError(
                 f"unknown field {name!r}; the fields are {', '.join(_RESERVED)} and the checklist fields "
