@@ -111,7 +111,8 @@ def as_json_values(settings: Mapping[str, Any]) -> dict[str, Any]:
 def settings_given(doc: Mapping[str, Any]) -> str:
     """The settings a composed run was given besides its profile's (``--set``), as ``key=value, ...``; "" for none
     (or a results.json written before they were recorded)."""
-    given = (doc.get("settings") or {}).get("overrides") if isinstance(doc.get("settings"), Mapping) else None
+    settings = doc.get("settings")
+    given = settings.get("overrides") if isinstance(settings, Mapping) else None
     if not isinstance(given, Mapping):
         return ""
 
