@@ -436,6 +436,23 @@ def test_cli_index_from_a_derm7pt_release(tmp_path, toy_release, capsys):
     assert {r["category"] for r in index.records} == {"nevus", "melanoma", "benign keratosis-like"}
 
 
+def test_cli_index_of_a_release_keeps_the_categories_the_model_was_trained_with(tmp_path, toy_release, capsys):
+    """Without --min-cases, a release is indexed with the threshold recorded in the checkpoint (a model trained with
+    --min-cases 5 on 8-case categories), not a fixed 50 that left every category out; --add reads the index's
+    checkpoint; a --min-cases given still decides."""
+    ckpt = make_checkpoint(tmp_path / "ckpt")
+    config = json.loads((ckpt / "config.json").read_text())
+    config["categories_left_out"] = {"min_cases": 5, "categories": {}}  # what training with --min-cases 5 records
+    (ckpt / "config.json").write_text(json.dumps(config))
+    args = ["index", "--data", str(toy_release), "--quiet", "--cache", str(tmp_path / "cache")]
+    assert main([*args, "--checkpoint", str(ckpt), "--out", str(tmp_path / "index")]) == 0
+    assert len(open_index(tmp_path / "index")) == 24
+    assert main([*args, "--out", str(tmp_path / "index"), "--add", "--replace"]) == 0  # the index's checkpoint
+    assert "+24 -0, 24 cases" in capsys.readouterr().out
+    assert main([*args, "--checkpoint", str(ckpt), "--out", str(tmp_path / "index2"), "--min-cases", "9"]) == 2
+    assert "no usable case" in capsys.readouterr().err
+
+
 def test_cli_demo_trains_once_indexes_and_serves(tmp_path, toy_release, monkeypatch, capsys):
     import dermcir.cli.search
     import dermcir.service

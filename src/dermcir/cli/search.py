@@ -47,7 +47,8 @@ def _register_index(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--min-cases",
         type=whole(1),
-        help="keep categories with at least this many cases (default 50 for a Derm7pt release, 1 for a CSV)",
+        help="keep categories with at least this many cases (default for a Derm7pt release: the threshold the "
+        "checkpoint was trained with, else 50; for a CSV: 1)",
     )
     p.add_argument("--add", action="store_true", help="add the --data cases to the existing index")
     p.add_argument(
@@ -210,6 +211,35 @@ def _load_cases(data: Path, image_root: Path | None, min_cases: int | None):
     return cases, report
 
 
+def _is_release(data: Path) -> bool:
+    return data.is_dir() and (data / "meta" / "meta.csv").is_file()
+
+
+def _training_min_cases(checkpoint: Path | None, index_root: Path | None) -> int | None:
+    """The category threshold the model was trained with (recorded in its checkpoint), as an index's default: with a
+    fixed 50, a model trained with ``--min-cases 10`` indexed a release without the categories it had learnt.
+
+    ``checkpoint``: the one given; else the one recorded in the index at ``index_root`` (an ``--add``). ``None`` when
+    neither records a threshold (a checkpoint trained on a CSV, or before thresholds were recorded): the loader's
+    default then applies.
+    """
+    from dermcir.checkpoint_folder import CONFIG, read_config
+
+    if checkpoint is None and index_root is not None:
+        from dermcir.index._store import live_version
+        from dermcir.index.case_index import read_manifest
+
+        checkpoint = Path(read_manifest(live_version(index_root))["checkpoint"])
+    if checkpoint is None or not (checkpoint / CONFIG).is_file():
+        return None  # (a moved checkpoint of an --add is named when the index opens)
+    left_out = read_config(checkpoint).get("categories_left_out")
+    threshold = left_out.get("min_cases") if isinstance(left_out, dict) else None
+    if isinstance(threshold, int) and not isinstance(threshold, bool) and threshold >= 1:
+        log.info("--min-cases %d: the threshold %s was trained with", threshold, checkpoint)
+        return threshold
+    return None
+
+
 def _print_update(what: str, update, fields_left_out: list[tuple[str, str]] = ()) -> None:
     """One summary line: what changed, the rows and images left out (the first five of each list), and the checklist
     values left out of cases that were kept (a clinic CSV's values outside a field's allowed ones)."""
@@ -288,7 +318,10 @@ def cmd_index(args: argparse.Namespace) -> int:
             refuse_existing_index(args.out)
     if args.checkpoint is not None:  # (--add without it uses the index's own, checked when the index opens)
         require_checkpoint(args.checkpoint)
-    cases, report = _load_cases(args.data, args.image_root, args.min_cases)
+    min_cases = args.min_cases
+    if min_cases is None and _is_release(args.data):
+        min_cases = _training_min_cases(args.checkpoint, args.out if args.add else None)
+    cases, report = _load_cases(args.data, args.image_root, min_cases)
     _apply_threads(args)  # before the imports below load torch
     from dermcir.index import VectorParams, add_cases, build_index
 
