@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +36,21 @@ def _wait_policy_left_as_found():
     else:
         os.environ[_waits.POLICY] = before
     _waits._set_here = set_here
+
+
+@contextmanager
+def held_in_another_process(lock: str) -> Iterator[None]:
+    """Run ``with <lock>:`` in a child Python (``lock``: an expression over ``dermcir`` and ``Path``) while the body
+    runs: a lock that another process holds, as a concurrent run would."""
+    code = ("import sys, time\nfrom pathlib import Path\nimport dermcir.checkpoint_folder, dermcir.files\n"
+            f"with {lock}:\n    print('held', flush=True)\n    sys.stdin.read()\n")
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "held"
+        yield
+    finally:
+        child.stdin.close()  # the child leaves the with block and exits
+        child.wait(timeout=60)
 
 
 def synthetic_lesion(seed: int, colour: tuple[int, int, int], size=(96, 64), border: int = 6) -> Image.Image:

@@ -5,6 +5,7 @@ import torch
 
 from dermcir.checkpoint import fingerprint, load_checkpoint, save_checkpoint
 
+from .conftest import held_in_another_process
 from .test_models import IMAGES, TEXTS, tiny
 
 
@@ -350,3 +351,69 @@ def test_training_refuses_a_checkpoint_folder_it_could_not_write_before_it_train
     with pytest.raises(OSError, match=f"{tmp_path}: cannot be written \\(Permission denied\\); give an --out where"):
         check_checkpoint_target(tmp_path / "new" / "model")
     assert list(tmp_path.iterdir()) == []  # nothing made on the way
+
+
+def test_a_second_training_into_a_folder_another_process_trains_into_is_refused_at_once(tmp_path):
+    """Two `dermcir train --out M` at once both ran to the end and the later one replaced the earlier one's
+    checkpoint (under an index built with it), or their saves broke each other's."""
+    from dermcir.checkpoint_folder import CheckpointBusyError
+    from dermcir.training.pipeline import train_on_cases
+
+    out = tmp_path / "model"
+    held = f"dermcir.checkpoint_folder.checkpoint_lock(Path({str(out)!r}), wait=False)"
+    busy = f"{out}: another process is training or saving a checkpoint"
+    with held_in_another_process(held), pytest.raises(CheckpointBusyError, match=busy):
+        train_on_cases([], out, profile="cpu", progress=False)  # refused before the cases are looked at
+    assert list(tmp_path.iterdir()) == []  # and the lock file is gone with its holder
+
+
+def test_a_save_refuses_a_checkpoint_written_since_the_caller_checked(tmp_path):
+    save_checkpoint(tiny(), tmp_path / "ckpt", frozen=())
+    good = fingerprint(tmp_path / "ckpt")
+    with pytest.raises(ValueError, match="holds a checkpoint already"):
+        save_checkpoint(tiny(), tmp_path / "ckpt", frozen=(), overwrite=False)
+    assert fingerprint(tmp_path / "ckpt") == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_a_reader_leaves_a_running_save_between_its_renames_alone(tmp_path):
+    """A save between its two renames looks interrupted (no folder, the old one aside): a reader that moved the old
+    one back made the save fail with "Directory not empty" and lost the training."""
+    from dermcir.checkpoint_folder import restore_interrupted_save
+
+    save_checkpoint(tiny(), tmp_path / "ckpt", frozen=())
+    (tmp_path / "ckpt").rename(tmp_path / ".ckpt.old")  # the running save's first rename
+    ckpt = tmp_path / "ckpt"
+    with held_in_another_process(f"dermcir.checkpoint_folder.checkpoint_lock(Path({str(ckpt)!r}))"):
+        assert not restore_interrupted_save(ckpt)
+        assert (tmp_path / ".ckpt.old").is_dir() and not ckpt.exists()
+    assert restore_interrupted_save(ckpt)  # once no save holds the folder, it was interrupted: put it back
+    load_checkpoint(ckpt)
+
+
+@pytest.mark.parametrize("other_config", [False, True])
+def test_a_checkpoint_replaced_while_it_loads_gets_the_fingerprint_of_what_was_loaded(tmp_path, monkeypatch,
+                                                                                       other_config):
+    """The fingerprint was read from the folder again after the weights: a checkpoint replaced in between gave the old
+    weights the new one's fingerprint, so an index built with them passed as the new model's."""
+    import dermcir.checkpoint as ck
+
+    save_checkpoint(tiny(), tmp_path / "ckpt", frozen=())
+    loaded = fingerprint(tmp_path / "ckpt")
+    read_weights = ck.load_bytes
+
+    def replaced_meanwhile(raw):
+        torch.manual_seed(1)
+        model = tiny()
+        if other_config:
+            model.config.categories = ["a", "b"]
+        save_checkpoint(model, tmp_path / "ckpt", frozen=())  # another model, saved after the config was read
+        return read_weights(raw)
+
+    monkeypatch.setattr(ck, "load_bytes", replaced_meanwhile)
+    if other_config:  # the config read first is not the one beside the weights now: which model is this?
+        with pytest.raises(ValueError, match="the checkpoint was replaced while it loaded"):
+            load_checkpoint(tmp_path / "ckpt")
+    else:
+        model = load_checkpoint(tmp_path / "ckpt")
+        assert model.checkpoint_fingerprint == loaded != fingerprint(tmp_path / "ckpt")

@@ -18,7 +18,7 @@ from dermcir.data.folds import stratified_folds, validation_split
 from dermcir.evaluation.cv import run_cv
 from dermcir.training.pipeline import train_on_cases
 
-from .conftest import SHARED_DERM7PT, TINY, write_release
+from .conftest import SHARED_DERM7PT, TINY, held_in_another_process, write_release
 
 FAST = {**TINY, "epochs": 3, "patience": 2, "batch_size": 8, "views": 2, "refit_epochs": 1}
 
@@ -57,6 +57,18 @@ def test_a_run_is_refused_in_a_folder_that_holds_an_earlier_run(toy_release, tmp
     with pytest.raises(ValueError, match=re.escape(f"{out}: {message} ({out / 'results.json'})")):
         run_cv(cases, out, profile="cpu", n_folds=3, progress=False, **FAST)
     assert {f.name: f.read_text() for f in out.iterdir()} == files  # nothing written, not even cv.log
+
+
+def test_a_run_is_refused_in_a_folder_another_run_is_writing_into(toy_release, tmp_path):
+    """Two `dermcir cv --out SAME` at once both passed the "no earlier results" check (results.json comes after the
+    first fold) and interleaved their files: one's results vanished, the folds of the other stayed."""
+    cases, _ = load_derm7pt(toy_release, min_cases=5)
+    out = tmp_path / "run"
+    busy = re.escape(f"{out}: another dermcir cv is writing into this folder now")
+    with (held_in_another_process(f"dermcir.files.claim_folder(Path({str(out)!r}), 'dermcir cv')"),
+          pytest.raises(ValueError, match=busy)):
+        run_cv(cases, out, profile="cpu", n_folds=3, progress=False, **FAST)
+    assert list(out.iterdir()) == []  # nothing written, and the lock went with its holder
 
 
 def test_a_run_is_refused_when_its_folder_is_a_file(toy_release, tmp_path):

@@ -19,10 +19,18 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save_file
 
 from dermcir._weights import shape_mismatches
-from dermcir.checkpoint_folder import CONFIG, WEIGHTS, check_checkpoint_target, read_config, restore_interrupted_save
+from dermcir.checkpoint_folder import (
+    CONFIG,
+    WEIGHTS,
+    check_checkpoint_target,
+    checkpoint_lock,
+    read_config,
+    restore_interrupted_save,
+)
 from dermcir.config import ModelConfig, from_dict
 from dermcir.data.cache import COMPATIBLE_PREPROCESS_VERSIONS, PREPROCESS_VERSION
 from dermcir.data.text import TEMPLATE_VERSION
@@ -46,9 +54,10 @@ def state_digest(module: torch.nn.Module) -> str:
 
 def save_checkpoint(
     model: ComposedRetrievalModel, out_dir: str | Path, frozen: tuple[str, ...] = ("text_encoder",),
-    extra: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None, overwrite: bool = True,
 ) -> Path:
-    """Write the checkpoint folder atomically (a temporary folder renamed into place).
+    """Write the checkpoint folder atomically (a temporary folder renamed into place), under the folder's lock
+    (``checkpoint_lock``): saves into one folder from several processes take turns.
 
     Args:
         model: the trained model.
@@ -56,9 +65,17 @@ def save_checkpoint(
             that holds more than a checkpoint's files and logs is refused (``check_checkpoint_target``).
         frozen: submodules (dotted names) saved by reference (source + digest) instead of by value.
         extra: more JSON-serialisable metadata (training config, metrics, ...).
+        overwrite: replace a checkpoint already in ``out_dir`` (``False``: refused, checked under the lock, so a
+            checkpoint that another process saved after the caller checked is not replaced either).
     """
     out_dir = Path(out_dir)
-    check_checkpoint_target(out_dir)
+    with checkpoint_lock(out_dir):
+        return _save_locked(model, out_dir, frozen, extra, overwrite)
+
+
+def _save_locked(model: ComposedRetrievalModel, out_dir: Path, frozen: tuple[str, ...], extra: dict[str, Any] | None,
+                 overwrite: bool) -> Path:
+    check_checkpoint_target(out_dir, overwrite=overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
              if not _is_frozen(k, (*frozen, *_SHARED))}
@@ -100,7 +117,8 @@ def save_checkpoint(
         raise
     if moved_old:
         shutil.rmtree(old, ignore_errors=True)
-    # a save killed earlier left its whole temporary copy behind (weights included), one more per killed save
+    # a save killed earlier left its whole temporary copy behind (weights included), one more per killed save; under
+    # the lock every other one is stale (a running save's was deleted too, and that save failed or left no folder)
     for stale in out_dir.parent.glob(f".{glob_escape(out_dir.name)}.tmp*"):
         shutil.rmtree(stale, ignore_errors=True)
     return out_dir
@@ -160,9 +178,15 @@ def load_checkpoint(ckpt_dir: str | Path, device: str | torch.device = "cpu") ->
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: not found")
     try:
-        state = load_file(str(weights))
+        # read once: the fingerprint below is of these bytes (read again, a checkpoint replaced meanwhile gave the
+        # new one's fingerprint to the old one's weights, and an index built then held vectors of the wrong model)
+        raw = weights.read_bytes()
+        state = load_bytes(raw)
     except SafetensorError as exc:  # e.g. a copy cut short
         raise ValueError(f"{weights}: not a readable safetensors file ({exc}); copy or train the checkpoint again") from exc
+    if read_config(ckpt_dir) != meta:  # replaced by a save since the config was read: weights of another model
+        raise ValueError(f"{ckpt_dir}: the checkpoint was replaced while it loaded (a training saved into it); load it "
+                         "again")
     state = _upgrade_legacy_keys(state)
     own = model.state_dict()
     wrong = shape_mismatches(state, own)
@@ -180,7 +204,7 @@ def load_checkpoint(ckpt_dir: str | Path, device: str | torch.device = "cpu") ->
         raise ValueError(f"{weights}: does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
     # which checkpoint this model is: an index that is handed the model itself checks it against the checkpoint whose
     # fingerprint it records (``build_index``/``add_cases`` with ``model=``)
-    model.checkpoint_fingerprint = fingerprint(ckpt_dir)
+    model.checkpoint_fingerprint = _fingerprint_of(raw, meta)
     return model.requires_grad_(False).to(device).eval()
 
 
@@ -214,8 +238,11 @@ def _upgrade_legacy_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 def fingerprint(ckpt_dir: str | Path) -> str:
     """Identity of the encoder: SHA-256 of the weights file, the config and the frozen parts' digests."""
     ckpt_dir = Path(ckpt_dir)
+    return _fingerprint_of((ckpt_dir / WEIGHTS).read_bytes(), read_config(ckpt_dir))
+
+
+def _fingerprint_of(weights: bytes, meta: dict[str, Any]) -> str:
     h = hashlib.sha256()
-    h.update((ckpt_dir / WEIGHTS).read_bytes())
-    meta = read_config(ckpt_dir)
+    h.update(weights)
     h.update(json.dumps({"model": meta["model"], "frozen": meta.get("frozen", {})}, sort_keys=True).encode())
     return h.hexdigest()[:32]

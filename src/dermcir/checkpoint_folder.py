@@ -10,8 +10,13 @@ import json
 import logging
 import os
 import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
+
+from dermcir.files import lock_file
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +25,61 @@ CONFIG = "config.json"
 #: What a checkpoint folder may hold besides its two files: the training run's logs (``dermcir train``). A folder
 #: holding anything else is not replaced by a new checkpoint (``check_checkpoint_target``).
 CHECKPOINT_LOGS = ("train.log", "train.failed.log")
+
+
+class CheckpointBusyError(ValueError):
+    """Another process is training into, or saving, the checkpoint folder."""
+
+
+# lock file -> depth, for the locks this process holds: training holds its folder's lock for the whole run and
+# saving takes it again (a second flock on the same file from one process would wait for itself). Threads of one
+# process share it, so two threads saving into one folder are not ordered by it; separate processes are.
+_held: dict[Path, int] = {}
+_held_guard = threading.Lock()
+
+
+@contextmanager
+def checkpoint_lock(out_dir: str | Path, wait: bool = True) -> Iterator[None]:
+    """Hold the exclusive lock of a checkpoint folder: a ``flock`` on ``.NAME.lock`` beside it, deleted on release.
+
+    Training holds it for its whole run (``wait=False``: a second run into the same folder is refused at once,
+    where both ran and the later one replaced the earlier's checkpoint without a word, under an index built with
+    it); saving holds it while it writes and renames (its temporary and ``.NAME.old`` folders are then its own); a
+    reader restores an interrupted save only under it.
+
+    Raises:
+        CheckpointBusyError: ``wait=False`` and another process holds it.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    path = out_dir.parent.resolve() / f".{out_dir.name}.lock"
+    with _held_guard:
+        reentrant = path in _held
+        if reentrant:
+            _held[path] += 1
+    if reentrant:
+        try:
+            yield
+        finally:
+            with _held_guard:
+                _held[path] -= 1
+        return
+    held = ExitStack()
+    try:
+        held.enter_context(lock_file(path, wait=wait))
+    except BlockingIOError:
+        raise CheckpointBusyError(
+            f"{out_dir}: another process is training or saving a checkpoint into this folder now; wait for it to "
+            "finish, or give another folder"
+        ) from None
+    with held:
+        with _held_guard:
+            _held[path] = 1
+        try:
+            yield
+        finally:
+            with _held_guard:
+                del _held[path]
 
 
 def check_checkpoint_target(out_dir: str | Path, overwrite: bool = True) -> None:
@@ -81,10 +141,21 @@ def restore_interrupted_save(out_dir: str | Path) -> bool:
     """
     out_dir = Path(out_dir)
     old = out_dir.with_name(f".{out_dir.name}.old")
-    if out_dir.exists() or not (old / CONFIG).is_file() or not (old / WEIGHTS).is_file():
+
+    def interrupted() -> bool:
+        return not out_dir.exists() and (old / CONFIG).is_file() and (old / WEIGHTS).is_file()
+
+    if not interrupted():  # the usual case: no lock taken, so a read-only checkpoint folder is read as it is
         return False
     try:
-        os.replace(old, out_dir)
+        # A save that is running holds the lock: between its two renames it looks interrupted, and moving its old
+        # folder back then made the save fail (and lost the training). Such a save is left to finish.
+        with checkpoint_lock(out_dir, wait=False):
+            if not interrupted():
+                return False
+            os.replace(old, out_dir)
+    except CheckpointBusyError:
+        return False
     except OSError:  # a read-only disk: the loader's "not found" says where to look
         return False
     log.warning("%s: restored the checkpoint that an interrupted save had moved aside to %s", out_dir, old.name)

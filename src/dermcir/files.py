@@ -6,11 +6,12 @@ complete. A disk that fills up, a killed process or an exception half-way leaves
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -91,3 +92,61 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 def write_json_atomic(path: str | Path, data: Any) -> None:
     with atomic_write(path) as fh:
         json.dump(data, fh, indent=2)
+
+
+
+@contextmanager
+def lock_file(path: Path, wait: bool = True) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the file ``path`` (created), and delete it on release, so that no lock file is
+    left beside the work.
+
+    A process that waited on the file while the holder deleted it holds a lock on a file no longer at ``path``: it
+    sees that (the inode at ``path`` is not its own) and starts again, so two holders never overlap.
+
+    Raises:
+        BlockingIOError: ``wait`` is false and another process holds the lock.
+    """
+    while True:
+        fh = open(path, "a")  # noqa: SIM115 (held past this block, closed in the finally below)
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            try:
+                same = os.stat(path).st_ino == os.fstat(fh.fileno()).st_ino
+            except FileNotFoundError:
+                same = False
+        except BaseException:
+            fh.close()
+            raise
+        if same:
+            break
+        fh.close()  # the holder deleted it: lock the file now at ``path``
+    try:
+        yield
+    finally:
+        try:
+            path.unlink(missing_ok=True)  # while still locked: a waiter on it then starts again
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+            fh.close()
+
+
+@contextmanager
+def claim_folder(folder: str | Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (``folder/.lock`` while held) for a run that writes into it.
+
+    A second run into the same folder is refused at once (``what`` names the command in the message): two runs that
+    both passed the "no earlier results" check interleaved their files, and one's results vanished.
+
+    Raises:
+        ValueError: another process holds the folder.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    held = ExitStack()
+    try:
+        held.enter_context(lock_file(folder / ".lock", wait=False))
+    except BlockingIOError:
+        raise ValueError(f"{folder}: another {what} is writing into this folder now; give another folder, or wait "
+                         "for it to finish") from None
+    with held:
+        yield

@@ -31,7 +31,7 @@ from dermcir.data.folds import (
 from dermcir.devices import exact_float32, resolve_device
 from dermcir.evaluation.report import PAPER_ROWS, write_retrieval_figure, write_tables
 from dermcir.evaluation.results import as_json_values, build_results, check_run_folder, environment, fold_row
-from dermcir.files import write_json_atomic
+from dermcir.files import claim_folder, write_json_atomic
 from dermcir.metrics import retrieval_metrics
 from dermcir.models import ComposedRetrievalModel
 from dermcir.training.companion_pool import CompanionPool, default_workers
@@ -213,173 +213,174 @@ def run_cv(
     model_cfg, train_cfg, views = get_profile(profile, seed=seed, **overrides)  # checks every setting
     check_run_folder(out_dir)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device("auto" if device is None else device)  # a name too ("cpu"), checked against the machine
-    # a copy: the caller's report stays as the loader left it
-    report = load_report.copy() if load_report is not None else LoadReport()
-    # What the run was, for its records: every setting it was given (views included, which neither config holds),
-    # the libraries it ran on. results.json held the profile, beta and seed only, so two runs that differed by a
-    # --set (views=1: mAP 95.4 against 99.1 on a small set) or a library version recorded the same things.
-    settings = {"overrides": as_json_values(overrides), "views": views}
-    env = environment()
-    with run_log(out_dir / "cv.log", left_out=report.skipped, categories_left_out=report.categories_left_out()):
-        log.info("%s profile, %d folds, seed %d; settings given: %s; views %d", profile, n_folds, seed,
-                 settings["overrides"] or "none (the profile's own)", views)
-        log.info("environment: %s", ", ".join(f"{k} {v}" for k, v in env.items()))
-        require_query_texts(cases)  # every case is a composed query once
-        require_two_categories([c.category for c in cases], report.dropped_categories)  # before any image is read
-        cases, images = preprocess_cases(cases, model_cfg.image_size, cache_dir, report, progress)  # logs its skips
-        cases, images = report.apply_threshold_again(cases, images)
-        check_enough_per_category([c.category for c in cases], n_folds, len(report.skipped), "cv.log",
-                                  validation=True, left_out=report.dropped_categories)
-        labels = np.array([c.category for c in cases])
-        # before the features: a split that cannot be made is refused in seconds (both take their own random state,
-        # so the order leaves the run as it was)
-        folds = {f: split for f, split in enumerate(stratified_folds(labels, n_folds, seed)) if f in selected}
-        splits = {f: validation_split(db, labels, train_cfg.val_fraction, seed) for f, (db, _) in folds.items()}
-        model_cfg.categories = list(category_counts(cases))
-        seed_everything(seed)  # the heads' initial weights too: the same seed gives the same run
-        model = ComposedRetrievalModel(model_cfg)
-        initial = {k: v.clone() for k, v in model.state_dict().items()}
-        # which pretrained weights the run started from (a path in the settings names a file, not its contents)
-        settings["pretrained"] = {part: state_digest(model.get_submodule(part)) for part in ("backbone", "text_encoder")}
-        settings["model"], settings["train"] = as_json_values(vars(model_cfg)), as_json_values(vars(train_cfg))
-        inputs = prepare_inputs(model, cases, images, train_cfg, views, device, cache_dir, progress)
-        companion = prepare_companion(model, cases, images, train_cfg, device, cache_dir, progress, inputs)
-        # companions in workers train beside the main models and must be done when the budget is: they stop by the
-        # time the last fold's main model must (its 3 % margin is kept for scoring), however slow the host's cores
-        wall_deadline = (None if time_budget is None
-                         else time.time() + start + 0.97 * time_budget - time.perf_counter())
-        pool = _start_companion_pool(model, companion, companion_workers, folds, splits, out_dir, device,
-                                     wall_deadline)
+    with claim_folder(out_dir, "dermcir cv"):
+        check_run_folder(out_dir)  # again, now that no other run can start here: one may have written results
+        device = resolve_device("auto" if device is None else device)  # a name too ("cpu"), checked against the machine
+        # a copy: the caller's report stays as the loader left it
+        report = load_report.copy() if load_report is not None else LoadReport()
+        # What the run was, for its records: every setting it was given (views included, which neither config holds),
+        # the libraries it ran on. results.json held the profile, beta and seed only, so two runs that differed by a
+        # --set (views=1: mAP 95.4 against 99.1 on a small set) or a library version recorded the same things.
+        settings = {"overrides": as_json_values(overrides), "views": views}
+        env = environment()
+        with run_log(out_dir / "cv.log", left_out=report.skipped, categories_left_out=report.categories_left_out()):
+            log.info("%s profile, %d folds, seed %d; settings given: %s; views %d", profile, n_folds, seed,
+                     settings["overrides"] or "none (the profile's own)", views)
+            log.info("environment: %s", ", ".join(f"{k} {v}" for k, v in env.items()))
+            require_query_texts(cases)  # every case is a composed query once
+            require_two_categories([c.category for c in cases], report.dropped_categories)  # before any image is read
+            cases, images = preprocess_cases(cases, model_cfg.image_size, cache_dir, report, progress)  # logs its skips
+            cases, images = report.apply_threshold_again(cases, images)
+            check_enough_per_category([c.category for c in cases], n_folds, len(report.skipped), "cv.log",
+                                      validation=True, left_out=report.dropped_categories)
+            labels = np.array([c.category for c in cases])
+            # before the features: a split that cannot be made is refused in seconds (both take their own random state,
+            # so the order leaves the run as it was)
+            folds = {f: split for f, split in enumerate(stratified_folds(labels, n_folds, seed)) if f in selected}
+            splits = {f: validation_split(db, labels, train_cfg.val_fraction, seed) for f, (db, _) in folds.items()}
+            model_cfg.categories = list(category_counts(cases))
+            seed_everything(seed)  # the heads' initial weights too: the same seed gives the same run
+            model = ComposedRetrievalModel(model_cfg)
+            initial = {k: v.clone() for k, v in model.state_dict().items()}
+            # which pretrained weights the run started from (a path in the settings names a file, not its contents)
+            settings["pretrained"] = {part: state_digest(model.get_submodule(part)) for part in ("backbone", "text_encoder")}
+            settings["model"], settings["train"] = as_json_values(vars(model_cfg)), as_json_values(vars(train_cfg))
+            inputs = prepare_inputs(model, cases, images, train_cfg, views, device, cache_dir, progress)
+            companion = prepare_companion(model, cases, images, train_cfg, device, cache_dir, progress, inputs)
+            # companions in workers train beside the main models and must be done when the budget is: they stop by the
+            # time the last fold's main model must (its 3 % margin is kept for scoring), however slow the host's cores
+            wall_deadline = (None if time_budget is None
+                             else time.time() + start + 0.97 * time_budget - time.perf_counter())
+            pool = _start_companion_pool(model, companion, companion_workers, folds, splits, out_dir, device,
+                                         wall_deadline)
+            try:
+                if device.type == "cuda":
+                    log.info("warm-up (one-off kernel preparation) took %.0f s",
+                             warm_up(model, inputs, train_cfg, device, len(model_cfg.categories)))
+                if pool is not None and not pool.started():
+                    log.warning("companions: fitted in this process instead, fold by fold")
+                    pool.close()
+                    pool = None
+                prep_seconds = time.perf_counter() - start
+                log.info("prepared %d cases in %.0f s (%s profile, device %s)", len(cases), prep_seconds, profile,
+                         device)
+                if time_budget is not None and time_budget <= prep_seconds:
+                    raise ValueError(f"time budget {time_budget:.0f} s is used up by preparation ({prep_seconds:.0f} s)")
+            except BaseException:  # stop the workers' jobs rather than wait for them
+                if pool is not None:
+                    pool.close(terminate=True)
+                raise
+        rows: list[dict] = []
+        ablations: dict[str, list[dict]] = {}
+        examples: list[dict] = []
+        training: list[dict] = []
+
+        def finish_fold(fold: int, main_embeddings, result, c_result) -> None:
+            """Score the fold's queries (main model and companion joined) and write its figures."""
+            db, q = folds[fold]
+            fold_dir = out_dir / f"fold_{fold}"
+            training.append({"fold": fold, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+                             "stopped_by": result.stopped_by, "val_mAP": result.best_val_map,
+                             "train_seconds": result.seconds})
+            if c_result is not None:
+                training[-1].update({"companion_best_epoch": c_result.best_epoch,
+                                     "companion_epochs_run": c_result.epochs_run,
+                                     "companion_stopped_by": c_result.stopped_by,
+                                     "companion_val_mAP": c_result.best_val_map,
+                                     "companion_train_seconds": c_result.seconds})
+            target, variants = _with_companion(model, companion, main_embeddings, db, q, device)
+            for name, query in variants.items():
+                scores = (query @ target.T).cpu().numpy()
+                row = fold_row(fold, scores, labels[q], labels[db])
+                if name == "composed":  # the main result, not an ablation of itself
+                    rows.append(row)
+                    examples.append({"fold": fold, "query": q, "database": db, "scores": scores})
+                else:
+                    ablations.setdefault(name, []).append(row)
+            log.info("fold %d: %s", fold, {k: round(v, 2) for k, v in rows[-1].items() if k.startswith(("mAP", "Acc"))})
+            to_json(model_cfg, fold_dir / "model_config.json")
+            to_json(train_cfg, fold_dir / "train_config.json")
+            write_json_atomic(fold_dir / "metrics.json", {
+                "fold": rows[-1], "best_epoch": result.best_epoch, "val_mAP": result.best_val_map,
+                "epochs_run": result.epochs_run, "stopped_by": result.stopped_by, "train_seconds": result.seconds,
+                "history": result.history,
+                **({"companion": {"best_epoch": c_result.best_epoch, "val_mAP": c_result.best_val_map,
+                                  "epochs_run": c_result.epochs_run, "stopped_by": c_result.stopped_by,
+                                  "history": c_result.history}} if c_result is not None else {}),
+            })
+
+        def write_results(complete: bool) -> dict[str, Any]:
+            """``results.json`` and ``tables.md`` of the folds finished so far (atomically replaced; ``complete``: the
+            run has ended), so that a run stopped part-way (a device's time limit) still leaves every finished fold's
+            figures; ``retrievals.png`` once, with the first finished fold."""
+            doc = build_results(
+                METHOD, rows, profile=profile, beta=model_cfg.beta, n_cases=len(cases), n_folds=n_folds, seed=seed,
+                device=device_name(device),
+                categories=category_counts(cases), seconds=time.perf_counter() - start, prepare_seconds=prep_seconds,
+                time_budget=time_budget, training=training, skipped=report.skipped,
+                categories_left_out=report.categories_left_out(),
+                folds_run=selected if complete else [r["fold"] for r in rows], complete=complete,
+                protocol=PROTOCOLS["composed"], settings=settings, preprocess_version=PREPROCESS_VERSION,
+                environment=env,
+                ablations={name: build_results(name, r, protocol=PROTOCOLS[name]) for name, r in ablations.items()},
+            )
+            write_json_atomic(out_dir / "results.json", doc)
+            write_tables(doc, out_dir / "tables.md", PAPER_ROWS)
+            if len(examples) == 1 and not complete:  # every run's last write follows a fold's own
+                write_retrieval_figure(examples[0], cases, images, labels, out_dir / "retrievals.png")
+            return doc
+
+        def collect_and_finish(fold: int, main_embeddings, result) -> None:
+            with run_log(out_dir / f"fold_{fold}" / "train.log", append=True):
+                c_result = pool.collect(fold, device, progress)
+                log.info("companion: best epoch %d of %d (stopped by %s), validation mAP %.2f, %.0f s (fold %d)",
+                         c_result.best_epoch, c_result.epochs_run, c_result.stopped_by, c_result.best_val_map,
+                         c_result.seconds, fold)
+                finish_fold(fold, main_embeddings, result, c_result)
+            write_results(complete=False)
+
+        waiting: list[tuple] = []  # folds whose companion a worker is still fitting, in fold order
         try:
-            if device.type == "cuda":
-                log.info("warm-up (one-off kernel preparation) took %.0f s",
-                         warm_up(model, inputs, train_cfg, device, len(model_cfg.categories)))
-            if pool is not None and not pool.started():
-                log.warning("companions: fitted in this process instead, fold by fold")
-                pool.close()
-                pool = None
-            prep_seconds = time.perf_counter() - start
-            log.info("prepared %d cases in %.0f s (%s profile, device %s)", len(cases), prep_seconds, profile,
-                     device)
-            if time_budget is not None and time_budget <= prep_seconds:
-                raise ValueError(f"time budget {time_budget:.0f} s is used up by preparation ({prep_seconds:.0f} s)")
-        except BaseException:  # stop the workers' jobs rather than wait for them
+            for fold, (db, q) in folds.items():
+                with run_log(out_dir / f"fold_{fold}" / "train.log"):
+                    model.load_state_dict(initial)
+                    train_idx, val_idx = splits[fold]
+                    log.info("fold %d: %d queries, %d database (%d train + %d validation)", fold, len(q), len(db),
+                             len(train_idx), len(val_idx))
+                    folds_left = sum(f >= fold for f in selected)
+                    # in this process the companion goes first, so that the main model's share of the time budget is
+                    # what is really left; it may take at most half the fold's share, so that a companion slower than
+                    # expected (its small steps cost launch overhead on a GPU) cannot leave the main model nothing
+                    c_result = (fit_companion(model, companion, train_idx, val_idx, device, progress, refit_idx=db,
+                                              deadline=_share_end(start, time_budget, folds_left, 0.5))
+                                if pool is None else None)
+                    deadline = _share_end(start, time_budget, folds_left)
+                    result = fit(model, inputs, train_idx, val_idx, train_cfg, device, len(model_cfg.categories),
+                                 progress, refit_idx=db, deadline=deadline)
+                    main_embeddings = _main_embeddings(model, inputs, db, q, device, train_cfg)
+                    if pool is None:
+                        finish_fold(fold, main_embeddings, result, c_result)
+                        write_results(complete=False)
+                    else:
+                        # logged now, so that a run stopped while its companions are still fitting keeps these figures
+                        # (they are the ablation "composed, main model alone" of the finished run)
+                        target, variants = main_embeddings
+                        alone = retrieval_metrics((variants["composed"] @ target.T).cpu().numpy(), labels[q], labels[db])
+                        log.info("fold %d, main model alone (its companion not yet collected): %s", fold,
+                                 {k: round(v, 2) for k, v in alone.items()})
+                        waiting.append((fold, main_embeddings, result))
+                # folds whose companion is already back are finished (and written) now, in fold order, not after
+                # the last main model: a run stopped later keeps them
+                while waiting and pool.ready(waiting[0][0]):
+                    collect_and_finish(*waiting.pop(0))
+            while waiting:
+                collect_and_finish(*waiting.pop(0))
+            doc = write_results(complete=True)
+        except BaseException:  # an error or an interrupt: stop the workers' jobs rather than wait for them
             if pool is not None:
                 pool.close(terminate=True)
             raise
-    rows: list[dict] = []
-    ablations: dict[str, list[dict]] = {}
-    examples: list[dict] = []
-    training: list[dict] = []
-
-    def finish_fold(fold: int, main_embeddings, result, c_result) -> None:
-        """Score the fold's queries (main model and companion joined) and write its figures."""
-        db, q = folds[fold]
-        fold_dir = out_dir / f"fold_{fold}"
-        training.append({"fold": fold, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
-                         "stopped_by": result.stopped_by, "val_mAP": result.best_val_map,
-                         "train_seconds": result.seconds})
-        if c_result is not None:
-            training[-1].update({"companion_best_epoch": c_result.best_epoch,
-                                 "companion_epochs_run": c_result.epochs_run,
-                                 "companion_stopped_by": c_result.stopped_by,
-                                 "companion_val_mAP": c_result.best_val_map,
-                                 "companion_train_seconds": c_result.seconds})
-        target, variants = _with_companion(model, companion, main_embeddings, db, q, device)
-        for name, query in variants.items():
-            scores = (query @ target.T).cpu().numpy()
-            row = fold_row(fold, scores, labels[q], labels[db])
-            if name == "composed":  # the main result, not an ablation of itself
-                rows.append(row)
-                examples.append({"fold": fold, "query": q, "database": db, "scores": scores})
-            else:
-                ablations.setdefault(name, []).append(row)
-        log.info("fold %d: %s", fold, {k: round(v, 2) for k, v in rows[-1].items() if k.startswith(("mAP", "Acc"))})
-        to_json(model_cfg, fold_dir / "model_config.json")
-        to_json(train_cfg, fold_dir / "train_config.json")
-        write_json_atomic(fold_dir / "metrics.json", {
-            "fold": rows[-1], "best_epoch": result.best_epoch, "val_mAP": result.best_val_map,
-            "epochs_run": result.epochs_run, "stopped_by": result.stopped_by, "train_seconds": result.seconds,
-            "history": result.history,
-            **({"companion": {"best_epoch": c_result.best_epoch, "val_mAP": c_result.best_val_map,
-                              "epochs_run": c_result.epochs_run, "stopped_by": c_result.stopped_by,
-                              "history": c_result.history}} if c_result is not None else {}),
-        })
-
-    def write_results(complete: bool) -> dict[str, Any]:
-        """``results.json`` and ``tables.md`` of the folds finished so far (atomically replaced; ``complete``: the
-        run has ended), so that a run stopped part-way (a device's time limit) still leaves every finished fold's
-        figures; ``retrievals.png`` once, with the first finished fold."""
-        doc = build_results(
-            METHOD, rows, profile=profile, beta=model_cfg.beta, n_cases=len(cases), n_folds=n_folds, seed=seed,
-            device=device_name(device),
-            categories=category_counts(cases), seconds=time.perf_counter() - start, prepare_seconds=prep_seconds,
-            time_budget=time_budget, training=training, skipped=report.skipped,
-            categories_left_out=report.categories_left_out(),
-            folds_run=selected if complete else [r["fold"] for r in rows], complete=complete,
-            protocol=PROTOCOLS["composed"], settings=settings, preprocess_version=PREPROCESS_VERSION,
-            environment=env,
-            ablations={name: build_results(name, r, protocol=PROTOCOLS[name]) for name, r in ablations.items()},
-        )
-        write_json_atomic(out_dir / "results.json", doc)
-        write_tables(doc, out_dir / "tables.md", PAPER_ROWS)
-        if len(examples) == 1 and not complete:  # every run's last write follows a fold's own
-            write_retrieval_figure(examples[0], cases, images, labels, out_dir / "retrievals.png")
-        return doc
-
-    def collect_and_finish(fold: int, main_embeddings, result) -> None:
-        with run_log(out_dir / f"fold_{fold}" / "train.log", append=True):
-            c_result = pool.collect(fold, device, progress)
-            log.info("companion: best epoch %d of %d (stopped by %s), validation mAP %.2f, %.0f s (fold %d)",
-                     c_result.best_epoch, c_result.epochs_run, c_result.stopped_by, c_result.best_val_map,
-                     c_result.seconds, fold)
-            finish_fold(fold, main_embeddings, result, c_result)
-        write_results(complete=False)
-
-    waiting: list[tuple] = []  # folds whose companion a worker is still fitting, in fold order
-    try:
-        for fold, (db, q) in folds.items():
-            with run_log(out_dir / f"fold_{fold}" / "train.log"):
-                model.load_state_dict(initial)
-                train_idx, val_idx = splits[fold]
-                log.info("fold %d: %d queries, %d database (%d train + %d validation)", fold, len(q), len(db),
-                         len(train_idx), len(val_idx))
-                folds_left = sum(f >= fold for f in selected)
-                # in this process the companion goes first, so that the main model's share of the time budget is
-                # what is really left; it may take at most half the fold's share, so that a companion slower than
-                # expected (its small steps cost launch overhead on a GPU) cannot leave the main model nothing
-                c_result = (fit_companion(model, companion, train_idx, val_idx, device, progress, refit_idx=db,
-                                          deadline=_share_end(start, time_budget, folds_left, 0.5))
-                            if pool is None else None)
-                deadline = _share_end(start, time_budget, folds_left)
-                result = fit(model, inputs, train_idx, val_idx, train_cfg, device, len(model_cfg.categories),
-                             progress, refit_idx=db, deadline=deadline)
-                main_embeddings = _main_embeddings(model, inputs, db, q, device, train_cfg)
-                if pool is None:
-                    finish_fold(fold, main_embeddings, result, c_result)
-                    write_results(complete=False)
-                else:
-                    # logged now, so that a run stopped while its companions are still fitting keeps these figures
-                    # (they are the ablation "composed, main model alone" of the finished run)
-                    target, variants = main_embeddings
-                    alone = retrieval_metrics((variants["composed"] @ target.T).cpu().numpy(), labels[q], labels[db])
-                    log.info("fold %d, main model alone (its companion not yet collected): %s", fold,
-                             {k: round(v, 2) for k, v in alone.items()})
-                    waiting.append((fold, main_embeddings, result))
-            # folds whose companion is already back are finished (and written) now, in fold order, not after
-            # the last main model: a run stopped later keeps them
-            while waiting and pool.ready(waiting[0][0]):
-                collect_and_finish(*waiting.pop(0))
-        while waiting:
-            collect_and_finish(*waiting.pop(0))
-        doc = write_results(complete=True)
-    except BaseException:  # an error or an interrupt: stop the workers' jobs rather than wait for them
         if pool is not None:
-            pool.close(terminate=True)
-        raise
-    if pool is not None:
-        pool.close()
-    log.info("cv done in %.0f s: %s", doc["seconds"], {k: round(v, 1) for k, v in doc["mean"].items()})
-    return doc
+            pool.close()
+        log.info("cv done in %.0f s: %s", doc["seconds"], {k: round(v, 1) for k, v in doc["mean"].items()})
+        return doc

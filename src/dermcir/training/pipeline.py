@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from dermcir.checkpoint import save_checkpoint
-from dermcir.checkpoint_folder import check_checkpoint_target
-from dermcir.config import TrainConfig
+from dermcir.checkpoint_folder import check_checkpoint_target, checkpoint_lock
+from dermcir.config import ModelConfig, TrainConfig
 from dermcir.data.cache import preprocess_cases
 from dermcir.data.cases import Case, LoadReport, category_counts, require_query_texts
 from dermcir.data.folds import require_two_categories, validation_split
@@ -184,6 +184,17 @@ def train_on_cases(
     model_cfg, train_cfg, views = get_profile(profile, **overrides)
     # before the training, not after it: saving replaces the whole folder, and must be able to write it
     check_checkpoint_target(out_dir, overwrite=overwrite)
+    # held for the whole run: a second run into the same folder is refused now (both ran, and the later one replaced
+    # the earlier one's checkpoint without a word, or their saves broke each other's)
+    with checkpoint_lock(out_dir, wait=False):
+        check_checkpoint_target(out_dir, overwrite=overwrite)  # again: a run may have saved there meanwhile
+        return _train_into(cases, out_dir, model_cfg, train_cfg, views, cache_dir, progress, device, load_report,
+                           overwrite)
+
+
+def _train_into(cases: Sequence[Case], out_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, views: int,
+                cache_dir: Path | None, progress: bool, device: torch.device, load_report: LoadReport | None,
+                overwrite: bool) -> Path:
     report = load_report.copy() if load_report is not None else LoadReport()  # the caller's stays unchanged
     tmp_log = Path(tempfile.mkdtemp()) / "train.log"
     try:
@@ -221,7 +232,7 @@ def train_on_cases(
                 **({"companion": {"best_epoch": companion_result.best_epoch,
                                   "val_mAP": companion_result.best_val_map,
                                   "history": companion_result.history}} if companion_result is not None else {}),
-            })
+            }, overwrite=overwrite)
     except BaseException:
         # the failed run's log is kept beside what the folder holds (a previous checkpoint stays whole)
         try:
