@@ -12,6 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
+from dermcir.cli._memory import keep_freed_buffers
 from dermcir.cli._types import device, positive, whole
 from dermcir.cli._waits import run_in_child, wait_passively
 
@@ -68,7 +69,7 @@ def _register_index(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hnsw-m", type=whole(2), help="HNSW graph degree (default 32)")
     p.add_argument("--ef-construction", type=whole(1), help="HNSW build beam width (default 100)")
     p.add_argument("--ef-search", type=whole(1), help="HNSW search beam width (default 128)")
-    p.add_argument("--batch-size", type=whole(1), default=32, help="images per encoder pass")
+    p.add_argument("--batch-size", type=whole(1), help="images per encoder pass (default 32 on a GPU, 4 on a CPU)")
     # default None so that --remove, which encodes nothing, can refuse it
     p.add_argument("--device", type=device, help="auto (CUDA when present; the default), cpu, cuda or cuda:N")
     p.add_argument("--cache", type=Path, default=None, help="preprocessing cache (default $DERMCIR_CACHE)")
@@ -385,6 +386,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.image}: is a folder; --image takes one image file")
     _check_search_folders(args)
     _apply_threads(args)  # before the import below loads torch
+    keep_freed_buffers()
     from dermcir.search import CaseSearcher
 
     searcher = CaseSearcher(args.index, checkpoint=args.checkpoint, device=args.device, auto_reload=False)
@@ -409,6 +411,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 def _run_server(searcher, args: argparse.Namespace, banner: str) -> int:
     from dermcir.service import create_app, serve
 
+    keep_freed_buffers()  # from here on: the demo's training and indexing ran with the allocator as it was
     app = create_app(searcher, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
                      max_concurrent_searches=args.max_concurrent, max_waiting_searches=args.max_waiting)
 

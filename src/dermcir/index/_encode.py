@@ -50,11 +50,18 @@ class EncodedCases:
     heatmaps: np.ndarray  # (N, L, HEATMAP_SIZE, HEATMAP_SIZE) float16
 
 
+def default_batch_size(device: torch.device) -> int:
+    """Images per encoder pass when none is given: 32 on a GPU; 4 on a CPU, where 32 took 22 s for 96 images of
+    512 px and 3.0 GB, against 12 s and 1.3 GB at 4 (2 cores: the batch's activations are freed to the kernel and
+    faulted in again on every pass, and no core is left idle by a smaller batch)."""
+    return 32 if device.type == "cuda" else 4
+
+
 @torch.inference_mode()
 def encode_cases(
     model: ComposedRetrievalModel,
     cases: Sequence[Case],
-    batch_size: int = 32,
+    batch_size: int | None = None,
     cache_dir: Path | None = None,
     report: LoadReport | None = None,
     progress: bool = True,
@@ -62,8 +69,10 @@ def encode_cases(
     """Encode cases in batches; unreadable images are reported by file name in ``report`` and left out.
 
     Images are decoded and preprocessed one batch at a time (through the on-disk preprocessing cache), so memory stays
-    bounded for archives of any size.
+    bounded for archives of any size. ``batch_size``: images per encoder pass; None: :func:`default_batch_size`.
     """
+    if batch_size is None:
+        batch_size = default_batch_size(next(model.parameters()).device)
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     report = report if report is not None else LoadReport()

@@ -144,7 +144,7 @@ def _encode(
     checkpoint: Path,
     model: ComposedRetrievalModel | None,
     device: str,
-    batch_size: int,
+    batch_size: int | None,
     cache_dir: Path | None,
     report: LoadReport,
     progress: bool,
@@ -218,7 +218,7 @@ def build_index(
     params: VectorParams | None = None,
     model: ComposedRetrievalModel | None = None,
     device: str = "auto",
-    batch_size: int = 32,
+    batch_size: int | None = None,
     cache_dir: Path | None = None,
     report: LoadReport | None = None,
     progress: bool = True,
@@ -238,7 +238,7 @@ def build_index(
         model: the checkpoint's model, already loaded with ``load_checkpoint`` (saves loading it again); another
             model is refused, since the index records ``checkpoint``'s fingerprint.
         device: where to encode; ``"auto"`` uses CUDA when present.
-        batch_size: images per encoder pass.
+        batch_size: images per encoder pass (None: 32 on a GPU, 4 on a CPU).
         cache_dir: the preprocessing cache (default ``$DERMCIR_CACHE``).
         report: collects the files left out and why.
         progress: show a progress bar.
@@ -316,7 +316,7 @@ def add_cases(
     model: ComposedRetrievalModel | None = None,
     replace: bool = False,
     device: str = "auto",
-    batch_size: int = 32,
+    batch_size: int | None = None,
     cache_dir: Path | None = None,
     report: LoadReport | None = None,
     progress: bool = True,
