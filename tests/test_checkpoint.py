@@ -237,7 +237,7 @@ def test_preprocess_version_is_recorded_and_a_mismatch_refused(tmp_path):
     save_checkpoint(tiny(), tmp_path / "ckpt", frozen=())
     path = tmp_path / "ckpt" / "config.json"
     meta = json.loads(path.read_text())
-    assert meta["preprocess_version"] == "border-v2"
+    assert meta["preprocess_version"] == "border-v3"
     del meta["preprocess_version"]  # written before it was recorded: that preprocessing was the only one
     path.write_text(json.dumps(meta))
     load_checkpoint(tmp_path / "ckpt")

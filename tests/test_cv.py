@@ -110,7 +110,7 @@ def test_cv_writes_results_tables_and_figure(toy_release, tmp_path):
     assert settings["model"]["image_size"] == FAST["image_size"] and settings["train"]["epochs"] == FAST["epochs"]
     assert set(settings["pretrained"]) == {"backbone", "text_encoder"}
     assert all(len(d) == 64 for d in settings["pretrained"].values())
-    assert saved["preprocess_version"] == "border-v2"
+    assert saved["preprocess_version"] == "border-v3"
     assert {"python", "dermcir", "torch", "timm", "transformers", "numpy"} <= set(saved["environment"])
     log = (tmp_path / "run" / "cv.log").read_text()
     assert "settings given: {" in log and "environment: python" in log

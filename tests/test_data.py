@@ -113,9 +113,35 @@ def test_a_dark_lesion_at_an_edge_is_not_taken_for_the_frame():
     img[:250, 30:740] = (20, 15, 35)  # the lesion's dark rows: over 90 % of the width
     img[:12], img[-12:], img[:, :10], img[:, -10:] = 0, 0, 0, 0  # the scanner frame
     out = remove_black_border(img)
-    assert out.shape[0] == 512 - 12  # the bottom frame goes; the top edge, frame and lesion together, is kept
-    assert (out.max(axis=2) < 40).all(axis=1).sum() >= 12  # the frame rows and the lesion's are all still there
+    # the frame goes on every side (top and bottom: solid black bars of equal width); the lesion's rows all stay
+    assert out.shape[0] == 512 - 24
+    assert (out[: 250 - 12, 20:730].max(axis=2) < 40).all()
     assert out.shape[1] == 768 - 20  # the side frames go as before
+    lesion_only = img.copy()
+    lesion_only[-12:] = (170, 120, 100)  # no bar facing the top one: the top edge, frame and lesion, is kept
+    assert remove_black_border(lesion_only).shape == (512 - 0, 768 - 20, 3)
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_screen_capture_bars_wider_than_a_quarter_are_trimmed(axis):
+    """A portrait photo shown on a 16:9 screen has solid black bars of 31 % of the width on both sides; they were
+    kept (longer than a frame may be), and the lesion was squeezed into a third of the view."""
+    photo = np.asarray(synthetic_lesion(0, (90, 60, 40), size=(300, 420), border=0)).copy()  # 300 wide, 420 high
+    if axis == 1:
+        canvas = np.zeros((420, 747, 3), np.uint8)
+        canvas[:, 223:523] = photo
+        canvas[:, :223] = np.random.default_rng(0).integers(0, 9, (420, 223, 3))  # JPEG noise in the bars
+    else:
+        photo = photo.transpose(1, 0, 2).copy()  # a landscape photo letterboxed on a tall screen
+        canvas = np.zeros((747, 420, 3), np.uint8)
+        canvas[223:523] = photo
+    np.testing.assert_array_equal(remove_black_border(canvas), photo)
+    one_side = canvas.copy()
+    if axis == 1:
+        one_side[:, 523:] = 200  # a bar on one side only is not a pair of bars: kept
+    else:
+        one_side[523:] = 200
+    assert remove_black_border(one_side).shape[axis] == 747
 
 
 def test_load_rgb_modes(tmp_path):

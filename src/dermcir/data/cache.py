@@ -22,11 +22,13 @@ from dermcir.files import atomic_write
 
 log = logging.getLogger(__name__)
 #: Names how images are decoded and de-bordered; part of every cache key, and recorded in each checkpoint.
-PREPROCESS_VERSION = "border-v2"
+PREPROCESS_VERSION = "border-v3"
 #: Versions whose checkpoints this preprocessing serves: border-v2 differs from border-v1 only on images with a dark
 #: run at an edge longer than a quarter of its side (a dark lesion there, which v1 cut away as frame), and on none of
-#: the 888 Derm7pt images, so a model trained on v1 meets the same images.
-COMPATIBLE_PREPROCESS_VERSIONS = ("border-v1", "border-v2")
+#: the 888 Derm7pt images, so a model trained on v1 meets the same images. border-v3 differs from v2 only on images
+#: with solid black bars on two opposite edges wider than a quarter of the side (a screen capture), which v2 kept;
+#: none of the 888 either.
+COMPATIBLE_PREPROCESS_VERSIONS = ("border-v1", "border-v2", "border-v3")
 T = TypeVar("T")
 
 

@@ -147,20 +147,43 @@ def remove_black_border(
     returned unchanged. An edge whose dark run is longer than ``max_edge_fraction`` of its side is not trimmed at all:
     that is a dark lesion reaching the edge (a blue-black one wider than the field of view), not a frame, and trimming
     it cut most of the lesion away. (On the 888 Derm7pt images the widest frame edge is 17.6 % of its side, so none
-    is affected.) If trimming would keep less than a quarter of a side (a very dark image rather than a frame), the
-    image is returned unchanged.
+    is affected.) The exception is a pair of bars: runs of solid black (every pixel below ``BAR_LEVEL``) on two
+    opposite edges, of equal width, as a screen capture puts around a picture of another shape; they are trimmed
+    whatever their width (a portrait photo on a 16:9 screen has bars of 31 % of the width each, and the lesion, kept
+    in them, was squeezed into a third of the view: the case itself came at a median rank of 155 of 888); the
+    picture inside them then loses its own frame by the rules above. Bars are looked for only where an edge's dark
+    run is too long for a frame, so no other image changes. If trimming would keep less than a quarter of a side (a
+    very dark image rather than a frame), the image is returned unchanged.
     """
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) image, got shape {rgb.shape}")
-    dark = rgb.max(axis=2) < threshold
+    brightest = rgb.max(axis=2)
+    dark = brightest < threshold
     rows = dark.mean(axis=1) >= dark_fraction
     cols = dark.mean(axis=0) >= dark_fraction
     h, w = dark.shape
+    if any(_run_length(flags) > max_edge_fraction * flags.size for flags in (rows, rows[::-1], cols, cols[::-1])):
+        solid = brightest < BAR_LEVEL
+        (top, bottom), (left, right) = _bars(solid.all(axis=1)), _bars(solid.all(axis=0))
+        if top + bottom + left + right and h - top - bottom >= max(1, h // 4) and w - left - right >= max(1, w // 4):
+            # the picture inside the bars, with its own frame (if any) removed by the same rules
+            return remove_black_border(rgb[top : h - bottom, left : w - right], threshold, dark_fraction,
+                                       max_edge_fraction)
     top, bottom = (_frame_run(flags, max_edge_fraction) for flags in (rows, rows[::-1]))
     left, right = (_frame_run(flags, max_edge_fraction) for flags in (cols, cols[::-1]))
     if h - top - bottom < max(1, h // 4) or w - left - right < max(1, w // 4):
         return rgb
     return rgb[top : h - bottom, left : w - right]
+
+
+#: A bar's pixels: all channels below this (screen black; JPEG noise stays under it).
+BAR_LEVEL = 16
+
+
+def _bars(solid: np.ndarray) -> tuple[int, int]:
+    """Solid rows (columns) at two opposite edges, when both have them, of equal width (within 2 % of the side)."""
+    a, b = _run_length(solid), _run_length(solid[::-1])
+    return (a, b) if a and b and abs(a - b) <= max(2, 0.02 * solid.size) else (0, 0)
 
 
 def _frame_run(flags: np.ndarray, max_fraction: float) -> int:
