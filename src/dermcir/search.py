@@ -160,7 +160,8 @@ def _quote(text: str, limit: int = 40) -> str:
 
 
 def load_query_image(image: ImageInput, size: int, name: str | None = None) -> np.ndarray:
-    """A path, the bytes of an image file, or an ``(H, W, 3)`` uint8 array → the preprocessed ``(size, size, 3)`` view.
+    """A path, the bytes of an image file, or an ``(H, W, 3)`` uint8 RGB array (not OpenCV's BGR) → the preprocessed
+    ``(size, size, 3)`` view.
 
     Raises:
         dermcir.data.ImageError: an unreadable file, named.
