@@ -94,7 +94,6 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
         json.dump(data, fh, indent=2)
 
 
-
 @contextmanager
 def lock_file(path: Path, wait: bool = True) -> Iterator[None]:
     """Hold an exclusive ``flock`` on the file ``path`` (created), and delete it on release, so that no lock file is
