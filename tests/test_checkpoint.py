@@ -376,10 +376,14 @@ def test_a_save_refuses_a_checkpoint_written_since_the_caller_checked(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
-def test_a_reader_leaves_a_running_save_between_its_renames_alone(tmp_path):
+def test_a_reader_leaves_a_running_save_between_its_renames_alone(tmp_path, monkeypatch):
     """A save between its two renames looks interrupted (no folder, the old one aside): a reader that moved the old
-    one back made the save fail with "Directory not empty" and lost the training."""
+    one back made the save fail with "Directory not empty" and lost the training. (The reader waits a little for
+    the save's folder to appear, BUSY_WAIT_S; shortened here.)"""
+    import dermcir.checkpoint_folder as folder
     from dermcir.checkpoint_folder import restore_interrupted_save
+
+    monkeypatch.setattr(folder, "BUSY_WAIT_S", 0.3)
 
     save_checkpoint(tiny(), tmp_path / "ckpt", frozen=())
     (tmp_path / "ckpt").rename(tmp_path / ".ckpt.old")  # the running save's first rename

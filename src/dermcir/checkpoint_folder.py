@@ -11,6 +11,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -25,6 +26,10 @@ CONFIG = "config.json"
 #: What a checkpoint folder may hold besides its two files: the training run's logs (``dermcir train``). A folder
 #: holding anything else is not replaced by a new checkpoint (``check_checkpoint_target``).
 CHECKPOINT_LOGS = ("train.log", "train.failed.log")
+
+
+#: How long a reader waits for a running save to put its folder in place (its two renames take milliseconds).
+BUSY_WAIT_S = 10.0
 
 
 class CheckpointBusyError(ValueError):
@@ -155,6 +160,11 @@ def restore_interrupted_save(out_dir: str | Path) -> bool:
                 return False
             os.replace(old, out_dir)
     except CheckpointBusyError:
+        # a save between its renames puts the new folder in place within moments: wait for it a little, rather than
+        # tell the reader "not found" (a training holds the lock for hours, so not for the lock itself)
+        deadline = time.monotonic() + BUSY_WAIT_S
+        while not out_dir.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
         return False
     except OSError:  # a read-only disk: the loader's "not found" says where to look
         return False
