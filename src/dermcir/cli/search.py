@@ -187,7 +187,7 @@ def _load_cases(data: Path, image_root: Path | None, min_cases: int | None):
     from dermcir.data import category_counts, load_case_csv, load_derm7pt
 
     csv = data if data.is_file() and data.suffix.lower() == ".csv" else None
-    if csv is None and data.is_dir() and not (data / "meta" / "meta.csv").is_file():
+    if csv is None and data.is_dir() and not _is_release(data):
         found = sorted(data.glob("*.csv"))
         if len(found) != 1:
             raise FileNotFoundError(
